@@ -1,0 +1,80 @@
+"""When does a sparse CSR kernel beat a dense Linear on this CPU?
+
+MiniLM-sized layers (384->1536 and 1536->384) on a batch of 8 x 128 tokens. For each sparsity the
+dense ``nn.Linear`` and ``pangkas.SparseLinear`` are timed in alternation (``torch.utils.benchmark``
+medians) and the speedup is dense time / sparse time. The crossover is the lowest sparsity from
+which the sparse kernel wins on both shapes; ``pangkas.weights.sparse.DEFAULT_MIN_SPARSITY`` is set
+from it.
+
+    .venv/bin/python benchmarks/sparse_kernels.py          # writes docs/sparse_kernels.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+from torch import nn
+
+from common import DOCS, environment
+from pangkas import SparseLinear
+from pangkas.measure import time_alternating
+from pangkas.tables import render_table
+
+SHAPES = ((384, 1536), (1536, 384))  # (in_features, out_features)
+SPARSITIES = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.98)
+REPORTED = (0.5, 0.7, 0.9, 0.95)
+
+
+def speedup(in_features: int, out_features: int, sparsity: float, rounds: int) -> float:
+    dense = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        dense.weight.mul_(torch.rand_like(dense.weight) >= sparsity)
+    sparse = SparseLinear.from_linear(dense)
+    x = torch.randn(8, 128, in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(x), dense(x), rtol=1e-4, atol=1e-4)
+    dense_s, sparse_s = time_alternating([dense, sparse], x, rounds=rounds)
+    return dense_s / sparse_s
+
+
+def crossover(results: dict[float, list[float]]) -> float | None:
+    """Lowest sparsity from which the sparse kernel wins on every shape at every higher sparsity."""
+    winning = None
+    for sparsity in sorted(results, reverse=True):
+        if min(results[sparsity]) < 1.0:
+            break
+        winning = sparsity
+    return winning
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", default=str(DOCS / "sparse_kernels.md"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
+    torch.manual_seed(0)
+    results = {s: [speedup(i, o, s, args.rounds) for i, o in SHAPES] for s in SPARSITIES}
+    rows = [(f"{s:.0%}" + (" *" if s in REPORTED else ""), *(f"{x:.2f}x" for x in results[s]))
+            for s in SPARSITIES]
+    table = render_table("speedup of SparseLinear (CSR) over dense nn.Linear, input 8x128 tokens",
+                         ("sparsity", *(f"{i}->{o}" for i, o in SHAPES)), rows, markdown=True)
+    cross = crossover(results)
+    verdict = (f"Sparse kernels win from **{cross:.0%}** sparsity on both shapes."
+               if cross is not None else
+               "Sparse kernels never won on both shapes here: keep dense weights on this CPU.")
+    text = "\n\n".join([
+        "# Sparse kernels: crossover sparsity", table, verdict,
+        f"Measured with {environment()}. Speedup = dense median time / sparse median time, the two "
+        f"timed in alternation for {args.rounds} rounds. `*` marks the sparsities the issue asked for.",
+        "Reproduce: `.venv/bin/python benchmarks/sparse_kernels.py`",
+    ])
+    print(text)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

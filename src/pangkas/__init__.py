@@ -1,0 +1,15 @@
+"""pangkas: prune PyTorch models so they are really smaller and faster."""
+
+from .errors import PangkasError
+from .io import load, save
+from .measure import Measurement, compare, measure
+from .weights import (
+    SparseLinear, SparseReport, WeightReport, finalize, prune_weights, to_sparse_inference,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Measurement", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
+    "compare", "finalize", "load", "measure", "prune_weights", "save", "to_sparse_inference",
+]

@@ -1,0 +1,127 @@
+"""The ``pangkas`` command: demo, measure, prune weights."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from .errors import PangkasError
+
+console = Console()
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(d) for d in text.replace("x", ",").split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 1,3,224,224, got {text!r}")
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return shape
+
+
+def _model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL", help="torchvision:NAME, a Hugging Face directory, "
+                        "package.module:factory, or a file written by pangkas.save")
+    parser.add_argument("--weights", help="safetensors weights to load into MODEL")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow MODEL to be a pickled torch.save(model) file (runs its code!)")
+    parser.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pangkas", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="train a digits CNN, prune it step by step, report")
+    demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
+    demo.add_argument("--quick", action="store_true", help="a few epochs only (for tests)")
+    demo.add_argument("--seed", type=int, default=0)
+
+    measure = commands.add_parser("measure", help="params, non-zeros, MACs, file sizes, latency")
+    _model_args(measure)
+    measure.add_argument("--no-latency", action="store_true", help="skip timing")
+
+    prune = commands.add_parser("prune", help="prune a model and save the result")
+    kinds = prune.add_subparsers(dest="kind", required=True)
+    weights = kinds.add_parser("weights", help="unstructured or N:M weight pruning")
+    _model_args(weights)
+    rule = weights.add_mutually_exclusive_group(required=True)
+    rule.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1)")
+    rule.add_argument("--threshold", type=float, help="keep weights with |w| > THRESHOLD")
+    rule.add_argument("--pattern", help="N:M, e.g. 2:4")
+    weights.add_argument("--scope", choices=("local", "global"), default="local")
+    weights.add_argument("--method", choices=("magnitude", "random"), default="magnitude")
+    weights.add_argument("--include", nargs="+", help="module-name globs to prune (default: all)")
+    weights.add_argument("--exclude", nargs="+", help="module-name globs to leave alone")
+    weights.add_argument("-o", "--output", required=True, help="where to write the pruned .safetensors")
+    weights.add_argument("--overwrite-input", action="store_true",
+                         help="allow OUTPUT to be the MODEL file itself")
+    return parser
+
+
+def _resolve(args):
+    from .sources import resolve
+
+    with console.status(f"loading {args.model}"):
+        return resolve(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
+                       input_shape=args.input_shape)
+
+
+def _demo(args) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, seed=args.seed)
+    out = Path(args.out)
+    console.print((out / "results.md").read_text(), markup=False, soft_wrap=True)
+    console.print(f"models, results.md and weights.png written to {out}/")
+
+
+def _measure(args) -> None:
+    from .measure import compare, measure
+
+    source = _resolve(args)
+    with console.status("measuring"):
+        result = measure(source.model, source.example_inputs, latency=not args.no_latency)
+    console.print(compare(result, names=(args.model,)), markup=False, soft_wrap=True)
+
+
+def _prune_weights(args) -> None:
+    from .io import save
+    from .measure import compare, measure
+    from .sources import describe
+    from .weights import prune_weights
+
+    if not args.output.endswith(".safetensors"):
+        raise PangkasError(f"-o must name a .safetensors file, got {args.output!r}")
+    source = _resolve(args)
+    with console.status("measuring"):
+        before = measure(source.model, source.example_inputs, latency=False)
+    report = prune_weights(source.model, sparsity=args.sparsity, threshold=args.threshold,
+                           pattern=args.pattern, scope=args.scope, method=args.method,
+                           include=args.include, exclude=args.exclude)
+    console.print(str(report), markup=False, soft_wrap=True)
+    with console.status("saving"):
+        save(source.model, args.output, metadata=describe(source), overwrite_input=args.overwrite_input)
+    with console.status("measuring"):
+        after = measure(source.model, source.example_inputs, latency=False)
+    console.print(compare(before, after), markup=False, soft_wrap=True)
+    console.print(f"wrote {args.output}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"demo": _demo, "measure": _measure, "prune": _prune_weights}[args.command]
+    try:
+        handler(args)
+    except PangkasError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Navigating a model's module tree: selecting modules by name glob or type (``include=`` /
+``exclude=``) and replacing one by name."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import Union
+
+from torch import nn
+
+from .errors import PangkasError
+
+Selector = Union[str, type, Iterable[Union[str, type]], None]
+
+
+def _as_list(selector: Selector) -> list[str | type]:
+    if selector is None:
+        return []
+    if isinstance(selector, (str, type)):
+        return [selector]
+    items = list(selector)
+    for item in items:
+        if not isinstance(item, (str, type)):
+            raise PangkasError(
+                f"include/exclude entries must be module-name globs or module types, got {item!r}"
+            )
+    return items
+
+
+def _matches(pattern: str | type, name: str, module: nn.Module) -> bool:
+    """A glob matches a module whose name, or any ancestor's name, fits it ("layer1" selects
+    everything inside layer1); a type matches instances of it."""
+    if isinstance(pattern, type):
+        return isinstance(module, pattern)
+    parts = name.split(".")
+    return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
+
+
+def select_modules(
+    model: nn.Module,
+    kinds: tuple[type, ...],
+    include: Selector = None,
+    exclude: Selector = None,
+) -> list[tuple[str, nn.Module]]:
+    """Modules of ``kinds`` that ``include`` selects (everything when None) and ``exclude`` does not.
+
+    Every pattern must match some module of the model, so a typo is an error, not a silent no-op.
+    """
+    includes, excludes = _as_list(include), _as_list(exclude)
+    named = list(model.named_modules())
+    for label, patterns in (("include", includes), ("exclude", excludes)):
+        for pattern in patterns:
+            if not any(_matches(pattern, n, m) for n, m in named):
+                shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
+                raise PangkasError(
+                    f"{label} pattern {shown} matches no module of {type(model).__name__}; "
+                    f"module names look like {[n for n, _ in named[1:6]]}"
+                )
+    chosen = []
+    for name, module in named:
+        if not isinstance(module, kinds):
+            continue
+        if includes and not any(_matches(p, name, module) for p in includes):
+            continue
+        if any(_matches(p, name, module) for p in excludes):
+            continue
+        chosen.append((name, module))
+    return chosen
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule ``name`` (dotted path) is (``set_submodule`` needs torch 2.5)."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

@@ -1,0 +1,152 @@
+"""Resolving a MODEL argument of the CLI into a model and example inputs.
+
+MODEL is ``torchvision:NAME``, a local Hugging Face model directory, ``package.module:factory``,
+a file written by ``pangkas.save`` (rebuilt from the source it records), or, only with
+``allow_pickle=True``, a pickled ``torch.save(model)`` file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PangkasError
+from .io import load, read_metadata
+
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
+
+
+@dataclass
+class Source:
+    model: nn.Module
+    example_inputs: Any
+    spec: str | None  # how to rebuild the architecture (recorded in saved files); None for pickles
+    input_shape: tuple[int, ...]
+
+
+def _torchvision(name: str) -> nn.Module:
+    try:
+        import torchvision
+    except ImportError as exc:
+        raise PangkasError("torchvision:NAME needs torchvision: pip install 'pangkas[vision]'") from exc
+    try:
+        return torchvision.models.get_model(name, weights=None)
+    except ValueError as exc:
+        raise PangkasError(f"torchvision has no model {name!r}; see "
+                           "torchvision.models.list_models()") from exc
+
+
+def _factory(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PangkasError(f"cannot import {spec!r} as package.module:factory: {exc}") from exc
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise PangkasError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _huggingface(directory: Path) -> tuple[nn.Module, Any]:
+    try:
+        import transformers
+    except ImportError as exc:
+        raise PangkasError("Hugging Face directories need transformers: pip install 'pangkas[hf]'") from exc
+    config = transformers.AutoConfig.from_pretrained(directory)
+    architectures = getattr(config, "architectures", None) or []
+    cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)),
+               transformers.AutoModel)
+    return cls.from_pretrained(directory), config
+
+
+def _hf_inputs(config, input_shape: tuple[int, ...] | None) -> tuple[Any, tuple[int, ...]]:
+    vision = getattr(config, "image_size", None)
+    if vision and not hasattr(config, "vocab_size"):
+        shape = input_shape or (1, getattr(config, "num_channels", 3), vision, vision)
+        return {"pixel_values": torch.randn(shape)}, shape
+    shape = input_shape or (1, min(128, getattr(config, "max_position_embeddings", 128)))
+    return {"input_ids": torch.randint(0, config.vocab_size, shape)}, shape
+
+
+def resolve(spec: str, *, weights: str | None = None, allow_pickle: bool = False,
+            input_shape: tuple[int, ...] | None = None) -> Source:
+    """Build the model MODEL names, with example inputs of ``input_shape`` (images default to
+    1x3x224x224, token ids to 1x128)."""
+    path = Path(spec)
+    default_shape = (1, 3, 224, 224)
+    if spec.startswith("torchvision:"):
+        model = _torchvision(spec.split(":", 1)[1])
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PangkasError(f"{path} is a directory without config.json: not a Hugging Face model")
+        model, config = _huggingface(path)
+        inputs, shape = _hf_inputs(config, input_shape)
+        _load_weights(model, weights)
+        return Source(model, inputs, str(path.resolve()), shape)
+    elif path.suffix == ".safetensors":
+        return _saved(path, input_shape)
+    elif path.suffix in PICKLE_SUFFIXES:
+        model = _pickled(path, allow_pickle)
+        spec = None
+    elif ":" in spec and not path.exists():
+        model = _factory(spec)
+    else:
+        raise PangkasError(
+            f"cannot tell what MODEL {spec!r} is; use torchvision:NAME, a Hugging Face directory, "
+            "package.module:factory, a .safetensors file written by pangkas, or a pickled "
+            ".pt file with --allow-pickle"
+        )
+    _load_weights(model, weights)
+    shape = input_shape or default_shape
+    return Source(model, torch.randn(shape), spec, shape)
+
+
+def _load_weights(model: nn.Module, weights: str | None) -> None:
+    if weights is not None:
+        load(weights, model)
+
+
+def _pickled(path: Path, allow_pickle: bool) -> nn.Module:
+    if not allow_pickle:
+        raise PangkasError(
+            f"{path} is a pickle; loading one can run arbitrary code. Pass --allow-pickle only if "
+            "you trust it, or save with pangkas.save / safetensors instead"
+        )
+    try:
+        model = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:
+        raise PangkasError(f"cannot unpickle {path}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise PangkasError(f"{path} holds a {type(model).__name__}, not a whole nn.Module "
+                           "(a state dict needs its architecture: use package.module:factory --weights)")
+    return model
+
+
+def _saved(path: Path, input_shape: tuple[int, ...] | None) -> Source:
+    metadata = read_metadata(path)
+    spec = metadata.get("source")
+    if not spec:
+        raise PangkasError(f"{path} does not record its architecture; pass it as "
+                           f"package.module:factory --weights {path}")
+    if spec.endswith(".safetensors"):
+        raise PangkasError(f"{path} records another saved file as its source; refusing to recurse")
+    recorded = metadata.get("input_shape")
+    shape = input_shape or (tuple(json.loads(recorded)) if recorded else None)
+    source = resolve(spec, input_shape=shape)
+    load(path, source.model)
+    return source
+
+
+def describe(source: Source) -> dict[str, str]:
+    """Metadata that lets ``resolve`` rebuild this model from a saved file."""
+    described = {"input_shape": json.dumps(list(source.input_shape))}
+    if source.spec is not None:  # a pickle has no rebuildable source
+        described["source"] = source.spec
+    return described

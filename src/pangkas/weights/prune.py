@@ -1,0 +1,237 @@
+"""``prune_weights``: unstructured and N:M weight pruning with lasting masks."""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import PangkasError
+from ..modules import Selector, select_modules
+from ..tables import human_count, render_table
+from . import sparsity as rules
+from .criteria import CRITERIA, Criterion
+from .masks import effective_parameters, get_mask, remove_mask, set_mask
+
+PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)  # Conv1d/2d/3d and ConvTranspose1d/2d/3d
+
+
+@dataclass(frozen=True)
+class LayerSparsity:
+    name: str
+    shape: tuple[int, ...]
+    nonzero_before: int
+    nonzero_after: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.nonzero_after / self.numel
+
+
+@dataclass(frozen=True)
+class WeightReport:
+    """What ``prune_weights`` did: per-layer sparsity and model-wide non-zero counts."""
+
+    rule: str
+    layers: tuple[LayerSparsity, ...]
+    params: int
+    nonzero_before: int
+    nonzero_after: int
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over the pruned layers' weights."""
+        numel = sum(layer.numel for layer in self.layers)
+        return 1 - sum(layer.nonzero_after for layer in self.layers) / numel
+
+    @property
+    def model_sparsity(self) -> float:
+        """Fraction of zeros over all the model's parameters (biases and norms included)."""
+        return 1 - self.nonzero_after / self.params
+
+    def __str__(self) -> str:
+        rows = [
+            (l.name, "x".join(map(str, l.shape)), human_count(l.nonzero_before),
+             human_count(l.nonzero_after), f"{l.sparsity:.2%}")
+            for l in self.layers
+        ]
+        rows.append(("pruned layers", "", "", "", f"{self.sparsity:.2%}"))
+        rows.append(("whole model", human_count(self.params), human_count(self.nonzero_before),
+                     human_count(self.nonzero_after), f"{self.model_sparsity:.2%}"))
+        text = render_table(f"prune_weights: {self.rule}",
+                            ("layer", "shape", "non-zero before", "non-zero after", "sparsity"), rows)
+        for name, why in self.skipped.items():
+            text += f"\nskipped {name}: {why}"
+        return text
+
+
+def parse_pattern(pattern: str) -> tuple[int, int]:
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if not match or not 0 < int(match[1]) < int(match[2]):
+        raise PangkasError(
+            f"pattern must be 'N:M' with 0 < N < M (e.g. '2:4' keeps 2 of every 4), got {pattern!r}"
+        )
+    return int(match[1]), int(match[2])
+
+
+def _validate(sparsity, threshold, pattern, scope, method) -> Criterion:
+    given = [k for k, v in (("sparsity", sparsity), ("threshold", threshold), ("pattern", pattern))
+             if v is not None]
+    if len(given) != 1:
+        raise PangkasError(
+            "give exactly one of sparsity=, threshold= or pattern= "
+            f"(got {', '.join(given) if given else 'none'})"
+        )
+    if sparsity is not None and not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
+        raise PangkasError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+    if threshold is not None and not (isinstance(threshold, (int, float)) and threshold >= 0):
+        raise PangkasError(f"threshold must be a number >= 0 (weights with |w| > threshold stay), "
+                           f"got {threshold!r}")
+    if pattern is not None:
+        parse_pattern(pattern)
+    if scope not in ("local", "global"):
+        raise PangkasError(f"scope must be 'local' or 'global', got {scope!r}")
+    if scope == "global" and sparsity is None:
+        raise PangkasError("scope='global' applies to sparsity= only; threshold and N:M are per weight")
+    if callable(method):
+        return method
+    if method not in CRITERIA:
+        raise PangkasError(f"method must be one of {sorted(CRITERIA)} or a callable, got {method!r}")
+    if threshold is not None and method != "magnitude":
+        raise PangkasError("threshold= compares magnitudes; it cannot be combined with "
+                           f"method={method!r}")
+    return CRITERIA[method]
+
+
+def _input_dim(module: nn.Module) -> int:
+    return 0 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 1
+
+
+def _shared_weights(model: nn.Module) -> dict[int, list[str]]:
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    return owners
+
+
+def _targets(model, include, exclude) -> tuple[list[tuple[str, nn.Module]], dict[str, str]]:
+    chosen = select_modules(model, PRUNABLE, include, exclude)
+    if not chosen:
+        raise PangkasError(
+            f"{type(model).__name__} has no prunable layer (Linear, Conv1d/2d/3d, ConvTranspose) "
+            "among the selected modules; check include=/exclude="
+        )
+    owners = _shared_weights(model)
+    targets, skipped = [], {}
+    for name, module in chosen:
+        param = module.parametrizations.weight.original if get_mask(module) is not None else module.weight
+        if len(owners[id(param)]) > 1:
+            skipped[name] = f"weight is shared with {owners[id(param)]}; masking one user would untie it"
+        else:
+            targets.append((name, module))
+    if not targets:
+        raise PangkasError(f"every selected layer was skipped: {skipped}")
+    return targets, skipped
+
+
+def _new_masks(weights, old_masks, criterion, sparsity, threshold, pattern, scope, modules):
+    if threshold is not None:
+        return [rules.threshold_mask(w, threshold) for w in weights]
+    scores = []
+    for w, old in zip(weights, old_masks):
+        s = criterion(w).float()
+        if s.shape != w.shape:
+            raise PangkasError(f"criterion returned scores of shape {tuple(s.shape)} "
+                               f"for a weight of shape {tuple(w.shape)}")
+        scores.append(s if old is None else s.masked_fill(~old, float("-inf")))
+    if pattern is not None:
+        n, m = parse_pattern(pattern)
+        return [rules.n_m_mask(s, n, m, _input_dim(mod)) for s, mod in zip(scores, modules)]
+    if scope == "global":
+        return rules.global_masks(scores, sparsity)
+    return rules.local_masks(scores, sparsity)
+
+
+@torch.no_grad()
+def prune_weights(
+    model: nn.Module,
+    *,
+    sparsity: float | None = None,
+    threshold: float | None = None,
+    pattern: str | None = None,
+    scope: str = "local",
+    method: str | Criterion = "magnitude",
+    include: Selector = None,
+    exclude: Selector = None,
+) -> WeightReport:
+    """Mask weights of Linear and (transposed) convolution layers so they stay zero through training.
+
+    Exactly one rule:
+
+    - ``sparsity=s``: remove the lowest-scoring fraction ``s``; ``scope="local"`` removes
+      ``round(s * numel)`` weights of every layer, ``scope="global"`` one cut across all of them.
+    - ``threshold=t``: keep weights with ``|w| > t`` (the classic magnitude rule).
+    - ``pattern="N:M"``: keep at most N of every M consecutive weights along the input dimension.
+
+    Masks compose: pruning again only removes more, never brings a pruned weight back. Biases and
+    norms are untouched. Weights shared by several modules are skipped (and reported).
+    ``pangkas.finalize(model)`` removes the masks, leaving plain zeros.
+    """
+    criterion = _validate(sparsity, threshold, pattern, scope, method)
+    targets, skipped = _targets(model, include, exclude)
+    modules = [m for _, m in targets]
+    weights = [m.weight for m in modules]
+    old_masks = [None if (mask := get_mask(m)) is None else mask.clone() for m in modules]
+    layer_nonzero = [int(torch.count_nonzero(w)) for w in weights]
+    params, nonzero_before = _count(model)
+
+    new_masks = _new_masks(weights, old_masks, criterion, sparsity, threshold, pattern, scope, modules)
+    masks = [new if old is None else new & old for new, old in zip(new_masks, old_masks)]
+    _apply(modules, masks, old_masks)
+
+    layers = tuple(
+        LayerSparsity(name, tuple(m.weight.shape), before, int(torch.count_nonzero(m.weight)))
+        for (name, m), before in zip(targets, layer_nonzero)
+    )
+    rule = (f"sparsity={sparsity} ({scope})" if sparsity is not None
+            else f"threshold={threshold}" if threshold is not None else f"pattern={pattern}")
+    if sparsity is not None or pattern is not None:
+        rule += f", method={getattr(criterion, '__name__', 'custom')}"
+    return WeightReport(
+        rule=rule,
+        layers=layers,
+        params=params,
+        nonzero_before=nonzero_before,
+        nonzero_after=_count(model)[1],
+        skipped=skipped,
+    )
+
+
+def _count(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of the model as it computes."""
+    tensors = effective_parameters(model).values()
+    return sum(t.numel() for t in tensors), sum(int(torch.count_nonzero(t)) for t in tensors)
+
+
+def _apply(modules, masks, old_masks) -> None:
+    """Set every mask or none: on failure, earlier masks are restored."""
+    done = []
+    try:
+        for module, mask in zip(modules, masks):
+            set_mask(module, mask)
+            done.append(module)
+    except Exception:
+        for module, old in zip(done, old_masks):
+            if old is None:
+                remove_mask(module, keep_zeros=False)
+            else:
+                set_mask(module, old)
+        raise

@@ -1,0 +1,55 @@
+import pytest
+import torch
+from torch import nn
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="also run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+class ConvNet(nn.Module):
+    """Every layer type weight pruning supports, in one small model."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1d = nn.Conv1d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.grouped = nn.Conv2d(16, 16, 3, padding=1, groups=4)
+        self.up = nn.ConvTranspose2d(16, 8, 2, stride=2)
+        self.conv3d = nn.Conv3d(1, 4, 3, padding=1)
+        self.head = nn.Linear(8 + 8 + 4, 10)
+
+    def forward(self, x):
+        a = self.conv1d(x.mean(-1)).mean(-1)
+        b = self.up(self.grouped(torch.relu(self.bn(self.conv(x))))).mean((-1, -2))
+        c = self.conv3d(x[:, :1].unsqueeze(1)).mean((-1, -2, -3))
+        return self.head(torch.cat([a, b, c], 1))
+
+
+@pytest.fixture
+def convnet():
+    return ConvNet()
+
+
+@pytest.fixture
+def images():
+    return torch.randn(4, 3, 8, 8)
+
+
+def mlp():
+    return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
