@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,8 +67,15 @@ def count_macs(model: nn.Module, example_inputs: Any) -> int:
 
 
 def _timer(model: nn.Module, example_inputs: Any):
-    # Imported late: torch.utils.benchmark pulls in cpp_extension, which logs a CUDA warning.
-    from torch.utils import benchmark
+    # Imported late and quietly: torch.utils.benchmark pulls in cpp_extension, which warns that
+    # there is no CUDA runtime, a message that means nothing for CPU timing.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils import benchmark
+    finally:
+        log.setLevel(level)
 
     return benchmark.Timer(
         stmt="call_model(model, inputs)",

@@ -90,18 +90,25 @@ def get_mask(module: nn.Module, name: str = "weight") -> torch.Tensor | None:
     return module.parametrizations[name][0].mask
 
 
+def underlying_parameter(module: nn.Module, name: str = "weight") -> nn.Parameter:
+    """The Parameter behind ``module.<name>``: itself, or the original under a pangkas mask."""
+    if name in _masked_names(module):
+        return module.parametrizations[name].original
+    if parametrize.is_parametrized(module, name):
+        raise PangkasError(
+            f"{type(module).__name__}.{name} already has a parametrization that pangkas did not add; "
+            "remove it (torch.nn.utils.parametrize.remove_parametrizations) or exclude this module"
+        )
+    return getattr(module, name)
+
+
 def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> None:
     """Mask ``module.<name>`` with ``mask`` (True = keep), replacing any earlier pangkas mask."""
     current = get_mask(module, name)
     if current is not None:
         current.copy_(mask)
         return
-    if parametrize.is_parametrized(module, name):
-        raise PangkasError(
-            f"{type(module).__name__}.{name} already has a parametrization that pangkas did not add; "
-            "remove it (torch.nn.utils.parametrize.remove_parametrizations) or exclude this module"
-        )
-    tensor = getattr(module, name)
+    tensor = underlying_parameter(module, name)
     if mask.shape != tensor.shape:
         raise PangkasError(f"mask shape {tuple(mask.shape)} does not match {name} {tuple(tensor.shape)}")
     had_hooks = bool(_masked_names(module))

@@ -14,7 +14,7 @@ from ..modules import Selector, select_modules
 from ..tables import human_count, render_table
 from . import sparsity as rules
 from .criteria import CRITERIA, Criterion
-from .masks import effective_parameters, get_mask, remove_mask, set_mask
+from .masks import effective_parameters, get_mask, remove_mask, set_mask, underlying_parameter
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)  # Conv1d/2d/3d and ConvTranspose1d/2d/3d
 
@@ -132,7 +132,7 @@ def _targets(model, include, exclude) -> tuple[list[tuple[str, nn.Module]], dict
     owners = _shared_weights(model)
     targets, skipped = [], {}
     for name, module in chosen:
-        param = module.parametrizations.weight.original if get_mask(module) is not None else module.weight
+        param = underlying_parameter(module)
         if len(owners[id(param)]) > 1:
             skipped[name] = f"weight is shared with {owners[id(param)]}; masking one user would untie it"
         else:

@@ -1,0 +1,125 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import pangkas
+from pangkas.cli import main
+from pangkas.demo import digits_cnn
+
+DIGITS = ["pangkas.demo:digits_cnn", "--input-shape", "1,1,8,8"]
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def weight_sparsity(model):
+    weights = [m.weight for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    return sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+
+
+def test_measure_factory(capsys):
+    code, out, _ = run(capsys, "measure", *DIGITS, "--no-latency")
+    params = sum(p.numel() for p in digits_cnn().parameters())
+    assert code == 0
+    assert f"{params / 1e3:.2f}k" in out and "MACs" in out
+
+
+def test_prune_weights_writes_a_loadable_file_and_measures_it(capsys, tmp_path):
+    out_file = tmp_path / "pruned.safetensors"
+    code, out, _ = run(capsys, "prune", "weights", *DIGITS, "--sparsity", "0.9", "--scope", "global",
+                       "-o", str(out_file))
+    assert code == 0 and out_file.is_file()
+    assert "after/before" in out and "0.9" in out
+    model = pangkas.load(out_file, digits_cnn())
+    assert weight_sparsity(model) == pytest.approx(0.9, abs=1e-4)
+    # the saved file is itself a MODEL: rebuilt from the source and input shape it records
+    code, out, _ = run(capsys, "measure", str(out_file), "--no-latency")
+    assert code == 0 and "file (pangkas.save)" in out
+    # and pruning it further, to a new file, composes
+    again = tmp_path / "again.safetensors"
+    code, _, _ = run(capsys, "prune", "weights", str(out_file), "--pattern", "1:4", "-o", str(again))
+    assert code == 0
+    assert weight_sparsity(pangkas.load(again, digits_cnn())) > 0.9
+
+
+def test_refuses_to_overwrite_input(capsys, tmp_path):
+    path = pangkas.save(digits_cnn(), tmp_path / "m.safetensors",
+                        metadata={"source": "pangkas.demo:digits_cnn", "input_shape": "[1, 1, 8, 8]"})
+    before = path.read_bytes()
+    code, _, err = run(capsys, "prune", "weights", str(path), "--sparsity", "0.5", "-o", str(path))
+    assert code == 2 and "--overwrite-input" in err
+    assert path.read_bytes() == before
+    code, _, _ = run(capsys, "prune", "weights", str(path), "--sparsity", "0.5", "-o", str(path),
+                     "--overwrite-input")
+    assert code == 0 and path.read_bytes() != before
+
+
+def test_weights_option_loads_into_factory(capsys, tmp_path):
+    model = digits_cnn()
+    pangkas.prune_weights(model, sparsity=0.8)
+    weights = pangkas.save(model, tmp_path / "w.safetensors")
+    code, out, _ = run(capsys, "measure", *DIGITS, "--weights", str(weights), "--no-latency")
+    params = sum(p.numel() for p in digits_cnn().parameters())
+    assert code == 0
+    nonzero = next(line for line in out.splitlines() if "non-zero" in line)
+    assert f"{params / 1e3:.2f}k" not in nonzero  # the pruned weights were loaded
+
+
+def test_pickles_only_with_allow_pickle(capsys, tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save(digits_cnn(), path)
+    code, _, err = run(capsys, "measure", str(path), "--input-shape", "1,1,8,8", "--no-latency")
+    assert code == 2 and "--allow-pickle" in err
+    code, out, _ = run(capsys, "measure", str(path), "--input-shape", "1,1,8,8", "--no-latency",
+                       "--allow-pickle")
+    assert code == 0 and "parameters" in out
+
+
+def test_torchvision_model(capsys):
+    code, out, _ = run(capsys, "measure", "torchvision:resnet18", "--no-latency")
+    assert code == 0 and "11.69M" in out and "1.81G" in out
+
+
+def test_hugging_face_directory(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=64)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    code, out, _ = run(capsys, "measure", str(tmp_path / "bert"), "--input-shape", "1,16", "--no-latency")
+    assert code == 0 and "parameters" in out
+    out_file = tmp_path / "bert.safetensors"
+    code, _, _ = run(capsys, "prune", "weights", str(tmp_path / "bert"), "--sparsity", "0.5",
+                     "--include", "encoder", "-o", str(out_file))
+    assert code == 0
+    code, out, _ = run(capsys, "measure", str(out_file), "--no-latency")
+    assert code == 0
+
+
+@pytest.mark.parametrize("args,message", [
+    (["prune", "weights", *DIGITS, "--sparsity", "1.5", "-o", "x.safetensors"], "sparsity"),
+    (["prune", "weights", *DIGITS, "--pattern", "4:2", "-o", "x.safetensors"], "N:M"),
+    (["prune", "weights", *DIGITS, "--sparsity", "0.5", "--include", "nope", "-o", "x.safetensors"], "nope"),
+    (["prune", "weights", *DIGITS, "--sparsity", "0.5", "-o", "x.pt"], ".safetensors"),
+    (["measure", "no_such_thing"], "cannot tell"),
+    (["measure", "torchvision:not_a_model"], "no model"),
+    (["measure", "nosuchpackage.mod:fn"], "cannot import"),
+])
+def test_bad_input_is_a_clear_error(capsys, tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *args)
+    assert code == 2 and message in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_console_script_is_installed():
+    script = Path(sys.executable).parent / "pangkas"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    for command in ("demo", "measure", "prune"):
+        assert command in result.stdout

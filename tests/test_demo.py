@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+import pangkas
+from pangkas.cli import main
+from pangkas.demo import SPARSITIES, accuracy, digits_cnn, load_digits_split, run_demo
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    return out, run_demo(out, quick=True)
+
+
+def test_digits_split_is_fixed_real_data():
+    a, b = load_digits_split(), load_digits_split()
+    assert a.x_train.shape == (1347, 1, 8, 8) and a.x_test.shape == (450, 1, 8, 8)
+    assert torch.equal(a.y_test, b.y_test)
+    assert 0 <= a.x_train.min() and a.x_train.max() <= 1
+    assert set(a.y_test.tolist()) == set(range(10))
+
+
+def test_demo_stages(quick_demo):
+    out, stages = quick_demo
+    assert [s.name for s in stages][0] == "dense"
+    tuned = [s for s in stages if s.name.startswith("weights")]
+    assert [s.name for s in tuned] == [f"weights {p:.0%}" for p in SPARSITIES]
+    assert stages[0].accuracy > 0.5  # learnt something even in 3 quick epochs
+    sparsities = [stages[0].sparsity] + [s.sparsity for s in tuned]
+    sizes = [stages[0].file_bytes] + [s.file_bytes for s in tuned]
+    assert sparsities == sorted(sparsities) and sizes == sorted(sizes, reverse=True)
+    assert tuned[-1].sparsity > 0.93
+    assert tuned[-1].file_bytes < 0.15 * stages[0].file_bytes
+    assert all(s.latency_ratio > 0 for s in [stages[0], *tuned])
+
+
+def test_demo_outputs_reload_with_the_reported_accuracy(quick_demo):
+    out, stages = quick_demo
+    data = load_digits_split()
+    model = pangkas.load(out / "digits_cnn_pruned.safetensors", digits_cnn())
+    assert accuracy(model, data.x_test, data.y_test) == pytest.approx(stages[-1].accuracy)
+    table = (out / "results.md").read_text()
+    assert all(s.name in table for s in stages)
+    assert (out / "weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_demo_quick(capsys, tmp_path):
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "weights 95%" in out and (tmp_path / "weights.png").is_file()
+    code = main(["measure", str(tmp_path / "digits_cnn_pruned.safetensors"), "--no-latency"])
+    nonzero_row = next(l for l in capsys.readouterr().out.splitlines() if "non-zero parameters" in l)
+    assert code == 0 and "5.46k" in nonzero_row  # 94.5% of the 99.37k parameters are zero

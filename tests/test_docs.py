@@ -1,0 +1,35 @@
+"""The README's result tables are the committed docs/ files, and defaults follow from them."""
+
+import re
+import sys
+from pathlib import Path
+
+from pangkas.weights.sparse import DEFAULT_MIN_SPARSITY
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import update_readme  # noqa: E402
+
+
+def test_readme_tables_match_docs():
+    readme = (ROOT / "README.md").read_text()
+    blocks = update_readme.BLOCK.findall(readme)
+    assert len(blocks) >= 2
+    assert update_readme.render(readme) == readme, "run benchmarks/update_readme.py"
+
+
+def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    assert "make demo" in readme and "make test" in readme
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert "make test" in ci
+
+
+def test_default_min_sparsity_is_the_measured_crossover():
+    text = (ROOT / "docs" / "sparse_kernels.md").read_text()
+    match = re.search(r"win from \*\*(\d+)%\*\*", text)
+    if match:
+        assert DEFAULT_MIN_SPARSITY == int(match[1]) / 100
+    else:  # never won: sparse execution must be off by default
+        assert DEFAULT_MIN_SPARSITY == 1.0
