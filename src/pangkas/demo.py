@@ -134,7 +134,7 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
         stages[index] = replace(stages[index], latency_ratio=seconds / times[0])
     save(model, out / "digits_cnn_pruned.safetensors", metadata=MODEL_METADATA)
     table = results_table(stages, time.perf_counter() - start)
-    (out / "results.md").write_text(table + "\n")
+    (out / "results.md").write_text(f"{table}\n\nReproduce: `pangkas demo --out {out}`\n")
     plot(stages, out / "weights.png")
     return stages
 

@@ -17,7 +17,7 @@ from .errors import PangkasError
 from .inputs import call_model
 from .io import encode, serialize
 from .tables import human_bytes, human_count, render_table
-from .weights.masks import effective_parameters
+from .weights.masks import effective_parameters, parameter_counts
 
 
 @dataclass(frozen=True)
@@ -116,13 +116,13 @@ def measure(model: nn.Module, example_inputs: Any, *, latency: bool = True,
 
     The model is run in eval mode under ``no_grad`` and left exactly as it was.
     """
-    params = effective_parameters(model).values()
+    params, nonzero = parameter_counts(model)
     dense, compressed = file_sizes(model)
     return Measurement(
-        params=sum(p.numel() for p in params),
-        nonzero_params=sum(int(torch.count_nonzero(p)) for p in params),
+        params=params,
+        nonzero_params=nonzero,
         macs=count_macs(model, example_inputs),
-        param_bytes=sum(p.numel() * p.element_size() for p in params),
+        param_bytes=sum(p.numel() * p.element_size() for p in effective_parameters(model).values()),
         file_bytes_dense=dense,
         file_bytes_compressed=compressed,
         latency_ms=time_forward(model, example_inputs, min_run_time=min_run_time) * 1e3 if latency else None,

@@ -162,3 +162,9 @@ def effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter under its plain name, as the model computes with it (masks applied)."""
     state = model.state_dict()
     return {plain_name(n): state[plain_name(n)] for n, _ in model.named_parameters()}
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(parameters, non-zero parameters) of the model as it computes."""
+    tensors = effective_parameters(model).values()
+    return sum(t.numel() for t in tensors), sum(int(torch.count_nonzero(t)) for t in tensors)

@@ -14,7 +14,7 @@ from ..modules import Selector, select_modules
 from ..tables import human_count, render_table
 from . import sparsity as rules
 from .criteria import CRITERIA, Criterion
-from .masks import effective_parameters, get_mask, remove_mask, set_mask, underlying_parameter
+from .masks import get_mask, parameter_counts, remove_mask, set_mask, underlying_parameter
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)  # Conv1d/2d/3d and ConvTranspose1d/2d/3d
 
@@ -191,7 +191,7 @@ def prune_weights(
     weights = [m.weight for m in modules]
     old_masks = [None if (mask := get_mask(m)) is None else mask.clone() for m in modules]
     layer_nonzero = [int(torch.count_nonzero(w)) for w in weights]
-    params, nonzero_before = _count(model)
+    params, nonzero_before = parameter_counts(model)
 
     new_masks = _new_masks(weights, old_masks, criterion, sparsity, threshold, pattern, scope, modules)
     masks = [new if old is None else new & old for new, old in zip(new_masks, old_masks)]
@@ -210,15 +210,9 @@ def prune_weights(
         layers=layers,
         params=params,
         nonzero_before=nonzero_before,
-        nonzero_after=_count(model)[1],
+        nonzero_after=parameter_counts(model)[1],
         skipped=skipped,
     )
-
-
-def _count(model: nn.Module) -> tuple[int, int]:
-    """(parameters, non-zero parameters) of the model as it computes."""
-    tensors = effective_parameters(model).values()
-    return sum(t.numel() for t in tensors), sum(int(torch.count_nonzero(t)) for t in tensors)
 
 
 def _apply(modules, masks, old_masks) -> None:
