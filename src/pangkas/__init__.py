@@ -1,5 +1,6 @@
 """pangkas: prune PyTorch models so they are really smaller and faster."""
 
+from .channels import ChannelReport, Plan, plan_channels, prune_channels
 from .errors import PangkasError
 from .io import load, save
 from .measure import Measurement, compare, measure
@@ -10,6 +11,7 @@ from .weights import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ChannelReport", "Plan", "plan_channels", "prune_channels",
     "Measurement", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
     "compare", "finalize", "load", "measure", "prune_weights", "save", "to_sparse_inference",
 ]

@@ -14,7 +14,7 @@ from .errors import PangkasError
 Selector = Union[str, type, Iterable[Union[str, type]], None]
 
 
-def _as_list(selector: Selector) -> list[str | type]:
+def as_patterns(selector: Selector) -> list[str | type]:
     if selector is None:
         return []
     if isinstance(selector, (str, type)):
@@ -28,7 +28,7 @@ def _as_list(selector: Selector) -> list[str | type]:
     return items
 
 
-def _matches(pattern: str | type, name: str, module: nn.Module) -> bool:
+def matches(pattern: str | type, name: str, module: nn.Module) -> bool:
     """A glob matches a module whose name, or any ancestor's name, fits it ("layer1" selects
     everything inside layer1); a type matches instances of it."""
     if isinstance(pattern, type):
@@ -47,11 +47,11 @@ def select_modules(
 
     Every pattern must match some module of the model, so a typo is an error, not a silent no-op.
     """
-    includes, excludes = _as_list(include), _as_list(exclude)
+    includes, excludes = as_patterns(include), as_patterns(exclude)
     named = list(model.named_modules())
     for label, patterns in (("include", includes), ("exclude", excludes)):
         for pattern in patterns:
-            if not any(_matches(pattern, n, m) for n, m in named):
+            if not any(matches(pattern, n, m) for n, m in named):
                 shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
                 raise PangkasError(
                     f"{label} pattern {shown} matches no module of {type(model).__name__}; "
@@ -61,9 +61,9 @@ def select_modules(
     for name, module in named:
         if not isinstance(module, kinds):
             continue
-        if includes and not any(_matches(p, name, module) for p in includes):
+        if includes and not any(matches(p, name, module) for p in includes):
             continue
-        if any(_matches(p, name, module) for p in excludes):
+        if any(matches(p, name, module) for p in excludes):
             continue
         chosen.append((name, module))
     return chosen

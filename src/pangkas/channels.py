@@ -1,0 +1,477 @@
+"""Channel pruning: ``plan_channels`` decides what goes, ``Plan.apply`` removes it physically.
+
+Data flows one way: trace (coupling classes) -> groups -> importance -> selection -> plan ->
+surgery -> verification. Verification re-traces the pruned model and compares every intermediate
+shape with the plan; where the model's code computes sizes the plan could not follow (a reshape
+with a constant size, say), the model is restored, those channels are kept, and surgery retried.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import PangkasError
+from .graph.labels import components
+from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
+from .importance import check as check_importance
+from .importance import gradients, l1, slice_scores
+from .modules import Selector, as_patterns, matches
+from .surgery import shrink
+from .tables import human_count, render_table
+
+MAX_RETRIES = 8
+
+
+@dataclass(frozen=True)
+class Options:
+    ratio: float
+    importance: object
+    scope: str
+    ratios: dict
+    round_to: int
+    max_ratio: float
+    allow_approximate: bool
+
+
+@dataclass
+class Group:
+    """Channels removed together as one unit of the ratio (one layer's outputs, a residual stream)."""
+
+    modules: tuple[str, ...]
+    classes: torch.Tensor       # class representatives (ids)
+    scores: torch.Tensor
+    removed: torch.Tensor       # bool per class
+    approximate: bool = False
+
+    @property
+    def kept(self) -> int:
+        return int((~self.removed).sum())
+
+
+@dataclass
+class Selection:
+    """Everything derived from the coupling for one set of blocks."""
+
+    classes: torch.Tensor       # id -> class representative (0: fixed)
+    removed: torch.Tensor       # bool per id: position is removed
+    groups: list[Group]
+
+
+def _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_fn) -> None:
+    def bad_ratio(r):
+        return not isinstance(r, (int, float)) or isinstance(r, bool) or not 0 <= r < 1
+
+    if bad_ratio(ratio):
+        raise PangkasError(f"ratio must be a number in [0, 1) (the fraction of channels removed), got {ratio!r}")
+    if scope not in ("local", "global"):
+        raise PangkasError(f"scope must be 'local' or 'global', got {scope!r}")
+    for key, r in (ratios or {}).items():
+        if bad_ratio(r):
+            raise PangkasError(f"ratios[{key!r}] must be in [0, 1), got {r!r}")
+    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
+        raise PangkasError(f"round_to must be an integer >= 1, got {round_to!r}")
+    if max_ratio is not None and (bad_ratio(max_ratio) or max_ratio < ratio):
+        raise PangkasError(f"max_ratio must be in [ratio, 1), got {max_ratio!r}")
+    check_importance(importance, data, loss_fn)
+
+
+class Plan:
+    """What channel pruning would remove; nothing changes until :meth:`apply`."""
+
+    def __init__(self, model, example_inputs, coupling: Coupling, options: Options, scores: dict):
+        self.model = model
+        self.example_inputs = example_inputs
+        self.coupling = coupling
+        self.options = options
+        self._slice_scores = scores
+        self.retried: list[str] = []
+        self.applied = False
+        self.selection = self._select()
+
+    # -- selection ---------------------------------------------------------------------------
+
+    def _select(self) -> Selection:
+        """Choose removals, then keep any channel whose removal no tensor shape could express,
+        until every traced tensor stays rectangular."""
+        while True:
+            selection = select(self.coupling, self.options, self._slice_scores, self.model)
+            broken = _non_rectangular(self.coupling, selection)
+            if not broken:
+                return selection
+            self.coupling.extra_blocks.extend((ids, "removal would not leave a rectangular tensor")
+                                              for ids in broken)
+
+    # -- numbers -----------------------------------------------------------------------------
+
+    def keep(self) -> dict[str, list[torch.Tensor | None]]:
+        """Per tensor name, per dim: the kept positions (None where nothing is removed)."""
+        removed = self.selection.removed
+        keep = {}
+        for name, dims in self.coupling.tensor_ids.items():
+            per_dim = [None if not removed[ids].any() else torch.nonzero(~removed[ids]).flatten()
+                       for ids in dims]
+            if any(k is not None for k in per_dim):
+                keep[name] = per_dim
+        return keep
+
+    def _planned_shape(self, shaped) -> tuple[int, ...]:
+        return planned_shape(shaped, self.selection.removed)
+
+    @property
+    def params_before(self) -> int:
+        return _count_params(self.model, self.coupling, None)
+
+    @property
+    def params_after(self) -> int:
+        return _count_params(self.model, self.coupling, self.selection.removed)
+
+    @property
+    def macs_before(self) -> int:
+        return count_flops(self.coupling.records) // 2
+
+    @property
+    def macs_after(self) -> int:
+        return count_flops(self.coupling.records, self._planned_shape) // 2
+
+    @property
+    def channels_removed(self) -> int:
+        return sum(int(g.removed.sum()) for g in self.selection.groups)
+
+    def blocked(self) -> Counter:
+        """Why channels are kept: reason -> number of prunable-looking classes it froze."""
+        reasons = Counter()
+        blocks = self.coupling.blocks + self.coupling.extra_blocks
+        if not self.options.allow_approximate:
+            blocks = blocks + [(ids, f"approximate: {why}") for ids, why in self.coupling.approximations]
+        for ids, why in blocks:
+            reasons[why] += int(ids.numel())
+        return reasons
+
+    def __str__(self) -> str:
+        rows = []
+        for g in self.selection.groups:
+            if g.removed.any():
+                shown = ", ".join(g.modules[:3]) + (f" +{len(g.modules) - 3}" if len(g.modules) > 3 else "")
+                rows.append((shown or "(unnamed)", len(g.classes), g.kept,
+                             f"{g.removed.float().mean():.0%}" + (" ~" if g.approximate else "")))
+        title = (f"channel plan: ratio={self.options.ratio} ({self.options.scope}), "
+                 f"importance={getattr(self.options.importance, '__name__', self.options.importance)}")
+        text = render_table(title, ("group (producers)", "channels", "kept", "removed"), rows)
+        text += (f"\nparams {human_count(self.params_before)} -> {human_count(self.params_after)}, "
+                 f"MACs {human_count(self.macs_before)} -> {human_count(self.macs_after)}, "
+                 f"{len(rows)} of {len(self.selection.groups)} groups pruned")
+        if any(g.approximate and g.removed.any() for g in self.selection.groups):
+            text += "\n~ approximate: these channels are normalised together (LayerNorm/GroupNorm/attention scale)"
+        kept = self.blocked()
+        if kept:
+            text += "\nkept because of: " + "; ".join(f"{why} [{n}]" for why, n in kept.most_common(5))
+        for note in self.retried:
+            text += f"\nafter surgery check: {note}"
+        return text
+
+    # -- surgery -----------------------------------------------------------------------------
+
+    def apply(self) -> "ChannelReport":
+        """Remove the planned channels from the model, verify every traced shape, and report.
+
+        Transactional: if the pruned model does not run or computes shapes the plan did not
+        predict, it is restored, the channels involved are kept, and surgery is retried; if that
+        does not converge, the model is restored and ``PangkasError`` raised.
+        """
+        if self.applied:
+            raise PangkasError("this plan was already applied; make a new plan for further pruning")
+        self._check_unchanged()
+        params_before, macs_before = self.params_before, self.macs_before
+        for _ in range(MAX_RETRIES):
+            undo = shrink(self.model, self.keep())
+            problem = self._verify()
+            if problem is None:
+                self.applied = True
+                return ChannelReport(self, params_before, macs_before)
+            undo.restore()
+            record, why = problem
+            self.retried.append(f"kept channels at {record.name} in {record.module or 'model'}: {why}")
+            self.coupling.extra_blocks.extend(
+                (ax.ids, f"post-surgery check: {why}") for _, axes in record.inputs + record.outputs for ax in axes)
+            self.selection = self._select()
+        raise PangkasError("channel surgery did not verify after several retries; the model is unchanged. "
+                           + "; ".join(self.retried[-3:]))
+
+    def _check_unchanged(self) -> None:
+        state = dict(self.model.named_parameters(remove_duplicate=False)) | dict(
+            self.model.named_buffers(remove_duplicate=False))
+        for name, ids in self.coupling.tensor_ids.items():
+            if name not in state or tuple(state[name].shape) != tuple(len(i) for i in ids):
+                raise PangkasError(f"the model changed since this plan was made ({name}); make a new plan")
+
+    def _verify(self):
+        """(record, reason) of the first op whose pruned shapes differ from the plan, or None."""
+        expected = self.coupling.records
+        try:
+            _, records, _ = run_traced(self.model, self.example_inputs)
+        except TraceFailed as failed:
+            index = min(len(failed.records), len(expected) - 1)
+            return expected[index], f"the pruned model fails here ({failed})"
+        for old, new in zip(expected, records):
+            if old.name != new.name:
+                return old, f"the pruned model runs {new.name} where {old.name} ran before"
+            want = [self._planned_shape(o) for o in old.outputs]
+            got = [o[0] for o in new.outputs]
+            if want != got:
+                return old, f"output shapes {got}, planned {want}"
+        if len(records) != len(expected):
+            return expected[min(len(records), len(expected) - 1)], "the pruned model runs a different number of ops"
+        return None
+
+
+@dataclass
+class ChannelReport:
+    """What ``Plan.apply`` / ``prune_channels`` did."""
+
+    plan: Plan
+    params_before: int
+    macs_before: int
+    params_after: int = field(init=False)
+    macs_after: int = field(init=False)
+
+    def __post_init__(self):
+        self.params_after = sum(p.numel() for p in self.plan.model.parameters())
+        self.macs_after = self.plan.macs_after
+
+    @property
+    def channels_removed(self) -> int:
+        return self.plan.channels_removed
+
+    def __str__(self) -> str:
+        return str(self.plan).replace("channel plan", "channels removed", 1)
+
+
+# -- the pieces --------------------------------------------------------------------------------
+
+def planned_shape(shaped, removed: torch.Tensor) -> tuple[int, ...]:
+    shape, axes = shaped
+    shape = list(shape)
+    for ax in axes:
+        kept = ~removed[ax.ids]
+        for pos, d in enumerate(ax.dims):
+            others = [i for i in range(kept.ndim) if i != pos]
+            shape[d] = int(kept.any(others).sum()) if others else int(kept.sum())
+    return tuple(shape)
+
+
+def _non_rectangular(coupling: Coupling, selection: Selection) -> list[torch.Tensor]:
+    """Axes over several dims whose kept positions are not a full grid, or that would vanish."""
+    broken, seen = [], set()
+    for record in coupling.records:
+        for _, axes in record.inputs + record.outputs:
+            for ax in axes:
+                if id(ax) in seen:
+                    continue
+                seen.add(id(ax))
+                kept = ~selection.removed[ax.ids]
+                if not kept.any():
+                    broken.append(ax.ids)
+                elif kept.ndim > 1:
+                    grid = torch.ones_like(kept)
+                    for pos in range(kept.ndim):
+                        others = [i for i in range(kept.ndim) if i != pos]
+                        shape = [1] * kept.ndim
+                        shape[pos] = kept.shape[pos]
+                        grid = grid & kept.any(others).reshape(shape)
+                    if not torch.equal(grid, kept):
+                        broken.append(ax.ids)
+    return broken
+
+
+def _count_params(model: nn.Module, coupling: Coupling, removed: torch.Tensor | None) -> int:
+    total = 0
+    for name, p in model.named_parameters():
+        ids = coupling.tensor_ids.get(name)
+        if removed is None or ids is None:
+            total += p.numel()
+        else:
+            n = 1
+            for dim_ids in ids:
+                n *= int((~removed[dim_ids]).sum())
+            total += n
+    return total
+
+
+def _module_of(name: str) -> str:
+    module = name.rsplit(".", 1)[0] if "." in name else ""
+    return module.split(".parametrizations.")[0]
+
+
+def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module) -> Selection:
+    classes = coupling.classes(options.allow_approximate)
+    approx_classes = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    for ids, _ in coupling.approximations:
+        approx_classes[classes[ids]] = True
+    entries = [(name, dim, ids) for name, dims in coupling.tensor_ids.items() for dim, ids in enumerate(dims)]
+    # Which classes take part at all, and their scores.
+    score = torch.zeros(coupling.num_ids)
+    present = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    for name, dim, ids in entries:
+        reps = classes[ids]
+        present[reps] = True
+        s = scores.get((name, dim))
+        if s is not None:
+            score.index_add_(0, reps, s.to(score.dtype))
+    present[0] = False
+    # Groups: classes produced by the same parameter dim (one layer's outputs; a residual stream
+    # merges all its producers) go together.
+    is_produced = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    is_produced[coupling.produced] = True
+    producer_of: dict[int, str] = {}
+    left, right = [], []
+    for name, dim, ids in entries:
+        reps = classes[ids]
+        mask = is_produced[ids] & (reps != 0)
+        if mask.any():
+            r = reps[mask]
+            left.append(r[:-1])
+            right.append(r[1:])
+            for rep in r.unique().tolist():
+                producer_of.setdefault(rep, _module_of(name))
+    empty = torch.zeros(0, dtype=torch.long)
+    group_of = components(coupling.num_ids, torch.cat(left) if left else empty, torch.cat(right) if right else empty)
+    reps = torch.nonzero(present).flatten()
+    groups: dict[int, list[int]] = {}
+    for rep, g in zip(reps.tolist(), group_of[reps].tolist()):
+        groups.setdefault(g, []).append(rep)
+    built = []
+    for g, members in groups.items():
+        cls = torch.tensor(members)
+        modules = tuple(dict.fromkeys(producer_of[m] for m in members if m in producer_of))
+        built.append(Group(modules, cls, score[cls], torch.zeros(len(members), dtype=torch.bool),
+                           bool(approx_classes[cls].any())))
+    _choose(built, options, model)
+    removed_class = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    for g in built:
+        removed_class[g.classes[g.removed]] = True
+    return Selection(classes, removed_class[classes], built)
+
+
+def _group_ratio(group: Group, options: Options, model: nn.Module) -> float:
+    for pattern, r in options.ratios.items():
+        for name in group.modules:
+            module = model.get_submodule(name) if name else model
+            if matches(pattern, name, module):
+                return r
+    return options.ratio
+
+
+def _choose(groups: list[Group], options: Options, model: nn.Module) -> None:
+    """Mark the lowest-scoring classes of each group removed, per the ratio and scope."""
+    if options.scope == "local" or options.ratios:
+        targets = {id(g): _group_ratio(g, options, model) for g in groups}
+        for g in groups:
+            _remove_lowest(g, round(targets[id(g)] * len(g.classes)), options)
+        return
+    # Global: rank all classes by score normalised within their group, remove the lowest.
+    ranked = []
+    for g in groups:
+        mean = g.scores.mean()
+        normed = g.scores / mean if mean > 0 else g.scores
+        ranked.extend((float(s), id(g), i) for i, s in enumerate(normed))
+    total = round(options.ratio * len(ranked))
+    cap = {id(g): min(len(g.classes) - 1, int(options.max_ratio * len(g.classes))) for g in groups}
+    count = Counter()
+    by_id = {id(g): g for g in groups}
+    for s, gid, i in sorted(ranked):
+        if total == 0:
+            break
+        if count[gid] < cap[gid]:
+            count[gid] += 1
+            total -= 1
+    for gid, n in count.items():
+        _remove_lowest(by_id[gid], n, options)
+
+
+def _remove_lowest(group: Group, n: int, options: Options) -> None:
+    size = len(group.classes)
+    keep = max(1, size - n)
+    if options.round_to > 1:
+        keep = min(size, -(-keep // options.round_to) * options.round_to)
+    order = torch.argsort(group.scores, stable=True)
+    group.removed[:] = False
+    group.removed[order[: size - keep]] = True
+
+
+def _ignore_blocks(model: nn.Module, coupling: Coupling, ignore) -> None:
+    patterns = as_patterns(ignore)
+    named = list(model.named_modules())
+    for pattern in patterns:
+        if not any(matches(pattern, n, m) for n, m in named):
+            shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
+            raise PangkasError(f"ignore entry {shown} matches no module of {type(model).__name__}")
+    for name, ids in coupling.tensor_ids.items():
+        module_name = _module_of(name)
+        module = model.get_submodule(module_name) if module_name else model
+        if any(matches(p, module_name, module) for p in patterns):
+            for dim_ids in ids:
+                coupling.extra_blocks.append((dim_ids, f"ignore={module_name}"))
+
+
+def plan_channels(
+    model: nn.Module,
+    example_inputs,
+    *,
+    ratio: float,
+    importance="l1",
+    scope: str = "local",
+    ratios: dict | None = None,
+    ignore: Selector = (),
+    round_to: int = 1,
+    max_ratio: float | None = None,
+    data=None,
+    loss_fn=None,
+    allow_approximate: bool = False,
+) -> Plan:
+    """Plan the removal of ``ratio`` of the channels of every coupled group (``scope="local"``)
+    or of all channels ranked together (``scope="global"``, scores normalised per group).
+
+    ``importance``: ``"l1"`` (default), ``"l2"``, ``"fpgm"``, ``"bn_scale"`` (|BatchNorm gamma|;
+    l1 where a group has none), ``"taylor"`` (|w * grad| over ``data`` with
+    ``loss_fn(output, batch)``), ``"random"``, or ``fn(tensor, dim) -> scores``. ``ratios`` maps
+    module globs or types to their own ratio; ``ignore`` keeps whole modules; ``round_to`` keeps
+    channel counts multiples of it; ``max_ratio`` caps any group's removal under global scope.
+    The model's outputs are never pruned. Channels under a normalisation across channels
+    (LayerNorm, GroupNorm) or an attention scale tied to head_dim are kept unless
+    ``allow_approximate=True``: removing them cannot be exact.
+    """
+    _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_fn)
+    coupling = trace(model, example_inputs)
+    _ignore_blocks(model, coupling, ignore)
+    options = Options(ratio, importance, scope, dict(ratios or {}), round_to,
+                      1.0 if max_ratio is None else max_ratio, allow_approximate)
+    scores = _scores(model, coupling, importance, data, loss_fn)
+    return Plan(model, example_inputs, coupling, options, scores)
+
+
+def _scores(model, coupling: Coupling, importance, data, loss_fn) -> dict:
+    if importance == "random":
+        return {(n, d): torch.rand(len(ids)) for n, dims in coupling.tensor_ids.items()
+                for d, ids in enumerate(dims)}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    dims = {n: list(range(len(ids))) for n, ids in coupling.tensor_ids.items() if n in params}
+    if importance == "fpgm":
+        dims = {n: [d for d in ds if torch.isin(coupling.tensor_ids[n][d], coupling.produced).any()]
+                for n, ds in dims.items() if params[n].ndim > 1}
+    grads = gradients(model, data, loss_fn) if importance == "taylor" else None
+    bn = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
+          if isinstance(mod, nn.modules.batchnorm._BatchNorm)}
+    scores = slice_scores(importance, params, dims, grads, bn)
+    if importance == "bn_scale":  # groups without BatchNorm fall back to l1
+        fallback = slice_scores(l1, params, {n: ds for n, ds in dims.items() if n not in bn}, None, bn)
+        scores.update({k: v * 1e-6 for k, v in fallback.items()})
+    return scores
+
+
+def prune_channels(model: nn.Module, example_inputs, **options) -> ChannelReport:
+    """``plan_channels(model, example_inputs, **options).apply()``."""
+    return plan_channels(model, example_inputs, **options).apply()

@@ -1,0 +1,59 @@
+"""Channel identities: every position of every prunable dimension carries an integer id.
+
+Each parameter and buffer dimension gets fresh ids; tensors computed from them carry *axes*, an
+axis being some dims of the tensor with an id array over those dims (several dims when a reshape
+merged or split channels, e.g. ``(heads, head_dim)``). Ops that tie positions together (a residual
+add, a conv reading its input's channels) record a *union* of ids; ops that cannot survive the
+removal of channels record a *block*. After tracing, union-find turns ids into *classes*: sets of
+positions that must be removed together. Id 0 is FIXED: a class joined to it can never be removed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+FIXED = 0
+
+
+@dataclass(frozen=True)
+class Axis:
+    """Ids over some dims of a tensor: ``ids.shape == tuple(tensor.shape[d] for d in dims)``."""
+
+    dims: tuple[int, ...]
+    ids: torch.Tensor
+
+    def over(self, dims: tuple[int, ...], sizes: dict[int, int]) -> torch.Tensor:
+        """This axis's ids broadcast to ``dims`` (a superset of ``self.dims``, sorted)."""
+        shape = [sizes[d] if d in self.dims else 1 for d in dims]
+        return self.ids.reshape(shape).expand([sizes[d] for d in dims])
+
+    def moved(self, mapping: dict[int, int]) -> "Axis":
+        """The axis after dims are renumbered by ``mapping`` (old -> new); ids follow the new order."""
+        new = [mapping[d] for d in self.dims]
+        order = sorted(range(len(new)), key=new.__getitem__)
+        return Axis(tuple(new[i] for i in order), self.ids.permute(order) if len(order) > 1 else self.ids)
+
+
+Labels = tuple  # tuple[Axis, ...] with disjoint dims; () when the tensor carries no channel ids
+
+
+def components(num_ids: int, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """Connected components of ids ``0..num_ids-1`` joined pairwise by ``left[i] == right[i]``:
+    returns each id's representative, the smallest id in its component (so FIXED stays 0)."""
+    parent = torch.arange(num_ids)
+    if left.numel() == 0:
+        return parent
+    while True:
+        low = torch.minimum(parent[left], parent[right])
+        before = parent.clone()
+        parent.scatter_reduce_(0, parent[left], low, "amin")
+        parent.scatter_reduce_(0, parent[right], low, "amin")
+        while True:  # pointer jumping: every id points straight at its root
+            jumped = parent[parent]
+            if torch.equal(jumped, parent):
+                break
+            parent = jumped
+        if torch.equal(parent, before):
+            return parent

@@ -1,0 +1,324 @@
+"""Tracing a model once, at the ATen level, to find which channels are coupled.
+
+The model runs on fake tensors (no compute, no memory for activations) under a
+``TorchDispatchMode`` that applies the coupling rule of every op as it executes. Running the real
+Python forward means any model that runs eagerly can be analysed (no graph capture to fail), and
+the same tracer re-runs after surgery to check every intermediate shape against the plan.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils.flop_counter import flop_registry
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..errors import PangkasError
+from .labels import FIXED, Axis, components
+from .rules import IGNORED, find_rule, tensors
+
+
+Shaped = tuple  # (shape, axes): a tensor as the plan sees it
+
+
+@dataclass
+class OpRecord:
+    """One executed op: its name, the module that ran it, its tensor inputs and outputs as
+    (shape, axes), and for ops ``torch.utils.flop_counter`` knows, how to count its FLOPs."""
+
+    name: str
+    module: str
+    inputs: list[Shaped]
+    outputs: list[Shaped]
+    flop_call: tuple | None = None  # (flop function, args, kwargs) with tensors as Slot(i)
+
+
+@dataclass(frozen=True)
+class Slot:
+    """Stands for the i-th tensor input in a recorded FLOP formula call."""
+
+    index: int
+
+
+@dataclass
+class Coupling:
+    """What a trace found. Ids index every parameter/buffer position; ``classes[id]`` is the
+    representative of the set that must be removed together (0 = can never be removed)."""
+
+    num_ids: int
+    tensor_ids: dict[str, list[torch.Tensor]]         # state-dict key -> ids per dim
+    unions: tuple[torch.Tensor, torch.Tensor]
+    blocks: list[tuple[torch.Tensor, str]]
+    approximations: list[tuple[torch.Tensor, str]]
+    consumed: torch.Tensor                               # ids read by a weight's input dim
+    produced: torch.Tensor                               # ids of dims that create channels
+    records: list[OpRecord]
+    extra_blocks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+
+    def classes(self, allow_approximate: bool = False) -> torch.Tensor:
+        """Each id's class representative; classes that must stay are joined to FIXED (0)."""
+        blocked = self.blocks + self.extra_blocks
+        if not allow_approximate:
+            blocked = blocked + self.approximations
+        left = [self.unions[0]] + [ids.flatten() for ids, _ in blocked]
+        right = [self.unions[1]] + [torch.zeros(ids.numel(), dtype=torch.long) for ids, _ in blocked]
+        return components(self.num_ids, torch.cat(left), torch.cat(right))
+
+
+class Engine:
+    """State the rules work on while the model runs."""
+
+    def __init__(self):
+        self.next_id = 1  # 0 is FIXED
+        self.labels = WeakIdKeyDictionary()
+        self.left: list[torch.Tensor] = []
+        self.right: list[torch.Tensor] = []
+        self.blocks: list[tuple[torch.Tensor, str]] = []
+        self.approximations: list[tuple[torch.Tensor, str]] = []
+        self.consumed: list[torch.Tensor] = []
+        self.produced: list[torch.Tensor] = []
+        self.where = ""  # "op in module", for reasons
+
+    def fresh(self, shape) -> torch.Tensor:
+        n = int(torch.Size(shape).numel())
+        ids = torch.arange(self.next_id, self.next_id + n).reshape(shape)
+        self.next_id += n
+        return ids
+
+    def fixed(self, n: int) -> torch.Tensor:
+        return torch.full((n,), FIXED, dtype=torch.long)
+
+    def get(self, t) -> tuple[Axis, ...]:
+        if not isinstance(t, torch.Tensor):
+            return ()
+        return self.labels.get(t, ())
+
+    def set(self, t: torch.Tensor, labels) -> None:
+        labels = tuple(ax for ax in labels if ax.ids.numel())
+        for ax in labels:
+            assert ax.ids.shape == tuple(t.shape[d] for d in ax.dims), (self.where, ax.dims, ax.ids.shape, t.shape)
+        self.labels[t] = labels
+
+    def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.left.append(a.reshape(-1))
+        self.right.append(b.reshape(-1))
+
+    def block(self, ids: torch.Tensor, why: str) -> None:
+        if ids.numel():
+            self.blocks.append((ids.reshape(-1), f"{why} ({self.where})"))
+
+    def block_tensor(self, t, why: str) -> None:
+        for ax in self.get(t):
+            self.block(ax.ids, why)
+
+    def approximate(self, ids: torch.Tensor, why: str) -> None:
+        if ids.numel():
+            self.approximations.append((ids.reshape(-1), f"{why} ({self.where})"))
+
+    def consume(self, ids: torch.Tensor) -> None:
+        self.consumed.append(ids.reshape(-1))
+
+    def produce(self, ids: torch.Tensor) -> None:
+        self.produced.append(ids.reshape(-1))
+
+
+class _Tracer(TorchDispatchMode):
+    def __init__(self, engine: Engine, module_stack: list[str], records: list[OpRecord]):
+        super().__init__()
+        self.engine = engine
+        self.stack = module_stack
+        self.records = records
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = _meta_batch_norm(func, args) or func(*args, **kwargs)
+        if func.overloadpacket in IGNORED:
+            return out
+        e = self.engine
+        e.where = f"{func.overloadpacket.__name__} in {self.stack[-1] or 'model'}"
+        found = find_rule(func)
+        # Rules compute on real id tensors: the fake mode below this one must not catch them.
+        with _disable_current_modes():
+            self._apply(found, func, args, kwargs, out)
+        return out
+
+    def _apply(self, found, func, args, kwargs, out):
+        e = self.engine
+        try:
+            if found is None:
+                raise LookupError("no coupling rule for this op")
+            found(e, func, args, kwargs, out)
+        except Exception as exc:  # a rule that cannot follow this call keeps its channels
+            why = str(exc) if isinstance(exc, LookupError) else f"rule failed: {type(exc).__name__}: {exc}"
+            for t in tensors((args, kwargs)) + tensors(out):
+                e.block_tensor(t, why)
+            for t in tensors(out):
+                e.set(t, ())
+        inputs = [(tuple(t.shape), e.get(t)) for t in tensors((args, kwargs))]
+        outputs = [(tuple(o.shape), e.get(o)) for o in tensors(out)]
+        flop_call = None
+        if func.overloadpacket in flop_registry:
+            counter = iter(range(len(inputs)))
+            slotted = tree_map(lambda t: Slot(next(counter)) if isinstance(t, torch.Tensor) else t, (args, kwargs))
+            flop_call = (flop_registry[func.overloadpacket], *slotted)
+        self.records.append(OpRecord(str(func), self.stack[-1], inputs, outputs, flop_call))
+
+
+def _meta_batch_norm(func, args):
+    """Batch norm's meta kernel is a slow Python decomposition; its output shapes are trivial."""
+    if func is not torch.ops.aten.native_batch_norm.default or args[0].device.type != "meta":
+        return None
+    x, training = args[0], args[5]
+    stats = x.shape[1] if training else 0
+    return torch.empty_like(x), x.new_empty(stats), x.new_empty(stats)
+
+
+def count_flops(records: list[OpRecord], shape_of=lambda shaped: shaped[0]) -> int:
+    """FLOPs of the recorded ops, with each tensor's shape given by ``shape_of((shape, axes))``
+    (the traced shape by default; the planned shape to predict the cost after pruning)."""
+    total = 0
+    for record in records:
+        if record.flop_call is None:
+            continue
+        fn, args, kwargs = record.flop_call
+        fill = lambda v: torch.Size(shape_of(record.inputs[v.index])) if isinstance(v, Slot) else v
+        args, kwargs = tree_map(fill, (args, kwargs))
+        total += fn(*args, **kwargs, out_val=torch.Size(shape_of(record.outputs[0])))
+    return total
+
+
+@contextlib.contextmanager
+def _module_names(model: nn.Module, stack: list[str]):
+    """Keep ``stack[-1]`` the qualified name of the module whose forward is running."""
+    names = {id(m): n for n, m in model.named_modules()}
+
+    def enter(module, args):
+        stack.append(names.get(id(module), stack[-1]))
+
+    def leave(module, args, output):
+        stack.pop()
+
+    handles = [nn.modules.module.register_module_forward_pre_hook(enter),
+               nn.modules.module.register_module_forward_hook(leave, always_call=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by their plain (functional_call) names, shared tensors once."""
+    state, seen = {}, set()
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
+            model.named_buffers(remove_duplicate=False)):
+        if id(t) not in seen:
+            seen.add(id(t))
+            state[name] = t
+    return state
+
+
+class TraceFailed(PangkasError):
+    """The model's forward raised under the tracer; ``records`` holds the ops that ran before."""
+
+    def __init__(self, message: str, records: list[OpRecord]):
+        super().__init__(message)
+        self.records = records
+
+
+def run_traced(model: nn.Module, example_inputs) -> tuple[Engine, list[OpRecord], dict[str, list[torch.Tensor]]]:
+    """Run ``model`` under the tracer on data-free copies of its state and ``example_inputs``;
+    returns the engine, the op records and the ids given to each parameter/buffer dim (by name).
+
+    Meta tensors are tried first (fast); a model that mixes in real tensors of its own (plain
+    tensor attributes) is retried under ``FakeTensorMode``, which accepts them.
+    """
+    try:
+        return _run(model, example_inputs, None)
+    except TraceFailed as meta_failure:
+        try:
+            return _run(model, example_inputs, FakeTensorMode(allow_non_fake_inputs=True))
+        except TraceFailed:
+            raise meta_failure from None
+
+
+def _run(model, example_inputs, fake_mode: FakeTensorMode | None):
+    engine = Engine()
+    if fake_mode is None:
+        convert = lambda t: t.detach().to("meta")  # noqa: E731
+        mode = contextlib.nullcontext()
+    else:
+        convert = lambda t: fake_mode.from_tensor(t, static_shapes=True)  # noqa: E731
+        mode = fake_mode
+    state = {n: convert(t) for n, t in _state(model).items()}
+    ids = {n: [engine.fresh((size,)) for size in t.shape] for n, t in state.items()}
+    for name, t in state.items():
+        engine.set(t, tuple(Axis((d,), i) for d, i in enumerate(ids[name])))
+    inputs = tree_map(lambda t: convert(t) if isinstance(t, torch.Tensor) else t, example_inputs)
+    stack = [""]
+    records: list[OpRecord] = []
+    tracer = _Tracer(engine, stack, records)
+    was_training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with mode, _module_names(model, stack), torch.enable_grad(), tracer:
+            output = functional_call(model, state, _as_args(inputs), _as_kwargs(inputs))
+    except Exception as exc:
+        raise TraceFailed(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
+                          records) from exc
+    finally:
+        for m, training in was_training.items():
+            m.training = training
+    engine.where = "model output"
+    for t in _leaves(output):
+        engine.block_tensor(t, "model output")
+    return engine, records, ids
+
+
+def _as_args(batch) -> tuple:
+    if isinstance(batch, dict):
+        return ()
+    if isinstance(batch, (tuple, list)):
+        return tuple(batch)
+    return (batch,)
+
+
+def _as_kwargs(batch) -> dict:
+    return dict(batch) if isinstance(batch, dict) else {}
+
+
+def _leaves(output) -> list[torch.Tensor]:
+    """Tensors in a model output, including Hugging Face ``ModelOutput`` fields."""
+    if isinstance(output, torch.Tensor):
+        return [output]
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, (list, tuple)):
+        return [t for item in output for t in _leaves(item)]
+    return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+
+
+def trace(model: nn.Module, example_inputs) -> Coupling:
+    """Trace ``model`` on ``example_inputs`` and return its channel coupling."""
+    engine, records, tensor_ids = run_traced(model, example_inputs)
+    empty = torch.zeros(0, dtype=torch.long)
+    unions = (torch.cat(engine.left) if engine.left else empty, torch.cat(engine.right) if engine.right else empty)
+    return Coupling(
+        num_ids=engine.next_id,
+        tensor_ids=tensor_ids,
+        unions=unions,
+        blocks=engine.blocks,
+        approximations=engine.approximations,
+        consumed=torch.cat(engine.consumed) if engine.consumed else empty,
+        produced=torch.cat(engine.produced) if engine.produced else empty,
+        records=records,
+    )

@@ -1,0 +1,64 @@
+"""The equivalence oracle for channel pruning.
+
+Zero the input weights of every consumer of the channels a plan removes: those channels can then
+no longer affect the output. Record the output, apply the plan, and compare. Exact pruning gives
+the same output up to float rounding. Where a removed channel has no consuming weight (the
+query/key head dims of attention meet each other, not a weight), its producing slices are zeroed.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .channels import Plan
+from .inputs import call_model
+from .surgery import owners
+
+
+@torch.no_grad()
+def silence_removed(plan: Plan) -> None:
+    """Zero, in ``plan.model``, the consumer slices of every channel ``plan`` removes."""
+    coupling, removed = plan.coupling, plan.selection.removed
+    consumed = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    if coupling.consumed.numel():
+        consumed[coupling.consumed] = True
+    classes = plan.selection.classes
+    has_consumer = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    has_consumer[classes[consumed.nonzero().flatten()]] = True
+    where = owners(plan.model)
+    for name, dims in coupling.tensor_ids.items():
+        module, attr = where[name]
+        if attr not in module._parameters:
+            continue
+        tensor = module._parameters[attr]
+        for dim, ids in enumerate(dims):
+            zero = removed[ids] & (consumed[ids] | ~has_consumer[classes[ids]])
+            if zero.any():
+                tensor.index_fill_(dim, zero.nonzero().flatten().to(tensor.device), 0.0)
+
+
+def _flat(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output.flatten()
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    if isinstance(output, dict):
+        output = list(output.values())
+    return torch.cat([_flat(o) for o in output if isinstance(o, (torch.Tensor, tuple, list, dict))])
+
+
+@torch.no_grad()
+def oracle_error(model: nn.Module, example_inputs, make_plan: Callable[[nn.Module], Plan]) -> tuple[float, Plan]:
+    """Relative output error of pruning a copy of ``model`` after silencing the removed channels
+    (``make_plan(copy)`` builds the plan). Returns (error, the applied plan)."""
+    model = copy.deepcopy(model).eval()
+    plan = make_plan(model)
+    silence_removed(plan)
+    reference = _flat(call_model(model, example_inputs)).double()
+    plan.apply()
+    pruned = _flat(call_model(model, example_inputs)).double()
+    return float((pruned - reference).norm() / reference.norm().clamp_min(1e-12)), plan

@@ -1,0 +1,81 @@
+"""Physical surgery: cut tensors down to the kept positions and fix the modules' attributes.
+
+Every change is recorded so ``Undo.restore()`` puts the model back exactly as it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .attributes import snapshot, update
+
+
+@dataclass
+class Undo:
+    tensors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    attributes: list[tuple[nn.Module, dict]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        for tensor, data in self.tensors:
+            tensor.data = data
+        for module, values in self.attributes:
+            for name, value in values.items():
+                setattr(module, name, value)
+
+
+def owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
+    """Each parameter/buffer name -> (owning module, attribute name)."""
+    found = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        prefix = f"{module_name}." if module_name else ""
+        for kind in (module._parameters, module._buffers):
+            for attr, tensor in kind.items():
+                if tensor is not None:
+                    found.setdefault(prefix + attr, (module, attr))
+    return found
+
+
+def _modules_of(model: nn.Module, name: str, owner: nn.Module) -> list[nn.Module]:
+    """The owner of a tensor, and for a parametrized tensor (``conv.parametrizations.weight.
+    original``) also the module it parametrizes, whose attributes describe its shape."""
+    if ".parametrizations." in f".{name}":
+        prefix = f".{name}".split(".parametrizations.")[0][1:]
+        return [owner, model.get_submodule(prefix)]
+    return [owner]
+
+
+@torch.no_grad()
+def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]]) -> Undo:
+    """Keep only the positions ``keep[name][dim]`` (None: the whole dim) of each named tensor.
+
+    Tensors are cut in place (``.data``), so Parameter objects, ties between modules and the
+    list ``model.parameters()`` stay valid; optimizers holding the old shapes must be rebuilt.
+    """
+    undo = Undo()
+    where = owners(model)
+    touched: dict[int, nn.Module] = {}
+    try:
+        for name, per_dim in keep.items():
+            module, attr = where[name]
+            tensor = getattr(module, "_parameters").get(attr)
+            tensor = tensor if tensor is not None else module._buffers[attr]
+            for m in _modules_of(model, name, module):
+                if id(m) not in touched:
+                    touched[id(m)] = m
+                    undo.attributes.append((m, snapshot(m)))
+            data = tensor.data
+            cut = data
+            for dim, index in enumerate(per_dim):
+                if index is not None:
+                    cut = cut.index_select(dim, index.to(cut.device))
+            undo.tensors.append((tensor, data))
+            tensor.data = cut.contiguous()
+        for module, original in undo.attributes:
+            update(module, original)
+    except Exception:
+        undo.restore()
+        raise
+    return undo
