@@ -186,6 +186,7 @@ class Plan:
             raise PangkasError("this plan was already applied; make a new plan for further pruning")
         self._check_unchanged()
         params_before, macs_before = self.params_before, self.macs_before
+        failures = Counter()
         for _ in range(MAX_RETRIES):
             undo = shrink(self.model, self.keep())
             problem = self._verify()
@@ -194,12 +195,26 @@ class Plan:
                 return ChannelReport(self, params_before, macs_before)
             undo.restore()
             record, why = problem
-            self.retried.append(f"kept channels at {record.name} in {record.module or 'model'}: {why}")
+            failures[id(record)] += 1
+            where = record.module or "model"
+            if failures[id(record)] == 1:
+                self.retried.append(f"kept channels at {record.name} in {where}: {why}")
+                records = [record]
+            else:  # the cause lies elsewhere in the module (a size tied to another tensor)
+                self.retried.append(f"kept every channel of {where}: {why}")
+                records = [r for r in self.coupling.records if _inside(r.module, record.module)]
+                self._block_module(record.module, why)
             self.coupling.extra_blocks.extend(
-                (ax.ids, f"post-surgery check: {why}") for _, axes in record.inputs + record.outputs for ax in axes)
+                (ax.ids, f"post-surgery check: {why}")
+                for r in records for _, axes in r.inputs + r.outputs for ax in axes)
             self.selection = self._select()
         raise PangkasError("channel surgery did not verify after several retries; the model is unchanged. "
                            + "; ".join(self.retried[-3:]))
+
+    def _block_module(self, module: str, why: str) -> None:
+        for name, ids in self.coupling.tensor_ids.items():
+            if _inside(_module_of(name), module):
+                self.coupling.extra_blocks.extend((i, f"post-surgery check: {why}") for i in ids)
 
     def _check_unchanged(self) -> None:
         state = dict(self.model.named_parameters(remove_duplicate=False)) | dict(
@@ -299,6 +314,10 @@ def _count_params(model: nn.Module, coupling: Coupling, removed: torch.Tensor | 
                 n *= int((~removed[dim_ids]).sum())
             total += n
     return total
+
+
+def _inside(module: str, container: str) -> bool:
+    return not container or module == container or module.startswith(container + ".")
 
 
 def _module_of(name: str) -> str:

@@ -41,6 +41,24 @@ def silence_removed(plan: Plan) -> None:
                 tensor.index_fill_(dim, zero.nonzero().flatten().to(tensor.device), 0.0)
 
 
+@torch.no_grad()
+def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Random weights that make the oracle sensitive: random-init models often hide pruning errors
+    behind zero-initialised heads, tiny layer scales or BatchNorm statistics of exactly 0 and 1."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if not t.is_floating_point():
+            continue
+        if name.endswith("running_var"):
+            t.copy_(torch.rand(t.shape, generator=g) + 0.5)
+        elif t.ndim >= 2:
+            bound = (3 / max(1, t[0].numel())) ** 0.5
+            t.copy_((torch.rand(t.shape, generator=g) * 2 - 1) * bound)
+        else:
+            t.copy_(torch.rand(t.shape, generator=g) - 0.5 + (1.0 if name.endswith("weight") else 0.0))
+    return model
+
+
 def _flat(output) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output.flatten()

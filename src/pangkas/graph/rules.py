@@ -148,13 +148,21 @@ def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[lis
     return groups
 
 
-def split_policy(e, ids: torch.Tensor, positions: list[int]) -> None:
-    """A dim split into several: the code usually fixes the outer sizes (groups, heads) and
-    derives the innermost (``-1``, ``C // groups``), so only the innermost may shrink: positions
-    along the outer dims are joined. The post-surgery shape check catches code that differs."""
-    for p in positions[:-1]:
-        first = ids.narrow(p, 0, 1).expand_as(ids)
-        e.union(ids, first)
+def _split(e, ids: torch.Tensor, positions: list[int], sizes: list[int]) -> tuple[torch.Tensor, list[int]]:
+    """A dim split into several: code usually fixes the outer sizes (groups, heads) and derives
+    the innermost (``-1``, ``C // groups``), so only the innermost non-unit dim keeps channel ids
+    and may shrink. Positions along the outer dims are joined (removed together) and those dims
+    drop out of the axis. The post-surgery shape check catches code that differs.
+
+    Returns the ids without the outer dims, and which of ``positions`` were dropped."""
+    big = [p for p, n in zip(positions, sizes) if n > 1]
+    keep = big[-1] if big else positions[-1]
+    dropped = [p for p in positions if p != keep]
+    for p in dropped:
+        e.union(ids, ids.narrow(p, 0, 1).expand_as(ids))
+    for p in sorted(dropped, reverse=True):
+        ids = ids.select(p, 0)
+    return ids, dropped
 
 
 @rule(aten.view, aten._unsafe_view, aten.reshape, aten.view_copy)
@@ -182,16 +190,19 @@ def view(e, func, args, kwargs, out):
                 e.block(ax.ids, "reshape merging two independent channel dims")
             continue
         in_dims = tuple(sorted(d for g in touched for d in groups[g][0]))
-        out_dims = tuple(sorted(d for g in touched for d in groups[g][1]))
+        out_dims = sorted(d for g in touched for d in groups[g][1])
         if not out_dims:
             e.block(axes[0].ids, "reshape dropping a channel dim")
             continue
         ids = axes[0].over(in_dims, in_sizes).reshape([dst[d] for d in out_dims])
-        for g in touched:
+        dropped = []
+        for g in sorted(touched, reverse=True):
             g_out = groups[g][1]
             if len(g_out) > 1:
-                split_policy(e, ids, [out_dims.index(d) for d in g_out])
-        result.append(Axis(out_dims, ids))
+                positions = [out_dims.index(d) for d in g_out]
+                ids, gone = _split(e, ids, positions, [dst[d] for d in g_out])
+                dropped += [out_dims[p] for p in gone]
+        result.append(Axis(tuple(d for d in out_dims if d not in dropped), ids))
     e.set(out, tuple(result))
 
 
@@ -515,8 +526,9 @@ def contract(e, a, b, out, batch: int):
     if arrays and len(sides) == 1 and a is not b:
         # Only one side is labelled: the other is a constant or model input of fixed size.
         e.block(arrays[0], "matrix product with an unlabelled operand")
-    for ids in arrays:
-        e.consume(ids)
+    for t, ids in joined:
+        if e.is_weight(t):  # a weight reading channels; activation x activation reads none
+            e.consume(ids)
     # Ids on batch dims only (not the contracted dim) survive into the output.
     batch_labels = []
     for t, layout in ((a, layout_a), (b, layout_b)):

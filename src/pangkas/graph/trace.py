@@ -9,6 +9,7 @@ the same tracer re-runs after surgery to check every intermediate shape against 
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -84,6 +85,7 @@ class Engine:
         self.approximations: list[tuple[torch.Tensor, str]] = []
         self.consumed: list[torch.Tensor] = []
         self.produced: list[torch.Tensor] = []
+        self.weights = WeakIdKeyDictionary()  # parameters and tensors computed from them alone
         self.where = ""  # "op in module", for reasons
 
     def fresh(self, shape) -> torch.Tensor:
@@ -121,6 +123,9 @@ class Engine:
     def approximate(self, ids: torch.Tensor, why: str) -> None:
         if ids.numel():
             self.approximations.append((ids.reshape(-1), f"{why} ({self.where})"))
+
+    def is_weight(self, t) -> bool:
+        return isinstance(t, torch.Tensor) and t in self.weights
 
     def consume(self, ids: torch.Tensor) -> None:
         self.consumed.append(ids.reshape(-1))
@@ -161,7 +166,11 @@ class _Tracer(TorchDispatchMode):
                 e.block_tensor(t, why)
             for t in tensors(out):
                 e.set(t, ())
-        inputs = [(tuple(t.shape), e.get(t)) for t in tensors((args, kwargs))]
+        given = tensors((args, kwargs))
+        if given and all(e.is_weight(t) for t in given):  # t(W), W * mask, W.view(...)
+            for t in tensors(out):
+                e.weights[t] = True
+        inputs = [(tuple(t.shape), e.get(t)) for t in given]
         outputs = [(tuple(o.shape), e.get(o)) for o in tensors(out)]
         flop_call = None
         if func.overloadpacket in flop_registry:
@@ -169,6 +178,34 @@ class _Tracer(TorchDispatchMode):
             slotted = tree_map(lambda t: Slot(next(counter)) if isinstance(t, torch.Tensor) else t, (args, kwargs))
             flop_call = (flop_registry[func.overloadpacket], *slotted)
         self.records.append(OpRecord(str(func), self.stack[-1], inputs, outputs, flop_call))
+
+
+@contextlib.contextmanager
+def _attention_scale(engine: Engine):
+    """``scaled_dot_product_attention`` without an explicit ``scale`` divides by sqrt(head_dim).
+
+    On some devices it reaches ATen as one op (whose rule sees ``scale``), on others decomposed
+    into matmuls with the scale already a number. Wrapping the Python entry point for the trace
+    marks the query/key head dims approximate either way: removing them changes the scale.
+    (A TorchFunctionMode cannot see it: the ``nn.functional`` code calling it re-dispatches.)
+    """
+    original = torch.nn.functional.scaled_dot_product_attention
+
+    def watched(query, key, value, *args, **kwargs):
+        scale = kwargs.get("scale", args[3] if len(args) > 3 else None)
+        if scale is None:
+            engine.where = "scaled_dot_product_attention"
+            for t in (query, key):
+                for ax in engine.get(t):
+                    if t.ndim - 1 in ax.dims:
+                        engine.approximate(ax.ids, "attention scale 1/sqrt(head_dim) follows head_dim")
+        return original(query, key, value, *args, **kwargs)
+
+    torch.nn.functional.scaled_dot_product_attention = watched
+    try:
+        yield
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = original
 
 
 def _meta_batch_norm(func, args):
@@ -243,10 +280,23 @@ def run_traced(model: nn.Module, example_inputs) -> tuple[Engine, list[OpRecord]
     try:
         return _run(model, example_inputs, None)
     except TraceFailed as meta_failure:
+        if not _needs_fake(meta_failure):
+            raise
+        fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+        level = fake_log.level
+        fake_log.setLevel(logging.CRITICAL)  # it logs every failing op before raising
         try:
             return _run(model, example_inputs, FakeTensorMode(allow_non_fake_inputs=True))
         except TraceFailed:
             raise meta_failure from None
+        finally:
+            fake_log.setLevel(level)
+
+
+def _needs_fake(failure: TraceFailed) -> bool:
+    """Meta tensors fail where the model brings real tensors of its own or reads values."""
+    cause = str(failure.__cause__).lower()
+    return any(hint in cause for hint in ("device", "meta", "data-dependent", "item()"))
 
 
 def _run(model, example_inputs, fake_mode: FakeTensorMode | None):
@@ -261,6 +311,7 @@ def _run(model, example_inputs, fake_mode: FakeTensorMode | None):
     ids = {n: [engine.fresh((size,)) for size in t.shape] for n, t in state.items()}
     for name, t in state.items():
         engine.set(t, tuple(Axis((d,), i) for d, i in enumerate(ids[name])))
+        engine.weights[t] = True
     inputs = tree_map(lambda t: convert(t) if isinstance(t, torch.Tensor) else t, example_inputs)
     stack = [""]
     records: list[OpRecord] = []
@@ -268,7 +319,7 @@ def _run(model, example_inputs, fake_mode: FakeTensorMode | None):
     was_training = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        with mode, _module_names(model, stack), torch.enable_grad(), tracer:
+        with mode, _module_names(model, stack), torch.enable_grad(), _attention_scale(engine), tracer:
             output = functional_call(model, state, _as_args(inputs), _as_kwargs(inputs))
     except Exception as exc:
         raise TraceFailed(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
