@@ -8,6 +8,7 @@ with a constant size, say), the model is restored, those channels are kept, and 
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -24,6 +25,8 @@ from .surgery import shrink
 from .tables import human_count, render_table
 
 MAX_RETRIES = 8
+# Slicing a dim's full range runs as alias: once pruning makes a slice full, that is the same op.
+_FULL_SLICE = {"aten.slice.Tensor", "aten.alias.default"}
 
 
 @dataclass(frozen=True)
@@ -91,6 +94,7 @@ class Plan:
         self.retried: list[str] = []
         self.applied = False
         self.selection = self._select()
+        self._rehearse()
 
     # -- selection ---------------------------------------------------------------------------
 
@@ -170,7 +174,7 @@ class Plan:
         if kept:
             text += "\nkept because of: " + "; ".join(f"{why} [{n}]" for why, n in kept.most_common(5))
         for note in self.retried:
-            text += f"\nafter surgery check: {note}"
+            text += f"\nsurgery check: {note}"
         return text
 
     # -- surgery -----------------------------------------------------------------------------
@@ -180,19 +184,35 @@ class Plan:
 
         Transactional: if the pruned model does not run or computes shapes the plan did not
         predict, it is restored, the channels involved are kept, and surgery is retried; if that
-        does not converge, the model is restored and ``PangkasError`` raised.
+        does not converge, the model is restored and ``PangkasError`` raised. (The plan already
+        rehearsed this on a weightless copy, so retries here are rare.)
         """
         if self.applied:
             raise PangkasError("this plan was already applied; make a new plan for further pruning")
         self._check_unchanged()
         params_before, macs_before = self.params_before, self.macs_before
+        self._converge(self.model)
+        self.applied = True
+        return ChannelReport(self, params_before, macs_before)
+
+    def _rehearse(self) -> None:
+        """Run surgery and verification on a copy of the model without weights, so the plan
+        already accounts for what the model's code cannot follow. A model that builds tensors of
+        its own device in forward cannot run on a meta copy: it is checked at apply time only."""
+        try:
+            self._converge(_meta_clone(self.model), rehearsal=True)
+        except _NoRehearsal:
+            pass
+
+    def _converge(self, model: nn.Module, rehearsal: bool = False) -> None:
         failures = Counter()
         for _ in range(MAX_RETRIES):
-            undo = shrink(self.model, self.keep())
-            problem = self._verify()
+            undo = shrink(model, self.keep())
+            problem = self._verify(model)
+            if rehearsal and problem is not None and "device" in problem[1]:
+                raise _NoRehearsal
             if problem is None:
-                self.applied = True
-                return ChannelReport(self, params_before, macs_before)
+                return
             undo.restore()
             record, why = problem
             failures[id(record)] += 1
@@ -205,7 +225,7 @@ class Plan:
                 records = [r for r in self.coupling.records if _inside(r.module, record.module)]
                 self._block_module(record.module, why)
             self.coupling.extra_blocks.extend(
-                (ax.ids, f"post-surgery check: {why}")
+                (ax.ids, f"surgery check: {why}")
                 for r in records for _, axes in r.inputs + r.outputs for ax in axes)
             self.selection = self._select()
         raise PangkasError("channel surgery did not verify after several retries; the model is unchanged. "
@@ -223,16 +243,16 @@ class Plan:
             if name not in state or tuple(state[name].shape) != tuple(len(i) for i in ids):
                 raise PangkasError(f"the model changed since this plan was made ({name}); make a new plan")
 
-    def _verify(self):
+    def _verify(self, model: nn.Module):
         """(record, reason) of the first op whose pruned shapes differ from the plan, or None."""
         expected = self.coupling.records
         try:
-            _, records, _ = run_traced(self.model, self.example_inputs)
+            _, records, _ = run_traced(model, self.example_inputs)
         except TraceFailed as failed:
             index = min(len(failed.records), len(expected) - 1)
             return expected[index], f"the pruned model fails here ({failed})"
         for old, new in zip(expected, records):
-            if old.name != new.name:
+            if old.name != new.name and {old.name, new.name} != _FULL_SLICE:
                 return old, f"the pruned model runs {new.name} where {old.name} ran before"
             want = [self._planned_shape(o) for o in old.outputs]
             got = [o[0] for o in new.outputs]
@@ -316,6 +336,19 @@ def _count_params(model: nn.Module, coupling: Coupling, removed: torch.Tensor | 
     return total
 
 
+class _NoRehearsal(Exception):
+    pass
+
+
+def _meta_clone(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers live on the meta device (no data)."""
+    memo = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        meta = t.detach().to("meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
 def _inside(module: str, container: str) -> bool:
     return not container or module == container or module.startswith(container + ".")
 
@@ -345,7 +378,7 @@ def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module)
     # merges all its producers) go together.
     is_produced = torch.zeros(coupling.num_ids, dtype=torch.bool)
     is_produced[coupling.produced] = True
-    producer_of: dict[int, str] = {}
+    producers: dict[int, dict[str, None]] = {}
     left, right = [], []
     for name, dim, ids in entries:
         reps = classes[ids]
@@ -355,7 +388,7 @@ def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module)
             left.append(r[:-1])
             right.append(r[1:])
             for rep in r.unique().tolist():
-                producer_of.setdefault(rep, _module_of(name))
+                producers.setdefault(rep, {})[_module_of(name)] = None
     empty = torch.zeros(0, dtype=torch.long)
     group_of = components(coupling.num_ids, torch.cat(left) if left else empty, torch.cat(right) if right else empty)
     reps = torch.nonzero(present).flatten()
@@ -365,7 +398,7 @@ def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module)
     built = []
     for g, members in groups.items():
         cls = torch.tensor(members)
-        modules = tuple(dict.fromkeys(producer_of[m] for m in members if m in producer_of))
+        modules = tuple(dict.fromkeys(n for m in members for n in producers.get(m, ())))
         built.append(Group(modules, cls, score[cls], torch.zeros(len(members), dtype=torch.bool),
                            bool(approx_classes[cls].any())))
     _choose(built, options, model)
@@ -473,6 +506,8 @@ def plan_channels(
 
 
 def _scores(model, coupling: Coupling, importance, data, loss_fn) -> dict:
+    if any(p.device.type == "meta" for p in model.parameters()):
+        return {}  # no weights to judge: channels go by position (the plan's structure still holds)
     if importance == "random":
         return {(n, d): torch.rand(len(ids)) for n, dims in coupling.tensor_ids.items()
                 for d, ids in enumerate(dims)}

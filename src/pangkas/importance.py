@@ -54,6 +54,7 @@ def check(importance, data, loss_fn) -> None:
         raise PangkasError("importance='taylor' needs data= (batches) and loss_fn=(output, batch) -> loss")
 
 
+@torch.enable_grad()
 def gradients(model: nn.Module, data: Iterable, loss_fn) -> dict[str, torch.Tensor]:
     """Summed gradients of ``loss_fn(model(batch), batch)`` over ``data`` by parameter name; the
     model's own ``.grad`` fields and train/eval flags are left as they were."""

@@ -1,0 +1,434 @@
+import copy
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import pangkas
+from pangkas.oracle import oracle_error, randomize, silence_removed
+
+import nets
+
+EXACT = 1e-5
+
+
+def exact_error(model, x, **options):
+    model = randomize(model).eval()
+    return oracle_error(model, x, lambda m: pangkas.plan_channels(m, x, **options))
+
+
+# -- the oracle on one net per coupling rule ---------------------------------------------------
+
+@pytest.mark.parametrize("name", [n for n in nets.NETS if n not in ("unknown",)])
+def test_oracle_holds_for_every_coupling_rule(name):
+    cls, shape = nets.NETS[name]
+    torch.manual_seed(0)
+    error, plan = exact_error(cls(), torch.randn(shape), ratio=0.5)
+    assert plan.channels_removed > 0, str(plan)
+    assert error <= EXACT, (error, str(plan))
+
+
+def test_oracle_on_sequence_model():
+    ids = torch.randint(0, 50, (2, 7))
+    error, plan = exact_error(nets.Sequence(), ids, ratio=0.5)
+    assert plan.channels_removed > 0 and error <= EXACT
+
+
+def test_oracle_detects_a_wrong_removal():
+    """Without silencing the removed channels the outputs differ: the oracle can fail."""
+    model = randomize(nets.Residual()).eval()
+    x = torch.randn(nets.IMAGES)
+    reference = model(x)
+    pangkas.prune_channels(model, x, ratio=0.5)
+    assert (model(x) - reference).norm() / reference.norm() > 1e-3
+
+
+def test_physically_smaller_and_attributes_follow():
+    model = nets.Chain()
+    x = torch.randn(nets.IMAGES)
+    report = pangkas.prune_channels(model, x, ratio=0.5)
+    conv0 = model.features[0][0]
+    assert conv0.weight.shape == (8, 3, 3, 3) and conv0.out_channels == 8
+    assert model.features[0][1].num_features == 8 and model.features[0][1].running_mean.shape == (8,)
+    assert model.features[1].in_channels == 8 and model.features[1].out_channels == 12
+    assert model.head[1].in_features == 12 * 6 * 6 and model.head[1].out_features == 16
+    assert model.head[3].out_features == 10  # the classifier's outputs are never pruned
+    assert report.params_after == sum(p.numel() for p in model.parameters()) < report.params_before
+    assert report.macs_after < report.macs_before
+    assert model(x).shape == (2, 10)
+
+
+def test_grouped_convs_keep_valid_groups():
+    model = nets.Grouped()
+    x = torch.randn(nets.IMAGES)
+    pangkas.prune_channels(model, x, ratio=0.5)
+    dw, dw2, grouped = model.dw[0], model.dw2, model.grouped[0]
+    assert dw.groups == dw.in_channels == dw.out_channels < 16
+    assert dw2.groups == dw2.in_channels and dw2.out_channels == 2 * dw2.in_channels
+    assert grouped.groups == 4 and grouped.in_channels % 4 == 0 and grouped.out_channels % 4 == 0
+
+
+def test_residual_stream_is_one_group():
+    model = nets.Residual()
+    plan = pangkas.plan_channels(model, torch.randn(nets.IMAGES), ratio=0.5)
+    stream = [g for g in plan.selection.groups if "down.0" in g.modules]
+    assert len(stream) == 1 and {"b.1", "down.0"} <= set(stream[0].modules)
+    plan.apply()
+    assert model.b[1].out_channels == model.down[0].out_channels == model.head.in_features == 16
+
+
+def test_unknown_ops_block_their_channels():
+    model = nets.Unknown()
+    plan = pangkas.plan_channels(model, torch.randn(nets.IMAGES), ratio=0.5)
+    assert plan.channels_removed == 0
+    reasons = " ".join(plan.blocked())
+    assert "flip along a channel dim" in reasons
+    assert "no coupling rule" in reasons  # fft
+    assert "sum across channels" in reasons
+
+
+def test_hard_coded_view_is_caught_after_surgery():
+    model = nets.HardCodedView()
+    x = torch.randn(nets.IMAGES)
+    plan = pangkas.plan_channels(model, x, ratio=0.5)
+    report = plan.apply()
+    assert plan.retried and "head" in plan.retried[0]  # found while planning, on a weightless copy
+    assert model.conv[0].out_channels == 8 and model.conv2[0].out_channels == 8  # the view kept conv2
+    assert model(x).shape == (2, 10)
+    assert "surgery check" in str(report)
+
+
+def test_normalisation_over_channels_needs_allow_approximate():
+    model = nets.ChannelsLast()
+    x = torch.randn(nets.IMAGES)
+    exact = pangkas.plan_channels(model, x, ratio=0.5)
+    assert not any("stem" in g.modules for g in exact.selection.groups)  # the stream stays whole
+    assert any("fc1" in g.modules and g.removed.any() for g in exact.selection.groups)  # the MLP goes
+    assert any("layer norm statistics" in why for why in exact.blocked())
+    loose = pangkas.plan_channels(model, x, ratio=0.5, allow_approximate=True)
+    stream = next(g for g in loose.selection.groups if "stem" in g.modules)
+    assert stream.removed.any() and stream.approximate
+    loose.apply()
+    assert model.norm.normalized_shape == (8,) and model.gamma.shape == (8,)
+    assert model(x).shape == (2, 10)  # runs; outputs differ: approximate, reported as such
+
+
+def test_torch_multihead_attention_keeps_tied_widths():
+    model = nets.TorchMHA()
+    x = torch.randn(2, 6, 5)
+    pangkas.prune_channels(model, x, ratio=0.5)
+    assert model.attn.embed_dim == 16 and model.attn.in_proj_weight.shape == (48, 16)
+    assert model.mlp[0].out_features == 16
+    assert model(x).shape == (2, 10)
+
+
+def test_attention_head_dims_prune_consistently():
+    model = nets.Attention()
+    x = torch.randn(2, 6, 5)
+    pangkas.prune_channels(model, x, ratio=0.5)
+    q, k, v, o = model.q, model.k, model.v, model.o
+    assert q.out_features == k.out_features < 24 and q.out_features % 3 == 0  # 3 heads kept
+    assert v.out_features == o.in_features and v.out_features % 3 == 0
+    assert model(x).shape == (2, 10)
+
+
+def test_every_model_output_keeps_its_channels():
+    model = nets.TwoOutputs()
+    x = torch.randn(nets.IMAGES)
+    pangkas.prune_channels(model, x, ratio=0.5)
+    logits, feats = model(x)
+    assert logits.shape == (2, 5, 8, 8) and feats.shape == (2, 12, 8, 8)
+    assert model.body[0].out_channels == 8
+
+
+# -- options -----------------------------------------------------------------------------------
+
+def test_plan_changes_nothing_until_applied():
+    model = nets.Residual()
+    state = copy.deepcopy(model.state_dict())
+    plan = pangkas.plan_channels(model, torch.randn(nets.IMAGES), ratio=0.5)
+    text = str(plan)
+    assert "params" in text and "MACs" in text and "down.0" in text
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+    assert plan.params_after < plan.params_before and plan.macs_after < plan.macs_before
+    report = plan.apply()
+    assert report.macs_after == plan.macs_after
+    with pytest.raises(pangkas.PangkasError, match="already applied"):
+        plan.apply()
+
+
+def test_planned_numbers_match_measurement():
+    model = nets.Chain()
+    x = torch.randn(nets.IMAGES)
+    plan = pangkas.plan_channels(model, x, ratio=0.5)
+    predicted = (plan.params_after, plan.macs_after)
+    plan.apply()
+    measured = pangkas.measure(model, x, latency=False)
+    assert predicted == (measured.params, measured.macs)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.25, 0.75])
+def test_local_ratio_per_group(ratio):
+    model = nets.Chain()
+    plan = pangkas.plan_channels(model, torch.randn(nets.IMAGES), ratio=ratio)
+    for g in plan.selection.groups:
+        assert int(g.removed.sum()) == min(round(ratio * len(g.classes)), len(g.classes) - 1)
+
+
+def test_l1_removes_the_smallest_filters():
+    model = nets.Chain()
+    conv = model.features[0][0]
+    with torch.no_grad():
+        # Filter i has norm ~ i; everything else coupled to these channels is uniform.
+        perm = torch.randperm(16)
+        conv.weight.copy_((perm + 1).float().view(16, 1, 1, 1).expand_as(conv.weight))
+        model.features[0][1].weight.fill_(1.0)
+        model.features[1].weight.fill_(0.1)
+    pangkas.prune_channels(model, torch.randn(nets.IMAGES), ratio=0.25)
+    kept = conv.weight[:, 0, 0, 0]
+    assert conv.out_channels == 12
+    assert torch.equal(kept, (perm[perm >= 4] + 1).float())  # the 4 smallest gone, order kept
+
+
+def test_global_scope_differs_from_local_and_hits_the_total():
+    model = nets.Residual()
+    x = torch.randn(nets.IMAGES)
+    local = pangkas.plan_channels(model, x, ratio=0.5)
+    glob = pangkas.plan_channels(model, x, ratio=0.5, scope="global")
+    total = sum(len(g.classes) for g in glob.selection.groups)
+    assert glob.channels_removed == round(0.5 * total)
+    fractions = [g.removed.float().mean().item() for g in glob.selection.groups]
+    assert max(fractions) - min(fractions) > 0.05
+    assert [g.kept for g in glob.selection.groups] != [g.kept for g in local.selection.groups]
+
+
+def test_max_ratio_caps_global_removal():
+    model = nets.Residual()
+    plan = pangkas.plan_channels(model, torch.randn(nets.IMAGES), ratio=0.5, scope="global", max_ratio=0.6)
+    for g in plan.selection.groups:
+        assert g.removed.float().mean() <= 0.6
+
+
+def test_ratios_per_module_and_ignore():
+    model = nets.Chain()
+    x = torch.randn(nets.IMAGES)
+    plan = pangkas.plan_channels(model, x, ratio=0.5, ratios={"features.1": 0.25}, ignore=["head.3"])
+    plan.apply()
+    assert model.features[0][0].out_channels == 8
+    assert model.features[1].out_channels == 18
+    assert model.head[1].out_features == 32
+
+
+def test_round_to_keeps_multiples():
+    model = nets.Residual()
+    pangkas.prune_channels(model, torch.randn(nets.IMAGES), ratio=0.6, round_to=4)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            assert m.out_channels % 4 == 0
+
+
+@pytest.mark.parametrize("importance", ["l1", "l2", "fpgm", "bn_scale", "random",
+                                        lambda t, dim: t.abs().amax([d for d in range(t.ndim) if d != dim]) if t.ndim > 1 else t.abs()])
+def test_every_importance_gives_an_exact_plan(importance):
+    torch.manual_seed(0)
+    error, plan = exact_error(nets.Residual(), torch.randn(nets.IMAGES), ratio=0.5, importance=importance)
+    assert plan.channels_removed > 0 and error <= EXACT
+
+
+def test_bn_scale_follows_gamma():
+    model = nets.Chain()
+    bn = model.features[0][1]
+    with torch.no_grad():
+        bn.weight.copy_(torch.linspace(0.1, 1.6, 16))
+    plan = pangkas.plan_channels(model, torch.randn(nets.IMAGES), ratio=0.5, importance="bn_scale")
+    plan.apply()
+    assert torch.allclose(bn.weight, torch.linspace(0.1, 1.6, 16)[8:])
+
+
+def test_taylor_uses_data_and_leaves_grads_alone():
+    model = nets.Chain()
+    x = torch.randn(nets.IMAGES)
+    data = [(torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))) for _ in range(2)]
+    loss = lambda out, batch: nn.functional.cross_entropy(out, batch[1])  # noqa: E731
+    error, plan = oracle_error(randomize(model).eval(), x, lambda m: pangkas.plan_channels(
+        m, x, ratio=0.5, importance="taylor", data=[b[0] for b in data], loss_fn=lambda out, b: out.square().mean()))
+    assert plan.channels_removed > 0 and error <= EXACT
+    plan = pangkas.plan_channels(model, x, ratio=0.5, importance="taylor",
+                                 data=[(b[0],) for b in data], loss_fn=lambda out, b: out.logsumexp(1).mean())
+    assert all(p.grad is None for p in model.parameters())
+    assert plan.channels_removed > 0
+    del loss
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+BAD = [
+    (dict(ratio=1.0), "ratio"),
+    (dict(ratio=-0.1), "ratio"),
+    (dict(ratio="half"), "ratio"),
+    (dict(ratio=0.5, scope="everywhere"), "scope"),
+    (dict(ratio=0.5, round_to=0), "round_to"),
+    (dict(ratio=0.5, round_to=2.5), "round_to"),
+    (dict(ratio=0.5, importance="taylor"), "taylor"),
+    (dict(ratio=0.5, importance="magic"), "importance"),
+    (dict(ratio=0.5, ignore=["nope"]), "nope"),
+    (dict(ratio=0.5, ratios={"features": 1.5}), "ratios"),
+    (dict(ratio=0.5, scope="global", max_ratio=0.2), "max_ratio"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD)
+def test_bad_input_raises_and_leaves_model_unchanged(kwargs, message):
+    model = nets.Chain()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(pangkas.PangkasError, match=message):
+        pangkas.prune_channels(model, torch.randn(nets.IMAGES), **kwargs)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key])
+
+
+def test_inputs_that_do_not_run():
+    model = nets.Chain()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(pangkas.PangkasError, match="does not run on the example inputs"):
+        pangkas.prune_channels(model, torch.randn(2, 5, 8, 8), ratio=0.5)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_failed_surgery_restores_the_model(monkeypatch):
+    model = nets.Residual()
+    x = torch.randn(nets.IMAGES)
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    attrs = model.b[0][0].out_channels
+    plan = pangkas.plan_channels(model, x, ratio=0.5)
+    monkeypatch.setattr(type(plan), "_verify", lambda self, m: (self.coupling.records[0], "forced failure"))
+    with pytest.raises(pangkas.PangkasError, match="model is unchanged"):
+        plan.apply()
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert model.b[0][0].out_channels == attrs
+    assert model(x).shape == (2, 10)
+
+
+def test_plan_refuses_a_model_changed_since():
+    model = nets.Chain()
+    x = torch.randn(nets.IMAGES)
+    plan = pangkas.plan_channels(model, x, ratio=0.5)
+    pangkas.prune_channels(model, x, ratio=0.25)
+    with pytest.raises(pangkas.PangkasError, match="changed since"):
+        plan.apply()
+
+
+# -- interplay -----------------------------------------------------------------------------------
+
+def test_weight_masks_are_cut_with_their_weights():
+    model = randomize(nets.Residual()).eval()
+    x = torch.randn(nets.IMAGES)
+    pangkas.prune_weights(model, sparsity=0.5)
+    error, plan = oracle_error(model, x, lambda m: pangkas.plan_channels(m, x, ratio=0.5))
+    assert error <= EXACT
+    pruned = copy.deepcopy(model)
+    pangkas.prune_channels(pruned, x, ratio=0.5)
+    mask = pruned.stem[0].parametrizations.weight[0].mask
+    assert mask.shape == pruned.stem[0].weight.shape == (8, 3, 3, 3)
+    assert pruned.stem[0].out_channels == 8
+
+
+def test_meta_device_model_can_be_planned_and_cut():
+    with torch.device("meta"):
+        model = nets.Residual()
+    plan = pangkas.plan_channels(model, torch.randn(nets.IMAGES, device="meta"), ratio=0.5)
+    plan.apply()
+    assert model.stem[0].weight.device.type == "meta" and model.stem[0].out_channels == 8
+
+
+def test_silence_zeroes_only_consumer_inputs():
+    model = nets.Chain()
+    plan = pangkas.plan_channels(model, torch.randn(nets.IMAGES), ratio=0.5)
+    before = model.features[0][0].weight.clone()
+    silence_removed(plan)
+    assert torch.equal(model.features[0][0].weight, before)  # producers untouched
+    zero_cols = (model.features[1].weight == 0).all(dim=(0, 2, 3))
+    assert int(zero_cols.sum()) == 8
+
+
+# -- random architectures ----------------------------------------------------------------------
+
+class RandomNet(nn.Module):
+    """A random stack of conv / grouped conv / norm / residual / concat / split blocks."""
+
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec
+        self.blocks = nn.ModuleList()
+        c = 3
+        widths = []
+        for kind, width, groups in spec:
+            if kind == "conv":
+                block = nets.cbr(c, width)
+                c_out = width
+            elif kind == "grouped":
+                width = max(groups, width - width % groups)
+                c_in = c - c % groups if c % groups else c
+                block = nn.Sequential(nn.Conv2d(c_in, width, 3, padding=1, groups=groups), nn.ReLU())
+                block.c_in = c_in
+                c_out = width
+            elif kind == "depthwise":
+                block = nets.cbr(c, c, groups=c)
+                c_out = c
+            elif kind == "residual":
+                block = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c))
+                c_out = c
+            elif kind == "concat":
+                block = nets.cbr(c, width, k=1)
+                c_out = c + width
+            else:  # split into halves (chunk when even), transform one, concat back
+                half = c // 2
+                block = nets.cbr(c - half, c - half)
+                c_out = c
+            self.blocks.append(block)
+            widths.append(c_out)
+            c = c_out
+        self.head = nn.Linear(c, 4)
+
+    def forward(self, x):
+        for (kind, _, _), block in zip(self.spec, self.blocks):
+            if kind == "grouped":
+                x = block(x[:, :block.c_in])
+            elif kind == "residual":
+                x = torch.relu(x + block(x))
+            elif kind == "concat":
+                x = torch.cat([x, block(x)], 1)
+            elif kind == "split":
+                if x.shape[1] % 2 == 0:
+                    a, b = x.chunk(2, 1)
+                else:  # sizes computed from the shape: the post-surgery check has to catch it
+                    half = x.shape[1] // 2
+                    a, b = x[:, :half], x[:, half:]
+                x = torch.cat([a, block(b)], 1)
+            else:
+                x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+block = st.tuples(st.sampled_from(["conv", "grouped", "depthwise", "residual", "concat", "split"]),
+                  st.integers(4, 12), st.sampled_from([2, 4]))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(spec=st.lists(block, min_size=1, max_size=6), ratio=st.sampled_from([0.25, 0.5, 0.7]),
+       scope=st.sampled_from(["local", "global"]))
+def test_oracle_on_random_architectures(spec, ratio, scope):
+    spec = [("conv", 8, 1)] + spec
+    torch.manual_seed(0)
+    model = RandomNet(spec)
+    x = torch.randn(2, 3, 6, 6)
+    error, plan = exact_error(model, x, ratio=ratio, scope=scope)
+    assert error <= EXACT, (spec, error, str(plan))
+    sizes = [len(g.classes) for g in plan.selection.groups]
+    if scope == "local":  # the ratio is applied to every group that remains prunable
+        assert plan.channels_removed == sum(min(round(ratio * n), n - 1) for n in sizes)
+    else:
+        assert plan.channels_removed == min(round(ratio * sum(sizes)), sum(n - 1 for n in sizes))
