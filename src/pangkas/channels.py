@@ -218,8 +218,9 @@ class Plan:
             failures[id(record)] += 1
             where = record.module or "model"
             if failures[id(record)] == 1:
-                self.retried.append(f"kept channels at {record.name} in {where}: {why}")
-                records = [record]
+                records = self._same_code(record)
+                more = f" (and {len(records) - 1} more like it)" if len(records) > 1 else ""
+                self.retried.append(f"kept channels at {record.name} in {where}{more}: {why}")
             else:  # the cause lies elsewhere in the module (a size tied to another tensor)
                 self.retried.append(f"kept every channel of {where}: {why}")
                 records = [r for r in self.coupling.records if _inside(r.module, record.module)]
@@ -230,6 +231,21 @@ class Plan:
             self.selection = self._select()
         raise PangkasError("channel surgery did not verify after several retries; the model is unchanged. "
                            + "; ".join(self.retried[-3:]))
+
+    def _same_code(self, record) -> list:
+        """Records of the same op at the same place in modules of the same class: the same line
+        of code, which will fail the same way (one attention module fails, all of them would)."""
+        def signature(index_and_record):
+            index, r = index_and_record
+            module = self.model.get_submodule(r.module) if r.module else self.model
+            return type(module), r.name, occurrence[index]
+        occurrence, seen = [], Counter()
+        for r in self.coupling.records:
+            occurrence.append(seen[(r.module, r.name)])
+            seen[(r.module, r.name)] += 1
+        indexed = list(enumerate(self.coupling.records))
+        target = signature(next(item for item in indexed if item[1] is record))
+        return [r for item in indexed for r in [item[1]] if signature(item) == target]
 
     def _block_module(self, module: str, why: str) -> None:
         for name, ids in self.coupling.tensor_ids.items():

@@ -8,6 +8,7 @@ restore, tensors shared between keys, and a CRC32 of every stored tensor so corr
 from __future__ import annotations
 
 import ctypes
+import re
 import json
 import os
 import tempfile
@@ -19,11 +20,13 @@ import safetensors.torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import PangkasError
-from .weights.masks import masked_modules, masks_by_key, remove_mask, set_mask, state_key
+from .surgery import shrink
+from .weights.masks import masked_modules, masks_by_key, plain_name, remove_mask, set_mask, state_key
 
 FORMAT = "pangkas-1"
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _LOADED_FROM = "_pangkas_loaded_from"
+_MASK_NAME = re.compile(r"^(.*)\.parametrizations\.([^.]+)\.0\.mask$")
 
 
 # -- bitmaps ---------------------------------------------------------------------------------
@@ -192,23 +195,50 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
         state, masks = decode(tensors, header)
     else:
         state, masks = tensors, {}
-    _check_fits(model, state, path)
-    _restore(model, state, masks)
+    shrunk = _check_fits(model, state, path)
+    undo = shrink(model, _keep_leading(model, shrunk)) if shrunk else None
+    try:
+        _restore(model, state, masks)
+    except PangkasError:
+        if undo is not None:
+            undo.restore()
+        raise
     setattr(model, _LOADED_FROM, path.resolve())
     return model
 
 
-def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+def _keep_leading(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict:
+    """Cut every tensor of ``model`` whose state-dict key is in ``shapes`` (and any mask on it) to
+    that shape; which positions stay does not matter, the file's values overwrite them."""
+    keep = {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        key = _MASK_NAME.sub(r"\1.\2", plain_name(name))  # conv.parametrizations.weight.0.mask -> conv.weight
+        if key in shapes:
+            keep[name] = [None if n == size else torch.arange(n) for n, size in zip(shapes[key], t.shape)]
+    return keep
+
+
+def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict:
+    """Raise unless ``state`` fits ``model``; returns the keys whose tensors are smaller in the
+    file (a channel-pruned model loading into a fresh instance), with their file shapes."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {expected[k]}"
-             for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k]]
+    shrunk, wrong = {}, []
+    for k in expected.keys() & state.keys():
+        got, want = tuple(state[k].shape), expected[k]
+        if got == want:
+            continue
+        if len(got) == len(want) and all(g <= w for g, w in zip(got, want)):
+            shrunk[k] = got
+        else:
+            wrong.append(f"{k}: file {got} vs model {want}")
     if missing or unexpected or wrong:
         raise PangkasError(
             f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}"
         )
+    return shrunk
 
 
 def _restore(model: torch.nn.Module, state: dict, masks: dict[str, torch.Tensor]) -> None:
