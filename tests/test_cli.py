@@ -123,3 +123,20 @@ def test_console_script_is_installed():
     assert result.returncode == 0
     for command in ("demo", "measure", "prune"):
         assert command in result.stdout
+
+
+def test_prune_channels_writes_a_smaller_model(capsys, tmp_path):
+    out_file = tmp_path / "thin.safetensors"
+    code, out, _ = run(capsys, "prune", "channels", *DIGITS, "--ratio", "0.5", "-o", str(out_file))
+    assert code == 0 and "MACs" in out and "groups pruned" in out
+    model = pangkas.load(out_file, digits_cnn())  # a fresh instance takes the pruned shapes
+    assert model[0][0].out_channels == 16 and model[7].out_features == 64
+    assert model(torch.randn(3, 1, 8, 8)).shape == (3, 10)
+    code, out, _ = run(capsys, "measure", str(out_file), "--no-latency")
+    params = sum(p.numel() for p in model.parameters())
+    assert code == 0 and f"{params / 1e3:.2f}k" in out
+
+
+def test_prune_channels_bad_ratio(capsys, tmp_path):
+    code, _, err = run(capsys, "prune", "channels", *DIGITS, "--ratio", "1.2", "-o", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "ratio" in err and not list(tmp_path.iterdir())

@@ -9,6 +9,7 @@ with a constant size, say), the model is restored, those channels are kept, and 
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from .errors import PangkasError
 from .graph.labels import components
 from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
 from .importance import check as check_importance
+from .io import RESHAPED
 from .importance import gradients, l1, slice_scores
 from .modules import Selector, as_patterns, matches
 from .surgery import shrink
@@ -93,6 +95,8 @@ class Plan:
         self._slice_scores = scores
         self.retried: list[str] = []
         self.applied = False
+        self.params_before = _count_params(model, coupling, None)
+        self.macs_before = count_flops(coupling.records) // 2
         self.selection = self._select()
         self._rehearse()
 
@@ -125,17 +129,11 @@ class Plan:
     def _planned_shape(self, shaped) -> tuple[int, ...]:
         return planned_shape(shaped, self.selection.removed)
 
-    @property
-    def params_before(self) -> int:
-        return _count_params(self.model, self.coupling, None)
 
     @property
     def params_after(self) -> int:
         return _count_params(self.model, self.coupling, self.selection.removed)
 
-    @property
-    def macs_before(self) -> int:
-        return count_flops(self.coupling.records) // 2
 
     @property
     def macs_after(self) -> int:
@@ -146,13 +144,25 @@ class Plan:
         return sum(int(g.removed.sum()) for g in self.selection.groups)
 
     def blocked(self) -> Counter:
-        """Why channels are kept: reason -> number of prunable-looking classes it froze."""
-        reasons = Counter()
-        blocks = self.coupling.blocks + self.coupling.extra_blocks
+        """Why channels are kept: reason -> how many channels (of conv/linear/embedding outputs)
+        it froze; one channel may be frozen for several reasons."""
+        coupling = self.coupling
+        joined = components(coupling.num_ids, *coupling.unions)  # classes before any block
+        produced = torch.zeros(coupling.num_ids, dtype=torch.bool)
+        produced[joined[coupling.produced]] = True
+        frozen: dict[str, list[torch.Tensor]] = {}
+        blocks = coupling.blocks + coupling.extra_blocks
         if not self.options.allow_approximate:
-            blocks = blocks + [(ids, f"approximate: {why}") for ids, why in self.coupling.approximations]
+            blocks = blocks + [(ids, f"approximate: {why}") for ids, why in coupling.approximations]
         for ids, why in blocks:
-            reasons[why] += int(ids.numel())
+            # The same rule in many modules is one reason: "(native_layer_norm in a.b)" -> "(native_layer_norm)"
+            frozen.setdefault(re.sub(r" in [^()]*\)$", ")", why), []).append(joined[ids])
+        reasons = Counter()
+        for why, parts in frozen.items():
+            classes = torch.cat(parts).unique()
+            n = int(produced[classes].sum())
+            if n:
+                reasons[why] = n
         return reasons
 
     def __str__(self) -> str:
@@ -190,10 +200,10 @@ class Plan:
         if self.applied:
             raise PangkasError("this plan was already applied; make a new plan for further pruning")
         self._check_unchanged()
-        params_before, macs_before = self.params_before, self.macs_before
         self._converge(self.model)
         self.applied = True
-        return ChannelReport(self, params_before, macs_before)
+        setattr(self.model, RESHAPED, True)
+        return ChannelReport(self)
 
     def _rehearse(self) -> None:
         """Run surgery and verification on a copy of the model without weights, so the plan
@@ -284,12 +294,13 @@ class ChannelReport:
     """What ``Plan.apply`` / ``prune_channels`` did."""
 
     plan: Plan
-    params_before: int
-    macs_before: int
+    params_before: int = field(init=False)
+    macs_before: int = field(init=False)
     params_after: int = field(init=False)
     macs_after: int = field(init=False)
 
     def __post_init__(self):
+        self.params_before, self.macs_before = self.plan.params_before, self.plan.macs_before
         self.params_after = sum(p.numel() for p in self.plan.model.parameters())
         self.macs_after = self.plan.macs_after
 

@@ -57,10 +57,24 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--method", choices=("magnitude", "random"), default="magnitude")
     weights.add_argument("--include", nargs="+", help="module-name globs to prune (default: all)")
     weights.add_argument("--exclude", nargs="+", help="module-name globs to leave alone")
-    weights.add_argument("-o", "--output", required=True, help="where to write the pruned .safetensors")
-    weights.add_argument("--overwrite-input", action="store_true",
-                         help="allow OUTPUT to be the MODEL file itself")
+    _output_args(weights)
+
+    channels = kinds.add_parser("channels", help="remove channels physically (smaller and faster)")
+    _model_args(channels)
+    channels.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in [0, 1)")
+    channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "random"), default="l1")
+    channels.add_argument("--scope", choices=("local", "global"), default="local")
+    channels.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
+    channels.add_argument("--ignore", nargs="+", default=(), help="module-name globs to keep whole")
+    channels.add_argument("--allow-approximate", action="store_true",
+                          help="also prune channels under LayerNorm/GroupNorm (not exact)")
+    _output_args(channels)
     return parser
+
+
+def _output_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-o", "--output", required=True, help="where to write the pruned .safetensors")
+    parser.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the MODEL file itself")
 
 
 def _resolve(args):
@@ -89,20 +103,19 @@ def _measure(args) -> None:
     console.print(compare(result, names=(args.model,)), markup=False, soft_wrap=True)
 
 
-def _prune_weights(args) -> None:
+def _prune(args) -> None:
+    """Load, measure, prune (weights or channels), save, measure again, compare."""
     from .io import save
     from .measure import compare, measure
     from .sources import describe
-    from .weights import prune_weights
 
     if not args.output.endswith(".safetensors"):
         raise PangkasError(f"-o must name a .safetensors file, got {args.output!r}")
     source = _resolve(args)
     with console.status("measuring"):
         before = measure(source.model, source.example_inputs, latency=False)
-    report = prune_weights(source.model, sparsity=args.sparsity, threshold=args.threshold,
-                           pattern=args.pattern, scope=args.scope, method=args.method,
-                           include=args.include, exclude=args.exclude)
+    with console.status(f"pruning {args.kind}"):
+        report = PRUNERS[args.kind](source, args)
     console.print(str(report), markup=False, soft_wrap=True)
     with console.status("saving"):
         save(source.model, args.output, metadata=describe(source), overwrite_input=args.overwrite_input)
@@ -112,9 +125,28 @@ def _prune_weights(args) -> None:
     console.print(f"wrote {args.output}")
 
 
+def _prune_weights(source, args):
+    from .weights import prune_weights
+
+    return prune_weights(source.model, sparsity=args.sparsity, threshold=args.threshold,
+                         pattern=args.pattern, scope=args.scope, method=args.method,
+                         include=args.include, exclude=args.exclude)
+
+
+def _prune_channels(source, args):
+    from .channels import prune_channels
+
+    return prune_channels(source.model, source.example_inputs, ratio=args.ratio,
+                          importance=args.importance, scope=args.scope, round_to=args.round_to,
+                          ignore=args.ignore, allow_approximate=args.allow_approximate)
+
+
+PRUNERS = {"weights": _prune_weights, "channels": _prune_channels}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"demo": _demo, "measure": _measure, "prune": _prune_weights}[args.command]
+    handler = {"demo": _demo, "measure": _measure, "prune": _prune}[args.command]
     try:
         handler(args)
     except PangkasError as exc:

@@ -26,6 +26,9 @@ from .weights.masks import masked_modules, masks_by_key, plain_name, remove_mask
 FORMAT = "pangkas-1"
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _LOADED_FROM = "_pangkas_loaded_from"
+# Set on a model whose tensors pangkas cut (channel or layer pruning): its file may load into a
+# fresh, larger instance of the same class, which is cut to the file's shapes first.
+RESHAPED = "_pangkas_reshaped"
 _MASK_NAME = re.compile(r"^(.*)\.parametrizations\.([^.]+)\.0\.mask$")
 
 
@@ -91,7 +94,8 @@ def encode(model: torch.nn.Module, *, compress: bool = True) -> tuple[dict[str, 
             tensors[key] = value.contiguous()
             entries[key] = {}
     crcs = {name: _crc(t) for name, t in tensors.items()}
-    header = {"format": FORMAT, "entries": entries, "crc32": crcs}
+    header = {"format": FORMAT, "entries": entries, "crc32": crcs,
+              "reshaped": bool(getattr(model, RESHAPED, False))}
     return tensors, {"pangkas": json.dumps(header)}
 
 
@@ -194,8 +198,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
             raise PangkasError(f"{path}: unknown format {header.get('format')!r}; expected {FORMAT}")
         state, masks = decode(tensors, header)
     else:
-        state, masks = tensors, {}
-    shrunk = _check_fits(model, state, path)
+        header, state, masks = {}, tensors, {}
+    shrunk = _check_fits(model, state, path, allow_smaller=header.get("reshaped", False))
     undo = shrink(model, _keep_leading(model, shrunk)) if shrunk else None
     try:
         _restore(model, state, masks)
@@ -204,6 +208,8 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
             undo.restore()
         raise
     setattr(model, _LOADED_FROM, path.resolve())
+    if shrunk:
+        setattr(model, RESHAPED, True)
     return model
 
 
@@ -218,9 +224,10 @@ def _keep_leading(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) ->
     return keep
 
 
-def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> dict:
-    """Raise unless ``state`` fits ``model``; returns the keys whose tensors are smaller in the
-    file (a channel-pruned model loading into a fresh instance), with their file shapes."""
+def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path,
+                allow_smaller: bool) -> dict:
+    """Raise unless ``state`` fits ``model``; for a file of a pruned model (``allow_smaller``)
+    returns the keys whose tensors are smaller in the file, with their file shapes."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -229,7 +236,7 @@ def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
         got, want = tuple(state[k].shape), expected[k]
         if got == want:
             continue
-        if len(got) == len(want) and all(g <= w for g, w in zip(got, want)):
+        if allow_smaller and len(got) == len(want) and all(g <= w for g, w in zip(got, want)):
             shrunk[k] = got
         else:
             wrong.append(f"{k}: file {got} vs model {want}")

@@ -529,6 +529,10 @@ def contract(e, a, b, out, batch: int):
     for t, ids in joined:
         if e.is_weight(t):  # a weight reading channels; activation x activation reads none
             e.consume(ids)
+    if arrays and not e.is_weight(a) and not e.is_weight(b):
+        # Two activations meeting over channels: attention scores, whose scale code usually
+        # derives from head_dim at run time (q.shape[-1] ** -0.5), invisible to a trace.
+        e.approximate(arrays[0], "attention scores over head dims (scale may follow head_dim)")
     # Ids on batch dims only (not the contracted dim) survive into the output.
     batch_labels = []
     for t, layout in ((a, layout_a), (b, layout_b)):

@@ -167,7 +167,8 @@ class _Tracer(TorchDispatchMode):
             for t in tensors(out):
                 e.set(t, ())
         given = tensors((args, kwargs))
-        if given and all(e.is_weight(t) for t in given):  # t(W), W * mask, W.view(...)
+        sized = [t for t in given if t.ndim]  # 0-dim tensors are scalars (where(mask, W, 0.0))
+        if sized and all(e.is_weight(t) for t in sized):  # t(W), W * mask, W.view(...)
             for t in tensors(out):
                 e.weights[t] = True
         inputs = [(tuple(t.shape), e.get(t)) for t in given]
@@ -194,11 +195,12 @@ def _attention_scale(engine: Engine):
     def watched(query, key, value, *args, **kwargs):
         scale = kwargs.get("scale", args[3] if len(args) > 3 else None)
         if scale is None:
-            engine.where = "scaled_dot_product_attention"
-            for t in (query, key):
-                for ax in engine.get(t):
-                    if t.ndim - 1 in ax.dims:
-                        engine.approximate(ax.ids, "attention scale 1/sqrt(head_dim) follows head_dim")
+            with _disable_current_modes():  # work on ids must not be traced as model ops
+                engine.where = "scaled_dot_product_attention"
+                for t in (query, key):
+                    for ax in engine.get(t):
+                        if t.ndim - 1 in ax.dims:
+                            engine.approximate(ax.ids, "attention scale 1/sqrt(head_dim) follows head_dim")
         return original(query, key, value, *args, **kwargs)
 
     torch.nn.functional.scaled_dot_product_attention = watched
