@@ -24,6 +24,9 @@ def test_demo_stages(quick_demo):
     out, stages = quick_demo
     assert [s.name for s in stages][0] == "dense"
     tuned = [s for s in stages if s.name.startswith("weights")]
+    thin = next(s for s in stages if s.name == "channels 50%")
+    assert thin.params < 0.3 * stages[0].params and thin.macs < 0.3 * stages[0].macs
+    assert thin.latency_ratio > 0
     assert [s.name for s in tuned] == [f"weights {p:.0%}" for p in SPARSITIES]
     assert stages[0].accuracy > 0.5  # learnt something even in 3 quick epochs
     sparsities = [stages[0].sparsity] + [s.sparsity for s in tuned]
@@ -37,8 +40,12 @@ def test_demo_stages(quick_demo):
 def test_demo_outputs_reload_with_the_reported_accuracy(quick_demo):
     out, stages = quick_demo
     data = load_digits_split()
+    by_name = {s.name: s for s in stages}
     model = pangkas.load(out / "digits_cnn_pruned.safetensors", digits_cnn())
-    assert accuracy(model, data.x_test, data.y_test) == pytest.approx(stages[-1].accuracy)
+    assert accuracy(model, data.x_test, data.y_test) == pytest.approx(by_name["weights 95%"].accuracy)
+    thin = pangkas.load(out / "digits_cnn_channels.safetensors", digits_cnn())
+    assert thin[0][0].out_channels == 16
+    assert accuracy(thin, data.x_test, data.y_test) == pytest.approx(by_name["channels 50%"].accuracy)
     table = (out / "results.md").read_text()
     assert all(s.name in table for s in stages)
     assert (out / "weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

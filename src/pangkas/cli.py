@@ -91,7 +91,7 @@ def _demo(args) -> None:
     run_demo(args.out, quick=args.quick, seed=args.seed)
     out = Path(args.out)
     console.print((out / "results.md").read_text(), markup=False, soft_wrap=True)
-    console.print(f"digits_cnn_pruned.safetensors, results.md and weights.png written to {out}/")
+    console.print(f"pruned models, results.md and weights.png written to {out}/")
 
 
 def _measure(args) -> None:

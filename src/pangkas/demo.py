@@ -18,10 +18,12 @@ from .errors import PangkasError
 from .io import save
 from .measure import measure, time_alternating
 from .progress import track
-from .tables import render_table
+from .tables import human_count, render_table
+from .channels import prune_channels
 from .weights import finalize, prune_weights
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+CHANNEL_RATIO = 0.5
 # Lets `pangkas measure digits_cnn_pruned.safetensors` rebuild the architecture.
 MODEL_METADATA = {"source": "pangkas.demo:digits_cnn", "input_shape": "[1, 1, 8, 8]"}
 
@@ -96,6 +98,7 @@ class Stage:
     accuracy: float
     params: int
     nonzero: int
+    macs: int
     file_bytes: int
     latency_ratio: float | None = None
 
@@ -103,14 +106,34 @@ class Stage:
 def _stage(name: str, model: nn.Module, data: Digits) -> Stage:
     m = measure(model, data.x_test, latency=False)
     return Stage(name, m.sparsity, accuracy(model, data.x_test, data.y_test), m.params,
-                 m.nonzero_params, m.file_bytes_compressed)
+                 m.nonzero_params, m.macs, m.file_bytes_compressed)
+
+
+def _weight_stages(model, data, finetune, seed, stages, deployable) -> None:
+    """Global magnitude pruning to each sparsity, a short fine-tune after each."""
+    for sparsity in SPARSITIES:
+        prune_weights(model, sparsity=sparsity, scope="global")
+        stages.append(_stage(f"pruned {sparsity:.0%} no finetune", model, data))
+        train(model, data, finetune, lr=1e-3, desc=f"fine-tuning at {sparsity:.0%}", seed=seed)
+        stages.append(_stage(f"weights {sparsity:.0%}", model, data))
+        deployable[len(stages) - 1] = finalize(copy.deepcopy(model))
+
+
+def _channel_stages(model, data, finetune, seed, stages, deployable) -> None:
+    """Half of every layer's channels physically removed (L1), then a short fine-tune."""
+    prune_channels(model, data.x_test[:2], ratio=CHANNEL_RATIO)
+    stages.append(_stage(f"pruned channels {CHANNEL_RATIO:.0%} no finetune", model, data))
+    train(model, data, finetune, lr=1e-3, desc="fine-tuning thinner model", seed=seed)
+    stages.append(_stage(f"channels {CHANNEL_RATIO:.0%}", model, data))
+    deployable[len(stages) - 1] = model
 
 
 def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int = 0) -> list[Stage]:
-    """Train, then prune weights to each of ``SPARSITIES`` (global magnitude), fine-tuning after each.
+    """Train a digits CNN, then (1) prune weights to each of ``SPARSITIES`` and (2) separately
+    remove half the channels of the trained model, fine-tuning after each step.
 
-    Writes the final pruned model (``digits_cnn_pruned.safetensors``, masks included),
-    ``results.md`` and ``weights.png`` to ``out``.
+    Writes the pruned models (``digits_cnn_pruned.safetensors`` with its masks,
+    ``digits_cnn_channels.safetensors``), ``results.md`` and ``weights.png`` to ``out``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -121,32 +144,32 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
     start = time.perf_counter()
     train(model, data, epochs, desc="training", seed=seed)
     stages = [_stage("dense", model, data)]
-    deployable = {0: finalize(copy.deepcopy(model))}
-    for sparsity in SPARSITIES:
-        prune_weights(model, sparsity=sparsity, scope="global")
-        stages.append(_stage(f"pruned {sparsity:.0%} no finetune", model, data))
-        train(model, data, finetune, lr=1e-3, desc=f"fine-tuning at {sparsity:.0%}", seed=seed)
-        stages.append(_stage(f"weights {sparsity:.0%}", model, data))
-        deployable[len(stages) - 1] = finalize(copy.deepcopy(model))
-    # What gets deployed is the plain model with zeros; time those together, as ratios to dense.
+    deployable = {0: copy.deepcopy(model)}
+    thin = copy.deepcopy(model)
+    _weight_stages(model, data, finetune, seed, stages, deployable)
+    _channel_stages(thin, data, finetune, seed, stages, deployable)
+    # Deployed models (masks folded into plain zeros) are timed together, as ratios to dense.
     times = time_alternating(list(deployable.values()), data.x_test, rounds=3 if quick else 7)
     for index, seconds in zip(deployable, times):
         stages[index] = replace(stages[index], latency_ratio=seconds / times[0])
     save(model, out / "digits_cnn_pruned.safetensors", metadata=MODEL_METADATA)
+    save(thin, out / "digits_cnn_channels.safetensors", metadata=MODEL_METADATA)
     table = results_table(stages, time.perf_counter() - start)
     (out / "results.md").write_text(f"{table}\n\nReproduce: `pangkas demo --out {out}`\n")
-    plot(stages, out / "weights.png")
+    plot([s for s in stages if not s.name.startswith(("channels", "pruned channels"))], out / "weights.png")
     return stages
 
 
 def results_table(stages: list[Stage], seconds: float) -> str:
     rows = [(s.name, f"{s.sparsity:.1%}", f"{s.accuracy:.2%}", f"{s.params:,}", f"{s.nonzero:,}",
-             f"{s.file_bytes / 1024:.1f} KiB", "" if s.latency_ratio is None else f"{s.latency_ratio:.2f}x")
+             human_count(s.macs), f"{s.file_bytes / 1024:.1f} KiB",
+             "" if s.latency_ratio is None else f"{s.latency_ratio:.2f}x")
             for s in stages]
     return render_table(
-        f"digits CNN, weight pruning (global magnitude), {seconds:.0f} s, {torch.get_num_threads()} threads",
-        ("stage", "model sparsity", "test accuracy", "params", "non-zero", "file (pangkas.save)",
-         "latency vs dense"),
+        f"digits CNN: weight pruning (global magnitude) and channel pruning (L1), {seconds:.0f} s, "
+        f"{torch.get_num_threads()} threads",
+        ("stage", "model sparsity", "test accuracy", "params", "non-zero", "MACs (450 test images)",
+         "file (pangkas.save)", "latency vs dense"),
         rows, markdown=True,
     )
 
