@@ -25,6 +25,7 @@ from .importance import gradients, l1, slice_scores
 from .modules import Selector, as_patterns, matches
 from .surgery import shrink
 from .tables import human_count, render_table
+from .widths import fastest, layer_timer
 
 MAX_RETRIES = 8
 # Slicing a dim's full range runs as alias: once pruning makes a slice full, that is the same op.
@@ -77,8 +78,8 @@ def _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_
     for key, r in (ratios or {}).items():
         if bad_ratio(r):
             raise PangkasError(f"ratios[{key!r}] must be in [0, 1), got {r!r}")
-    if not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1:
-        raise PangkasError(f"round_to must be an integer >= 1, got {round_to!r}")
+    if round_to != "auto" and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
+        raise PangkasError(f"round_to must be an integer >= 1 or 'auto', got {round_to!r}")
     if max_ratio is not None and (bad_ratio(max_ratio) or max_ratio < ratio):
         raise PangkasError(f"max_ratio must be in [ratio, 1), got {max_ratio!r}")
     check_importance(importance, data, loss_fn)
@@ -428,7 +429,7 @@ def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module)
         modules = tuple(dict.fromkeys(n for m in members for n in producers.get(m, ())))
         built.append(Group(modules, cls, score[cls], torch.zeros(len(members), dtype=torch.bool),
                            bool(approx_classes[cls].any())))
-    _choose(built, options, model)
+    _choose(built, options, model, coupling)
     removed_class = torch.zeros(coupling.num_ids, dtype=torch.bool)
     for g in built:
         removed_class[g.classes[g.removed]] = True
@@ -444,12 +445,15 @@ def _group_ratio(group: Group, options: Options, model: nn.Module) -> float:
     return options.ratio
 
 
-def _choose(groups: list[Group], options: Options, model: nn.Module) -> None:
+def _choose(groups: list[Group], options: Options, model: nn.Module, coupling: Coupling) -> None:
     """Mark the lowest-scoring classes of each group removed, per the ratio and scope."""
+    def remove(g, n):
+        timer = _producer_timer(g, model, coupling) if options.round_to == "auto" else None
+        _remove_lowest(g, n, options, timer)
+
     if options.scope == "local" or options.ratios:
-        targets = {id(g): _group_ratio(g, options, model) for g in groups}
         for g in groups:
-            _remove_lowest(g, round(targets[id(g)] * len(g.classes)), options)
+            remove(g, round(_group_ratio(g, options, model) * len(g.classes)))
         return
     # Global: rank all classes by score normalised within their group, remove the lowest.
     ranked = []
@@ -468,13 +472,28 @@ def _choose(groups: list[Group], options: Options, model: nn.Module) -> None:
             count[gid] += 1
             total -= 1
     for gid, n in count.items():
-        _remove_lowest(by_id[gid], n, options)
+        remove(by_id[gid], n)
 
 
-def _remove_lowest(group: Group, n: int, options: Options) -> None:
+def _producer_timer(group: Group, model: nn.Module, coupling: Coupling):
+    """Times the group's first producing conv/Linear at a given output width (round_to="auto")."""
+    for name in group.modules:
+        module = model.get_submodule(name) if name else model
+        for r in coupling.records:
+            if r.module == name and r.name.startswith(("aten.convolution", "aten.addmm", "aten.mm")):
+                x = r.inputs[1] if r.name.startswith("aten.addmm") else r.inputs[0]
+                timer = layer_timer(module, x[0])
+                if timer is not None:
+                    return timer
+    return None
+
+
+def _remove_lowest(group: Group, n: int, options: Options, timer=None) -> None:
     size = len(group.classes)
     keep = max(1, size - n)
-    if options.round_to > 1:
+    if options.round_to == "auto":
+        keep = fastest(keep, size, timer) if timer is not None else keep
+    elif options.round_to > 1:
         keep = min(size, -(-keep // options.round_to) * options.round_to)
     order = torch.argsort(group.scores, stable=True)
     group.removed[:] = False
@@ -518,7 +537,8 @@ def plan_channels(
     l1 where a group has none), ``"taylor"`` (|w * grad| over ``data`` with
     ``loss_fn(output, batch)``), ``"random"``, or ``fn(tensor, dim) -> scores``. ``ratios`` maps
     module globs or types to their own ratio; ``ignore`` keeps whole modules; ``round_to`` keeps
-    channel counts multiples of it; ``max_ratio`` caps any group's removal under global scope.
+    channel counts multiples of it, or with ``"auto"`` picks per layer the nearby count that runs
+    fastest on this CPU (measured); ``max_ratio`` caps any group's removal under global scope.
     The model's outputs are never pruned. Channels under a normalisation across channels
     (LayerNorm, GroupNorm) or an attention scale tied to head_dim are kept unless
     ``allow_approximate=True``: removing them cannot be exact.

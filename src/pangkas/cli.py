@@ -23,6 +23,15 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _round_to(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}")
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="torchvision:NAME, a Hugging Face directory, "
                         "package.module:factory, or a file written by pangkas.save")
@@ -64,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     channels.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in [0, 1)")
     channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "random"), default="l1")
     channels.add_argument("--scope", choices=("local", "global"), default="local")
-    channels.add_argument("--round-to", type=int, default=1, help="keep channel counts multiples of this")
+    channels.add_argument("--round-to", type=_round_to, default=1,
+                          help="keep channel counts multiples of N, or 'auto': the fastest width nearby")
     channels.add_argument("--ignore", nargs="+", default=(), help="module-name globs to keep whole")
     channels.add_argument("--allow-approximate", action="store_true",
                           help="also prune channels under LayerNorm/GroupNorm (not exact)")
