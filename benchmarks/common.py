@@ -23,3 +23,10 @@ def cpu_name() -> str:
 def environment() -> str:
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, "
             f"Python {platform.python_version()}")
+
+
+def publish(out: str, title: str, *sections: str, script: str) -> None:
+    """Print a results document and write it to ``out``: title, sections, how to reproduce."""
+    text = "\n\n".join([f"# {title}", *sections, f"Reproduce: `.venv/bin/python benchmarks/{script}`"])
+    print(text)
+    Path(out).write_text(text + "\n")

@@ -23,7 +23,7 @@ import torch
 import torch.fx.experimental.optimization
 import torchvision
 
-from common import DOCS, environment
+from common import DOCS, environment, publish
 from pangkas import prune_channels
 from pangkas.measure import count_macs, time_alternating
 from pangkas.tables import render_table
@@ -72,16 +72,12 @@ def main() -> None:
     table = render_table("channel pruning ratio 0.5: CPU latency, dense vs pruned",
                          ("model", "batch", "mode", "dense ms", "pruned ms", "speedup", "MACs reduction",
                           "efficiency"), rows, markdown=True)
-    text = "\n\n".join([
-        "# Latency after channel pruning", table,
-        f"Measured with {environment()}. Efficiency = speedup / MACs reduction. ViT-B/16 loses only "
-        "its MLP channels in exact mode (LayerNorm and attention keep the rest), hence its smaller "
-        "MACs reduction.",
-        "Reproduce: `.venv/bin/python benchmarks/latency.py`",
-    ])
-    print(text)
-    with open(args.out, "w") as f:
-        f.write(text + "\n")
+    publish(args.out, "Latency after channel pruning",
+            table,
+            f"Measured with {environment()}. Efficiency = speedup / MACs reduction. ViT-B/16 loses only "
+            "its MLP channels in exact mode (LayerNorm and attention keep the rest), hence its smaller "
+            "MACs reduction.",
+            script="latency.py")
 
 
 if __name__ == "__main__":

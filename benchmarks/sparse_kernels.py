@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch import nn
 
-from common import DOCS, environment
+from common import DOCS, environment, publish
 from pangkas import SparseLinear
 from pangkas.measure import time_alternating
 from pangkas.tables import render_table
@@ -65,16 +65,12 @@ def main() -> None:
     verdict = (f"Sparse kernels win from **{cross:.0%}** sparsity on both shapes."
                if cross is not None else
                "Sparse kernels never won on both shapes here: keep dense weights on this CPU.")
-    text = "\n\n".join([
-        "# Sparse kernels: crossover sparsity", table, verdict,
-        f"Measured with {environment()}. Speedup = dense median time / sparse median time, the two "
-        f"timed in alternation for {args.rounds} rounds; outputs checked equal first. `*`: the headline "
-        "sparsities (50/70/90/95%).",
-        "Reproduce: `.venv/bin/python benchmarks/sparse_kernels.py`",
-    ])
-    print(text)
-    with open(args.out, "w") as f:
-        f.write(text + "\n")
+    publish(args.out, "Sparse kernels: crossover sparsity",
+            table, verdict,
+            f"Measured with {environment()}. Speedup = dense median time / sparse median time, the two "
+            f"timed in alternation for {args.rounds} rounds; outputs checked equal first. `*`: the headline "
+            "sparsities (50/70/90/95%).",
+            script="sparse_kernels.py")
 
 
 if __name__ == "__main__":

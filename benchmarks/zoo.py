@@ -20,7 +20,7 @@ import warnings
 import torch
 import torchvision
 
-from common import DOCS, environment
+from common import DOCS, environment, publish
 from pangkas import plan_channels
 from pangkas.oracle import oracle_error, randomize
 from pangkas.tables import human_count, render_table
@@ -80,22 +80,17 @@ def main() -> None:
              if n in results]
     depth_table = render_table("plan + apply time vs depth", ("model", "seconds"), depth, markdown=True)
     slowest = max(results.items(), key=lambda kv: kv[1]["seconds"]) if results else ("-", {"seconds": 0})
-    text = "\n\n".join([
-        "# Prunability of the torchvision zoo",
-        f"**{passed}/{len(names)} models pruned with the oracle holding** (error <= {TOLERANCE:g}); "
-        f"plan + apply for all of them took {total_time:.0f} s in total, the slowest "
-        f"{slowest[0]} {slowest[1]['seconds']:.1f} s.",
-        table, depth_table,
-        f"Measured with {environment()}. Inputs 1x3x224x224 (299 for Inception). Random weights "
-        "(randomised: no zero-initialised heads) so the oracle can fail. The oracle zeroes the "
-        "input weights of every consumer of the removed channels, records the output, applies the "
-        "plan, and compares. Channels under LayerNorm over channels or attention scales are kept "
-        "(exact mode), so transformers lose their MLP channels only.",
-        "Reproduce: `.venv/bin/python benchmarks/zoo.py`",
-    ])
-    print(text)
-    with open(args.out, "w") as f:
-        f.write(text + "\n")
+    publish(args.out, "Prunability of the torchvision zoo",
+            f"**{passed}/{len(names)} models pruned with the oracle holding** (error <= {TOLERANCE:g}); "
+            f"plan + apply for all of them took {total_time:.0f} s in total, the slowest "
+            f"{slowest[0]} {slowest[1]['seconds']:.1f} s.",
+            table, depth_table,
+            f"Measured with {environment()}. Inputs 1x3x224x224 (299 for Inception). Random weights "
+            "(randomised: no zero-initialised heads) so the oracle can fail. The oracle zeroes the "
+            "input weights of every consumer of the removed channels, records the output, applies the "
+            "plan, and compares. Channels under LayerNorm over channels or attention scales are kept "
+            "(exact mode), so transformers lose their MLP channels only.",
+            script="zoo.py")
 
 
 if __name__ == "__main__":

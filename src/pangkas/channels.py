@@ -20,8 +20,8 @@ from .errors import PangkasError
 from .graph.labels import components
 from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
 from .importance import check as check_importance
-from .io import RESHAPED
 from .importance import gradients, l1, slice_scores
+from .io import RESHAPED
 from .modules import Selector, as_patterns, matches
 from .surgery import shrink
 from .tables import human_count, render_table
@@ -38,7 +38,7 @@ class Options:
     importance: object
     scope: str
     ratios: dict
-    round_to: int
+    round_to: int | str
     max_ratio: float
     allow_approximate: bool
 
@@ -130,11 +130,9 @@ class Plan:
     def _planned_shape(self, shaped) -> tuple[int, ...]:
         return planned_shape(shaped, self.selection.removed)
 
-
     @property
     def params_after(self) -> int:
         return _count_params(self.model, self.coupling, self.selection.removed)
-
 
     @property
     def macs_after(self) -> int:

@@ -46,6 +46,10 @@ class Measurement:
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module):
     """Evaluate without side effects: BatchNorm statistics and dropout stay as in eval()."""
+    if isinstance(model, torch.jit.ScriptModule):  # scripted/frozen: already fixed for inference
+        with torch.no_grad():
+            yield
+        return
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:

@@ -508,12 +508,13 @@ def contract(e, a, b, out, batch: int):
     layout_a = list(range(batch)) + [batch + 1]   # a: (..., n, k)
     layout_b = list(range(batch)) + [batch]       # b: (..., k, m)
     sizes = [a.shape[d] for d in layout_a]
-    joined, free = [], []
+    joined, free, covered = [], [], set()
     for t, layout, free_dim, out_dim in ((a, layout_a, batch, batch), (b, layout_b, batch + 1, batch + 1)):
         for ax in e.get(t):
             dims = set(ax.dims)
             if dims <= set(layout):
                 joined.append((t, _to_layout(ax, layout, sizes)))
+                covered.add(frozenset(layout.index(d) for d in dims))
             elif dims == {free_dim}:
                 free.append(Axis((out_dim,), ax.ids))
                 e.produce(ax.ids)
@@ -521,6 +522,10 @@ def contract(e, a, b, out, batch: int):
                 e.block(ax.ids, "channel dims mixed across a matrix product")
     sides = {id(t) for t, _ in joined}
     arrays = [ids for _, ids in joined]
+    if len(covered) > 1:  # e.g. batch ids on one side, contracted ids on the other
+        for ids in arrays:
+            e.block(ids, "matrix product pairing different channel dims")
+        joined, arrays = [], []
     for ids in arrays[1:]:
         e.union(arrays[0], ids)
     if arrays and len(sides) == 1 and a is not b:
