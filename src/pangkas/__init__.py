@@ -3,6 +3,7 @@
 from .channels import ChannelReport, Plan, plan_channels, prune_channels
 from .errors import PangkasError
 from .io import load, save
+from .layers import LayerPlan, layer_candidates, plan_layers, prune_layers
 from .measure import Measurement, compare, measure
 from .weights import (
     SparseLinear, SparseReport, WeightReport, finalize, prune_weights, to_sparse_inference,
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChannelReport", "Plan", "plan_channels", "prune_channels",
+    "LayerPlan", "layer_candidates", "plan_layers", "prune_layers",
     "Measurement", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
     "compare", "finalize", "load", "measure", "prune_weights", "save", "to_sparse_inference",
 ]

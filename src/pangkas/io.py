@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import PangkasError
 from .surgery import shrink
+from .surgery.blocks import remove_blocks
 from .weights.masks import masked_modules, masks_by_key, plain_name, remove_mask, set_mask, state_key
 
 FORMAT = "pangkas-1"
@@ -29,6 +30,7 @@ _LOADED_FROM = "_pangkas_loaded_from"
 # Set on a model whose tensors pangkas cut (channel or layer pruning): its file may load into a
 # fresh, larger instance of the same class, which is cut to the file's shapes first.
 RESHAPED = "_pangkas_reshaped"
+EDITS = "_pangkas_edits"  # structural edits (removed blocks) that a fresh instance must replay
 _MASK_NAME = re.compile(r"^(.*)\.parametrizations\.([^.]+)\.0\.mask$")
 
 
@@ -95,7 +97,7 @@ def encode(model: torch.nn.Module, *, compress: bool = True) -> tuple[dict[str, 
             entries[key] = {}
     crcs = {name: _crc(t) for name, t in tensors.items()}
     header = {"format": FORMAT, "entries": entries, "crc32": crcs,
-              "reshaped": bool(getattr(model, RESHAPED, False))}
+              "reshaped": bool(getattr(model, RESHAPED, False)), "edits": getattr(model, EDITS, [])}
     return tensors, {"pangkas": json.dumps(header)}
 
 
@@ -199,18 +201,45 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
         state, masks = decode(tensors, header)
     else:
         header, state, masks = {}, tensors, {}
-    shrunk = _check_fits(model, state, path, allow_smaller=header.get("reshaped", False))
-    undo = shrink(model, _keep_leading(model, shrunk)) if shrunk else None
+    edits = _replay(model, header.get("edits", []), path)
     try:
-        _restore(model, state, masks)
+        shrunk = _check_fits(model, state, path, allow_smaller=header.get("reshaped", False))
+        undo = shrink(model, _keep_leading(model, shrunk)) if shrunk else None
+        try:
+            _restore(model, state, masks)
+        except PangkasError:
+            if undo is not None:
+                undo.restore()
+            raise
     except PangkasError:
-        if undo is not None:
+        for undo in reversed(edits):
             undo.restore()
         raise
+    if header.get("edits"):
+        setattr(model, EDITS, list(header["edits"]))
     setattr(model, _LOADED_FROM, path.resolve())
     if shrunk:
         setattr(model, RESHAPED, True)
     return model
+
+
+def _replay(model: torch.nn.Module, edits: list[dict], path: Path) -> list:
+    """Re-apply the structural edits recorded in the file (blocks removed by layer pruning) to a
+    fresh instance, unless the model already carries them."""
+    if not edits or getattr(model, EDITS, []) == edits:
+        return []
+    if getattr(model, EDITS, []):
+        raise PangkasError(f"{path} was pruned differently from this model; load it into a fresh instance")
+    undos = []
+    try:
+        for edit in edits:
+            undos.append(remove_blocks(model, edit["remove_blocks"], edit.get("tuple_outputs")))
+    except Exception as exc:
+        for undo in reversed(undos):
+            undo.restore()
+        raise PangkasError(f"{path} removes blocks this model does not have ({exc}); "
+                           "load it into an instance of the architecture it was pruned from") from exc
+    return undos
 
 
 def _keep_leading(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict:

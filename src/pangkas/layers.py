@@ -1,0 +1,469 @@
+"""Layer pruning: find the blocks a model can lose, score them on data, delete them.
+
+Candidates come from running the model once: a module whose output has its input's shape and
+whose forward adds its own input back (``x + f(x)``: ResNet, MobileNet, ConvNeXt, ViT, Swin and
+Hugging Face pre-norm layers); any entry of a ``ModuleList`` of same-class layers (Hugging Face
+encoder/decoder layers, post-norm ones too); any ``Sequential`` member with parameters whose
+output has its input's shape. Removing one deletes it from its container, or puts a ``Skip`` in
+its place.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import flop_registry
+
+from .errors import PangkasError
+from .inputs import call_model
+from .io import EDITS
+from .measure import count_macs
+from .progress import track
+from .surgery.blocks import remove_blocks
+from .tables import human_count, render_table
+
+CRITERIA = ("block_influence", "angular", "loss", "metric", "magnitude")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A block that can go: its path, why it qualifies, its hidden-state shape, size and cost."""
+
+    name: str
+    kinds: tuple[str, ...]
+    container: str | None      # the ModuleList/Sequential it sits in, if any
+    index: int | None
+    shape: tuple[int, ...]
+    params: int
+    macs: int
+    tuple_output: bool = False
+
+
+def _first_tensor(value) -> torch.Tensor | None:
+    if hasattr(value, "to_tuple"):
+        value = value.to_tuple()
+    return next((t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)), None)
+
+
+def _input_tensor(args, kwargs) -> torch.Tensor | None:
+    return _first_tensor((args, kwargs.get("hidden_states"), kwargs))
+
+
+@dataclass
+class _Frame:
+    module: nn.Module
+    x: torch.Tensor | None
+    skip: bool = False
+    macs: int = 0
+
+
+class _Watch(TorchDispatchMode):
+    """Notices ``add`` ops that take a running module's own input, and counts MACs per module."""
+
+    def __init__(self, frames: list[_Frame]):
+        super().__init__()
+        self.frames = frames
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func.overloadpacket in (torch.ops.aten.add, torch.ops.aten.add_) and len(args) > 1:
+            # x + f(x): one operand is a running module's own input and the other is computed
+            # (x + pos_embedding adds a parameter: not a residual branch). The innermost module
+            # taking x owns the skip, not the containers it was passed through.
+            for frame in reversed(self.frames):
+                if frame.x is not None and any(a is frame.x for a in args[:2]):
+                    other = args[1] if args[0] is frame.x else args[0]
+                    frame.skip = frame.skip or not isinstance(other, nn.Parameter)
+                    break
+        if func.overloadpacket in flop_registry:
+            macs = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) // 2
+            for frame in self.frames:
+                frame.macs += macs
+        return out
+
+
+def layer_candidates(model: nn.Module, example_inputs) -> list[Candidate]:
+    """The blocks of ``model`` that layer pruning may remove, in execution order."""
+    names = {id(m): n for n, m in model.named_modules()}
+    frames: list[_Frame] = []
+    seen: dict[str, dict] = {}
+
+    def enter(module, args, kwargs):
+        frames.append(_Frame(module, _input_tensor(args, kwargs)))
+
+    def leave(module, args, kwargs, output):
+        frame = frames.pop()
+        name = names.get(id(module))
+        y = _first_tensor(output)
+        if name and frame.x is not None and y is not None and name not in seen:
+            seen[name] = {"same": tuple(frame.x.shape) == tuple(y.shape), "skip": frame.skip,
+                          "shape": tuple(y.shape), "macs": frame.macs,
+                          "tuple": isinstance(output, tuple)}
+
+    handles = [m.register_forward_pre_hook(enter, with_kwargs=True) for m in model.modules()]
+    handles += [m.register_forward_hook(leave, with_kwargs=True, always_call=True) for m in model.modules()]
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad(), _Watch(frames):
+            call_model(model, example_inputs)
+    except Exception as exc:
+        raise PangkasError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for h in handles:
+            h.remove()
+        for m, training in modes.items():
+            m.training = training
+    return [c for name, info in seen.items() if (c := _qualify(model, name, info)) is not None]
+
+
+def _qualify(model: nn.Module, name: str, info: dict) -> Candidate | None:
+    if not info["same"]:
+        return None
+    module = model.get_submodule(name)
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    in_container = isinstance(parent, (nn.ModuleList, nn.Sequential)) and child.isdigit()
+    params = sum(p.numel() for p in module.parameters())
+    kinds = []
+    if info["skip"]:
+        kinds.append("residual")
+    if isinstance(parent, nn.ModuleList) and len({type(m) for m in parent}) == 1 and len(parent) > 1:
+        kinds.append("layer list")
+    if (type(parent) is nn.Sequential and in_container and not info["skip"]
+            and any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in module.modules())):
+        kinds.append("sequential")  # a weight layer or block in a plain Sequential (not Conv-BN-act units)
+    if not kinds:
+        return None
+    return Candidate(name, tuple(kinds), parent_name if in_container else None,
+                     int(child) if in_container else None, info["shape"], params, info["macs"],
+                     info["tuple"])
+
+
+# -- scoring ---------------------------------------------------------------------------------
+
+def _features(t: torch.Tensor) -> int:
+    """The dim holding features: channels for NCHW maps, the last dim otherwise."""
+    return 1 if t.ndim == 4 else t.ndim - 1
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor, batch) -> torch.Tensor:
+    """Mean cosine similarity of ``x`` and ``y`` per position (tokens, pixels); padding tokens
+    (``attention_mask == 0`` in a dict batch) do not count."""
+    dim = _features(x)
+    cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=dim, eps=1e-8)
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if isinstance(mask, torch.Tensor) and mask.shape == cos.shape:
+        return (cos * mask).sum() / mask.sum().clamp_min(1)
+    return cos.mean()
+
+
+def _hidden_states(model, candidates, data) -> Iterable[tuple[object, dict]]:
+    """Per batch: the batch, and each candidate's (input, output) hidden states."""
+    captured: dict[str, tuple] = {}
+    by_module = {id(model.get_submodule(c.name)): c.name for c in candidates}
+
+    def hook(module, args, kwargs, output):
+        captured[by_module[id(module)]] = (_input_tensor(args, kwargs), _first_tensor(output))
+
+    handles = [model.get_submodule(c.name).register_forward_hook(hook, with_kwargs=True) for c in candidates]
+    try:
+        for batch in data:
+            captured.clear()
+            with torch.no_grad():
+                call_model(model, batch)
+            yield batch, captured
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def block_influence(model, candidates, data) -> dict[str, float]:
+    """1 - cos(input, output) of each block (ShortGPT's Block Influence): low = the block barely
+    changes its hidden state."""
+    total = {c.name: 0.0 for c in candidates}
+    batches = 0
+    for batch, states in _hidden_states(model, candidates, data):
+        for name, (x, y) in states.items():
+            total[name] += 1 - float(_cosine(x, y, batch))
+        batches += 1
+    return {name: s / batches for name, s in total.items()}
+
+
+def runs(candidates: list[Candidate], n: int) -> list[list[Candidate]]:
+    """Contiguous runs of ``n`` candidates: consecutive indices in one container."""
+    found = []
+    for i in range(len(candidates) - n + 1):
+        run = candidates[i:i + n]
+        if run[0].container is not None and all(
+                c.container == run[0].container and c.index == run[0].index + k for k, c in enumerate(run)):
+            found.append(run)
+    return found
+
+
+def angular(model, candidates, data, n: int) -> dict[tuple[str, ...], float]:
+    """Angular distance arccos(cos)/pi between the input of a run's first block and the output
+    of its last (Gromov et al. 2024): low = the whole run could go."""
+    options = runs(candidates, n)
+    if not options:
+        raise PangkasError(f"criterion='angular' needs {n} consecutive blocks in one container; none found")
+    total = {tuple(c.name for c in run): 0.0 for run in options}
+    batches = 0
+    for batch, states in _hidden_states(model, candidates, data):
+        for run in options:
+            cos = float(_cosine(states[run[0].name][0], states[run[-1].name][1], batch))
+            total[tuple(c.name for c in run)] += math.acos(max(-1.0, min(1.0, cos))) / math.pi
+        batches += 1
+    return {key: s / batches for key, s in total.items()}
+
+
+def magnitude(model, candidates) -> dict[str, float]:
+    """Mean |w| of a block's parameters: the baseline any data-driven criterion must beat."""
+    scores = {}
+    for c in candidates:
+        params = [p.detach().abs().float() for p in model.get_submodule(c.name).parameters()]
+        scores[c.name] = float(torch.cat([p.flatten() for p in params]).mean()) if params else 0.0
+    return scores
+
+
+def _skipping(model, names: list[str]):
+    """Forward hooks that make blocks return their input (the block as if deleted)."""
+    def hook(module, args, kwargs, output):
+        x = _input_tensor(args, kwargs)
+        return (x,) + tuple(output[1:]) if isinstance(output, tuple) else x
+
+    return [model.get_submodule(n).register_forward_hook(hook, with_kwargs=True) for n in names]
+
+
+def _evaluate(model, data, fn) -> float:
+    total, batches = 0.0, 0
+    with torch.no_grad():
+        for batch in data:
+            total += float(fn(call_model(model, batch), batch))
+            batches += 1
+    return total / batches
+
+
+def greedy(model, candidates, data, n: int, fn, higher_is_better: bool) -> tuple[list[str], dict[str, float]]:
+    """Remove, n times, the block whose skipping hurts ``fn`` least, re-scoring after each.
+
+    Returns the chosen blocks and each candidate's score from the first round (the change of
+    ``fn`` when that block alone is skipped; positive = worse)."""
+    sign = -1.0 if higher_is_better else 1.0
+    chosen: list[str] = []
+    first: dict[str, float] = {}
+    handles = []
+    try:
+        for step in range(n):
+            base = _evaluate(model, data, fn)
+            scores = {}
+            pool = [c for c in candidates if not any(_nested(c.name, done) for done in chosen)]
+            if not pool:
+                raise PangkasError(f"only {len(chosen)} blocks can be removed together (the others nest in them)")
+            for c in track(pool, f"scoring blocks ({step + 1}/{n})"):
+                trial = _skipping(model, [c.name])
+                try:
+                    scores[c.name] = sign * (_evaluate(model, data, fn) - base)
+                finally:
+                    for h in trial:
+                        h.remove()
+            first = first or scores
+            best = min(scores, key=scores.get)
+            chosen.append(best)
+            handles += _skipping(model, [best])
+    finally:
+        for h in handles:
+            h.remove()
+    return chosen, first
+
+
+# -- planning and removal --------------------------------------------------------------------
+
+@dataclass
+class LayerPlan:
+    """Which blocks ``prune_layers`` would remove, and why; nothing changes until ``apply()``."""
+
+    model: nn.Module
+    example_inputs: object
+    candidates: list[Candidate]
+    criterion: str
+    scores: dict
+    chosen: list[str]
+    macs_before: int
+    params_before: int
+    applied: bool = False
+
+    @property
+    def macs_after(self) -> int:
+        return self.macs_before - sum(c.macs for c in self.candidates if c.name in self.chosen)
+
+    @property
+    def params_after(self) -> int:
+        return self.params_before - sum(c.params for c in self.candidates if c.name in self.chosen)
+
+    def __str__(self) -> str:
+        rows = []
+        for c in self.candidates:
+            score = self.scores.get(c.name)
+            rows.append((c.name, "+".join(c.kinds), "x".join(map(str, c.shape)), human_count(c.params),
+                         human_count(c.macs), "" if score is None else f"{score:.4g}",
+                         "remove" if c.name in self.chosen else ""))
+        text = render_table(f"layer plan: criterion={self.criterion}",
+                            ("block", "kind", "hidden shape", "params", "MACs", "score", ""), rows)
+        return text + (f"\nremoves {len(self.chosen)} of {len(self.candidates)} blocks: params "
+                       f"{human_count(self.params_before)} -> {human_count(self.params_after)}, MACs "
+                       f"{human_count(self.macs_before)} -> {human_count(self.macs_after)}")
+
+    def apply(self) -> "LayerPlan":
+        """Delete the chosen blocks; the model must still run with unchanged output shapes, or it
+        is restored and ``PangkasError`` raised."""
+        if self.applied:
+            raise PangkasError("this plan was already applied; make a new plan for further pruning")
+        before = _output_shapes(self.model, self.example_inputs)
+        tuples = {c.name: c.tuple_output for c in self.candidates}
+        undo = remove_blocks(self.model, self.chosen, tuples)
+        try:
+            after = _output_shapes(self.model, self.example_inputs)
+        except PangkasError as exc:
+            undo.restore()
+            raise PangkasError(f"the model no longer runs without {self.chosen}; it is unchanged. {exc}") from exc
+        if after != before:
+            undo.restore()
+            raise PangkasError(f"removing {self.chosen} changes the output shapes {before} -> {after}; "
+                               "the model is unchanged")
+        edits = list(getattr(self.model, EDITS, []))
+        edits.append({"remove_blocks": self.chosen, "tuple_outputs": {n: tuples[n] for n in self.chosen}})
+        setattr(self.model, EDITS, edits)
+        self.applied = True
+        return self
+
+
+def _output_shapes(model, example_inputs) -> list[tuple[int, ...]]:
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            output = call_model(model, example_inputs)
+    except Exception as exc:
+        raise PangkasError(f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if hasattr(output, "to_tuple"):
+        output = output.to_tuple()
+    return [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+
+
+def _count(n, ratio, available: int) -> int:
+    if (n is None) == (ratio is None):
+        raise PangkasError("give exactly one of n= (blocks to remove) or ratio= (fraction of candidates)")
+    if ratio is not None:
+        if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < 1:
+            raise PangkasError(f"ratio must be in (0, 1), got {ratio!r}")
+        n = max(1, round(ratio * available))
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise PangkasError(f"n must be a positive integer, got {n!r}")
+    if n > available:
+        raise PangkasError(f"n={n} but the model has only {available} removable blocks; "
+                           "see pangkas.layer_candidates")
+    return n
+
+
+def _batches(data) -> list:
+    if data is None:
+        return []
+    if isinstance(data, (torch.Tensor, dict)):
+        raise PangkasError("data must be an iterable of batches (e.g. a list of tensors or a DataLoader), "
+                           "not a single batch: wrap it in a list")
+    batches = list(data)
+    return batches
+
+
+def plan_layers(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    n: int | None = None,
+    ratio: float | None = None,
+    criterion: str = "block_influence",
+    candidates: list[str] | None = None,
+    loss_fn: Callable | None = None,
+    metric_fn: Callable | None = None,
+) -> LayerPlan:
+    """Choose the blocks to remove. ``data`` is an iterable of batches the model accepts (its first
+    batch finds the candidates; every batch scores them).
+
+    ``criterion``: ``"block_influence"`` (1 - cos(in, out), lowest goes), ``"angular"`` (the
+    contiguous run of ``n`` blocks whose ends are closest), ``"loss"`` (``loss_fn(output, batch)``
+    rises least when the block alone is skipped; greedy, re-scored after each removal),
+    ``"metric"`` (same with ``metric_fn``, higher is better), ``"magnitude"`` (mean |w|, a
+    baseline). ``candidates`` restricts the choice to these block names.
+    """
+    if criterion not in CRITERIA:
+        raise PangkasError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
+    if criterion == "loss" and loss_fn is None:
+        raise PangkasError("criterion='loss' needs loss_fn=(output, batch) -> scalar")
+    if criterion == "metric" and metric_fn is None:
+        raise PangkasError("criterion='metric' needs metric_fn=(output, batch) -> scalar (higher is better)")
+    batches = _batches(data)
+    if not batches:
+        raise PangkasError("data is empty: layer pruning needs at least one batch to find and score blocks")
+    found = layer_candidates(model, batches[0])
+    if candidates is not None:
+        unknown = sorted(set(candidates) - {c.name for c in found})
+        if unknown:
+            raise PangkasError(f"not removable blocks: {unknown}; candidates are {[c.name for c in found][:12]}")
+        found = [c for c in found if c.name in set(candidates)]
+    count = _count(n, ratio, len(found))
+    scores, chosen = _score(model, found, batches, criterion, count, loss_fn, metric_fn)
+    params = sum(p.numel() for p in model.parameters())
+    return LayerPlan(model, batches[0], found, criterion, scores, chosen, count_macs(model, batches[0]), params)
+
+
+def _nested(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+
+
+def _lowest(scores: dict[str, float], count: int) -> list[str]:
+    """The ``count`` lowest-scoring blocks, none inside another chosen one."""
+    chosen: list[str] = []
+    for name in sorted(scores, key=scores.get):
+        if len(chosen) == count:
+            break
+        if not any(_nested(name, c) for c in chosen):
+            chosen.append(name)
+    if len(chosen) < count:
+        raise PangkasError(f"only {len(chosen)} blocks can be removed together (the others nest in them)")
+    return chosen
+
+
+def _score(model, found, batches, criterion, count, loss_fn, metric_fn):
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        if criterion in ("block_influence", "magnitude"):
+            scores = (block_influence(model, found, track(batches, "scoring blocks"))
+                      if criterion == "block_influence" else magnitude(model, found))
+            return scores, _lowest(scores, count)
+        if criterion == "angular":
+            by_run = angular(model, found, track(batches, "scoring runs"), count)
+            best = min(by_run, key=by_run.get)
+            return {run[0]: d for run, d in by_run.items()}, list(best)
+        fn, higher = (loss_fn, False) if criterion == "loss" else (metric_fn, True)
+        chosen, scores = greedy(model, found, batches, count, fn, higher)
+        return scores, chosen
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def prune_layers(model: nn.Module, data: Iterable, **options) -> LayerPlan:
+    """``plan_layers(model, data, **options).apply()``: the applied plan is the report."""
+    return plan_layers(model, data, **options).apply()

@@ -1,0 +1,92 @@
+"""Deleting whole blocks: from their container (ModuleList / Sequential, re-indexed) or, for a block
+that is an attribute of its parent, by putting a ``Skip`` in its place. Layer counters that
+depend on the position (Hugging Face ``config.num_hidden_layers``, ``config.layer_types``, each
+layer's ``layer_idx`` used by KV caches) follow. Every change can be undone.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+class Skip(nn.Module):
+    """Stands where a residual block was: returns its input (the block's f(x) is gone).
+
+    ``tuple_output`` mirrors blocks that returned a tuple whose first item is the hidden state.
+    """
+
+    def __init__(self, tuple_output: bool = False):
+        super().__init__()
+        self.tuple_output = tuple_output
+
+    def forward(self, *args, **kwargs):
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        return (x,) if self.tuple_output else x
+
+
+@dataclass
+class BlockUndo:
+    containers: list[tuple[nn.Module, OrderedDict]] = field(default_factory=list)
+    attributes: list[tuple[object, str, object]] = field(default_factory=list)
+
+    def restore(self) -> None:
+        for container, modules in self.containers:
+            container._modules = modules
+        for owner, name, value in reversed(self.attributes):
+            setattr(owner, name, value)
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+def remove_blocks(model: nn.Module, names: list[str], tuple_outputs: dict[str, bool] | None = None) -> BlockUndo:
+    """Delete the blocks ``names`` (dotted paths, as they are before this call)."""
+    undo = BlockUndo()
+    tuple_outputs = tuple_outputs or {}
+    try:
+        by_container: dict[int, tuple[nn.Module, list[int]]] = {}
+        for name in names:
+            parent, child = _parent(model, name)
+            if isinstance(parent, (nn.ModuleList, nn.Sequential)) and child.isdigit():
+                by_container.setdefault(id(parent), (parent, []))[1].append(int(child))
+            else:
+                undo.attributes.append((parent, child, getattr(parent, child)))
+                setattr(parent, child, Skip(tuple_outputs.get(name, False)))
+        for container, indices in by_container.values():
+            undo.containers.append((container, OrderedDict(container._modules)))
+            kept = [m for i, m in enumerate(container._modules.values()) if i not in set(indices)]
+            container._modules = OrderedDict((str(i), m) for i, m in enumerate(kept))
+            _renumber(container)
+            _fix_config(model, len(kept) + len(indices), sorted(indices), undo)
+    except Exception:
+        undo.restore()
+        raise
+    return undo
+
+
+def _renumber(container: nn.Module) -> None:
+    """Layers that know their position (``layer_idx``, for KV caches) learn the new one."""
+    for index, layer in enumerate(container.children()):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
+
+
+def _fix_config(model: nn.Module, before: int, removed: list[int], undo: BlockUndo) -> None:
+    """A Hugging Face config counting these layers is updated, as is any per-layer list in it."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None or getattr(config, "num_hidden_layers", None) != before:
+            continue
+        undo.attributes.append((config, "num_hidden_layers", before))
+        config.num_hidden_layers = before - len(removed)
+        for key, value in list(vars(config).items()):
+            if isinstance(value, list) and len(value) == before and key != "architectures":
+                undo.attributes.append((config, key, value))
+                setattr(config, key, [v for i, v in enumerate(value) if i not in removed])

@@ -1,0 +1,251 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import pangkas
+from pangkas.layers import block_influence, layer_candidates
+
+torchvision = pytest.importorskip("torchvision")
+
+
+class Residual(nn.Module):
+    def __init__(self, dim=16, silent=False):
+        super().__init__()
+        self.f = nn.Sequential(nn.Linear(dim, 32), nn.GELU(), nn.Linear(32, dim))
+        if silent:  # f(x) = 0: the block does nothing
+            nn.init.zeros_(self.f[2].weight)
+            nn.init.zeros_(self.f[2].bias)
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
+class Stack(nn.Module):
+    """Six residual blocks in a ModuleList; block ``silent`` does nothing."""
+
+    def __init__(self, silent=3):
+        super().__init__()
+        self.embed = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList(Residual(silent=i == silent) for i in range(6))
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = self.embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def data(n=3):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(8, 8, generator=g) for _ in range(n)]
+
+
+def images(size=64):
+    return [torch.randn(2, 3, size, size) for _ in range(2)]
+
+
+# -- candidates --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,expected", [
+    ("resnet18", ["layer1.0", "layer1.1", "layer2.1", "layer3.1", "layer4.1"]),
+    ("resnet50", ["layer1.1", "layer1.2", "layer2.1", "layer2.2", "layer2.3"] + [f"layer3.{i}" for i in range(1, 6)]
+     + ["layer4.1", "layer4.2"]),
+    ("mobilenet_v2", [f"features.{i}" for i in (3, 5, 6, 8, 9, 10, 12, 13, 15, 16)]),
+    ("convnext_tiny", [f"features.{s}.{i}" for s, n in ((1, 3), (3, 3), (5, 9), (7, 3)) for i in range(n)]),
+])
+def test_candidates_on_torchvision_cnns(name, expected):
+    model = torchvision.models.get_model(name, weights=None)
+    found = [c.name for c in layer_candidates(model, torch.randn(1, 3, 64, 64)) if "residual" in c.kinds]
+    assert found == expected
+
+
+def test_candidates_on_vit():
+    model = torchvision.models.vit_b_16(weights=None, image_size=32)
+    found = layer_candidates(model, torch.randn(1, 3, 32, 32))
+    assert [c.name for c in found] == [f"encoder.layers.encoder_layer_{i}" for i in range(12)]
+    assert all(c.kinds == ("residual",) and c.shape == (1, 5, 768) for c in found)
+    assert all(c.params == sum(p.numel() for p in model.encoder.layers[0].parameters()) for c in found)
+    assert all(c.macs > 0 for c in found)
+
+
+def bert():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4,
+                                     num_attention_heads=2, intermediate_size=64)
+    return transformers.BertModel(config).eval()
+
+
+def llama():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def tokens(n=2):
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 100, (2, 12), generator=g),
+             "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(n)]
+
+
+def test_candidates_on_hugging_face():
+    found = {c.name: c.kinds for c in layer_candidates(bert(), tokens()[0])}
+    assert all(found[f"encoder.layer.{i}"] == ("layer list",) for i in range(4))  # post-norm: a list entry
+    found = {c.name: c.kinds for c in layer_candidates(llama(), tokens()[0])}
+    assert found == {f"model.layers.{i}": ("residual", "layer list") for i in range(4)}
+
+
+# -- scoring -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("criterion", ["block_influence", "angular", "magnitude", "loss", "metric"])
+def test_every_criterion_ranks_a_do_nothing_block_lowest(criterion):
+    torch.manual_seed(0)
+    model = Stack(silent=3)
+    teacher = copy.deepcopy(model)
+    fidelity = lambda out, batch: (out - teacher(batch)).square().mean()  # noqa: E731
+    options = {"loss": {"loss_fn": fidelity}, "metric": {"metric_fn": lambda o, b: -fidelity(o, b)}}
+    plan = pangkas.plan_layers(model, data(), n=1, criterion=criterion, **options.get(criterion, {}))
+    assert plan.chosen == ["blocks.3"], str(plan)
+
+
+def test_block_influence_of_a_do_nothing_block_is_zero():
+    model = Stack(silent=2)
+    scores = block_influence(model, layer_candidates(model, data()[0]), data())
+    assert scores["blocks.2"] == pytest.approx(0, abs=1e-6)
+    assert min(v for k, v in scores.items() if k != "blocks.2") > 1e-3
+
+
+def test_angular_picks_a_contiguous_run():
+    model = Stack(silent=3)
+    with torch.no_grad():
+        model.blocks[4].f[2].weight.zero_()
+        model.blocks[4].f[2].bias.zero_()
+    plan = pangkas.plan_layers(model, data(), n=2, criterion="angular")
+    assert plan.chosen == ["blocks.3", "blocks.4"]
+
+
+# -- removal -----------------------------------------------------------------------------------
+
+def test_removing_a_do_nothing_block_changes_nothing():
+    model = Stack(silent=3)
+    x = data()[0]
+    before = model(x)
+    report = pangkas.prune_layers(model, data(), n=1)
+    assert len(model.blocks) == 5
+    assert torch.equal(model(x), before)
+    assert report.params_after < report.params_before and report.macs_after < report.macs_before
+
+
+def test_resnet_blocks_really_go():
+    model = torchvision.models.resnet50(weights=None).eval()
+    x = images()[0]
+    shape = model(x).shape
+    plan = pangkas.prune_layers(model, images(), n=4)
+    assert sum(len(getattr(model, f"layer{i}")) for i in range(1, 5)) == 16 - 4
+    assert model(x).shape == shape
+    measured = pangkas.measure(model, x, latency=False)
+    assert measured.macs == plan.macs_after and measured.params == plan.params_after
+
+
+def test_residual_attribute_becomes_skip():
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(8, 16)
+            self.block = Residual()
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.out(self.block(self.inp(x)))
+
+    model = Holder()
+    pangkas.prune_layers(model, data(), n=1)
+    assert isinstance(model.block, pangkas.surgery.blocks.Skip)
+    assert model(data()[0]).shape == (8, 2)
+
+
+def test_hugging_face_config_and_cache_follow(tmp_path):
+    model = llama()
+    pangkas.prune_layers(model, tokens(), n=2)
+    assert model.config.num_hidden_layers == 2 and len(model.model.layers) == 2
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    prompt = torch.randint(0, 100, (1, 5))
+    out = model.generate(prompt, max_new_tokens=4, do_sample=False)  # KV cache sized by config
+    assert out.shape == (1, 9)
+    model.save_pretrained(tmp_path)
+    transformers = pytest.importorskip("transformers")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(again(prompt).logits, model(prompt).logits)
+
+
+def test_bert_layer_removal_round_trips_through_save_pretrained(tmp_path):
+    model = bert()
+    batch = tokens()[0]
+    pangkas.prune_layers(model, tokens(), n=1, candidates=[f"encoder.layer.{i}" for i in range(4)])
+    assert model.config.num_hidden_layers == 3
+    model.save_pretrained(tmp_path)
+    transformers = pytest.importorskip("transformers")
+    again = transformers.AutoModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(again(**batch).last_hidden_state, model(**batch).last_hidden_state)
+
+
+@pytest.mark.parametrize("order", ["layers then channels", "channels then layers"])
+def test_with_channel_pruning_and_save_load(order, tmp_path):
+    model = torchvision.models.resnet18(weights=None).eval()
+    x = images()[0]
+    steps = [lambda: pangkas.prune_layers(model, images(), n=2),
+             lambda: pangkas.prune_channels(model, x, ratio=0.5)]
+    for step in (steps if order.startswith("layers") else steps[::-1]):
+        step()
+    path = pangkas.save(model, tmp_path / "r18.safetensors")
+    fresh = pangkas.load(path, torchvision.models.resnet18(weights=None).eval())
+    assert torch.equal(fresh(x), model(x))
+    assert sum(len(getattr(fresh, f"layer{i}")) for i in range(1, 5)) == 6
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+BAD = [
+    (dict(n=7), "only 6 removable"),
+    (dict(n=2, ratio=0.5), "exactly one"),
+    (dict(), "exactly one"),
+    (dict(n=0), "positive"),
+    (dict(ratio=1.0), "ratio"),
+    (dict(n=1, criterion="loss"), "loss_fn"),
+    (dict(n=1, criterion="metric"), "metric_fn"),
+    (dict(n=1, criterion="vibes"), "criterion"),
+    (dict(n=1, candidates=["embed"]), "not removable"),
+]
+
+
+@pytest.mark.parametrize("kwargs,message", BAD)
+def test_bad_input_raises_and_leaves_model_unchanged(kwargs, message):
+    model = Stack()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(pangkas.PangkasError, match=message):
+        pangkas.prune_layers(model, data(), **kwargs)
+    assert model.state_dict().keys() == state.keys() and len(model.blocks) == 6
+
+
+def test_empty_or_single_batch_data():
+    model = Stack()
+    with pytest.raises(pangkas.PangkasError, match="empty"):
+        pangkas.prune_layers(model, [], n=1)
+    with pytest.raises(pangkas.PangkasError, match="iterable of batches"):
+        pangkas.prune_layers(model, data()[0], n=1)
+    assert len(model.blocks) == 6
+
+
+def test_failed_removal_restores_the_model():
+    class NeedsAll(Stack):
+        def forward(self, x):
+            assert len(self.blocks) == 6, "this model insists on its depth"
+            return super().forward(x)
+
+    model = NeedsAll()
+    with pytest.raises(pangkas.PangkasError, match="unchanged"):
+        pangkas.prune_layers(model, data(), n=1)
+    assert len(model.blocks) == 6 and [type(b) for b in model.blocks] == [Residual] * 6
