@@ -140,3 +140,39 @@ def test_prune_channels_writes_a_smaller_model(capsys, tmp_path):
 def test_prune_channels_bad_ratio(capsys, tmp_path):
     code, _, err = run(capsys, "prune", "channels", *DIGITS, "--ratio", "1.2", "-o", str(tmp_path / "x.safetensors"))
     assert code == 2 and "ratio" in err and not list(tmp_path.iterdir())
+
+
+def test_prune_layers_with_data_file(capsys, tmp_path):
+    import safetensors.torch
+
+    data = tmp_path / "calib.safetensors"
+    safetensors.torch.save_file({"x": torch.randn(24, 1, 8, 8)}, str(data))
+    out_file = tmp_path / "shallow.safetensors"
+    code, out, _ = run(capsys, "prune", "layers", *DIGITS, "--n", "1", "--data", str(data), "-o", str(out_file))
+    assert code == 0 and "remove" in out and "MACs" in out
+    model = pangkas.load(out_file, digits_cnn())  # the removed block is removed again on load
+    assert len(model) == len(digits_cnn()) - 1
+    code, out, _ = run(capsys, "measure", str(out_file), "--no-latency")
+    assert code == 0
+
+
+def test_prune_layers_text_data_for_hugging_face(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3,
+                                     num_attention_heads=2, intermediate_size=64)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    vocab = tmp_path / "bert" / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]))
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(tmp_path / "bert")
+    texts = tmp_path / "texts.txt"
+    texts.write_text("w1 w2 w3\nw4 w5\nw6 w7 w8 w9\n")
+    code, out, err = run(capsys, "prune", "layers", str(tmp_path / "bert"), "--ratio", "0.34",
+                         "--data", str(texts), "-o", str(tmp_path / "b.safetensors"))
+    assert code == 0, err
+    assert "removes 2 of 6 blocks" in out  # 3 layers and their 3 attention sublayers
+
+
+@pytest.mark.parametrize("extra,message", [(["--n", "9"], "only"), (["--n", "1", "--data", "nope.bin"], "no such data")])
+def test_prune_layers_bad_input(capsys, tmp_path, extra, message):
+    code, _, err = run(capsys, "prune", "layers", *DIGITS, *extra, "-o", str(tmp_path / "x.safetensors"))
+    assert code == 2 and message in err

@@ -27,6 +27,8 @@ def test_demo_stages(quick_demo):
     thin = next(s for s in stages if s.name == "channels 50%")
     assert thin.params < 0.3 * stages[0].params and thin.macs < 0.3 * stages[0].macs
     assert thin.latency_ratio > 0
+    shallow = next(s for s in stages if s.name == "layers -1")
+    assert shallow.params < stages[0].params and shallow.macs < stages[0].macs and shallow.latency_ratio > 0
     assert [s.name for s in tuned] == [f"weights {p:.0%}" for p in SPARSITIES]
     assert stages[0].accuracy > 0.5  # learnt something even in 3 quick epochs
     sparsities = [stages[0].sparsity] + [s.sparsity for s in tuned]
@@ -43,6 +45,9 @@ def test_demo_outputs_reload_with_the_reported_accuracy(quick_demo):
     by_name = {s.name: s for s in stages}
     model = pangkas.load(out / "digits_cnn_pruned.safetensors", digits_cnn())
     assert accuracy(model, data.x_test, data.y_test) == pytest.approx(by_name["weights 95%"].accuracy)
+    shallow = pangkas.load(out / "digits_cnn_layers.safetensors", digits_cnn())
+    assert len(shallow) == len(digits_cnn()) - 1
+    assert accuracy(shallow, data.x_test, data.y_test) == pytest.approx(by_name["layers -1"].accuracy)
     thin = pangkas.load(out / "digits_cnn_channels.safetensors", digits_cnn())
     assert thin[0][0].out_channels == 16
     assert accuracy(thin, data.x_test, data.y_test) == pytest.approx(by_name["channels 50%"].accuracy)

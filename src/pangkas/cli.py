@@ -79,6 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     channels.add_argument("--allow-approximate", action="store_true",
                           help="also prune channels under LayerNorm/GroupNorm (not exact)")
     _output_args(channels)
+
+    layers = kinds.add_parser("layers", help="remove whole blocks (shallower and faster)")
+    _model_args(layers)
+    count = layers.add_mutually_exclusive_group(required=True)
+    count.add_argument("--n", type=int, help="number of blocks to remove")
+    count.add_argument("--ratio", type=float, help="fraction of the removable blocks to remove")
+    layers.add_argument("--criterion", choices=("block_influence", "angular", "magnitude"),
+                        default="block_influence")
+    layers.add_argument("--data", help="calibration data: a .safetensors file of input tensors (split "
+                        "along dim 0), or for a Hugging Face model a .txt file, one text per line; "
+                        "default: random inputs (weak scores)")
+    layers.add_argument("--batch-size", type=int, default=8)
+    _output_args(layers)
     return parser
 
 
@@ -151,7 +164,17 @@ def _prune_channels(source, args):
                           ignore=args.ignore, allow_approximate=args.allow_approximate)
 
 
-PRUNERS = {"weights": _prune_weights, "channels": _prune_channels}
+def _prune_layers(source, args):
+    from .layers import prune_layers
+    from .sources import calibration_batches
+
+    if args.data is None:
+        console.print("no --data: scoring blocks on random inputs, which says little about real data")
+    batches = calibration_batches(source, args.data, args.batch_size)
+    return prune_layers(source.model, batches, n=args.n, ratio=args.ratio, criterion=args.criterion)
+
+
+PRUNERS = {"weights": _prune_weights, "channels": _prune_channels, "layers": _prune_layers}
 
 
 def main(argv: list[str] | None = None) -> int:

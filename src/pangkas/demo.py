@@ -20,10 +20,12 @@ from .measure import measure, time_alternating
 from .progress import track
 from .tables import human_count, render_table
 from .channels import prune_channels
+from .layers import prune_layers
 from .weights import finalize, prune_weights
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
 CHANNEL_RATIO = 0.5
+LAYERS_REMOVED = 1
 # Lets `pangkas measure digits_cnn_pruned.safetensors` rebuild the architecture.
 MODEL_METADATA = {"source": "pangkas.demo:digits_cnn", "input_shape": "[1, 1, 8, 8]"}
 
@@ -93,6 +95,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class Stage:
+    kind: str  # dense, weights, channels, layers
     name: str
     sparsity: float
     accuracy: float
@@ -103,9 +106,9 @@ class Stage:
     latency_ratio: float | None = None
 
 
-def _stage(name: str, model: nn.Module, data: Digits) -> Stage:
+def _stage(kind: str, name: str, model: nn.Module, data: Digits) -> Stage:
     m = measure(model, data.x_test, latency=False)
-    return Stage(name, m.sparsity, accuracy(model, data.x_test, data.y_test), m.params,
+    return Stage(kind, name, m.sparsity, accuracy(model, data.x_test, data.y_test), m.params,
                  m.nonzero_params, m.macs, m.file_bytes_compressed)
 
 
@@ -113,27 +116,38 @@ def _weight_stages(model, data, finetune, seed, stages, deployable) -> None:
     """Global magnitude pruning to each sparsity, a short fine-tune after each."""
     for sparsity in SPARSITIES:
         prune_weights(model, sparsity=sparsity, scope="global")
-        stages.append(_stage(f"pruned {sparsity:.0%} no finetune", model, data))
+        stages.append(_stage("weights", f"pruned {sparsity:.0%} no finetune", model, data))
         train(model, data, finetune, lr=1e-3, desc=f"fine-tuning at {sparsity:.0%}", seed=seed)
-        stages.append(_stage(f"weights {sparsity:.0%}", model, data))
+        stages.append(_stage("weights", f"weights {sparsity:.0%}", model, data))
         deployable[len(stages) - 1] = finalize(copy.deepcopy(model))
 
 
 def _channel_stages(model, data, finetune, seed, stages, deployable) -> None:
     """Half of every layer's channels physically removed (L1), then a short fine-tune."""
     prune_channels(model, data.x_test[:2], ratio=CHANNEL_RATIO)
-    stages.append(_stage(f"pruned channels {CHANNEL_RATIO:.0%} no finetune", model, data))
+    stages.append(_stage("channels", f"pruned channels {CHANNEL_RATIO:.0%} no finetune", model, data))
     train(model, data, finetune, lr=1e-3, desc="fine-tuning thinner model", seed=seed)
-    stages.append(_stage(f"channels {CHANNEL_RATIO:.0%}", model, data))
+    stages.append(_stage("channels", f"channels {CHANNEL_RATIO:.0%}", model, data))
+    deployable[len(stages) - 1] = model
+
+
+def _layer_stages(model, data, finetune, seed, stages, deployable) -> None:
+    """The block that changes its input least on training images (block influence) goes."""
+    batches = list(data.x_train.split(128))
+    prune_layers(model, batches, n=LAYERS_REMOVED, criterion="block_influence")
+    stages.append(_stage("layers", f"pruned {LAYERS_REMOVED} block no finetune", model, data))
+    train(model, data, finetune, lr=1e-3, desc="fine-tuning shallower model", seed=seed)
+    stages.append(_stage("layers", f"layers -{LAYERS_REMOVED}", model, data))
     deployable[len(stages) - 1] = model
 
 
 def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int = 0) -> list[Stage]:
-    """Train a digits CNN, then (1) prune weights to each of ``SPARSITIES`` and (2) separately
-    remove half the channels of the trained model, fine-tuning after each step.
+    """Train a digits CNN, then, each from the trained model: (1) prune weights to each of
+    ``SPARSITIES``, (2) remove half the channels, (3) remove a block; fine-tune after each step.
 
     Writes the pruned models (``digits_cnn_pruned.safetensors`` with its masks,
-    ``digits_cnn_channels.safetensors``), ``results.md`` and ``weights.png`` to ``out``.
+    ``digits_cnn_channels.safetensors``, ``digits_cnn_layers.safetensors``), ``results.md`` and
+    ``weights.png`` to ``out``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,20 +157,22 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
     epochs, finetune = (3, 1) if quick else (40, 8)
     start = time.perf_counter()
     train(model, data, epochs, desc="training", seed=seed)
-    stages = [_stage("dense", model, data)]
+    stages = [_stage("dense", "dense", model, data)]
     deployable = {0: copy.deepcopy(model)}
-    thin = copy.deepcopy(model)
+    thin, shallow = copy.deepcopy(model), copy.deepcopy(model)
     _weight_stages(model, data, finetune, seed, stages, deployable)
     _channel_stages(thin, data, finetune, seed, stages, deployable)
+    _layer_stages(shallow, data, finetune, seed, stages, deployable)
     # Deployed models (masks folded into plain zeros) are timed together, as ratios to dense.
     times = time_alternating(list(deployable.values()), data.x_test, rounds=3 if quick else 7)
     for index, seconds in zip(deployable, times):
         stages[index] = replace(stages[index], latency_ratio=seconds / times[0])
     save(model, out / "digits_cnn_pruned.safetensors", metadata=MODEL_METADATA)
     save(thin, out / "digits_cnn_channels.safetensors", metadata=MODEL_METADATA)
+    save(shallow, out / "digits_cnn_layers.safetensors", metadata=MODEL_METADATA)
     table = results_table(stages, time.perf_counter() - start)
     (out / "results.md").write_text(f"{table}\n\nReproduce: `pangkas demo --out {out}`\n")
-    plot([s for s in stages if not s.name.startswith(("channels", "pruned channels"))], out / "weights.png")
+    plot([s for s in stages if s.kind in ("dense", "weights")], out / "weights.png")
     return stages
 
 
@@ -166,7 +182,8 @@ def results_table(stages: list[Stage], seconds: float) -> str:
              "" if s.latency_ratio is None else f"{s.latency_ratio:.2f}x")
             for s in stages]
     return render_table(
-        f"digits CNN: weight pruning (global magnitude) and channel pruning (L1), {seconds:.0f} s, "
+        f"digits CNN: weight pruning (global magnitude), channel pruning (L1), layer pruning "
+        f"(block influence), {seconds:.0f} s, "
         f"{torch.get_num_threads()} threads",
         ("stage", "model sparsity", "test accuracy", "params", "non-zero", "MACs (450 test images)",
          "file (pangkas.save)", "latency vs dense"),

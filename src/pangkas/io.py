@@ -233,7 +233,7 @@ def _replay(model: torch.nn.Module, edits: list[dict], path: Path) -> list:
     undos = []
     try:
         for edit in edits:
-            undos.append(remove_blocks(model, edit["remove_blocks"], edit.get("tuple_outputs")))
+            undos.append(remove_blocks(model, edit["remove_blocks"], edit.get("tuple_lengths")))
     except Exception as exc:
         for undo in reversed(undos):
             undo.restore()

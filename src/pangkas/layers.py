@@ -42,7 +42,7 @@ class Candidate:
     shape: tuple[int, ...]
     params: int
     macs: int
-    tuple_output: bool = False
+    tuple_length: int = 0  # the block returns a tuple of this length (0: a tensor)
 
 
 def _first_tensor(value) -> torch.Tensor | None:
@@ -105,7 +105,7 @@ def layer_candidates(model: nn.Module, example_inputs) -> list[Candidate]:
         if name and frame.x is not None and y is not None and name not in seen:
             seen[name] = {"same": tuple(frame.x.shape) == tuple(y.shape), "skip": frame.skip,
                           "shape": tuple(y.shape), "macs": frame.macs,
-                          "tuple": isinstance(output, tuple)}
+                          "tuple": len(output) if isinstance(output, tuple) else 0}
 
     handles = [m.register_forward_pre_hook(enter, with_kwargs=True) for m in model.modules()]
     handles += [m.register_forward_hook(leave, with_kwargs=True, always_call=True) for m in model.modules()]
@@ -327,7 +327,7 @@ class LayerPlan:
         if self.applied:
             raise PangkasError("this plan was already applied; make a new plan for further pruning")
         before = _output_shapes(self.model, self.example_inputs)
-        tuples = {c.name: c.tuple_output for c in self.candidates}
+        tuples = {c.name: c.tuple_length for c in self.candidates}
         undo = remove_blocks(self.model, self.chosen, tuples)
         try:
             after = _output_shapes(self.model, self.example_inputs)
@@ -339,7 +339,7 @@ class LayerPlan:
             raise PangkasError(f"removing {self.chosen} changes the output shapes {before} -> {after}; "
                                "the model is unchanged")
         edits = list(getattr(self.model, EDITS, []))
-        edits.append({"remove_blocks": self.chosen, "tuple_outputs": {n: tuples[n] for n in self.chosen}})
+        edits.append({"remove_blocks": self.chosen, "tuple_lengths": {n: tuples[n] for n in self.chosen}})
         setattr(self.model, EDITS, edits)
         self.applied = True
         return self

@@ -28,6 +28,7 @@ class Source:
     example_inputs: Any
     spec: str | None  # how to rebuild the architecture (recorded in saved files); None for pickles
     input_shape: tuple[int, ...]
+    directory: Path | None = None  # a Hugging Face model directory (for its tokenizer)
 
 
 def _torchvision(name: str) -> nn.Module:
@@ -89,7 +90,7 @@ def resolve(spec: str, *, weights: str | None = None, allow_pickle: bool = False
         model, config = _huggingface(path)
         inputs, shape = _hf_inputs(config, input_shape)
         _load_weights(model, weights)
-        return Source(model, inputs, str(path.resolve()), shape)
+        return Source(model, inputs, str(path.resolve()), shape, path)
     elif path.suffix == ".safetensors":
         return _saved(path, input_shape)
     elif path.suffix in PICKLE_SUFFIXES:
@@ -150,3 +151,47 @@ def describe(source: Source) -> dict[str, str]:
     if source.spec is not None:  # a pickle has no rebuildable source
         described["source"] = source.spec
     return described
+
+
+def calibration_batches(source: Source, data: str | None, batch_size: int) -> list:
+    """Batches for scoring: from a .safetensors file of inputs, a .txt file of texts (Hugging
+    Face models, tokenized with the model's tokenizer), or random inputs like the example."""
+    if batch_size < 1:
+        raise PangkasError(f"--batch-size must be >= 1, got {batch_size}")
+    if data is None:
+        example = source.example_inputs
+        return [torch.randn_like(example) if isinstance(example, torch.Tensor) else example for _ in range(4)]
+    path = Path(data)
+    if not path.is_file():
+        raise PangkasError(f"no such data file: {path}")
+    if path.suffix == ".txt":
+        return _text_batches(source, path, batch_size)
+    if path.suffix != ".safetensors":
+        raise PangkasError(f"--data must be a .safetensors or .txt file, got {path.name}")
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    if not tensors:
+        raise PangkasError(f"{path} holds no tensors")
+    sizes = {t.shape[0] for t in tensors.values()}
+    if len(sizes) != 1:
+        raise PangkasError(f"tensors in {path} must share their first dim (the samples), got {sorted(sizes)}")
+    n = sizes.pop()
+    batches = []
+    for start in range(0, n, batch_size):
+        part = {k: t[start:start + batch_size] for k, t in tensors.items()}
+        batches.append(next(iter(part.values())) if len(part) == 1 else part)
+    return batches
+
+
+def _text_batches(source: Source, path: Path, batch_size: int) -> list:
+    if source.directory is None:
+        raise PangkasError("a .txt data file needs a Hugging Face model directory (for its tokenizer)")
+    import transformers
+
+    texts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not texts:
+        raise PangkasError(f"{path} has no lines of text")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory)
+    return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=128,
+                           return_tensors="pt")) for i in range(0, len(texts), batch_size)]

@@ -16,16 +16,22 @@ from torch import nn
 class Skip(nn.Module):
     """Stands where a residual block was: returns its input (the block's f(x) is gone).
 
-    ``tuple_output`` mirrors blocks that returned a tuple whose first item is the hidden state.
+    ``tuple_length`` mirrors blocks that returned a tuple (hidden state first, then optional
+    extras such as attention weights, which become None); 0 for a plain tensor.
     """
 
-    def __init__(self, tuple_output: bool = False):
+    def __init__(self, tuple_length: int = 0):
         super().__init__()
-        self.tuple_output = tuple_output
+        self.tuple_length = tuple_length
 
     def forward(self, *args, **kwargs):
-        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        return (x,) if self.tuple_output else x
+        x = kwargs.get("hidden_states")
+        if x is None:
+            x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        return (x,) + (None,) * (self.tuple_length - 1) if self.tuple_length else x
+
+    def extra_repr(self) -> str:
+        return f"tuple_length={self.tuple_length}" if self.tuple_length else ""
 
 
 @dataclass
@@ -45,10 +51,11 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def remove_blocks(model: nn.Module, names: list[str], tuple_outputs: dict[str, bool] | None = None) -> BlockUndo:
-    """Delete the blocks ``names`` (dotted paths, as they are before this call)."""
+def remove_blocks(model: nn.Module, names: list[str], tuple_lengths: dict[str, int] | None = None) -> BlockUndo:
+    """Delete the blocks ``names`` (dotted paths, as they are before this call); a block that is
+    not in a container becomes a ``Skip`` returning a tuple of ``tuple_lengths[name]`` if given."""
     undo = BlockUndo()
-    tuple_outputs = tuple_outputs or {}
+    tuple_lengths = tuple_lengths or {}
     try:
         by_container: dict[int, tuple[nn.Module, list[int]]] = {}
         for name in names:
@@ -57,7 +64,7 @@ def remove_blocks(model: nn.Module, names: list[str], tuple_outputs: dict[str, b
                 by_container.setdefault(id(parent), (parent, []))[1].append(int(child))
             else:
                 undo.attributes.append((parent, child, getattr(parent, child)))
-                setattr(parent, child, Skip(tuple_outputs.get(name, False)))
+                setattr(parent, child, Skip(int(tuple_lengths.get(name, 0))))
         for container, indices in by_container.values():
             undo.containers.append((container, OrderedDict(container._modules)))
             kept = [m for i, m in enumerate(container._modules.values()) if i not in set(indices)]
