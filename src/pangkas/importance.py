@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import PangkasError
 from .inputs import call_model
+from .modules import evaluating
 
 # fn(tensor, dim) -> one score per index of ``dim``
 SliceScore = Callable[[torch.Tensor, int], torch.Tensor]
@@ -60,25 +61,21 @@ def gradients(model: nn.Module, data: Iterable, loss_fn) -> dict[str, torch.Tens
     model's own ``.grad`` fields and train/eval flags are left as they were."""
     params = dict(model.named_parameters())
     saved = {n: p.grad for n, p in params.items()}
-    modes = {m: m.training for m in model.modules()}
     totals = {n: torch.zeros_like(p) for n, p in params.items()}
     batches = 0
-    model.eval()
     try:
-        for batch in data:
-            for p in params.values():
-                p.grad = None
-            loss = loss_fn(call_model(model, batch), batch)
-            loss.backward()
-            for n, p in params.items():
-                if p.grad is not None:
-                    totals[n] += p.grad
-            batches += 1
+        with evaluating(model):
+            for batch in data:
+                for p in params.values():
+                    p.grad = None
+                loss_fn(call_model(model, batch), batch).backward()
+                for n, p in params.items():
+                    if p.grad is not None:
+                        totals[n] += p.grad
+                batches += 1
     finally:
         for n, p in params.items():
             p.grad = saved[n]
-        for m, training in modes.items():
-            m.training = training
     if not batches:
         raise PangkasError("data= yielded no batches")
     return totals

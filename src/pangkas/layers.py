@@ -24,6 +24,7 @@ from .errors import PangkasError
 from .inputs import call_model
 from .io import EDITS
 from .measure import count_macs
+from .modules import evaluating
 from .progress import track
 from .surgery.blocks import remove_blocks
 from .tables import human_count, render_table
@@ -109,18 +110,14 @@ def layer_candidates(model: nn.Module, example_inputs) -> list[Candidate]:
 
     handles = [m.register_forward_pre_hook(enter, with_kwargs=True) for m in model.modules()]
     handles += [m.register_forward_hook(leave, with_kwargs=True, always_call=True) for m in model.modules()]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad(), _Watch(frames):
+        with evaluating(model), torch.no_grad(), _Watch(frames):
             call_model(model, example_inputs)
     except Exception as exc:
         raise PangkasError(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}") from exc
     finally:
         for h in handles:
             h.remove()
-        for m, training in modes.items():
-            m.training = training
     return [c for name, info in seen.items() if (c := _qualify(model, name, info)) is not None]
 
 
@@ -346,16 +343,11 @@ class LayerPlan:
 
 
 def _output_shapes(model, example_inputs) -> list[tuple[int, ...]]:
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             output = call_model(model, example_inputs)
     except Exception as exc:
         raise PangkasError(f"{type(exc).__name__}: {exc}") from exc
-    finally:
-        for m, training in modes.items():
-            m.training = training
     if hasattr(output, "to_tuple"):
         output = output.to_tuple()
     return [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
@@ -445,9 +437,7 @@ def _lowest(scores: dict[str, float], count: int) -> list[str]:
 
 
 def _score(model, found, batches, criterion, count, loss_fn, metric_fn):
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    with evaluating(model):
         if criterion in ("block_influence", "magnitude"):
             scores = (block_influence(model, found, track(batches, "scoring blocks"))
                       if criterion == "block_influence" else magnitude(model, found))
@@ -459,9 +449,6 @@ def _score(model, found, batches, criterion, count, loss_fn, metric_fn):
         fn, higher = (loss_fn, False) if criterion == "loss" else (metric_fn, True)
         chosen, scores = greedy(model, found, batches, count, fn, higher)
         return scores, chosen
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def prune_layers(model: nn.Module, data: Iterable, **options) -> LayerPlan:

@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import PangkasError
 from .inputs import call_model
+from .modules import evaluating
 from .io import encode, serialize
 from .tables import human_bytes, human_count, render_table
 from .weights.masks import effective_parameters, parameter_counts
@@ -50,14 +51,8 @@ def _eval_mode(model: nn.Module):
         with torch.no_grad():
             yield
         return
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with evaluating(model), torch.no_grad():
+        yield
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:

