@@ -2,6 +2,7 @@
 
 from .channels import ChannelReport, Plan, plan_channels, prune_channels
 from .errors import PangkasError
+from .integrations.huggingface import prune_transformer
 from .io import load, save
 from .layers import LayerPlan, layer_candidates, plan_layers, prune_layers
 from .measure import Measurement, compare, measure
@@ -13,7 +14,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChannelReport", "Plan", "plan_channels", "prune_channels",
-    "LayerPlan", "layer_candidates", "plan_layers", "prune_layers",
+    "LayerPlan", "layer_candidates", "plan_layers", "prune_layers", "prune_transformer",
     "Measurement", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
     "compare", "finalize", "load", "measure", "prune_weights", "save", "to_sparse_inference",
 ]

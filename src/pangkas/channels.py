@@ -20,6 +20,7 @@ from .errors import PangkasError
 from .graph.labels import components
 from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
 from .importance import check as check_importance
+from .integrations import huggingface
 from .importance import gradients, l1, slice_scores
 from .io import RESHAPED
 from .modules import Selector, as_patterns, matches
@@ -206,8 +207,11 @@ class Plan:
 
     def _rehearse(self) -> None:
         """Run surgery and verification on a copy of the model without weights, so the plan
-        already accounts for what the model's code cannot follow. A model that builds tensors of
-        its own device in forward cannot run on a meta copy: it is checked at apply time only."""
+        already accounts for what the model's code cannot follow. A model that does not run on
+        meta tensors (it builds tensors of its own device, or reads values) is checked at apply
+        time only: its ops may differ between devices."""
+        if not self.coupling.on_meta:
+            return
         try:
             self._converge(_meta_clone(self.model), rehearsal=True)
         except _NoRehearsal:
@@ -242,19 +246,22 @@ class Plan:
                            + "; ".join(self.retried[-3:]))
 
     def _same_code(self, record) -> list:
-        """Records of the same op at the same place in modules of the same class: the same line
-        of code, which will fail the same way (one attention module fails, all of them would)."""
-        def signature(index_and_record):
-            index, r = index_and_record
-            module = self.model.get_submodule(r.module) if r.module else self.model
-            return type(module), r.name, occurrence[index]
+        """Records of the same op at the same place in every repetition of a layer (module paths
+        equal up to their indices, ``layers.*.self_attn``): the same line of code, which fails
+        the same way everywhere."""
+        def place(r) -> str:
+            return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", r.module)
+
+        def signature(index, r):
+            return place(r), r.name, occurrence[index]
+
         occurrence, seen = [], Counter()
         for r in self.coupling.records:
             occurrence.append(seen[(r.module, r.name)])
             seen[(r.module, r.name)] += 1
         indexed = list(enumerate(self.coupling.records))
-        target = signature(next(item for item in indexed if item[1] is record))
-        return [r for item in indexed for r in [item[1]] if signature(item) == target]
+        target = next(signature(i, r) for i, r in indexed if r is record)
+        return [r for i, r in indexed if signature(i, r) == target]
 
     def _block_module(self, module: str, why: str) -> None:
         for name, ids in self.coupling.tensor_ids.items():
@@ -527,6 +534,7 @@ def plan_channels(
     data=None,
     loss_fn=None,
     allow_approximate: bool = False,
+    prune_outputs: bool = False,
 ) -> Plan:
     """Plan the removal of ``ratio`` of the channels of every coupled group (``scope="local"``)
     or of all channels ranked together (``scope="global"``, scores normalised per group).
@@ -537,12 +545,14 @@ def plan_channels(
     module globs or types to their own ratio; ``ignore`` keeps whole modules; ``round_to`` keeps
     channel counts multiples of it, or with ``"auto"`` picks per layer the nearby count that runs
     fastest on this CPU (measured); ``max_ratio`` caps any group's removal under global scope.
-    The model's outputs are never pruned. Channels under a normalisation across channels
+    The model's outputs keep their channels unless ``prune_outputs=True`` (an encoder whose
+    output is its hidden state, when pruning hidden size). Channels under a normalisation across channels
     (LayerNorm, GroupNorm) or an attention scale tied to head_dim are kept unless
     ``allow_approximate=True``: removing them cannot be exact.
     """
     _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_fn)
-    coupling = trace(model, example_inputs)
+    coupling = trace(model, example_inputs, split_keep=huggingface.split_keep(model),
+                     keep_outputs=not prune_outputs)
     _ignore_blocks(model, coupling, ignore)
     options = Options(ratio, importance, scope, dict(ratios or {}), round_to,
                       1.0 if max_ratio is None else max_ratio, allow_approximate)

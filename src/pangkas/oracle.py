@@ -46,7 +46,8 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
     """Random weights that make the oracle sensitive: random-init models often hide pruning errors
     behind zero-initialised heads, tiny layer scales or BatchNorm statistics of exactly 0 and 1."""
     g = torch.Generator().manual_seed(seed)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+    statistics = [(n, b) for n, b in model.named_buffers() if n.endswith(("running_mean", "running_var"))]
+    for name, t in list(model.named_parameters()) + statistics:  # not buffers like RoPE frequencies
         if not t.is_floating_point():
             continue
         if name.endswith("running_var"):

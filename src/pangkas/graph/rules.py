@@ -151,12 +151,14 @@ def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[lis
 def _split(e, ids: torch.Tensor, positions: list[int], sizes: list[int]) -> tuple[torch.Tensor, list[int]]:
     """A dim split into several: code usually fixes the outer sizes (groups, heads) and derives
     the innermost (``-1``, ``C // groups``), so only the innermost non-unit dim keeps channel ids
-    and may shrink. Positions along the outer dims are joined (removed together) and those dims
-    drop out of the axis. The post-surgery shape check catches code that differs.
+    and may shrink. Positions along the other dims are joined (removed together) and those dims
+    drop out of the axis. The post-surgery shape check catches code that differs. An adapter
+    (``e.split_keep``) may choose another dim: whole attention heads, in Hugging Face models.
 
     Returns the ids without the outer dims, and which of ``positions`` were dropped."""
+    chosen = e.split_keep(e.module, sizes) if e.split_keep else None
     big = [p for p, n in zip(positions, sizes) if n > 1]
-    keep = big[-1] if big else positions[-1]
+    keep = positions[chosen] if chosen is not None else big[-1] if big else positions[-1]
     dropped = [p for p in positions if p != keep]
     for p in dropped:
         e.union(ids, ids.narrow(p, 0, 1).expand_as(ids))
@@ -453,7 +455,7 @@ def reduction(e, func, args, kwargs, out):
         _reduce(e, x, o, dims, keepdim, func.overloadpacket.__name__, approximate=statistic)
 
 
-@rule(aten._softmax, aten._log_softmax, aten.softmax, aten.log_softmax, aten.cumsum)
+@rule(aten._softmax, aten._log_softmax, aten.softmax, aten.log_softmax, aten._safe_softmax, aten.cumsum)
 def along_dim(e, func, args, kwargs, out):
     x, dim = args[0], norm_dim(args[1], args[0].ndim)
     labels = e.get(x)
@@ -508,36 +510,40 @@ def contract(e, a, b, out, batch: int):
     layout_a = list(range(batch)) + [batch + 1]   # a: (..., n, k)
     layout_b = list(range(batch)) + [batch]       # b: (..., k, m)
     sizes = [a.shape[d] for d in layout_a]
-    joined, free, covered = [], [], set()
+    joined, free, keys = [], [], []
     for t, layout, free_dim, out_dim in ((a, layout_a, batch, batch), (b, layout_b, batch + 1, batch + 1)):
         for ax in e.get(t):
             dims = set(ax.dims)
             if dims <= set(layout):
                 joined.append((t, _to_layout(ax, layout, sizes)))
-                covered.add(frozenset(layout.index(d) for d in dims))
+                keys.append(frozenset(layout.index(d) for d in dims))
             elif dims == {free_dim}:
                 free.append(Axis((out_dim,), ax.ids))
                 e.produce(ax.ids)
             else:
                 e.block(ax.ids, "channel dims mixed across a matrix product")
-    sides = {id(t) for t, _ in joined}
-    arrays = [ids for _, ids in joined]
-    if len(covered) > 1:  # e.g. batch ids on one side, contracted ids on the other
-        for ids in arrays:
-            e.block(ids, "matrix product pairing different channel dims")
-        joined, arrays = [], []
-    for ids in arrays[1:]:
-        e.union(arrays[0], ids)
-    if arrays and len(sides) == 1 and a is not b:
-        # Only one side is labelled: the other is a constant or model input of fixed size.
-        e.block(arrays[0], "matrix product with an unlabelled operand")
+    # Per set of layout dims (heads on a batch dim; the contracted dim): both sides' ids join.
+    # A set that only one side carries meets a constant or model input there: those stay.
+    arrays = []
+    for key in set(keys):
+        own = [(t, ids) for (t, ids), k in zip(joined, keys) if k == key]
+        if len({id(t) for t, _ in own}) == 1 and a is not b:
+            for _, ids in own:
+                e.block(ids, "matrix product with an unlabelled operand")
+            continue
+        for _, ids in own[1:]:
+            e.union(own[0][1], ids)
+        arrays += [ids for _, ids in own]
     for t, ids in joined:
         if e.is_weight(t):  # a weight reading channels; activation x activation reads none
             e.consume(ids)
-    if arrays and not e.is_weight(a) and not e.is_weight(b):
+    kept = {id(ids) for ids in arrays}
+    contracted = [ids for (t, ids), key in zip(joined, keys) if len(layout_a) - 1 in key and id(ids) in kept]
+    if contracted and not e.is_weight(a) and not e.is_weight(b):
         # Two activations meeting over channels: attention scores, whose scale code usually
         # derives from head_dim at run time (q.shape[-1] ** -0.5), invisible to a trace.
-        e.approximate(arrays[0], "attention scores over head dims (scale may follow head_dim)")
+        # (Whole heads, on a batch dim, keep head_dim and the scale: those stay exact.)
+        e.approximate(contracted[0], "attention scores over head dims (scale may follow head_dim)")
     # Ids on batch dims only (not the contracted dim) survive into the output.
     batch_labels = []
     for t, layout in ((a, layout_a), (b, layout_b)):

@@ -63,6 +63,7 @@ class Coupling:
     produced: torch.Tensor                               # ids of dims that create channels
     records: list[OpRecord]
     extra_blocks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    on_meta: bool = True  # traced on meta tensors (else under FakeTensorMode on the model's device)
 
     def classes(self, allow_approximate: bool = False) -> torch.Tensor:
         """Each id's class representative; classes that must stay are joined to FIXED (0)."""
@@ -88,6 +89,8 @@ class Engine:
         self.produced: list[torch.Tensor] = []
         self.weights = WeakIdKeyDictionary()  # parameters and tensors computed from them alone
         self.where = ""  # "op in module", for reasons
+        self.module = ""  # the module running the current op
+        self.split_keep = None  # adapter: (module, sizes of a split) -> index of the dim to keep
 
     def fresh(self, shape) -> torch.Tensor:
         n = int(torch.Size(shape).numel())
@@ -148,6 +151,7 @@ class _Tracer(TorchDispatchMode):
         if func.overloadpacket in IGNORED:
             return out
         e = self.engine
+        e.module = self.stack[-1]
         e.where = f"{func.overloadpacket.__name__} in {self.stack[-1] or 'model'}"
         found = find_rule(func)
         # Rules compute on real id tensors: the fake mode below this one must not catch them.
@@ -273,7 +277,8 @@ class TraceFailed(PangkasError):
         self.records = records
 
 
-def run_traced(model: nn.Module, example_inputs) -> tuple[Engine, list[OpRecord], dict[str, list[torch.Tensor]]]:
+def run_traced(model: nn.Module, example_inputs, split_keep=None, keep_outputs: bool = True,
+               ) -> tuple[Engine, list[OpRecord], dict[str, list[torch.Tensor]]]:
     """Run ``model`` under the tracer on data-free copies of its state and ``example_inputs``;
     returns the engine, the op records and the ids given to each parameter/buffer dim (by name).
 
@@ -281,7 +286,7 @@ def run_traced(model: nn.Module, example_inputs) -> tuple[Engine, list[OpRecord]
     tensor attributes) is retried under ``FakeTensorMode``, which accepts them.
     """
     try:
-        return _run(model, example_inputs, None)
+        return _run(model, example_inputs, None, split_keep, keep_outputs)
     except TraceFailed as meta_failure:
         if not _needs_fake(meta_failure):
             raise
@@ -289,7 +294,7 @@ def run_traced(model: nn.Module, example_inputs) -> tuple[Engine, list[OpRecord]
         level = fake_log.level
         fake_log.setLevel(logging.CRITICAL)  # it logs every failing op before raising
         try:
-            return _run(model, example_inputs, FakeTensorMode(allow_non_fake_inputs=True))
+            return _run(model, example_inputs, FakeTensorMode(allow_non_fake_inputs=True), split_keep, keep_outputs)
         except TraceFailed:
             raise meta_failure from None
         finally:
@@ -302,8 +307,10 @@ def _needs_fake(failure: TraceFailed) -> bool:
     return any(hint in cause for hint in ("device", "meta", "data-dependent", "item()"))
 
 
-def _run(model, example_inputs, fake_mode: FakeTensorMode | None):
+def _run(model, example_inputs, fake_mode: FakeTensorMode | None, split_keep, keep_outputs=True):
     engine = Engine()
+    engine.split_keep = split_keep
+    engine.on_meta = fake_mode is None
     if fake_mode is None:
         convert = lambda t: t.detach().to("meta")  # noqa: E731
         mode = contextlib.nullcontext()
@@ -327,8 +334,9 @@ def _run(model, example_inputs, fake_mode: FakeTensorMode | None):
         raise TraceFailed(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
                           records) from exc
     engine.where = "model output"
-    for t in _leaves(output):
-        engine.block_tensor(t, "model output")
+    if keep_outputs:
+        for t in _leaves(output):
+            engine.block_tensor(t, "model output")
     return engine, records, ids
 
 
@@ -357,9 +365,9 @@ def _leaves(output) -> list[torch.Tensor]:
     return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
 
 
-def trace(model: nn.Module, example_inputs) -> Coupling:
+def trace(model: nn.Module, example_inputs, split_keep=None, keep_outputs: bool = True) -> Coupling:
     """Trace ``model`` on ``example_inputs`` and return its channel coupling."""
-    engine, records, tensor_ids = run_traced(model, example_inputs)
+    engine, records, tensor_ids = run_traced(model, example_inputs, split_keep, keep_outputs)
     empty = torch.zeros(0, dtype=torch.long)
     unions = (torch.cat(engine.left) if engine.left else empty, torch.cat(engine.right) if engine.right else empty)
     return Coupling(
@@ -371,4 +379,5 @@ def trace(model: nn.Module, example_inputs) -> Coupling:
         consumed=torch.cat(engine.consumed) if engine.consumed else empty,
         produced=torch.cat(engine.produced) if engine.produced else empty,
         records=records,
+        on_meta=engine.on_meta,
     )

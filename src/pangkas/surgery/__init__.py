@@ -12,18 +12,26 @@ from torch import nn
 
 from .attributes import snapshot, update
 
+# Whole-model fix-ups after tensors shrink (an integration registers one, e.g. Hugging Face
+# attention head counts and configs): fn(model, undo) records what it changes in ``undo``.
+MODEL_FIXERS: list = []
+
 
 @dataclass
 class Undo:
     tensors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    attributes: list[tuple[nn.Module, dict]] = field(default_factory=list)
+    attributes: list[tuple[object, dict]] = field(default_factory=list)
+
+    def remember(self, owner: object, names) -> None:
+        """Record ``owner``'s current values of ``names`` (those it has) before changing them."""
+        self.attributes.append((owner, {n: getattr(owner, n) for n in names if hasattr(owner, n)}))
 
     def restore(self) -> None:
         for tensor, data in self.tensors:
             tensor.data = data
-        for module, values in self.attributes:
+        for owner, values in reversed(self.attributes):
             for name, value in values.items():
-                setattr(module, name, value)
+                setattr(owner, name, value)
 
 
 def owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -73,8 +81,10 @@ def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]]) -> Undo
                     cut = cut.index_select(dim, index.to(cut.device))
             undo.tensors.append((tensor, data))
             tensor.data = cut.contiguous()
-        for module, original in undo.attributes:
+        for module, original in list(undo.attributes):
             update(module, original)
+        for fix in MODEL_FIXERS:
+            fix(model, undo)
     except Exception:
         undo.restore()
         raise

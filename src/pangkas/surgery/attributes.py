@@ -22,17 +22,22 @@ def updater(*types: type):
     return register
 
 
+# Classes of optional libraries, by "module.QualName", so that nothing imports them here.
+UPDATERS_BY_NAME: dict[str, Callable[[nn.Module, dict], None]] = {}
+
+
 def update(module: nn.Module, original: dict) -> None:
     """Refresh ``module``'s size attributes; ``original`` holds their values before surgery."""
     for cls in type(module).__mro__:
-        if cls in UPDATERS:
-            UPDATERS[cls](module, original)
+        fn = UPDATERS.get(cls) or UPDATERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if fn is not None:
+            fn(module, original)
             return
 
 
 SIZE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features",
                    "num_features", "normalized_shape", "num_channels", "num_parameters",
-                   "embedding_dim", "embed_dim", "kdim", "vdim", "head_dim")
+                   "embedding_dim", "embed_dim", "kdim", "vdim", "head_dim", "nf", "nx")
 
 
 def snapshot(module: nn.Module) -> dict:
@@ -97,3 +102,11 @@ def _mha(m, original):
     m.kdim = m.embed_dim if m._qkv_same_embed_dim else m.k_proj_weight.shape[1]
     m.vdim = m.embed_dim if m._qkv_same_embed_dim else m.v_proj_weight.shape[1]
     m.head_dim = m.embed_dim // m.num_heads
+
+
+def _hf_conv1d(m, original):
+    """Hugging Face's GPT-2 ``Conv1D`` (a Linear with a transposed weight) views by ``nf``."""
+    m.nx, m.nf = m.weight.shape
+
+
+UPDATERS_BY_NAME["transformers.pytorch_utils.Conv1D"] = _hf_conv1d

@@ -1,0 +1,1 @@
+"""Library-specific knowledge the generic engine cannot trace (kept out of the engine itself)."""

@@ -1,0 +1,209 @@
+"""Hugging Face transformers: whole attention heads as the pruning unit, and configs that follow.
+
+The channel engine needs two things it cannot see in a trace. Which way to cut attention: HF
+code views projections as ``(..., -1, head_dim)``, so heads, not head dims, may go (removing a
+head keeps head_dim and the attention scale: exact); with grouped-query attention the unit is a
+whole KV group (its query heads with it), so the head-to-KV mapping never breaks. And what the
+modules and the config say about sizes: after surgery each attention module's head counts and
+the config (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``,
+``hidden_size``, ``head_dim``) are updated where the pruning was uniform, so ``save_pretrained``
+/ ``from_pretrained`` work without pangkas.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import PangkasError
+from ..surgery import MODEL_FIXERS, Undo
+
+HEADS = ("num_heads", "num_attention_heads", "n_head")
+HEAD_DIM = ("head_dim", "attention_head_size")
+QUERY = ("q_proj", "query", "q", "q_lin")
+KEY = ("k_proj", "key", "k", "k_lin")
+FFN = ("up_proj", "gate_proj", "fc1", "c_fc", "intermediate.dense", "lin1", "w1", "w3")
+HEAD_ATTRIBUTES = HEADS + ("num_key_value_heads", "all_head_size", "split_size", "num_key_value_groups")
+
+
+def is_transformers(model: nn.Module) -> bool:
+    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
+
+
+@dataclass(frozen=True)
+class Heads:
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def _int_attr(owner, names) -> int | None:
+    return next((v for n in names if isinstance(v := getattr(owner, n, None), int)), None)
+
+
+def _out_width(module: nn.Module) -> int | None:
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        return None
+    if type(module).__name__ == "Conv1D":  # GPT-2's transposed Linear
+        return weight.shape[1]
+    return weight.shape[0]
+
+
+def heads_of(module: nn.Module) -> Heads | None:
+    """Head counts of an HF attention module, read from its projections' current sizes."""
+    head_dim = _int_attr(module, HEAD_DIM)
+    if not head_dim:
+        return None
+    children = dict(module.named_children())
+    q = next((children[n] for n in QUERY if n in children), None)
+    k = next((children[n] for n in KEY if n in children), None)
+    if q is not None:
+        q_width, k_width = _out_width(q), _out_width(k) if k is not None else None
+    elif "c_attn" in children and _out_width(children["c_attn"]):  # GPT-2: q, k, v fused equally
+        q_width = k_width = _out_width(children["c_attn"]) // 3
+    else:
+        return None  # fused projections of unequal parts (Phi-3): heads stay
+    if not q_width:
+        return None
+    return Heads(q_width // head_dim, (k_width or q_width) // head_dim, head_dim)
+
+
+def attention_modules(model: nn.Module) -> dict[str, Heads]:
+    if not is_transformers(model):
+        return {}
+    return {name: h for name, m in model.named_modules() if (h := heads_of(m)) is not None}
+
+
+def split_keep(model: nn.Module):
+    """For the tracer: inside an attention module, a projection viewed as (heads, head_dim)
+    keeps its heads dim; anywhere else the default applies."""
+    modules = attention_modules(model)
+    if not modules:
+        return None
+
+    def keep(module_name: str, sizes: list[int]) -> int | None:
+        for name, h in modules.items():
+            if module_name == name or module_name.startswith(name + "."):
+                for i in range(len(sizes) - 1):
+                    if sizes[i] in (h.heads, h.kv_heads) and sizes[i + 1] == h.head_dim:
+                        return i
+        return None
+
+    return keep
+
+
+def _fix_attention(model: nn.Module, undo: Undo) -> None:
+    """Surgery fixer: attention modules learn their new head counts; the config follows."""
+    if not is_transformers(model):
+        return
+    found = {}
+    for name, module in model.named_modules():
+        h = heads_of(module)
+        if h is None:
+            continue
+        found[name] = h
+        undo.remember(module, HEAD_ATTRIBUTES)
+        values = {"num_heads": h.heads, "num_attention_heads": h.heads, "n_head": h.heads,
+                  "num_key_value_heads": h.kv_heads, "all_head_size": h.heads * h.head_dim,
+                  "split_size": h.heads * h.head_dim, "num_key_value_groups": h.heads // max(1, h.kv_heads)}
+        for attr, value in values.items():
+            if isinstance(getattr(module, attr, None), int):
+                setattr(module, attr, value)
+    _fix_config(model, found, undo)
+
+
+def _uniform(values) -> int | None:
+    values = set(values)
+    return values.pop() if len(values) == 1 else None
+
+
+def _fix_config(model: nn.Module, found: dict[str, Heads], undo: Undo) -> None:
+    """Sizes the same in every layer go into the config; per-layer sizes cannot (see
+    ``config_describes``)."""
+    config = model.config
+    undo.remember(config, ("num_attention_heads", "num_key_value_heads", "intermediate_size", "n_inner",
+                           "hidden_size", "head_dim"))
+    heads = _uniform(h.heads for h in found.values())
+    if heads and hasattr(config, "num_attention_heads"):
+        config.num_attention_heads = heads
+    kv = _uniform(h.kv_heads for h in found.values())
+    if kv and getattr(config, "num_key_value_heads", None) is not None:
+        config.num_key_value_heads = kv
+    head_dim = _uniform(h.head_dim for h in found.values())
+    hidden = getattr(config, "hidden_size", None)
+    if head_dim and (getattr(config, "head_dim", None) is not None or (heads and hidden and hidden // heads != head_dim)):
+        config.head_dim = head_dim  # LLaMA-style configs read it; BERT/GPT-2 derive it (see config_describes)
+    ffn = _uniform(w // (2 if name.endswith("gate_up_proj") else 1)  # Phi-3 fuses gate and up
+                   for name, m in model.named_modules() if name.endswith(FFN) and (w := _out_width(m)))
+    if ffn:
+        if hasattr(config, "n_inner"):
+            config.n_inner = ffn
+        elif getattr(config, "intermediate_size", None) is not None:
+            config.intermediate_size = ffn
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embeddings, nn.Embedding):
+        config.hidden_size = embeddings.embedding_dim
+
+
+MODEL_FIXERS.append(_fix_attention)
+
+
+def config_describes(model: nn.Module) -> str | None:
+    """None if a model built from ``model.config`` has exactly ``model``'s parameter shapes (so
+    ``save_pretrained`` + ``from_pretrained`` round-trips); else the first mismatch."""
+    with torch.device("meta"):
+        fresh = type(model)._from_config(model.config)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+    for key in sorted(want.keys() | got.keys()):
+        if want.get(key) != got.get(key):
+            return f"{key}: model {want.get(key)}, config builds {got.get(key)}"
+    return None
+
+
+def ratios(model: nn.Module, heads: float | None = None, ffn: float | None = None,
+           hidden: float | None = None) -> dict[str, float]:
+    """``plan_channels(ratios=...)`` entries: heads (by each attention module's query
+    projection), FFN neurons (by the MLP's up projections), hidden size (by the embeddings)."""
+    if not is_transformers(model):
+        raise PangkasError(f"{type(model).__name__} is not a Hugging Face transformers model; use ratio= / ratios=")
+    out: dict[str, float] = {}
+    if heads is not None:
+        modules = attention_modules(model)
+        if not modules:
+            raise PangkasError(
+                f"no attention module of {type(model).__name__} exposes separate query/key projections "
+                "and a head_dim (fused projections of unequal parts, as in Phi-3, are not supported); "
+                "prune ffn= and hidden= only, or add an adapter in pangkas/integrations/huggingface.py")
+        for name, h in modules.items():
+            if heads > 0 and h.kv_heads < 2:
+                raise PangkasError(f"{name} has {h.kv_heads} key/value head(s): removing "
+                                   "heads would break grouped-query attention; use heads=0")
+            children = dict(model.get_submodule(name).named_children())
+            query = next((n for n in QUERY if n in children), "c_attn")
+            out[f"{name}.{query}"] = heads
+    if ffn is not None:
+        for name, _ in model.named_modules():
+            if name.endswith(FFN):
+                out[name] = ffn
+    if hidden is not None:
+        embeddings = model.get_input_embeddings()
+        names = {id(m): n for n, m in model.named_modules()}
+        out[names[id(embeddings)]] = hidden
+    return out
+
+
+def prune_transformer(model: nn.Module, example_inputs, *, heads: float | None = None,
+                      ffn: float | None = None, hidden: float | None = None, **options):
+    """Remove ``heads`` of the attention heads (whole KV groups with GQA), ``ffn`` of the MLP
+    neurons and ``hidden`` of the hidden size (approximate: LayerNorm/RMSNorm statistics change)
+    of a Hugging Face model, then update its config. Other options go to ``plan_channels``."""
+    from ..channels import prune_channels
+
+    if heads is None and ffn is None and hidden is None:
+        raise PangkasError("give at least one of heads=, ffn=, hidden=")
+    return prune_channels(model, example_inputs, ratio=0.0, ratios=ratios(model, heads, ffn, hidden),
+                          allow_approximate=hidden is not None, **options)
