@@ -176,3 +176,33 @@ def test_prune_layers_text_data_for_hugging_face(capsys, tmp_path):
 def test_prune_layers_bad_input(capsys, tmp_path, extra, message):
     code, _, err = run(capsys, "prune", "layers", *DIGITS, *extra, "-o", str(tmp_path / "x.safetensors"))
     assert code == 2 and message in err
+
+
+def test_prune_hugging_face_heads_writes_a_from_pretrained_directory(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    (tmp_path / "llama" / "tokenizer_config.json").write_text("{}")
+    out_dir = tmp_path / "pruned"
+    code, out, err = run(capsys, "prune", "channels", str(tmp_path / "llama"), "--heads", "0.5", "--ffn", "0.5",
+                         "--input-shape", "1,12", "-o", str(out_dir))
+    assert code == 0, err
+    assert (out_dir / "tokenizer_config.json").is_file()  # other files come along
+    again = transformers.AutoModelForCausalLM.from_pretrained(out_dir)
+    assert again.config.num_attention_heads == 2 and again.config.intermediate_size == 32
+    assert again.model.layers[0].self_attn.q_proj.weight.shape == (16, 32)
+
+
+def test_prune_hugging_face_refuses_a_directory_its_config_cannot_describe(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                     num_attention_heads=4, intermediate_size=64)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    code, _, err = run(capsys, "prune", "channels", str(tmp_path / "bert"), "--heads", "0.5",
+                       "--input-shape", "1,12", "-o", str(tmp_path / "out"))
+    assert code == 2 and "cannot describe" in err and ".safetensors" in err
+    assert not (tmp_path / "out").exists()
+    code, _, _ = run(capsys, "prune", "channels", str(tmp_path / "bert"), "--heads", "0.5",
+                     "--input-shape", "1,12", "-o", str(tmp_path / "out.safetensors"))
+    assert code == 0

@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     channels = kinds.add_parser("channels", help="remove channels physically (smaller and faster)")
     _model_args(channels)
-    channels.add_argument("--ratio", type=float, required=True, help="fraction of channels to remove, in [0, 1)")
+    channels.add_argument("--ratio", type=float, help="fraction of channels to remove, in [0, 1)")
+    channels.add_argument("--heads", type=float, help="Hugging Face: fraction of attention heads to remove")
+    channels.add_argument("--ffn", type=float, help="Hugging Face: fraction of MLP neurons to remove")
+    channels.add_argument("--hidden", type=float, help="Hugging Face: fraction of the hidden size (approximate)")
     channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "random"), default="l1")
     channels.add_argument("--scope", choices=("local", "global"), default="local")
     channels.add_argument("--round-to", type=_round_to, default=1,
@@ -96,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _output_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-o", "--output", required=True, help="where to write the pruned .safetensors")
+    parser.add_argument("-o", "--output", required=True,
+                        help="the pruned model: a .safetensors file, or for a Hugging Face MODEL a directory")
     parser.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the MODEL file itself")
 
 
@@ -130,18 +134,23 @@ def _prune(args) -> None:
     """Load, measure, prune (weights or channels), save, measure again, compare."""
     from .io import save
     from .measure import compare, measure
-    from .sources import describe
+    from .sources import describe, save_pretrained
 
-    if not args.output.endswith(".safetensors"):
-        raise PangkasError(f"-o must name a .safetensors file, got {args.output!r}")
     source = _resolve(args)
+    to_directory = source.directory is not None and not args.output.endswith(".safetensors")
+    if not to_directory and not args.output.endswith(".safetensors"):
+        raise PangkasError(f"-o must name a .safetensors file (or a directory for a Hugging Face model), "
+                           f"got {args.output!r}")
     with console.status("measuring"):
         before = measure(source.model, source.example_inputs, latency=False)
     with console.status(f"pruning {args.kind}"):
         report = PRUNERS[args.kind](source, args)
     console.print(str(report), markup=False, soft_wrap=True)
     with console.status("saving"):
-        save(source.model, args.output, metadata=describe(source), overwrite_input=args.overwrite_input)
+        if to_directory:
+            save_pretrained(source, args.output, overwrite_input=args.overwrite_input)
+        else:
+            save(source.model, args.output, metadata=describe(source), overwrite_input=args.overwrite_input)
     with console.status("measuring"):
         after = measure(source.model, source.example_inputs, latency=False)
     console.print(compare(before, after), markup=False, soft_wrap=True)
@@ -158,7 +167,16 @@ def _prune_weights(source, args):
 
 def _prune_channels(source, args):
     from .channels import prune_channels
+    from .integrations.huggingface import prune_transformer
 
+    common = dict(importance=args.importance, scope=args.scope, round_to=args.round_to, ignore=args.ignore)
+    if any(v is not None for v in (args.heads, args.ffn, args.hidden)):
+        if args.ratio is not None:
+            raise PangkasError("give --ratio, or --heads/--ffn/--hidden, not both")
+        return prune_transformer(source.model, source.example_inputs, heads=args.heads, ffn=args.ffn,
+                                 hidden=args.hidden, **common)
+    if args.ratio is None:
+        raise PangkasError("give --ratio (or, for a Hugging Face model, --heads/--ffn/--hidden)")
     return prune_channels(source.model, source.example_inputs, ratio=args.ratio,
                           importance=args.importance, scope=args.scope, round_to=args.round_to,
                           ignore=args.ignore, allow_approximate=args.allow_approximate)

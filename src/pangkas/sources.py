@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,3 +196,42 @@ def _text_batches(source: Source, path: Path, batch_size: int) -> list:
     tokenizer = transformers.AutoTokenizer.from_pretrained(source.directory)
     return [dict(tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=128,
                            return_tensors="pt")) for i in range(0, len(texts), batch_size)]
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
+
+
+def save_pretrained(source: Source, out: str, *, overwrite_input: bool = False) -> Path:
+    """Write a pruned Hugging Face model as a directory ``from_pretrained`` loads: its config
+    (updated by pruning), weights, and every other file of the source directory (tokenizer,
+    sentence-transformers pooling...). Refuses when the config cannot describe the pruned shapes."""
+    import shutil
+
+    from .integrations.huggingface import config_describes
+
+    out_dir = Path(out)
+    if source.directory is None:
+        raise PangkasError("a Hugging Face output directory needs a Hugging Face MODEL directory")
+    if out_dir.resolve() == source.directory.resolve() and not overwrite_input:
+        raise PangkasError(f"{out_dir} is the input directory; write elsewhere or pass --overwrite-input")
+    problem = config_describes(source.model)
+    if problem:
+        raise PangkasError(
+            f"{type(source.model).__name__}'s config cannot describe the pruned model ({problem}); "
+            "from_pretrained would fail. Write a .safetensors file instead (-o pruned.safetensors), "
+            "which pangkas.load restores into a fresh instance")
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None,
+                                    prefix=f".{out_dir.name}."))
+    try:
+        for item in source.directory.iterdir():
+            if item.name == "config.json" or item.suffix in WEIGHT_FILES or item.name.endswith(".index.json"):
+                continue
+            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+        source.model.save_pretrained(staging)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)  # the directory appears whole or not at all
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out_dir
