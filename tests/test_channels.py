@@ -436,3 +436,28 @@ def test_oracle_on_random_architectures(spec, ratio, scope):
         assert plan.channels_removed == sum(min(round(ratio * n), n - 1) for n in sizes)
     else:
         assert plan.channels_removed == min(round(ratio * sum(sizes)), sum(n - 1 for n in sizes))
+
+
+def test_wanda_keeps_inputs_with_large_activations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    with torch.no_grad():
+        model[2].weight.fill_(1.0)
+        model[0].weight.fill_(0.1)
+        model[0].bias.zero_()
+        model[0].weight[[1, 4]] = 0.2  # hidden units 1 and 4 carry large activations...
+    data = [torch.ones(8, 4) for _ in range(2)]
+    plan = pangkas.plan_channels(model, data[0], ratio=0.5, importance="wanda", data=data, ignore=[nn.ReLU])
+    plan.apply()
+    assert model[2].in_features == 3
+    # ...so they score highest and stay (ties among the others go in order: 0, 2, 3 leave).
+    assert (model[0].weight[:2] == 0.2).all() and (model[0].weight[2] == 0.1).all()
+
+
+def test_wanda_plan_is_exact_and_needs_data():
+    x = torch.randn(nets.IMAGES)
+    with pytest.raises(pangkas.PangkasError, match="wanda"):
+        pangkas.plan_channels(nets.Chain(), x, ratio=0.5, importance="wanda")
+    data = [torch.randn(nets.IMAGES) for _ in range(2)]
+    error, plan = exact_error(nets.Chain(), x, ratio=0.5, importance="wanda", data=data)
+    assert plan.channels_removed > 0 and error <= EXACT

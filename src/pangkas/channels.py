@@ -21,7 +21,7 @@ from .graph.labels import components
 from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
 from .importance import check as check_importance
 from .integrations import huggingface
-from .importance import gradients, l1, slice_scores
+from .importance import gradients, input_norms, l1, slice_scores
 from .io import RESHAPED
 from .modules import Selector, as_patterns, matches
 from .surgery import shrink
@@ -541,7 +541,8 @@ def plan_channels(
 
     ``importance``: ``"l1"`` (default), ``"l2"``, ``"fpgm"``, ``"bn_scale"`` (|BatchNorm gamma|;
     l1 where a group has none), ``"taylor"`` (|w * grad| over ``data`` with
-    ``loss_fn(output, batch)``), ``"random"``, or ``fn(tensor, dim) -> scores``. ``ratios`` maps
+    ``loss_fn(output, batch)``), ``"wanda"`` (|w| x input activation norm over ``data``),
+    ``"random"``, or ``fn(tensor, dim) -> scores``. ``ratios`` maps
     module globs or types to their own ratio; ``ignore`` keeps whole modules; ``round_to`` keeps
     channel counts multiples of it, or with ``"auto"`` picks per layer the nearby count that runs
     fastest on this CPU (measured); ``max_ratio`` caps any group's removal under global scope.
@@ -572,9 +573,14 @@ def _scores(model, coupling: Coupling, importance, data, loss_fn) -> dict:
         dims = {n: [d for d in ds if torch.isin(coupling.tensor_ids[n][d], coupling.produced).any()]
                 for n, ds in dims.items() if params[n].ndim > 1}
     grads = gradients(model, data, loss_fn) if importance == "taylor" else None
+    norms = None
+    if importance == "wanda":  # by weight name (a masked weight's original counts as the weight)
+        by_module = input_norms(model, data)
+        norms = {name: by_module[_module_of(name)] for name in params
+                 if _module_of(name) in by_module and name.endswith(("weight", "weight.original"))}
     bn = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
           if isinstance(mod, nn.modules.batchnorm._BatchNorm)}
-    scores = slice_scores(importance, params, dims, grads, bn)
+    scores = slice_scores(importance, params, dims, grads, bn, norms)
     if importance == "bn_scale":  # groups without BatchNorm fall back to l1
         fallback = slice_scores(l1, params, {n: ds for n, ds in dims.items() if n not in bn}, None, bn)
         scores.update({k: v * 1e-6 for k, v in fallback.items()})

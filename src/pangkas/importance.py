@@ -42,7 +42,8 @@ def fpgm(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 CRITERIA: dict[str, SliceScore] = {"l1": l1, "l2": l2, "fpgm": fpgm}
-NAMES = ("l1", "l2", "fpgm", "bn_scale", "taylor", "random")
+NAMES = ("l1", "l2", "fpgm", "bn_scale", "taylor", "wanda", "random")
+NEEDS_DATA = ("taylor", "wanda")
 
 
 def check(importance, data, loss_fn) -> None:
@@ -53,6 +54,46 @@ def check(importance, data, loss_fn) -> None:
                            f"got {importance!r}")
     if importance == "taylor" and (data is None or loss_fn is None):
         raise PangkasError("importance='taylor' needs data= (batches) and loss_fn=(output, batch) -> loss")
+    if importance == "wanda" and data is None:
+        raise PangkasError("importance='wanda' needs data= (calibration batches) to measure activations")
+
+
+@torch.no_grad()
+def input_norms(model: nn.Module, data: Iterable) -> dict[str, tuple[torch.Tensor, int]]:
+    """For every Linear (and GPT-2 Conv1D) by its module name: the L2 norm of each input
+    feature over all calibration tokens (Wanda's ||X_j||), and which weight dim reads inputs."""
+    sums: dict[str, torch.Tensor] = {}
+    reads: dict[str, int] = {}
+    hooks = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            reads[name] = 1 if isinstance(module, nn.Linear) else 0  # Conv1D's weight is (in, out)
+
+            def hook(mod, args, name=name):
+                x = args[0].detach().float()
+                sums[name] = sums.get(name, 0) + x.reshape(-1, x.shape[-1]).pow(2).sum(0)
+
+            hooks.append(module.register_forward_pre_hook(hook))
+    batches = 0
+    try:
+        with evaluating(model):
+            for batch in data:
+                call_model(model, batch)
+                batches += 1
+    finally:
+        for h in hooks:
+            h.remove()
+    if not batches:
+        raise PangkasError("data= yielded no batches")
+    return {name: (total.sqrt(), reads[name]) for name, total in sums.items()}
+
+
+def wanda(t: torch.Tensor, dim: int, norms: torch.Tensor, input_dim: int) -> torch.Tensor:
+    """Wanda (Sun et al. 2023): |W_ij| * ||X_j|| summed over the slice (weights whose input
+    features are large matter more)."""
+    shape = [1] * t.ndim
+    shape[input_dim] = -1
+    return l1(t.abs() * norms.reshape(shape).to(t.device), dim)
 
 
 @torch.enable_grad()
@@ -82,12 +123,14 @@ def gradients(model: nn.Module, data: Iterable, loss_fn) -> dict[str, torch.Tens
 
 
 def slice_scores(importance, tensors: dict[str, torch.Tensor], dims: dict[str, list[int]],
-                 grads: dict[str, torch.Tensor] | None, bn_weights: set[str]) -> dict[tuple[str, int], torch.Tensor]:
+                 grads: dict[str, torch.Tensor] | None, bn_weights: set[str],
+                 norms: dict[str, tuple[torch.Tensor, int]] | None = None) -> dict[tuple[str, int], torch.Tensor]:
     """Scale-free per-index scores for each (tensor name, dim) that takes part.
 
     ``bn_scale`` scores only BatchNorm weights (|gamma|, network slimming); ``taylor`` scores
-    |w * grad| (first-order loss change when the slice is removed); ``fpgm`` only dims that
-    produce channels (given in ``dims``).
+    |w * grad| (first-order loss change when the slice is removed); ``wanda`` scores weights by
+    |w| times their input's activation norm (``norms``: name -> (norms, input dim)), other
+    tensors by l1; ``fpgm`` only dims that produce channels (given in ``dims``).
     """
     scores = {}
     for name, tensor_dims in dims.items():
@@ -99,6 +142,8 @@ def slice_scores(importance, tensors: dict[str, torch.Tensor], dims: dict[str, l
                 s = t.abs()
             elif importance == "taylor":
                 s = l1(t * grads[name].float(), dim)
+            elif importance == "wanda":
+                s = wanda(t, dim, *norms[name]) if name in norms else l1(t, dim)
             elif callable(importance):
                 s = torch.as_tensor(importance(tensors[name].detach(), dim), dtype=torch.float32)
                 if s.shape != (t.shape[dim],):
