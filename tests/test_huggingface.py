@@ -201,6 +201,18 @@ def test_real_minilm_keeps_its_embeddings_close():
     pooled = lambda m: torch.nn.functional.normalize(  # noqa: E731
         (hidden(m, batch) * batch["attention_mask"][..., None]).sum(1) / batch["attention_mask"].sum(1, keepdim=True), dim=-1)
     full = pooled(model)
-    pangkas.prune_transformer(model, batch, ffn=0.25, importance="l1")
+    error, _ = oracle_error(model, batch, lambda m: pangkas.plan_channels(
+        m, batch, ratio=0.0, ratios=pangkas.integrations.huggingface.ratios(m, heads=0.25, ffn=0.25)))
+    assert error <= 1e-5
+    report = pangkas.prune_transformer(model, batch, heads=0.25, ffn=0.25)
+    assert report.params_after < 0.9 * report.params_before
+    assert all(h.heads == 9 for h in attention_modules(model).values())
     cosine = (pooled(model) * full).sum(1)
-    assert cosine.min() > 0.8, cosine  # measured: see docs; a wrong surgery scores near 0
+    assert cosine.mean() > 0.7, cosine  # 600 sentences in docs/transformers.md; a wrong cut scores ~0
+
+
+def test_config_checks_catch_what_from_pretrained_would_refuse():
+    config = transformers.LlamaConfig(**dict(GQA, hidden_size=32, num_attention_heads=8, num_key_value_heads=4))
+    model = randomize(transformers.AutoModel.from_config(config).eval())
+    pangkas.prune_transformer(model, inputs("llama"), heads=0.25)  # 8 -> 6 heads: 32 % 6 != 0
+    assert "does not load back" in config_describes(model)

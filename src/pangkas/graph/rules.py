@@ -749,12 +749,21 @@ def attention(e, func, args, kwargs, out):
     for ax in e.get(v):
         if seq in ax.dims:
             e.block(ax.ids, "attention over a channel-labelled sequence dim")
-        else:
-            labels.append(ax)
+            continue
+        labels.append(ax)
+        if set(ax.dims) <= set(range(nd - 2)):  # heads: q/k head h and v head h go together
+            heads = _to_layout(ax, layout, sizes)
+            for ids in arrays:
+                e.union(ids, heads)
     mask = b.get("attn_mask")
     if isinstance(mask, torch.Tensor):
         e.block_tensor(mask, "attention mask")
-    e.set(tensors(out)[0], tuple(labels))
+    outs = tensors(out)
+    e.set(outs[0], tuple(labels))
+    heads = tuple(ax for ax in labels if set(ax.dims) <= set(range(nd - 2)))
+    for extra in outs[1:]:  # log-sum-exp per (batch, head, query): it follows the heads
+        if extra.ndim >= nd - 2 and tuple(extra.shape[:nd - 2]) == tuple(q.shape[:nd - 2]):
+            e.set(extra, heads)
 
 
 @rule(aten.copy_)

@@ -154,8 +154,12 @@ MODEL_FIXERS.append(_fix_attention)
 def config_describes(model: nn.Module) -> str | None:
     """None if a model built from ``model.config`` has exactly ``model``'s parameter shapes (so
     ``save_pretrained`` + ``from_pretrained`` round-trips); else the first mismatch."""
+    try:  # what from_pretrained will do: read the config back, with the class's own checks
+        config = type(model.config).from_dict(model.config.to_dict())
+    except Exception as exc:
+        return f"the config does not load back: {exc}"
     with torch.device("meta"):
-        fresh = type(model)._from_config(model.config)
+        fresh = type(model)._from_config(config)
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
     for key in sorted(want.keys() | got.keys()):
