@@ -216,3 +216,17 @@ def test_config_checks_catch_what_from_pretrained_would_refuse():
     model = randomize(transformers.AutoModel.from_config(config).eval())
     pangkas.prune_transformer(model, inputs("llama"), heads=0.25)  # 8 -> 6 heads: 32 % 6 != 0
     assert "does not load back" in config_describes(model)
+
+
+def test_non_uniform_pruning_round_trips_through_pangkas_save(tmp_path):
+    model, x = build("llama", causal=True), inputs("llama")
+    with torch.no_grad():  # make layer 1's MLP matter much less, so a global ranking cuts it deeper
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.01)
+    pangkas.prune_channels(model, x, ratio=0.5, scope="global", ignore=["lm_head"])
+    widths = [layer.mlp.up_proj.out_features for layer in model.model.layers]
+    assert len(set(widths)) == 2  # per-layer sizes: no config can say this
+    assert config_describes(model) is not None
+    path = pangkas.save(model, tmp_path / "m.safetensors")
+    fresh = pangkas.load(path, transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval())
+    assert [layer.mlp.up_proj.out_features for layer in fresh.model.layers] == widths
+    torch.testing.assert_close(fresh(**x).logits, model(**x).logits, rtol=0, atol=0)
