@@ -73,13 +73,23 @@ def embed(model, batches) -> torch.Tensor:
     return torch.cat(out)
 
 
-def minilm_table(rounds: int) -> str:
+def minilm_setup():
+    """The model, 100 calibration sentences (batches of 20), 600 evaluation sentences (batches
+    of 50), the full model's evaluation embeddings, and a batch of 8 x 128 tokens for timing."""
     model, tokenizer = minilm()
     texts = sentences(700)
-    tok = lambda items: dict(tokenizer(items, padding=True, truncation=True, max_length=128, return_tensors="pt"))  # noqa: E731
+
+    def tok(items):
+        return dict(tokenizer(items, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+
     calibration = [tok(texts[i:i + 20]) for i in range(0, 100, 20)]
     evaluation = [tok(texts[i:i + 50]) for i in range(100, 700, 50)]
-    reference = embed(model, evaluation)
+    timing = dict(tokenizer(["x"] * 8, padding="max_length", max_length=128, return_tensors="pt"))
+    return model, calibration, evaluation, embed(model, evaluation), timing
+
+
+def minilm_table(rounds: int) -> str:
+    model, calibration, evaluation, reference, timing = minilm_setup()
     teacher = copy.deepcopy(model)
 
     def fidelity_loss(output, batch):  # 1 - cosine to the full model's embedding
@@ -89,7 +99,6 @@ def minilm_table(rounds: int) -> str:
             target = (teacher(**batch).last_hidden_state * mask).sum(1) / mask.sum(1)
         return 1 - torch.nn.functional.cosine_similarity(pooled, target).mean()
 
-    timing = dict(tokenizer(["x"] * 8, padding="max_length", max_length=128, return_tensors="pt"))
     params = sum(p.numel() for p in model.parameters())
     rows = []
     layers = [f"encoder.layer.{i}" for i in range(6)]

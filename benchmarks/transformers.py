@@ -18,21 +18,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import warnings
-from pathlib import Path
 
-# This file is named like the library it measures; load the real `transformers` package first so
-# that later imports of it do not find this script instead.
-_here = str(Path(__file__).resolve().parent)
-sys.path[:] = [p for p in sys.path if p not in (_here, "")]
-import transformers  # noqa: E402,F401
-sys.path.insert(0, _here)
-
-import torch  # noqa: E402
+import torch
 
 from common import DOCS, environment, publish
-from layers import embed, minilm, sentences
+from layers import embed, minilm_setup
 from pangkas import prune_transformer
 from pangkas.measure import time_alternating
 from pangkas.tables import human_count, render_table
@@ -72,13 +63,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(DOCS / "transformers.md"))
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    model, tokenizer = minilm()
-    texts = sentences(700)
-    tok = lambda items: dict(tokenizer(items, padding=True, truncation=True, max_length=128, return_tensors="pt"))  # noqa: E731
-    calibration = [tok(texts[i:i + 20]) for i in range(0, 100, 20)]
-    evaluation = [tok(texts[i:i + 50]) for i in range(100, 700, 50)]
-    reference = embed(model, evaluation)
-    timing = dict(tokenizer(["x"] * 8, padding="max_length", max_length=128, return_tensors="pt"))
+    model, calibration, evaluation, reference, timing = minilm_setup()
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for label, sizes in CASES:
