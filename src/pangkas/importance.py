@@ -43,7 +43,6 @@ def fpgm(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 CRITERIA: dict[str, SliceScore] = {"l1": l1, "l2": l2, "fpgm": fpgm}
 NAMES = ("l1", "l2", "fpgm", "bn_scale", "taylor", "wanda", "random")
-NEEDS_DATA = ("taylor", "wanda")
 
 
 def check(importance, data, loss_fn) -> None:
