@@ -50,7 +50,7 @@ def hidden(model, x):
     return model(**x).last_hidden_state
 
 
-@pytest.mark.parametrize("name", sorted(set(CONFIGS) - {"phi3"}))
+@pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_heads_and_ffn_are_removed_exactly(name):
     model, x = build(name), inputs(name)
     error, plan = oracle_error(model, x, lambda m: pangkas.plan_channels(
@@ -65,18 +65,16 @@ def test_heads_and_ffn_are_removed_exactly(name):
     assert hidden(pruned, x).shape == hidden(model, x).shape
 
 
-def test_phi3_fused_qkv_keeps_heads_and_prunes_ffn():
+def test_phi3_fused_qkv_heads_follow_their_offsets():
     model, x = build("phi3"), inputs("phi3")
-    with pytest.raises(pangkas.PangkasError, match="fused projections"):
-        pangkas.prune_transformer(model, x, heads=0.5)
-    error, _ = oracle_error(model, x, lambda m: pangkas.plan_channels(
-        m, x, ratio=0.0, ratios=pangkas.integrations.huggingface.ratios(m, ffn=0.5)))
-    assert error <= 1e-5
-    pangkas.prune_transformer(model, x, ffn=0.5)
+    pangkas.prune_transformer(model, x, heads=0.5, ffn=0.5)
+    attention = model.layers[0].self_attn
+    assert attention.qkv_proj.out_features == (2 + 2 * 1) * 8  # 2 query heads + key + value of 1 group
+    assert model.config.num_attention_heads == 2 and attention.num_key_value_heads == 1
     assert model.config.intermediate_size == 32 and config_describes(model) is None
 
 
-@pytest.mark.parametrize("name", sorted(set(CONFIGS) - DERIVED_HEAD_DIM - {"phi3"}))
+@pytest.mark.parametrize("name", sorted(set(CONFIGS) - DERIVED_HEAD_DIM))
 def test_config_round_trips_through_from_pretrained(name, tmp_path):
     model, x = build(name), inputs(name)
     pangkas.prune_transformer(model, x, heads=0.5, ffn=0.5)
@@ -124,7 +122,7 @@ def test_a_process_without_pangkas_loads_the_result(tmp_path):
     assert model.config.hidden_size == 24 and model.config.head_dim == 8
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2", "phi3"])
 def test_generate_with_cache_matches_masked_equivalent(name):
     model, x = build(name, causal=True), inputs(name)
     masked = copy.deepcopy(model)

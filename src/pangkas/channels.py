@@ -552,7 +552,7 @@ def plan_channels(
     ``allow_approximate=True``: removing them cannot be exact.
     """
     _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_fn)
-    coupling = trace(model, example_inputs, split_keep=huggingface.split_keep(model),
+    coupling = trace(model, example_inputs, adapter=huggingface.adapter(model),
                      keep_outputs=not prune_outputs)
     _ignore_blocks(model, coupling, ignore)
     options = Options(ratio, importance, scope, dict(ratios or {}), round_to,

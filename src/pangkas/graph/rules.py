@@ -153,10 +153,10 @@ def _split(e, ids: torch.Tensor, positions: list[int], sizes: list[int]) -> tupl
     the innermost (``-1``, ``C // groups``), so only the innermost non-unit dim keeps channel ids
     and may shrink. Positions along the other dims are joined (removed together) and those dims
     drop out of the axis. The post-surgery shape check catches code that differs. An adapter
-    (``e.split_keep``) may choose another dim: whole attention heads, in Hugging Face models.
+    (``e.adapter``) may choose another dim: whole attention heads, in Hugging Face models.
 
     Returns the ids without the outer dims, and which of ``positions`` were dropped."""
-    chosen = e.split_keep(e.module, sizes) if e.split_keep else None
+    chosen = e.adapter.split_keep(e.module, sizes) if e.adapter else None
     big = [p for p, n in zip(positions, sizes) if n > 1]
     keep = positions[chosen] if chosen is not None else big[-1] if big else positions[-1]
     dropped = [p for p in positions if p != keep]
@@ -287,9 +287,11 @@ def slice_(e, func, args, kwargs, out):
         e.block(ax.ids, "strided slice of a channel dim")
         e.set(out, tuple(others))
         return
-    # Bounds are constants: a channel removed before ``start`` would shift what the slice reads.
-    # (A removal inside the slice changes its expected size, which the shape check verifies.)
-    e.block(ax.ids.narrow(pos, 0, start), "channels before a slice start")
+    # Bounds are constants: a channel removed before ``start`` would shift what the slice reads
+    # (a removal inside the slice changes its expected size, which the shape check verifies),
+    # unless an adapter knows the bounds follow attributes it updates (a fused qkv projection).
+    if not (e.adapter and e.adapter.slices_follow(e.module)):
+        e.block(ax.ids.narrow(pos, 0, start), "channels before a slice start")
     e.set(out, tuple(others) + (Axis(ax.dims, ax.ids.narrow(pos, start, out.shape[dim])),))
 
 

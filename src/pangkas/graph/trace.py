@@ -90,7 +90,7 @@ class Engine:
         self.weights = WeakIdKeyDictionary()  # parameters and tensors computed from them alone
         self.where = ""  # "op in module", for reasons
         self.module = ""  # the module running the current op
-        self.split_keep = None  # adapter: (module, sizes of a split) -> index of the dim to keep
+        self.adapter = None  # knowledge of a library's modules (see graph.adapter.Adapter)
 
     def fresh(self, shape) -> torch.Tensor:
         n = int(torch.Size(shape).numel())
@@ -277,7 +277,7 @@ class TraceFailed(PangkasError):
         self.records = records
 
 
-def run_traced(model: nn.Module, example_inputs, split_keep=None, keep_outputs: bool = True,
+def run_traced(model: nn.Module, example_inputs, adapter=None, keep_outputs: bool = True,
                ) -> tuple[Engine, list[OpRecord], dict[str, list[torch.Tensor]]]:
     """Run ``model`` under the tracer on data-free copies of its state and ``example_inputs``;
     returns the engine, the op records and the ids given to each parameter/buffer dim (by name).
@@ -286,7 +286,7 @@ def run_traced(model: nn.Module, example_inputs, split_keep=None, keep_outputs: 
     tensor attributes) is retried under ``FakeTensorMode``, which accepts them.
     """
     try:
-        return _run(model, example_inputs, None, split_keep, keep_outputs)
+        return _run(model, example_inputs, None, adapter, keep_outputs)
     except TraceFailed as meta_failure:
         if not _needs_fake(meta_failure):
             raise
@@ -294,7 +294,7 @@ def run_traced(model: nn.Module, example_inputs, split_keep=None, keep_outputs: 
         level = fake_log.level
         fake_log.setLevel(logging.CRITICAL)  # it logs every failing op before raising
         try:
-            return _run(model, example_inputs, FakeTensorMode(allow_non_fake_inputs=True), split_keep, keep_outputs)
+            return _run(model, example_inputs, FakeTensorMode(allow_non_fake_inputs=True), adapter, keep_outputs)
         except TraceFailed:
             raise meta_failure from None
         finally:
@@ -307,9 +307,9 @@ def _needs_fake(failure: TraceFailed) -> bool:
     return any(hint in cause for hint in ("device", "meta", "data-dependent", "item()"))
 
 
-def _run(model, example_inputs, fake_mode: FakeTensorMode | None, split_keep, keep_outputs=True):
+def _run(model, example_inputs, fake_mode: FakeTensorMode | None, adapter, keep_outputs=True):
     engine = Engine()
-    engine.split_keep = split_keep
+    engine.adapter = adapter
     engine.on_meta = fake_mode is None
     if fake_mode is None:
         convert = lambda t: t.detach().to("meta")  # noqa: E731
@@ -365,9 +365,9 @@ def _leaves(output) -> list[torch.Tensor]:
     return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
 
 
-def trace(model: nn.Module, example_inputs, split_keep=None, keep_outputs: bool = True) -> Coupling:
+def trace(model: nn.Module, example_inputs, adapter=None, keep_outputs: bool = True) -> Coupling:
     """Trace ``model`` on ``example_inputs`` and return its channel coupling."""
-    engine, records, tensor_ids = run_traced(model, example_inputs, split_keep, keep_outputs)
+    engine, records, tensor_ids = run_traced(model, example_inputs, adapter, keep_outputs)
     empty = torch.zeros(0, dtype=torch.long)
     unions = (torch.cat(engine.left) if engine.left else empty, torch.cat(engine.right) if engine.right else empty)
     return Coupling(

@@ -60,12 +60,16 @@ def heads_of(module: nn.Module) -> Heads | None:
     children = dict(module.named_children())
     q = next((children[n] for n in QUERY if n in children), None)
     k = next((children[n] for n in KEY if n in children), None)
+    groups = getattr(module, "num_key_value_groups", None)
     if q is not None:
         q_width, k_width = _out_width(q), _out_width(k) if k is not None else None
     elif "c_attn" in children and _out_width(children["c_attn"]):  # GPT-2: q, k, v fused equally
         q_width = k_width = _out_width(children["c_attn"]) // 3
+    elif "qkv_proj" in children and isinstance(groups, int):  # Phi-3: H + 2 KV heads, H = KV * groups
+        kv = _out_width(children["qkv_proj"]) // (head_dim * (groups + 2))
+        q_width, k_width = kv * groups * head_dim, kv * head_dim
     else:
-        return None  # fused projections of unequal parts (Phi-3): heads stay
+        return None
     if not q_width:
         return None
     return Heads(q_width // head_dim, (k_width or q_width) // head_dim, head_dim)
@@ -77,22 +81,37 @@ def attention_modules(model: nn.Module) -> dict[str, Heads]:
     return {name: h for name, m in model.named_modules() if (h := heads_of(m)) is not None}
 
 
-def split_keep(model: nn.Module):
-    """For the tracer: inside an attention module, a projection viewed as (heads, head_dim)
-    keeps its heads dim; anywhere else the default applies."""
+class Adapter:
+    """What the tracer asks about HF attention modules (see ``graph.rules``)."""
+
+    def __init__(self, model: nn.Module, modules: dict[str, Heads]):
+        self.modules = modules
+        self.fused = {name for name in modules if hasattr(model.get_submodule(name), "qkv_proj")}
+
+    def _owner(self, module_name: str) -> str | None:
+        return next((name for name in self.modules
+                     if module_name == name or module_name.startswith(name + ".")), None)
+
+    def split_keep(self, module_name: str, sizes: list[int]) -> int | None:
+        """Inside an attention module, a projection viewed as (heads, head_dim) keeps heads."""
+        owner = self._owner(module_name)
+        if owner is None:
+            return None
+        h = self.modules[owner]
+        for i in range(len(sizes) - 1):
+            if sizes[i] in (h.heads, h.kv_heads) and sizes[i + 1] == h.head_dim:
+                return i
+        return None
+
+    def slices_follow(self, module_name: str) -> bool:
+        """Slices of a fused qkv projection are cut at offsets computed from the head counts,
+        which the surgery fixer updates (the shape check confirms it)."""
+        return self._owner(module_name) in self.fused
+
+
+def adapter(model: nn.Module) -> Adapter | None:
     modules = attention_modules(model)
-    if not modules:
-        return None
-
-    def keep(module_name: str, sizes: list[int]) -> int | None:
-        for name, h in modules.items():
-            if module_name == name or module_name.startswith(name + "."):
-                for i in range(len(sizes) - 1):
-                    if sizes[i] in (h.heads, h.kv_heads) and sizes[i + 1] == h.head_dim:
-                        return i
-        return None
-
-    return keep
+    return Adapter(model, modules) if modules else None
 
 
 def _fix_attention(model: nn.Module, undo: Undo) -> None:
@@ -179,15 +198,15 @@ def ratios(model: nn.Module, heads: float | None = None, ffn: float | None = Non
         modules = attention_modules(model)
         if not modules:
             raise PangkasError(
-                f"no attention module of {type(model).__name__} exposes separate query/key projections "
-                "and a head_dim (fused projections of unequal parts, as in Phi-3, are not supported); "
-                "prune ffn= and hidden= only, or add an adapter in pangkas/integrations/huggingface.py")
+                f"no attention module of {type(model).__name__} exposes its query/key projections "
+                "(q_proj/query, GPT-2's c_attn, Phi-3's qkv_proj) and a head_dim; prune ffn= and "
+                "hidden= only, or teach pangkas/integrations/huggingface.py its layout")
         for name, h in modules.items():
             if heads > 0 and h.kv_heads < 2:
                 raise PangkasError(f"{name} has {h.kv_heads} key/value head(s): removing "
                                    "heads would break grouped-query attention; use heads=0")
             children = dict(model.get_submodule(name).named_children())
-            query = next((n for n in QUERY if n in children), "c_attn")
+            query = next((n for n in QUERY + ("c_attn", "qkv_proj") if n in children))
             out[f"{name}.{query}"] = heads
     if ffn is not None:
         for name, _ in model.named_modules():
