@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -14,9 +15,11 @@ from ..modules import Selector, select_modules
 from ..tables import human_count, render_table
 from . import sparsity as rules
 from .criteria import CRITERIA, Criterion
+from .oneshot import calibrated_masks
 from .masks import get_mask, parameter_counts, remove_mask, set_mask, underlying_parameter
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)  # Conv1d/2d/3d and ConvTranspose1d/2d/3d
+CALIBRATED = ("wanda", "sparsegpt")
 
 
 @dataclass(frozen=True)
@@ -103,8 +106,14 @@ def _validate(sparsity, threshold, pattern, scope, method) -> Criterion:
         raise PangkasError("scope='global' applies to sparsity= only; threshold and N:M are per weight")
     if callable(method):
         return method
+    if method in CALIBRATED:
+        if threshold is not None or scope != "local":
+            raise PangkasError(f"method={method!r} prunes each layer's rows by sparsity= or pattern= "
+                               "(scope='local'); threshold= and scope='global' do not apply")
+        return method
     if method not in CRITERIA:
-        raise PangkasError(f"method must be one of {sorted(CRITERIA)} or a callable, got {method!r}")
+        raise PangkasError(f"method must be one of {sorted(CRITERIA) + list(CALIBRATED)} or a callable, "
+                           f"got {method!r}")
     if threshold is not None and method != "magnitude":
         raise PangkasError("threshold= compares magnitudes; it cannot be combined with "
                            f"method={method!r}")
@@ -171,6 +180,7 @@ def prune_weights(
     method: str | Criterion = "magnitude",
     include: Selector = None,
     exclude: Selector = None,
+    data: Iterable | None = None,
 ) -> WeightReport:
     """Mask weights of Linear and (transposed) convolution layers so they stay zero through training.
 
@@ -181,11 +191,18 @@ def prune_weights(
     - ``threshold=t``: keep weights with ``|w| > t`` (the classic magnitude rule).
     - ``pattern="N:M"``: keep at most N of every M consecutive weights along the input dimension.
 
+    ``method``: ``"magnitude"`` (default), ``"random"``, a callable ``fn(weight) -> scores``, or
+    one-shot from calibration ``data`` (batches, processed one block at a time): ``"wanda"``
+    (|w| x input activation norm, per output row) or ``"sparsegpt"`` (also updates the kept
+    weights to compensate; Linear and Conv2d layers).
+
     Masks compose: pruning again only removes more, never brings a pruned weight back. Biases and
     norms are untouched. Weights shared by several modules are skipped (and reported).
     ``pangkas.finalize(model)`` removes the masks, leaving plain zeros.
     """
     criterion = _validate(sparsity, threshold, pattern, scope, method)
+    if method in CALIBRATED and data is None:
+        raise PangkasError(f"method={method!r} needs data= (calibration batches the model accepts)")
     targets, skipped = _targets(model, include, exclude)
     modules = [m for _, m in targets]
     weights = [m.weight for m in modules]
@@ -193,9 +210,25 @@ def prune_weights(
     layer_nonzero = [int(torch.count_nonzero(w)) for w in weights]
     params, nonzero_before = parameter_counts(model)
 
-    new_masks = _new_masks(weights, old_masks, criterion, sparsity, threshold, pattern, scope, modules)
+    updates = []  # SparseGPT's compensated weights
+    if method in CALIBRATED:
+        found = calibrated_masks(model, dict(targets), data, method, sparsity,
+                                 parse_pattern(pattern) if pattern else None, get_mask)
+        new_masks = [found[name][1] if name in found else torch.ones_like(w, dtype=torch.bool)
+                     for (name, _), w in zip(targets, weights)]
+        updates = [(underlying_parameter(m), found[n][0]) for n, m in targets if n in found and found[n][0] is not None]
+    else:
+        new_masks = _new_masks(weights, old_masks, criterion, sparsity, threshold, pattern, scope, modules)
     masks = [new if old is None else new & old for new, old in zip(new_masks, old_masks)]
-    _apply(modules, masks, old_masks)
+    saved = [(param, param.detach().clone()) for param, _ in updates]
+    try:
+        for param, weight in updates:
+            param.data.copy_(weight)
+        _apply(modules, masks, old_masks)
+    except Exception:
+        for param, data in saved:
+            param.data.copy_(data)
+        raise
 
     layers = tuple(
         LayerSparsity(name, tuple(m.weight.shape), before, int(torch.count_nonzero(m.weight)))
@@ -204,7 +237,7 @@ def prune_weights(
     rule = (f"sparsity={sparsity} ({scope})" if sparsity is not None
             else f"threshold={threshold}" if threshold is not None else f"pattern={pattern}")
     if sparsity is not None or pattern is not None:
-        rule += f", method={getattr(criterion, '__name__', 'custom')}"
+        rule += f", method={method if method in CALIBRATED else getattr(criterion, '__name__', 'custom')}"
     return WeightReport(
         rule=rule,
         layers=layers,
