@@ -1,0 +1,81 @@
+"""One-shot weight pruning without retraining: magnitude vs Wanda vs SparseGPT.
+
+(a) The pretrained MiniLM encoder (all-MiniLM-L6-v2), its encoder Linear layers pruned to 50%
+    unstructured and to 2:4: mean cosine of mean-pooled sentence embeddings to the full model's
+    on 600 CPython documentation sentences, calibration on 100 others (as in ``layers.py``).
+    Magnitude is per layer (each matrix loses 50%); Wanda and SparseGPT per output row, block by
+    block.
+(b) The demo's digits CNN (trained as in ``pangkas demo``), every conv and Linear pruned to 50%
+    and 2:4 (input channels in groups of 4): test accuracy, calibration on 256 training images.
+
+    .venv/bin/python benchmarks/oneshot.py            # writes docs/oneshot.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+import torch
+
+from common import DOCS, environment, publish
+from layers import embed, minilm_setup
+from pangkas import prune_weights
+from pangkas.demo import accuracy, digits_cnn, load_digits_split, train
+from pangkas.tables import render_table
+
+RULES = (("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}))
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def minilm_rows() -> list[tuple]:
+    model, calibration, evaluation, reference, _ = minilm_setup()
+    rows = []
+    for label, rule in RULES:
+        for method in METHODS:
+            pruned = copy.deepcopy(model)
+            options = {} if method == "magnitude" else {"data": calibration}
+            prune_weights(pruned, method=method, include="encoder", **rule, **options)
+            cosine = float((embed(pruned, evaluation) * reference).sum(1).mean())
+            rows.append(("MiniLM", label, method, f"mean cosine {cosine:.3f}"))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def digits_rows() -> list[tuple]:
+    torch.manual_seed(0)
+    data = load_digits_split(0)
+    model = digits_cnn()
+    train(model, data, 40, desc="training")
+    rows = [("digits CNN", "dense", "-", f"accuracy {accuracy(model, data.x_test, data.y_test):.2%}")]
+    calibration = list(data.x_train[:256].split(64))
+    for label, rule in RULES:
+        for method in METHODS:
+            pruned = copy.deepcopy(model)
+            options = {} if method == "magnitude" else {"data": calibration}
+            prune_weights(pruned, method=method, **rule, **options)
+            rows.append(("digits CNN", label, method, f"accuracy {accuracy(pruned, data.x_test, data.y_test):.2%}"))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=str(DOCS / "oneshot.md"))
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    rows = minilm_rows() + digits_rows()
+    table = render_table("one-shot weight pruning, no fine-tuning", ("model", "sparsity", "method", "result"),
+                         rows, markdown=True)
+    publish(args.out, "One-shot weight pruning: magnitude, Wanda, SparseGPT", table,
+            f"Measured with {environment()}. MiniLM: encoder Linear layers only (embeddings and "
+            "pooler untouched); 2:4 groups run along each layer's inputs. digits CNN: all layers, "
+            "including the first convolution (one input channel, 9 weights per filter), where "
+            "per-filter Wanda removes 4 of 9 taps of every filter: excluding that layer, Wanda keeps "
+            "about 99.5% (measured while investigating, not in the table, which shows the uniform recipe).",
+            script="oneshot.py")
+
+
+if __name__ == "__main__":
+    main()
