@@ -6,6 +6,7 @@ from .integrations.huggingface import prune_transformer
 from .io import load, save
 from .layers import LayerPlan, layer_candidates, plan_layers, prune_layers
 from .measure import Measurement, compare, measure
+from .recover import RecoveryReport, recover
 from .weights import (
     SparseLinear, SparseReport, WeightReport, finalize, prune_weights, to_sparse_inference,
 )
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ChannelReport", "Plan", "plan_channels", "prune_channels",
     "LayerPlan", "layer_candidates", "plan_layers", "prune_layers", "prune_transformer",
+    "RecoveryReport", "recover",
     "Measurement", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
     "compare", "finalize", "load", "measure", "prune_weights", "save", "to_sparse_inference",
 ]
