@@ -20,9 +20,11 @@ from .surgery import owners
 
 
 @torch.no_grad()
-def silence_removed(plan: Plan) -> None:
-    """Zero, in ``plan.model``, the consumer slices of every channel ``plan`` removes."""
-    coupling, removed = plan.coupling, plan.selection.removed
+def silence_removed(plan: Plan, removed: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Zero, in ``plan.model``, the consumer slices of every channel ``plan`` removes (or of the
+    positions flagged in ``removed``, a bool per id). Returns (tensor, old data) to undo it."""
+    coupling = plan.coupling
+    removed = plan.selection.removed if removed is None else removed
     consumed = torch.zeros(coupling.num_ids, dtype=torch.bool)
     if coupling.consumed.numel():
         consumed[coupling.consumed] = True
@@ -30,6 +32,7 @@ def silence_removed(plan: Plan) -> None:
     has_consumer = torch.zeros(coupling.num_ids, dtype=torch.bool)
     has_consumer[classes[consumed.nonzero().flatten()]] = True
     where = owners(plan.model)
+    saved = []
     for name, dims in coupling.tensor_ids.items():
         module, attr = where[name]
         if attr not in module._parameters:
@@ -38,7 +41,10 @@ def silence_removed(plan: Plan) -> None:
         for dim, ids in enumerate(dims):
             zero = removed[ids] & (consumed[ids] | ~has_consumer[classes[ids]])
             if zero.any():
+                if not saved or saved[-1][0] is not tensor:
+                    saved.append((tensor, tensor.detach().clone()))
                 tensor.index_fill_(dim, zero.nonzero().flatten().to(tensor.device), 0.0)
+    return saved
 
 
 @torch.no_grad()
