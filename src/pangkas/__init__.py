@@ -7,6 +7,7 @@ from .io import load, save
 from .layers import LayerPlan, layer_candidates, plan_layers, prune_layers
 from .measure import Measurement, compare, measure
 from .recover import RecoveryReport, recover
+from .schedules import GradualPruning, iterative
 from .sensitivity import Sensitivity, sensitivity
 from .weights import (
     SparseLinear, SparseReport, WeightReport, finalize, prune_weights, to_sparse_inference,
@@ -17,7 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ChannelReport", "Plan", "plan_channels", "prune_channels",
     "LayerPlan", "layer_candidates", "plan_layers", "prune_layers", "prune_transformer",
-    "RecoveryReport", "recover", "Sensitivity", "sensitivity",
+    "RecoveryReport", "recover", "Sensitivity", "sensitivity", "GradualPruning", "iterative",
     "Measurement", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
     "compare", "finalize", "load", "measure", "prune_weights", "save", "to_sparse_inference",
 ]
