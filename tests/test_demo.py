@@ -29,6 +29,9 @@ def test_demo_stages(quick_demo):
     assert thin.latency_ratio > 0
     shallow = next(s for s in stages if s.name == "layers -1")
     assert shallow.params < stages[0].params and shallow.macs < stages[0].macs and shallow.latency_ratio > 0
+    everything = stages[-1]
+    assert everything.kind == "pipeline" and everything.macs < thin.macs and everything.sparsity > 0.4
+    assert everything.accuracy > stages[-2].accuracy  # recovery by distillation helped
     assert [s.name for s in tuned] == [f"weights {p:.0%}" for p in SPARSITIES]
     assert stages[0].accuracy > 0.5  # learnt something even in 3 quick epochs
     sparsities = [stages[0].sparsity] + [s.sparsity for s in tuned]
@@ -53,7 +56,10 @@ def test_demo_outputs_reload_with_the_reported_accuracy(quick_demo):
     assert accuracy(thin, data.x_test, data.y_test) == pytest.approx(by_name["channels 50%"].accuracy)
     table = (out / "results.md").read_text()
     assert all(s.name in table for s in stages)
-    assert (out / "weights.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for picture in ("weights.png", "pipeline.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pipeline = pangkas.load(out / "digits_cnn_pipeline.safetensors", digits_cnn())
+    assert accuracy(pipeline, data.x_test, data.y_test) == pytest.approx(stages[-1].accuracy)
 
 
 def test_cli_demo_quick(capsys, tmp_path):

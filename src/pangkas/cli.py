@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pangkas", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="train a digits CNN, prune it step by step, report")
+    demo = commands.add_parser("demo", help="train a digits CNN; prune weights, channels, layers; recover; report")
     demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
     demo.add_argument("--quick", action="store_true", help="a few epochs only (for tests)")
     demo.add_argument("--seed", type=int, default=0)
@@ -118,7 +118,7 @@ def _demo(args) -> None:
     run_demo(args.out, quick=args.quick, seed=args.seed)
     out = Path(args.out)
     console.print((out / "results.md").read_text(), markup=False, soft_wrap=True)
-    console.print(f"pruned models, results.md and weights.png written to {out}/")
+    console.print(f"pruned models, results.md, weights.png and pipeline.png written to {out}/")
 
 
 def _measure(args) -> None:

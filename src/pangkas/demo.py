@@ -21,6 +21,7 @@ from .progress import track
 from .tables import human_count, render_table
 from .channels import prune_channels
 from .layers import prune_layers
+from .recover import recover
 from .weights import finalize, prune_weights
 
 SPARSITIES = (0.5, 0.8, 0.9, 0.95)
@@ -112,42 +113,77 @@ def _stage(kind: str, name: str, model: nn.Module, data: Digits) -> Stage:
                  m.nonzero_params, m.macs, m.file_bytes_compressed)
 
 
-def _weight_stages(model, data, finetune, seed, stages, deployable) -> None:
-    """Global magnitude pruning to each sparsity, a short fine-tune after each."""
+@dataclass
+class _Run:
+    """What every stage of one demo run shares."""
+
+    data: Digits
+    teacher: nn.Module
+    finetune: int
+    seed: int
+    stages: list[Stage]
+    deployable: dict[int, nn.Module]
+
+    def record(self, kind: str, name: str, model: nn.Module, deploy: bool = False) -> None:
+        self.stages.append(_stage(kind, name, model, self.data))
+        if deploy:  # what gets deployed: masks folded into plain zeros
+            self.deployable[len(self.stages) - 1] = finalize(copy.deepcopy(model))
+
+    def distil(self, model: nn.Module, desc: str) -> None:
+        """Recover by distillation from the dense model plus the labels (half each)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(len(self.data.y_train), generator=generator)
+        batches = [(self.data.x_train[i], self.data.y_train[i]) for i in order.split(64)]
+        recover(model, batches, teacher=self.teacher, alpha=0.5, temperature=4.0, epochs=self.finetune,
+                lr=1e-3, inputs=lambda batch: batch[0],
+                task_loss=lambda output, batch: nn.functional.cross_entropy(output, batch[1]))
+
+
+def _weight_stages(run: _Run, model: nn.Module) -> None:
+    """Global magnitude pruning to each sparsity, recovered after each."""
     for sparsity in SPARSITIES:
         prune_weights(model, sparsity=sparsity, scope="global")
-        stages.append(_stage("weights", f"pruned {sparsity:.0%} no finetune", model, data))
-        train(model, data, finetune, lr=1e-3, desc=f"fine-tuning at {sparsity:.0%}", seed=seed)
-        stages.append(_stage("weights", f"weights {sparsity:.0%}", model, data))
-        deployable[len(stages) - 1] = finalize(copy.deepcopy(model))
+        run.record("weights", f"pruned {sparsity:.0%} no finetune", model)
+        run.distil(model, f"recovering at {sparsity:.0%}")
+        run.record("weights", f"weights {sparsity:.0%}", model, deploy=True)
 
 
-def _channel_stages(model, data, finetune, seed, stages, deployable) -> None:
-    """Half of every layer's channels physically removed (L1), then a short fine-tune."""
-    prune_channels(model, data.x_test[:2], ratio=CHANNEL_RATIO)
-    stages.append(_stage("channels", f"pruned channels {CHANNEL_RATIO:.0%} no finetune", model, data))
-    train(model, data, finetune, lr=1e-3, desc="fine-tuning thinner model", seed=seed)
-    stages.append(_stage("channels", f"channels {CHANNEL_RATIO:.0%}", model, data))
-    deployable[len(stages) - 1] = model
+def _channel_stages(run: _Run, model: nn.Module) -> None:
+    """Half of every layer's channels physically removed (L1), then recovered."""
+    prune_channels(model, run.data.x_test[:2], ratio=CHANNEL_RATIO)
+    run.record("channels", f"pruned channels {CHANNEL_RATIO:.0%} no finetune", model)
+    run.distil(model, "recovering the thinner model")
+    run.record("channels", f"channels {CHANNEL_RATIO:.0%}", model, deploy=True)
 
 
-def _layer_stages(model, data, finetune, seed, stages, deployable) -> None:
+def _layer_stages(run: _Run, model: nn.Module) -> None:
     """The block that changes its input least on training images (block influence) goes."""
-    batches = list(data.x_train.split(128))
-    prune_layers(model, batches, n=LAYERS_REMOVED, criterion="block_influence")
-    stages.append(_stage("layers", f"pruned {LAYERS_REMOVED} block no finetune", model, data))
-    train(model, data, finetune, lr=1e-3, desc="fine-tuning shallower model", seed=seed)
-    stages.append(_stage("layers", f"layers -{LAYERS_REMOVED}", model, data))
-    deployable[len(stages) - 1] = model
+    prune_layers(model, list(run.data.x_train.split(128)), n=LAYERS_REMOVED, criterion="block_influence")
+    run.record("layers", f"pruned {LAYERS_REMOVED} block no finetune", model)
+    run.distil(model, "recovering the shallower model")
+    run.record("layers", f"layers -{LAYERS_REMOVED}", model, deploy=True)
+
+
+def _pipeline_stages(run: _Run, model: nn.Module) -> None:
+    """All three, in the order that removes the most compute first: a block, half the channels,
+    then half the remaining weights; one recovery at the end."""
+    prune_layers(model, list(run.data.x_train.split(128)), n=LAYERS_REMOVED, criterion="block_influence")
+    prune_channels(model, run.data.x_test[:2], ratio=CHANNEL_RATIO)
+    prune_weights(model, sparsity=0.5, scope="global")
+    run.record("pipeline", "pipeline no finetune", model)
+    run.distil(model, "recovering the pipeline's model")
+    run.record("pipeline", "pipeline: layers, channels, weights", model, deploy=True)
 
 
 def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int = 0) -> list[Stage]:
     """Train a digits CNN, then, each from the trained model: (1) prune weights to each of
-    ``SPARSITIES``, (2) remove half the channels, (3) remove a block; fine-tune after each step.
+    ``SPARSITIES``, (2) remove half the channels, (3) remove a block, (4) all three; each is
+    recovered by distillation from the trained model.
 
     Writes the pruned models (``digits_cnn_pruned.safetensors`` with its masks,
-    ``digits_cnn_channels.safetensors``, ``digits_cnn_layers.safetensors``), ``results.md`` and
-    ``weights.png`` to ``out``.
+    ``digits_cnn_channels.safetensors``, ``digits_cnn_layers.safetensors``,
+    ``digits_cnn_pipeline.safetensors``), ``results.md``, ``weights.png`` and ``pipeline.png``
+    to ``out``.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -157,22 +193,24 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
     epochs, finetune = (3, 1) if quick else (40, 8)
     start = time.perf_counter()
     train(model, data, epochs, desc="training", seed=seed)
-    stages = [_stage("dense", "dense", model, data)]
-    deployable = {0: copy.deepcopy(model)}
-    thin, shallow = copy.deepcopy(model), copy.deepcopy(model)
-    _weight_stages(model, data, finetune, seed, stages, deployable)
-    _channel_stages(thin, data, finetune, seed, stages, deployable)
-    _layer_stages(shallow, data, finetune, seed, stages, deployable)
-    # Deployed models (masks folded into plain zeros) are timed together, as ratios to dense.
-    times = time_alternating(list(deployable.values()), data.x_test, rounds=3 if quick else 7)
-    for index, seconds in zip(deployable, times):
+    run = _Run(data, copy.deepcopy(model).eval(), finetune, seed, [], {})
+    run.record("dense", "dense", model, deploy=True)
+    variants = {name: copy.deepcopy(model) for name in ("weights", "channels", "layers", "pipeline")}
+    _weight_stages(run, variants["weights"])
+    _channel_stages(run, variants["channels"])
+    _layer_stages(run, variants["layers"])
+    _pipeline_stages(run, variants["pipeline"])
+    times = time_alternating(list(run.deployable.values()), data.x_test, rounds=3 if quick else 7)
+    stages = run.stages
+    for index, seconds in zip(run.deployable, times):
         stages[index] = replace(stages[index], latency_ratio=seconds / times[0])
-    save(model, out / "digits_cnn_pruned.safetensors", metadata=MODEL_METADATA)
-    save(thin, out / "digits_cnn_channels.safetensors", metadata=MODEL_METADATA)
-    save(shallow, out / "digits_cnn_layers.safetensors", metadata=MODEL_METADATA)
+    names = {"weights": "pruned", "channels": "channels", "layers": "layers", "pipeline": "pipeline"}
+    for kind, variant in variants.items():
+        save(variant, out / f"digits_cnn_{names[kind]}.safetensors", metadata=MODEL_METADATA)
     table = results_table(stages, time.perf_counter() - start)
     (out / "results.md").write_text(f"{table}\n\nReproduce: `pangkas demo --out {out}`\n")
     plot([s for s in stages if s.kind in ("dense", "weights")], out / "weights.png")
+    plot_pipeline(stages, out / "pipeline.png")
     return stages
 
 
@@ -191,14 +229,45 @@ def results_table(stages: list[Stage], seconds: float) -> str:
     )
 
 
-def plot(stages: list[Stage], path: Path) -> None:
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as exc:
-        raise PangkasError("the demo's plot needs matplotlib: pip install 'pangkas[demo]'") from exc
+        raise PangkasError("the demo's plots need matplotlib: pip install 'pangkas[demo]'") from exc
+    return plt
+
+
+def plot_pipeline(stages: list[Stage], path: Path) -> None:
+    """Each recovered model's accuracy, MACs and file size relative to the dense model."""
+    plt = _pyplot()
+    chosen = [s for s in stages if s.latency_ratio is not None]
+    dense = chosen[0]
+    labels = [s.name for s in chosen]
+    fig, ax = plt.subplots(figsize=(9.5, 4))
+    positions = range(len(chosen))
+    width = 0.27
+    for offset, (label, values) in zip((-width, 0, width), (
+            ("MACs vs dense", [s.macs / dense.macs for s in chosen]),
+            ("file vs dense", [s.file_bytes / dense.file_bytes for s in chosen]),
+            ("latency vs dense", [s.latency_ratio for s in chosen]))):
+        ax.bar([p + offset for p in positions], values, width, label=label)
+    for p, s in zip(positions, chosen):
+        ax.text(p, 1.02, f"{s.accuracy:.1%}", ha="center", fontsize=8)
+    ax.set_xticks(list(positions), labels, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.15)
+    ax.set_ylabel("relative to dense (accuracy on top)")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.set_title("digits CNN after pruning and recovery by distillation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(stages: list[Stage], path: Path) -> None:
+    plt = _pyplot()
     tuned = [s for s in stages if "no finetune" not in s.name]
     raw = [s for s in stages if "no finetune" in s.name]
     fig, acc_ax = plt.subplots(figsize=(7, 4))
