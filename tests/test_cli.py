@@ -206,3 +206,16 @@ def test_prune_hugging_face_refuses_a_directory_its_config_cannot_describe(capsy
     code, _, _ = run(capsys, "prune", "channels", str(tmp_path / "bert"), "--heads", "0.5",
                      "--input-shape", "1,12", "-o", str(tmp_path / "out.safetensors"))
     assert code == 0
+
+
+def test_prune_channels_with_wanda_needs_data(capsys, tmp_path):
+    import safetensors.torch
+
+    code, _, err = run(capsys, "prune", "channels", *DIGITS, "--ratio", "0.5", "--importance", "wanda",
+                       "-o", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "--data" in err
+    data = tmp_path / "calib.safetensors"
+    safetensors.torch.save_file({"x": torch.randn(16, 1, 8, 8)}, str(data))
+    code, out, _ = run(capsys, "prune", "channels", *DIGITS, "--ratio", "0.5", "--importance", "wanda",
+                       "--data", str(data), "-o", str(tmp_path / "x.safetensors"))
+    assert code == 0 and "importance=wanda" in out

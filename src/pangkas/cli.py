@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     channels.add_argument("--heads", type=float, help="Hugging Face: fraction of attention heads to remove")
     channels.add_argument("--ffn", type=float, help="Hugging Face: fraction of MLP neurons to remove")
     channels.add_argument("--hidden", type=float, help="Hugging Face: fraction of the hidden size (approximate)")
-    channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "random"), default="l1")
+    channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "wanda", "random"), default="l1")
+    channels.add_argument("--data", help="calibration data for --importance wanda (as for prune layers)")
+    channels.add_argument("--batch-size", type=int, default=8)
     channels.add_argument("--scope", choices=("local", "global"), default="local")
     channels.add_argument("--round-to", type=_round_to, default=1,
                           help="keep channel counts multiples of N, or 'auto': the fastest width nearby")
@@ -170,6 +172,12 @@ def _prune_channels(source, args):
     from .integrations.huggingface import prune_transformer
 
     common = dict(importance=args.importance, scope=args.scope, round_to=args.round_to, ignore=args.ignore)
+    if args.importance == "wanda":
+        from .sources import calibration_batches
+
+        if args.data is None:
+            raise PangkasError("--importance wanda measures activations: give --data")
+        common["data"] = calibration_batches(source, args.data, args.batch_size)
     if any(v is not None for v in (args.heads, args.ffn, args.hidden)):
         if args.ratio is not None:
             raise PangkasError("give --ratio, or --heads/--ffn/--hidden, not both")
@@ -178,8 +186,7 @@ def _prune_channels(source, args):
     if args.ratio is None:
         raise PangkasError("give --ratio (or, for a Hugging Face model, --heads/--ffn/--hidden)")
     return prune_channels(source.model, source.example_inputs, ratio=args.ratio,
-                          importance=args.importance, scope=args.scope, round_to=args.round_to,
-                          ignore=args.ignore, allow_approximate=args.allow_approximate)
+                          allow_approximate=args.allow_approximate, **common)
 
 
 def _prune_layers(source, args):
