@@ -153,8 +153,9 @@ def _fix_config(model: nn.Module, found: dict[str, Heads], undo: Undo) -> None:
         config.num_key_value_heads = kv
     head_dim = _uniform(h.head_dim for h in found.values())
     hidden = getattr(config, "hidden_size", None)
-    if head_dim and (getattr(config, "head_dim", None) is not None or (heads and hidden and hidden // heads != head_dim)):
-        config.head_dim = head_dim  # LLaMA-style configs read it; BERT/GPT-2 derive it (see config_describes)
+    derived = heads and hidden and hidden // heads
+    if head_dim and (getattr(config, "head_dim", None) is not None or derived != head_dim):
+        config.head_dim = head_dim  # LLaMA-style configs read it; BERT/GPT-2 derive it (config_describes)
     ffn = _uniform(w // (2 if name.endswith("gate_up_proj") else 1)  # Phi-3 fuses gate and up
                    for name, m in model.named_modules() if name.endswith(FFN) and (w := _out_width(m)))
     if ffn:

@@ -68,7 +68,7 @@ def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]]) -> Undo
     try:
         for name, per_dim in keep.items():
             module, attr = where[name]
-            tensor = getattr(module, "_parameters").get(attr)
+            tensor = module._parameters.get(attr)
             tensor = tensor if tensor is not None else module._buffers[attr]
             for m in _modules_of(model, name, module):
                 if id(m) not in touched:
