@@ -391,54 +391,63 @@ def _module_of(name: str) -> str:
     return module.split(".parametrizations.")[0]
 
 
-def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module) -> Selection:
-    classes = coupling.classes(options.allow_approximate)
-    approx_classes = torch.zeros(coupling.num_ids, dtype=torch.bool)
-    for ids, _ in coupling.approximations:
-        approx_classes[classes[ids]] = True
-    entries = [(name, dim, ids) for name, dims in coupling.tensor_ids.items() for dim, ids in enumerate(dims)]
-    # Which classes take part at all, and their scores.
+def _class_scores(coupling: Coupling, classes: torch.Tensor, scores: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the prunable classes, each class's summed score): every (tensor, dim) adds its
+    per-position scores to the classes of its positions."""
     score = torch.zeros(coupling.num_ids)
     present = torch.zeros(coupling.num_ids, dtype=torch.bool)
-    for name, dim, ids in entries:
-        reps = classes[ids]
-        present[reps] = True
-        s = scores.get((name, dim))
-        if s is not None:
-            score.index_add_(0, reps, s.to(score.dtype))
+    for name, dims in coupling.tensor_ids.items():
+        for dim, ids in enumerate(dims):
+            reps = classes[ids]
+            present[reps] = True
+            if (name, dim) in scores:
+                score.index_add_(0, reps, scores[(name, dim)].to(score.dtype))
     present[0] = False
-    # Groups: classes produced by the same parameter dim (one layer's outputs; a residual stream
-    # merges all its producers) go together.
+    return torch.nonzero(present).flatten(), score
+
+
+def _grouping(coupling: Coupling, classes: torch.Tensor) -> tuple[torch.Tensor, dict[int, dict[str, None]]]:
+    """Each class's group, and the modules producing each class. Classes produced by the same
+    parameter dim (one layer's outputs) are one group; a residual stream merges its producers."""
     is_produced = torch.zeros(coupling.num_ids, dtype=torch.bool)
     is_produced[coupling.produced] = True
     producers: dict[int, dict[str, None]] = {}
     left, right = [], []
-    for name, dim, ids in entries:
-        reps = classes[ids]
-        mask = is_produced[ids] & (reps != 0)
-        if mask.any():
-            r = reps[mask]
-            left.append(r[:-1])
-            right.append(r[1:])
-            for rep in r.unique().tolist():
-                producers.setdefault(rep, {})[_module_of(name)] = None
+    for name, dims in coupling.tensor_ids.items():
+        for ids in dims:
+            reps = classes[ids][is_produced[ids] & (classes[ids] != 0)]
+            if reps.numel():
+                left.append(reps[:-1])
+                right.append(reps[1:])
+                for rep in reps.unique().tolist():
+                    producers.setdefault(rep, {})[_module_of(name)] = None
     empty = torch.zeros(0, dtype=torch.long)
-    group_of = components(coupling.num_ids, torch.cat(left) if left else empty, torch.cat(right) if right else empty)
-    reps = torch.nonzero(present).flatten()
-    groups: dict[int, list[int]] = {}
+    return components(coupling.num_ids, torch.cat(left) if left else empty,
+                      torch.cat(right) if right else empty), producers
+
+
+def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module) -> Selection:
+    """Classes from the coupling, grouped, scored, and the lowest of each group marked removed."""
+    classes = coupling.classes(options.allow_approximate)
+    approximate = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    for ids, _ in coupling.approximations:
+        approximate[classes[ids]] = True
+    reps, score = _class_scores(coupling, classes, scores)
+    group_of, producers = _grouping(coupling, classes)
+    members: dict[int, list[int]] = {}
     for rep, g in zip(reps.tolist(), group_of[reps].tolist()):
-        groups.setdefault(g, []).append(rep)
-    built = []
-    for g, members in groups.items():
-        cls = torch.tensor(members)
-        modules = tuple(dict.fromkeys(n for m in members for n in producers.get(m, ())))
-        built.append(Group(modules, cls, score[cls], torch.zeros(len(members), dtype=torch.bool),
-                           bool(approx_classes[cls].any())))
-    _choose(built, options, model, coupling)
+        members.setdefault(g, []).append(rep)
+    groups = []
+    for ids in members.values():
+        cls = torch.tensor(ids)
+        modules = tuple(dict.fromkeys(n for m in ids for n in producers.get(m, ())))
+        groups.append(Group(modules, cls, score[cls], torch.zeros(len(ids), dtype=torch.bool),
+                            bool(approximate[cls].any())))
+    _choose(groups, options, model, coupling)
     removed_class = torch.zeros(coupling.num_ids, dtype=torch.bool)
-    for g in built:
+    for g in groups:
         removed_class[g.classes[g.removed]] = True
-    return Selection(classes, removed_class[classes], built)
+    return Selection(classes, removed_class[classes], groups)
 
 
 def _group_ratio(group: Group, options: Options, model: nn.Module) -> float:
