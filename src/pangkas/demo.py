@@ -221,7 +221,7 @@ def results_table(stages: list[Stage], seconds: float) -> str:
             for s in stages]
     return render_table(
         f"digits CNN: weight pruning (global magnitude), channel pruning (L1), layer pruning "
-        f"(block influence), {seconds:.0f} s, "
+        f"(block influence) and all three, each recovered by distillation; {seconds:.0f} s, "
         f"{torch.get_num_threads()} threads",
         ("stage", "model sparsity", "test accuracy", "params", "non-zero", "MACs (450 test images)",
          "file (pangkas.save)", "latency vs dense"),
