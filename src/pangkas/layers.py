@@ -58,7 +58,6 @@ def _input_tensor(args, kwargs) -> torch.Tensor | None:
 
 @dataclass
 class _Frame:
-    module: nn.Module
     x: torch.Tensor | None
     skip: bool = False
     macs: int = 0
@@ -97,7 +96,7 @@ def layer_candidates(model: nn.Module, example_inputs) -> list[Candidate]:
     seen: dict[str, dict] = {}
 
     def enter(module, args, kwargs):
-        frames.append(_Frame(module, _input_tensor(args, kwargs)))
+        frames.append(_Frame(_input_tensor(args, kwargs)))
 
     def leave(module, args, kwargs, output):
         frame = frames.pop()
