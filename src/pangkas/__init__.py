@@ -2,6 +2,7 @@
 
 from .channels import ChannelReport, Plan, plan_channels, prune_channels
 from .errors import PangkasError
+from .integrations.hf_directory import save_pretrained
 from .integrations.huggingface import prune_transformer
 from .io import load, save
 from .layers import LayerPlan, layer_candidates, plan_layers, prune_layers
@@ -20,5 +21,5 @@ __all__ = [
     "LayerPlan", "layer_candidates", "plan_layers", "prune_layers", "prune_transformer",
     "RecoveryReport", "recover", "Sensitivity", "sensitivity", "GradualPruning", "iterative",
     "Measurement", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
-    "compare", "finalize", "load", "measure", "prune_weights", "save", "to_sparse_inference",
+    "compare", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",
 ]

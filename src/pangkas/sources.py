@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,13 +58,15 @@ def _factory(spec: str) -> nn.Module:
 def _huggingface(directory: Path) -> tuple[nn.Module, Any]:
     try:
         import transformers
+
+        from .integrations.hf_directory import from_pretrained
     except ImportError as exc:
         raise PangkasError("Hugging Face directories need transformers: pip install 'pangkas[hf]'") from exc
     config = transformers.AutoConfig.from_pretrained(directory)
     architectures = getattr(config, "architectures", None) or []
     cls = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)),
-               transformers.AutoModel)
-    return cls.from_pretrained(directory), config
+               None) or transformers.AutoModel._model_mapping[type(config)]
+    return from_pretrained(cls, directory), config
 
 
 def _hf_inputs(config, input_shape: tuple[int, ...] | None) -> tuple[Any, tuple[int, ...]]:
@@ -198,40 +199,11 @@ def _text_batches(source: Source, path: Path, batch_size: int) -> list:
                            return_tensors="pt")) for i in range(0, len(texts), batch_size)]
 
 
-WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack")
-
-
 def save_pretrained(source: Source, out: str, *, overwrite_input: bool = False) -> Path:
-    """Write a pruned Hugging Face model as a directory ``from_pretrained`` loads: its config
-    (updated by pruning), weights, and every other file of the source directory (tokenizer,
-    sentence-transformers pooling...). Refuses when the config cannot describe the pruned shapes."""
-    import shutil
+    """Write a pruned Hugging Face model as a directory with every other file of the source
+    directory (tokenizer, sentence-transformers pooling...)."""
+    from .integrations.hf_directory import save_pretrained as save_directory
 
-    from .integrations.huggingface import config_describes
-
-    out_dir = Path(out)
     if source.directory is None:
         raise PangkasError("a Hugging Face output directory needs a Hugging Face MODEL directory")
-    if out_dir.resolve() == source.directory.resolve() and not overwrite_input:
-        raise PangkasError(f"{out_dir} is the input directory; write elsewhere or pass --overwrite-input")
-    problem = config_describes(source.model)
-    if problem:
-        raise PangkasError(
-            f"{type(source.model).__name__}'s config cannot describe the pruned model ({problem}); "
-            "from_pretrained would fail. Write a .safetensors file instead (-o pruned.safetensors), "
-            "which pangkas.load restores into a fresh instance")
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent if out_dir.parent.exists() else None,
-                                    prefix=f".{out_dir.name}."))
-    try:
-        for item in source.directory.iterdir():
-            if item.name == "config.json" or item.suffix in WEIGHT_FILES or item.name.endswith(".index.json"):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        source.model.save_pretrained(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)  # the directory appears whole or not at all
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out_dir
+    return save_directory(source.model, out, files_from=source.directory, overwrite_input=overwrite_input)

@@ -6,8 +6,8 @@ head keeps head_dim and the attention scale: exact); with grouped-query attentio
 whole KV group (its query heads with it), so the head-to-KV mapping never breaks. And what the
 modules and the config say about sizes: after surgery each attention module's head counts and
 the config (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``,
-``hidden_size``, ``head_dim``) are updated where the pruning was uniform, so ``save_pretrained``
-/ ``from_pretrained`` work without pangkas.
+``hidden_size``, ``head_dim``) are updated where the pruning was uniform; ``hf_directory``
+saves what a config cannot say.
 """
 
 from __future__ import annotations
@@ -19,17 +19,16 @@ from torch import nn
 
 from ..errors import PangkasError
 from ..surgery import MODEL_FIXERS, Undo
+from .hf_directory import is_transformers
+from .remote_code import BUILT_WITH
 
 HEADS = ("num_heads", "num_attention_heads", "n_head")
 HEAD_DIM = ("head_dim", "attention_head_size")
 QUERY = ("q_proj", "query", "q", "q_lin")
 KEY = ("k_proj", "key", "k", "k_lin")
 FFN = ("up_proj", "gate_proj", "fc1", "c_fc", "intermediate.dense", "lin1", "w1", "w3")
+CONFIG_SIZES = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "n_inner", "hidden_size", "head_dim")
 HEAD_ATTRIBUTES = HEADS + ("num_key_value_heads", "all_head_size", "split_size", "num_key_value_groups")
-
-
-def is_transformers(model: nn.Module) -> bool:
-    return type(model).__module__.startswith("transformers.") and hasattr(model, "config")
 
 
 @dataclass(frozen=True)
@@ -141,10 +140,12 @@ def _uniform(values) -> int | None:
 
 def _fix_config(model: nn.Module, found: dict[str, Heads], undo: Undo) -> None:
     """Sizes the same in every layer go into the config; per-layer sizes cannot (see
-    ``config_describes``)."""
+    ``hf_directory``, which also needs the sizes the modules were first built from)."""
     config = model.config
-    undo.remember(config, ("num_attention_heads", "num_key_value_heads", "intermediate_size", "n_inner",
-                           "hidden_size", "head_dim"))
+    built = model.__dict__.setdefault(BUILT_WITH, {})
+    for name in CONFIG_SIZES:
+        built.setdefault(name, getattr(config, name, None))
+    undo.remember(config, CONFIG_SIZES)
     heads = _uniform(h.heads for h in found.values())
     if heads and hasattr(config, "num_attention_heads"):
         config.num_attention_heads = heads
@@ -155,7 +156,7 @@ def _fix_config(model: nn.Module, found: dict[str, Heads], undo: Undo) -> None:
     hidden = getattr(config, "hidden_size", None)
     derived = heads and hidden and hidden // heads
     if head_dim and (getattr(config, "head_dim", None) is not None or derived != head_dim):
-        config.head_dim = head_dim  # LLaMA-style configs read it; BERT/GPT-2 derive it (config_describes)
+        config.head_dim = head_dim  # LLaMA-style configs read it; BERT/GPT-2 derive it
     ffn = _uniform(w // (2 if name.endswith("gate_up_proj") else 1)  # Phi-3 fuses gate and up
                    for name, m in model.named_modules() if name.endswith(FFN) and (w := _out_width(m)))
     if ffn:
@@ -169,23 +170,6 @@ def _fix_config(model: nn.Module, found: dict[str, Heads], undo: Undo) -> None:
 
 
 MODEL_FIXERS.append(_fix_attention)
-
-
-def config_describes(model: nn.Module) -> str | None:
-    """None if a model built from ``model.config`` has exactly ``model``'s parameter shapes (so
-    ``save_pretrained`` + ``from_pretrained`` round-trips); else the first mismatch."""
-    try:  # what from_pretrained will do: read the config back, with the class's own checks
-        config = type(model.config).from_dict(model.config.to_dict())
-    except Exception as exc:
-        return f"the config does not load back: {exc}"
-    with torch.device("meta"):
-        fresh = type(model)._from_config(config)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    for key in sorted(want.keys() | got.keys()):
-        if want.get(key) != got.get(key):
-            return f"{key}: model {want.get(key)}, config builds {got.get(key)}"
-    return None
 
 
 def ratios(model: nn.Module, heads: float | None = None, ffn: float | None = None,
