@@ -8,8 +8,10 @@ and Taylor (|w x grad| of an unsupervised SimCSE-style loss: each sentence again
 (batch 8 x 128 tokens, relative to the full model), and on 600 other sentences the mean cosine of
 mean-pooled embeddings to the full model's (for the hidden-size case, to the full model's
 embeddings restricted to the kept dims) and top-1 retrieval agreement (a sentence's nearest
-neighbour among the 600 is the same as with the full model). Sentences: the documentation that
-ships with CPython (``pydoc_data.topics``), as in ``layers.py``.
+neighbour among the 600 is the same as with the full model). Each pruned model is then written
+with ``pangkas.save_pretrained`` and read back with ``transformers.AutoModel.from_pretrained``
+(the first 50 sentences' embeddings compared). Sentences: the documentation that ships with
+CPython (``pydoc_data.topics``), as in ``layers.py``.
 
     .venv/bin/python benchmarks/transformers.py          # writes docs/transformers.md
 """
@@ -18,13 +20,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import warnings
+from pathlib import Path
 
 import torch
 
 from common import DOCS, environment, publish
 from layers import embed, minilm_setup
-from pangkas import prune_transformer
+from pangkas import prune_transformer, save_pretrained
 from pangkas.measure import time_alternating
 from pangkas.tables import human_count, render_table
 
@@ -57,6 +61,18 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((nearest(a) == nearest(b)).float().mean())
 
 
+def reloaded(pruned, batches, embeddings: torch.Tensor) -> str:
+    """How the saved directory loads, and the largest embedding difference after loading."""
+    import transformers  # the library, which common.py put first (this file has its name)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = save_pretrained(pruned, Path(tmp) / "pruned")
+        code = (directory / "modeling_pangkas.py").exists()
+        again = transformers.AutoModel.from_pretrained(directory, trust_remote_code=code).eval()
+        diff = float((embed(again, batches[:1]) - embeddings[:len(batches[0]["input_ids"])]).abs().max())
+    return f"{'trust_remote_code' if code else 'plain'}, max diff {diff:.0e}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -83,18 +99,23 @@ def main() -> None:
             cosine = float((got * want).sum(1).mean())
             t_full, t_pruned = time_alternating([model, pruned], timing, rounds=args.rounds)
             rows.append((label, importance, human_count(sum(p.numel() for p in pruned.parameters())),
-                         f"{t_pruned / t_full:.2f}", f"{cosine:.3f}", f"{agreement(got, reference):.1%}"))
+                         f"{t_pruned / t_full:.2f}", f"{cosine:.3f}", f"{agreement(got, reference):.1%}",
+                         reloaded(pruned, evaluation, got)))
             print(rows[-1], flush=True)
     table = render_table(
         f"MiniLM ({human_count(params)} params), pruned without fine-tuning",
-        ("case", "importance", "params", "latency vs full", "mean cosine to full", "top-1 retrieval agreement"),
+        ("case", "importance", "params", "latency vs full", "mean cosine to full", "top-1 retrieval agreement",
+         "from_pretrained"),
         rows, markdown=True)
     publish(args.out, "Pruning a pretrained transformer", table,
             f"Measured with {environment()}. Heads are removed whole (12 -> 9 or 6 per layer), so "
             "head_dim and the attention scale are unchanged; removing heads and FFN neurons is exact "
             "with respect to the silenced model (the oracle), the loss of fidelity is the information "
             "those channels carried. Hidden-size pruning also changes every LayerNorm's statistics "
-            "(approximate).",
+            "(approximate). from_pretrained: how the directory `pangkas.save_pretrained` wrote loads "
+            "(BERT derives head_dim from hidden_size / num_attention_heads, so with fewer heads or a "
+            "narrower hidden size the directory carries modeling_pangkas.py), and the largest "
+            "difference of the reloaded model's embeddings.",
             script="transformers.py")
 
 
