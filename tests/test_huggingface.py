@@ -66,6 +66,15 @@ def test_heads_and_ffn_are_removed_exactly(name):
     assert hidden(pruned, x).shape == hidden(model, x).shape
 
 
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_down_to_one_head(name):  # reshape's copy of the transposed heads disappears: still the same maths
+    model, x = build(name), inputs(name)
+    error, plan = oracle_error(model, x, lambda m: pangkas.plan_channels(
+        m, x, ratio=0.0, ratios=pangkas.integrations.huggingface.ratios(m, heads=0.75)))
+    assert error <= 1e-5 and plan.channels_removed == 2 * 3  # 3 of 4 heads in each of 2 layers
+    assert all(h.heads == 1 for h in attention_modules(plan.model).values())
+
+
 def test_phi3_fused_qkv_heads_follow_their_offsets():
     model, x = build("phi3"), inputs("phi3")
     pangkas.prune_transformer(model, x, heads=0.5, ffn=0.5)

@@ -29,8 +29,12 @@ from .tables import human_count, render_table
 from .widths import fastest, layer_timer
 
 MAX_RETRIES = 8
-# Slicing a dim's full range runs as alias: once pruning makes a slice full, that is the same op.
-_FULL_SLICE = {"aten.slice.Tensor", "aten.alias.default"}
+# Ops that pruning may turn into each other. Slicing a dim's full range runs as alias: once
+# pruning makes a slice full, that is the same op. reshape copies a non-contiguous input (clone,
+# then _unsafe_view); with one head left, a transposed view can become contiguous, so the copy
+# disappears (a copy never changes values or shape) and a plain view remains.
+_SAME = ({"aten.slice.Tensor", "aten.alias.default"}, {"aten.view.default", "aten._unsafe_view.default"})
+_COPY = "aten.clone.default"
 
 
 @dataclass(frozen=True)
@@ -283,15 +287,22 @@ class Plan:
         except TraceFailed as failed:
             index = min(len(failed.records), len(expected) - 1)
             return expected[index], f"the pruned model fails here ({failed})"
-        for old, new in zip(expected, records):
-            if old.name != new.name and {old.name, new.name} != _FULL_SLICE:
+        i = j = 0
+        while i < len(expected) and j < len(records):
+            old, new = expected[i], records[j]
+            if old.name != new.name and {old.name, new.name} not in _SAME:
+                if _COPY in (old.name, new.name):
+                    i, j = (i + 1, j) if old.name == _COPY else (i, j + 1)
+                    continue
                 return old, f"the pruned model runs {new.name} where {old.name} ran before"
             want = [self._planned_shape(o) for o in old.outputs]
             got = [o[0] for o in new.outputs]
             if want != got:
                 return old, f"output shapes {got}, planned {want}"
-        if len(records) != len(expected):
-            return expected[min(len(records), len(expected) - 1)], "the pruned model runs a different number of ops"
+            i, j = i + 1, j + 1
+        rest = [r for r in expected[i:] + records[j:] if r.name != _COPY]
+        if rest:
+            return expected[min(i, len(expected) - 1)], "the pruned model runs a different number of ops"
         return None
 
 
