@@ -93,6 +93,8 @@ def test_hugging_face_directory(capsys, tmp_path):
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
     code, out, _ = run(capsys, "measure", str(tmp_path / "bert"), "--input-shape", "1,16", "--no-latency")
     assert code == 0 and "parameters" in out
+    code, _, err = run(capsys, "prune", "weights", str(tmp_path / "bert"), "--sparsity", "0.5", "-o", str(tmp_path / "d"))
+    assert code == 2 and ".safetensors" in err and not (tmp_path / "d").exists()
     out_file = tmp_path / "bert.safetensors"
     code, _, _ = run(capsys, "prune", "weights", str(tmp_path / "bert"), "--sparsity", "0.5",
                      "--include", "encoder", "-o", str(out_file))
@@ -199,10 +201,10 @@ def test_prune_hugging_face_heads_its_config_cannot_describe(capsys, tmp_path):
     config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
                                      num_attention_heads=4, intermediate_size=64)
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
-    code, _, err = run(capsys, "prune", "channels", str(tmp_path / "bert"), "--heads", "0.5",
-                       "--input-shape", "1,12", "-o", str(tmp_path / "out"))
+    code, out, err = run(capsys, "prune", "channels", str(tmp_path / "bert"), "--heads", "0.5",
+                         "--input-shape", "1,12", "-o", str(tmp_path / "out"))
     assert code == 0, err
-    assert (tmp_path / "out" / "modeling_pangkas.py").is_file()  # BERT derives head_dim: code comes along
+    assert "trust_remote_code=True" in out and (tmp_path / "out" / "modeling_pangkas.py").is_file()  # BERT derives head_dim: code comes along
     again = transformers.AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True)
     assert again.encoder.layer[0].attention.self.query.weight.shape == (16, 32)
     code, out, err = run(capsys, "measure", str(tmp_path / "out"), "--input-shape", "1,12", "--no-latency")

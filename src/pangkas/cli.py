@@ -136,6 +136,7 @@ def _prune(args) -> None:
     """Load, measure, prune (weights or channels), save, measure again, compare."""
     from .io import save
     from .measure import compare, measure
+    from .integrations.hf_directory import CODE_FILE
     from .sources import describe, save_pretrained
 
     source = _resolve(args)
@@ -143,6 +144,9 @@ def _prune(args) -> None:
     if not to_directory and not args.output.endswith(".safetensors"):
         raise PangkasError(f"-o must name a .safetensors file (or a directory for a Hugging Face model), "
                            f"got {args.output!r}")
+    if to_directory and args.kind == "weights":
+        raise PangkasError("weight pruning keeps every shape and saves compactly only with pangkas.save: "
+                           "-o OUT.safetensors")
     with console.status("measuring"):
         before = measure(source.model, source.example_inputs, latency=False)
     with console.status(f"pruning {args.kind}"):
@@ -157,6 +161,9 @@ def _prune(args) -> None:
         after = measure(source.model, source.example_inputs, latency=False)
     console.print(compare(before, after), markup=False, soft_wrap=True)
     console.print(f"wrote {args.output}")
+    if to_directory and (Path(args.output) / CODE_FILE).is_file():
+        console.print(f"its config cannot say every pruned size: load it with "
+                      f"from_pretrained({args.output!r}, trust_remote_code=True) ({CODE_FILE} rebuilds them)")
 
 
 def _prune_weights(source, args):
