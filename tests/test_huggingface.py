@@ -187,6 +187,18 @@ def test_pangkas_reads_its_directories_without_running_their_code(tmp_path):
                                hidden(again, x), rtol=0, atol=0)
 
 
+def test_a_loaded_directory_saves_again_with_plain_save_pretrained(tmp_path):
+    config = transformers.LlamaConfig(**dict(GQA, num_attention_heads=8, num_key_value_heads=4))
+    model, x = randomize(transformers.AutoModelForCausalLM.from_config(config).eval()), inputs("llama")
+    pangkas.prune_transformer(model, x, heads=0.25)  # 6 heads: LlamaConfig refuses 32 % 6 != 0
+    pangkas.save_pretrained(model, tmp_path / "a")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a", trust_remote_code=True)
+    loaded.save_pretrained(tmp_path / "b")  # transformers' own save of the remote-code model
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "b", trust_remote_code=True).eval()
+    torch.testing.assert_close(again(**x).logits, model(**x).logits, rtol=0, atol=0)
+    assert again.config.num_attention_heads == 6 and loaded.config.num_attention_heads == 6
+
+
 def test_save_pretrained_refuses_what_it_cannot_write(tmp_path):
     model, x = build("bert"), inputs("bert")
     with pytest.raises(pangkas.PangkasError, match="not a Hugging Face"):

@@ -181,7 +181,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, files_from: str 
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
         with _built_sizes(model.config, record):  # a config must validate to be saved
-            model.save_pretrained(staging)
+            base_class(model).save_pretrained(model, staging)  # not the loaded record's override
         _write_config(staging, record, model)
         if out.exists():
             shutil.rmtree(out)

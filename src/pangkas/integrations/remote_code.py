@@ -69,6 +69,17 @@ def pruned(base):
             super().__init__(config, *args, **kwargs)
             reshape(self, record)
 
+        def save_pretrained(self, *args, **kwargs):  # as loaded: the config keeps its built sizes
+            record = getattr(self.config, RECORD)
+            pruned_sizes = {name: value for name, (_, value) in record["config"].items()}
+            try:
+                for name, (built, _) in record["config"].items():
+                    setattr(self.config, name, built)
+                return super().save_pretrained(*args, **kwargs)
+            finally:
+                for name, value in pruned_sizes.items():
+                    setattr(self.config, name, value)
+
     Pruned.__name__ = Pruned.__qualname__ = base.__name__
     Pruned.pangkas_base = base
     return Pruned
