@@ -70,6 +70,7 @@ def test_checkpoints_resume_where_they_stopped(tmp_path):
     pangkas.recover(first, data, teacher=teacher, epochs=2, lr=1e-2)  # uninterrupted
     pangkas.recover(second, data, teacher=teacher, epochs=1, lr=1e-2, checkpoint=tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
+    (tmp_path / "ckpt").rename(tmp_path / "ckpt.old")  # as if killed between the swap's two renames
     fresh = copy.deepcopy(teacher)
     pangkas.prune_weights(fresh, sparsity=0.8)  # a new process would rebuild the pruned student
     report = pangkas.recover(fresh, data, teacher=teacher, epochs=2, lr=1e-2, checkpoint=tmp_path / "ckpt")

@@ -95,6 +95,14 @@ def _save_checkpoint(directory: Path, model: nn.Module, optimizer, step: int, ep
         raise
 
 
+def _finish_swap(directory: Path) -> None:
+    """A crash between the two renames of ``_save_checkpoint`` leaves only ``<dir>.old``, the
+    last complete checkpoint: put it back."""
+    old = directory.with_name(directory.name + ".old")
+    if old.is_dir() and not directory.exists():
+        old.rename(directory)
+
+
 def _load_checkpoint(directory: Path, model: nn.Module, optimizer) -> tuple[int, int]:
     load(directory / "model.safetensors", model)
     path = directory / "trainer.safetensors"
@@ -178,6 +186,8 @@ def recover(
     opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
     directory = Path(checkpoint) if checkpoint is not None else None
     step = start_epoch = 0
+    if directory is not None:
+        _finish_swap(directory)
     if directory is not None and (directory / "trainer.safetensors").is_file():
         step, start_epoch = _load_checkpoint(directory, student, opt)
     report = RecoveryReport(step, resumed_from=step, checkpoint=directory)
