@@ -323,3 +323,23 @@ def test_non_uniform_pruning_round_trips_through_pangkas_save(tmp_path):
     fresh = pangkas.load(path, transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).eval())
     assert [layer.mlp.up_proj.out_features for layer in fresh.model.layers] == widths
     torch.testing.assert_close(fresh(**x).logits, model(**x).logits, rtol=0, atol=0)
+
+
+def test_tracing_in_threads_matches_tracing_alone():
+    """The tracer's global hooks and its attention-scale wrapper only see their own thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models, x = [build("bert"), build("gpt2"), build("llama")], inputs("bert")
+
+    def plan(model):
+        model = copy.deepcopy(model)
+        plan = pangkas.plan_channels(model, x, ratio=0.0, allow_approximate=True,
+                                     ratios=pangkas.integrations.huggingface.ratios(model, heads=0.5, ffn=0.5))
+        return str(plan), plan.keep()
+
+    alone = [plan(m) for m in models]
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(plan, models * 2))
+    for (text, keep), (want_text, want_keep) in zip(together, alone * 2):
+        assert text == want_text
+        assert keep.keys() == want_keep.keys()

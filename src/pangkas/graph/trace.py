@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -186,33 +187,53 @@ class _Tracer(TorchDispatchMode):
         self.records.append(OpRecord(str(func), self.stack[-1], inputs, outputs, flop_call))
 
 
-@contextlib.contextmanager
-def _attention_scale(engine: Engine):
+class _AttentionScale:
     """``scaled_dot_product_attention`` without an explicit ``scale`` divides by sqrt(head_dim).
 
     On some devices it reaches ATen as one op (whose rule sees ``scale``), on others decomposed
     into matmuls with the scale already a number. Wrapping the Python entry point for the trace
     marks the query/key head dims approximate either way: removing them changes the scale.
     (A TorchFunctionMode cannot see it: the ``nn.functional`` code calling it re-dispatches.)
+    The wrapper is installed while any thread traces and only looks at its own thread's trace.
     """
-    original = torch.nn.functional.scaled_dot_product_attention
 
-    def watched(query, key, value, *args, **kwargs):
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.users = 0
+        self.original = None
+        self.local = threading.local()
+
+    @contextlib.contextmanager
+    def __call__(self, engine: Engine):
+        with self.lock:
+            if self.users == 0:
+                self.original = torch.nn.functional.scaled_dot_product_attention
+                torch.nn.functional.scaled_dot_product_attention = self.watched
+            self.users += 1
+        self.local.engine = engine
+        try:
+            yield
+        finally:
+            self.local.engine = None
+            with self.lock:
+                self.users -= 1
+                if self.users == 0:
+                    torch.nn.functional.scaled_dot_product_attention = self.original
+
+    def watched(self, query, key, value, *args, **kwargs):
+        engine = getattr(self.local, "engine", None)
         scale = kwargs.get("scale", args[3] if len(args) > 3 else None)
-        if scale is None:
+        if engine is not None and scale is None:
             with _disable_current_modes():  # work on ids must not be traced as model ops
                 engine.where = "scaled_dot_product_attention"
                 for t in (query, key):
                     for ax in engine.get(t):
                         if t.ndim - 1 in ax.dims:
                             engine.approximate(ax.ids, "attention scale 1/sqrt(head_dim) follows head_dim")
-        return original(query, key, value, *args, **kwargs)
+        return self.original(query, key, value, *args, **kwargs)
 
-    torch.nn.functional.scaled_dot_product_attention = watched
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
+
+_attention_scale = _AttentionScale()
 
 
 def _meta_batch_norm(func, args):
@@ -240,14 +261,18 @@ def count_flops(records: list[OpRecord], shape_of=lambda shaped: shaped[0]) -> i
 
 @contextlib.contextmanager
 def _module_names(model: nn.Module, stack: list[str]):
-    """Keep ``stack[-1]`` the qualified name of the module whose forward is running."""
+    """Keep ``stack[-1]`` the qualified name of the module whose forward is running (the hooks
+    are global: forwards in other threads are not ours)."""
     names = {id(m): n for n, m in model.named_modules()}
+    thread = threading.get_ident()
 
     def enter(module, args):
-        stack.append(names.get(id(module), stack[-1]))
+        if threading.get_ident() == thread:
+            stack.append(names.get(id(module), stack[-1]))
 
     def leave(module, args, output):
-        stack.pop()
+        if threading.get_ident() == thread:
+            stack.pop()
 
     handles = [nn.modules.module.register_module_forward_pre_hook(enter),
                nn.modules.module.register_module_forward_hook(leave, always_call=True)]
