@@ -125,6 +125,8 @@ def outside_pangkas(runs: list[tuple[str, str, torch.Tensor]], tmp_path) -> list
         "    m = getattr(transformers, auto).from_pretrained(directory, trust_remote_code=True).eval()\n"
         "    ids = torch.tensor(ids)\n"
         "    r = {'output': m(ids)[0].tolist()}\n"
+        "    r['tied'] = m.get_output_embeddings() is None or "
+        "m.get_output_embeddings().weight is m.get_input_embeddings().weight\n"
         "    if auto.endswith('CausalLM'):\n"
         "        r['tokens'] = m.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, pad_token_id=0).tolist()\n"
         "    out.append(r)\n"
@@ -144,7 +146,7 @@ def test_a_process_without_pangkas_loads_every_pruned_directory(tmp_path):
     cases["llama"] = model, "AutoModelForCausalLM"
     for name, auto in (("bert", "AutoModel"), ("gpt2", "AutoModelForCausalLM")):  # derived head_dim
         model = build(name, causal=auto != "AutoModel")
-        pangkas.prune_transformer(model, inputs(name), heads=0.5, ffn=0.5)
+        pangkas.prune_transformer(model, inputs(name), heads=0.5, ffn=0.5, hidden=0.25 if name == "gpt2" else None)
         cases[name] = model, auto
     config = transformers.LlamaConfig(**dict(GQA, num_attention_heads=8, num_key_value_heads=4))
     model = randomize(transformers.AutoModelForCausalLM.from_config(config).eval())
@@ -165,6 +167,9 @@ def test_a_process_without_pangkas_loads_every_pruned_directory(tmp_path):
     for (name, (model, auto)), got in zip(cases.items(), outside_pangkas(runs, tmp_path)):
         ids = x["input_ids"]
         torch.testing.assert_close(torch.tensor(got["output"]), model(ids)[0], rtol=1e-5, atol=1e-5, msg=name)
+        tied = model.get_output_embeddings() is None or (
+            model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+        assert got["tied"] == tied, name  # GPT-2's LM head shares its (narrower) embedding
         if "tokens" in got:
             want = model.generate(ids[:1, :5], max_new_tokens=8, do_sample=False, pad_token_id=0)
             assert got["tokens"] == want.tolist(), name
