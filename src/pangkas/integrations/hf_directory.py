@@ -8,8 +8,8 @@ carries ``modeling_pangkas.py`` (see ``remote_code``) and loads with ``trust_rem
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from contextlib import contextmanager
 import json
 import shutil
 import sys
@@ -180,7 +180,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, files_from: str 
             if item.name == "config.json" or item.suffix in WEIGHT_FILES or item.name.endswith(".index.json"):
                 continue
             (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        with _built_sizes(model.config, record):  # a config must validate to be saved
+        sizes = remote_code.built_sizes(model.config, record) if record else contextlib.nullcontext()
+        with sizes:  # a config must validate to be saved
             base_class(model).save_pretrained(model, staging)  # not the loaded record's override
         _write_config(staging, record, model)
         if out.exists():
@@ -190,18 +191,6 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, files_from: str 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
-
-
-@contextmanager
-def _built_sizes(config, record: dict | None):
-    saved = {name: getattr(config, name, None) for name in record["config"]} if record else {}
-    try:
-        for name, (built, _) in (record["config"].items() if record else ()):
-            setattr(config, name, built)
-        yield
-    finally:
-        for name, value in saved.items():
-            setattr(config, name, value)
 
 
 def _write_config(staging: Path, record: dict | None, model: nn.Module) -> None:

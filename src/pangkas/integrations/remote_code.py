@@ -10,6 +10,8 @@ attributes, then loads the weights. The file imports only torch and transformers
 such directories with its own copy of this module and runs no code from them.
 """
 
+import contextlib
+
 import torch
 
 RECORD = "pangkas_pruned"
@@ -58,27 +60,32 @@ def reshape(model, record):
         setattr(model.config, name, value)
 
 
+@contextlib.contextmanager
+def built_sizes(config, record):
+    """``config`` says the sizes the architecture is built from, for the duration."""
+    pruned_sizes = {name: getattr(config, name, None) for name in record["config"]}
+    try:
+        for name, (built, _) in record["config"].items():
+            setattr(config, name, built)
+        yield
+    finally:
+        for name, value in pruned_sizes.items():
+            setattr(config, name, value)
+
+
 def pruned(base):
     """``base`` (a transformers model class) that builds the shapes its config records."""
 
     class Pruned(base):
         def __init__(self, config, *args, **kwargs):
             record = getattr(config, RECORD)
-            for name, (built, _) in record["config"].items():
-                setattr(config, name, built)
-            super().__init__(config, *args, **kwargs)
+            with built_sizes(config, record):
+                super().__init__(config, *args, **kwargs)
             reshape(self, record)
 
-        def save_pretrained(self, *args, **kwargs):  # as loaded: the config keeps its built sizes
-            record = getattr(self.config, RECORD)
-            pruned_sizes = {name: value for name, (_, value) in record["config"].items()}
-            try:
-                for name, (built, _) in record["config"].items():
-                    setattr(self.config, name, built)
+        def save_pretrained(self, *args, **kwargs):  # as loaded: config.json keeps the built sizes
+            with built_sizes(self.config, getattr(self.config, RECORD)):
                 return super().save_pretrained(*args, **kwargs)
-            finally:
-                for name, value in pruned_sizes.items():
-                    setattr(self.config, name, value)
 
     Pruned.__name__ = Pruned.__qualname__ = base.__name__
     Pruned.pangkas_base = base
