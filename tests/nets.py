@@ -199,8 +199,8 @@ class Attention(nn.Module):
 
 
 class TorchMHA(nn.Module):
-    """nn.MultiheadAttention: its projections are tied to the embedding width and its scale to
-    head_dim, so only the MLP is exactly prunable."""
+    """nn.MultiheadAttention in a residual stream without norms: heads go whole, and the
+    residual width through its input and output projections."""
 
     def __init__(self, dim=16):
         super().__init__()

@@ -115,13 +115,13 @@ def test_normalisation_over_channels_needs_allow_approximate():
     assert model(x).shape == (2, 10)  # runs; outputs differ: approximate, reported as such
 
 
-def test_torch_multihead_attention_keeps_tied_widths():
-    model = nets.TorchMHA()
-    x = torch.randn(2, 6, 5)
-    pangkas.prune_channels(model, x, ratio=0.5)
-    assert model.attn.embed_dim == 16 and model.attn.in_proj_weight.shape == (48, 16)
-    assert model.mlp[0].out_features == 16
-    assert model(x).shape == (2, 10)
+def test_torch_multihead_attention_loses_whole_heads():
+    model, x = nets.TorchMHA(), torch.randn(2, 6, 5)
+    error, plan = oracle_error(model, x, lambda m: pangkas.plan_channels(m, x, ratio=0.5))
+    assert error <= 1e-5
+    attn = plan.model.attn  # 2 heads of 8 -> 1; the residual width (no norm on it) 16 -> 8
+    assert attn.num_heads == 1 and attn.head_dim == 8 and attn.in_proj_weight.shape == (24, 8)
+    assert plan.model.mlp[0].out_features == 16
 
 
 def test_attention_head_dims_prune_consistently():

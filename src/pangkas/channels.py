@@ -20,7 +20,7 @@ from .errors import PangkasError
 from .graph.labels import components
 from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
 from .importance import check as check_importance
-from .integrations import huggingface
+from . import integrations
 from .importance import gradients, input_norms, l1, slice_scores
 from .io import RESHAPED
 from .modules import Selector, as_patterns, matches
@@ -572,7 +572,7 @@ def plan_channels(
     ``allow_approximate=True``: removing them cannot be exact.
     """
     _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_fn)
-    coupling = trace(model, example_inputs, adapter=huggingface.adapter(model),
+    coupling = trace(model, example_inputs, adapter=integrations.adapter(model),
                      keep_outputs=not prune_outputs)
     _ignore_blocks(model, coupling, ignore)
     options = Options(ratio, importance, scope, dict(ratios or {}), round_to,

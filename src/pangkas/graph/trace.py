@@ -259,6 +259,23 @@ def count_flops(records: list[OpRecord], shape_of=lambda shaped: shaped[0]) -> i
     return total
 
 
+# Module classes whose forward the tracer cannot see into, traced as an equivalent subclass it
+# can (an integration registers them; e.g. nn.MultiheadAttention with prunable heads).
+TRACED_AS: dict[type, type] = {}
+
+
+@contextlib.contextmanager
+def _traced_forms(model: nn.Module):
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in TRACED_AS]
+    try:
+        for m, cls in swapped:
+            m.__class__ = TRACED_AS[cls]
+        yield
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
 @contextlib.contextmanager
 def _module_names(model: nn.Module, stack: list[str]):
     """Keep ``stack[-1]`` the qualified name of the module whose forward is running (the hooks
@@ -352,8 +369,8 @@ def _run(model, example_inputs, fake_mode: FakeTensorMode | None, adapter, keep_
     records: list[OpRecord] = []
     tracer = _Tracer(engine, stack, records)
     try:
-        with evaluating(model), mode, _module_names(model, stack), torch.enable_grad(), \
-                _attention_scale(engine), tracer:
+        with evaluating(model), mode, _traced_forms(model), _module_names(model, stack), \
+                torch.enable_grad(), _attention_scale(engine), tracer:
             output = functional_call(model, state, _as_args(inputs), _as_kwargs(inputs))
     except Exception as exc:
         raise TraceFailed(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",

@@ -12,13 +12,12 @@ saves what a config cannot say.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..errors import PangkasError
 from ..surgery import MODEL_FIXERS, Undo
+from .heads import Heads
 from .hf_directory import is_transformers
 from .remote_code import BUILT_WITH
 
@@ -29,13 +28,6 @@ KEY = ("k_proj", "key", "k", "k_lin")
 FFN = ("up_proj", "gate_proj", "fc1", "c_fc", "intermediate.dense", "lin1", "w1", "w3")
 CONFIG_SIZES = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "n_inner", "hidden_size", "head_dim")
 HEAD_ATTRIBUTES = HEADS + ("num_key_value_heads", "all_head_size", "split_size", "num_key_value_groups")
-
-
-@dataclass(frozen=True)
-class Heads:
-    heads: int
-    kv_heads: int
-    head_dim: int
 
 
 def _int_attr(owner, names) -> int | None:
@@ -78,39 +70,6 @@ def attention_modules(model: nn.Module) -> dict[str, Heads]:
     if not is_transformers(model):
         return {}
     return {name: h for name, m in model.named_modules() if (h := heads_of(m)) is not None}
-
-
-class Adapter:
-    """What the tracer asks about HF attention modules (see ``graph.rules``)."""
-
-    def __init__(self, model: nn.Module, modules: dict[str, Heads]):
-        self.modules = modules
-        self.fused = {name for name in modules if hasattr(model.get_submodule(name), "qkv_proj")}
-
-    def _owner(self, module_name: str) -> str | None:
-        return next((name for name in self.modules
-                     if module_name == name or module_name.startswith(name + ".")), None)
-
-    def split_keep(self, module_name: str, sizes: list[int]) -> int | None:
-        """Inside an attention module, a projection viewed as (heads, head_dim) keeps heads."""
-        owner = self._owner(module_name)
-        if owner is None:
-            return None
-        h = self.modules[owner]
-        for i in range(len(sizes) - 1):
-            if sizes[i] in (h.heads, h.kv_heads) and sizes[i + 1] == h.head_dim:
-                return i
-        return None
-
-    def slices_follow(self, module_name: str) -> bool:
-        """Slices of a fused qkv projection are cut at offsets computed from the head counts,
-        which the surgery fixer updates (the shape check confirms it)."""
-        return self._owner(module_name) in self.fused
-
-
-def adapter(model: nn.Module) -> Adapter | None:
-    modules = attention_modules(model)
-    return Adapter(model, modules) if modules else None
 
 
 def _fix_attention(model: nn.Module, undo: Undo) -> None:

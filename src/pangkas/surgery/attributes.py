@@ -101,7 +101,7 @@ def _mha(m, original):
         m.embed_dim = m.q_proj_weight.shape[1]
     m.kdim = m.embed_dim if m._qkv_same_embed_dim else m.k_proj_weight.shape[1]
     m.vdim = m.embed_dim if m._qkv_same_embed_dim else m.v_proj_weight.shape[1]
-    m.head_dim = m.embed_dim // m.num_heads
+    # head_dim stays: heads go whole (integrations.multihead_attention counts them)
 
 
 def _hf_conv1d(m, original):
