@@ -19,6 +19,22 @@ def test_macs_of_linear_and_conv_follow_the_formulas():
     assert count_macs(grouped, torch.randn(1, 8, 6, 6)) == 8 * 6 * 6 * 2 * 3 * 3
 
 
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attention(x, x, x, need_weights=False)[0]
+
+
+def test_macs_count_fused_attention_kernels():  # inference fast path, CPU flash SDPA: same maths
+    x = torch.randn(2, 6, 16)
+    projections = 2 * 6 * 16 * (3 * 16) + 2 * 6 * 16 * 16
+    scores_and_mixing = 2 * (2 * 2 * 6 * 6 * 8)  # batch x heads x queries x keys x head_dim, twice
+    assert count_macs(SelfAttention().eval(), x) == projections + scores_and_mixing
+
+
 def test_measure_counts_params_nonzeros_and_bytes():
     model = mlp()
     x = torch.randn(4, 32)

@@ -55,12 +55,28 @@ def _eval_mode(model: nn.Module):
         yield
 
 
+@contextlib.contextmanager
+def _unfused_attention():
+    """Fused attention kernels without a FLOP formula count as zero (nn.MultiheadAttention's
+    inference fast path; scaled_dot_product_attention's CPU flash kernel): count their unfused
+    paths, the same maths."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass, counted by ``torch.utils.flop_counter``.
 
     Dense maths: zeros in weights still count (only removing channels or layers lowers this).
     """
-    with _eval_mode(model), FlopCounterMode(display=False) as counter:
+    with _eval_mode(model), _unfused_attention(), FlopCounterMode(display=False) as counter:
         call_model(model, example_inputs)
     return counter.get_total_flops() // 2
 

@@ -295,6 +295,26 @@ def slice_(e, func, args, kwargs, out):
     e.set(out, tuple(others) + (Axis(ax.dims, ax.ids.narrow(pos, start, out.shape[dim])),))
 
 
+@rule(aten.index)
+def index(e, func, args, kwargs, out):
+    """``x[idx]``: one index tensor gathers along dim 0 (a relative-position table); the other
+    dims pass through. Anything else blocks."""
+    x, indices = args[0], list(args[1])
+    labels = e.get(x)
+    for i in indices:  # positions, not data: they cannot lose entries
+        for ax in e.get(i) if i is not None else ():
+            e.block(ax.ids, "index values")
+    if len(indices) != 1 or indices[0] is None:
+        for ax in labels:
+            e.block(ax.ids, "advanced indexing")
+        return
+    ax, others = _on_dim(labels, 0)
+    if ax is not None:
+        e.block(ax.ids, "indexing along a channel dim")
+    shift = indices[0].ndim - 1
+    remap(e, out, others, {d: d + shift for d in range(1, x.ndim)})
+
+
 @rule(aten.select)
 def select(e, func, args, kwargs, out):
     x, dim = args[0], norm_dim(args[1], args[0].ndim)

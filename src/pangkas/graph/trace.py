@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -260,19 +261,28 @@ def count_flops(records: list[OpRecord], shape_of=lambda shaped: shaped[0]) -> i
 
 
 # Module classes whose forward the tracer cannot see into, traced as an equivalent subclass it
-# can (an integration registers them; e.g. nn.MultiheadAttention with prunable heads).
+# can (an integration registers them; e.g. nn.MultiheadAttention with prunable heads). Classes of
+# optional libraries go by "module.QualName", with a function that makes the subclass.
 TRACED_AS: dict[type, type] = {}
+TRACED_AS_BY_NAME: dict[str, Callable[[], type]] = {}
+
+
+def _traced_form(cls: type) -> type | None:
+    if cls in TRACED_AS:
+        return TRACED_AS[cls]
+    make = TRACED_AS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+    return make() if make else None
 
 
 @contextlib.contextmanager
 def _traced_forms(model: nn.Module):
-    swapped = [(m, type(m)) for m in model.modules() if type(m) in TRACED_AS]
+    swapped = [(m, type(m), form) for m in model.modules() if (form := _traced_form(type(m)))]
     try:
-        for m, cls in swapped:
-            m.__class__ = TRACED_AS[cls]
+        for m, _, form in swapped:
+            m.__class__ = form
         yield
     finally:
-        for m, cls in swapped:
+        for m, cls, _ in swapped:
             m.__class__ = cls
 
 

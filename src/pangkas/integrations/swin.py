@@ -1,0 +1,137 @@
+"""torchvision's Swin (V1 and V2) window attention: whole heads as units.
+
+torchvision's ``shifted_window_attention`` derives ``head_dim = C // num_heads`` from the input
+width, so fewer heads of the same size cannot run through it. The tracer follows these modules
+as subclasses (same parameters, same maths) whose forward takes the head size from the qkv
+projection and the head count from the module; a module that loses heads keeps that class and
+its relative-position bias (V1's table, V2's bias MLP and logit scale) loses the same heads.
+torchvision is imported only when a model already uses it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..graph.trace import TRACED_AS_BY_NAME
+from ..surgery import MODEL_FIXERS, Undo
+from .heads import Heads
+
+SWIN = "torchvision.models.swin_transformer"
+_CLASSES: dict[str, type] = {}
+
+
+def _window_attention(m: nn.Module, x: torch.Tensor, bias: torch.Tensor, logit_scale=None) -> torch.Tensor:
+    """Shifted-window self-attention of ``x`` (B, H, W, C), as torchvision computes it, with
+    ``head_dim`` from the projection instead of ``C // num_heads``."""
+    batch, height, width, _ = x.shape
+    wh, ww = m.window_size
+    x = F.pad(x, (0, 0, 0, (-width) % ww, 0, (-height) % wh))
+    ph, pw = x.shape[1:3]
+    sh = 0 if wh >= ph else m.shift_size[0]  # a window covering the map needs no shift
+    sw = 0 if ww >= pw else m.shift_size[1]
+    if sh or sw:
+        x = x.roll((-sh, -sw), (1, 2))
+    nh, nw, n = ph // wh, pw // ww, wh * ww
+    windows = x.view(batch, nh, wh, nw, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(batch * nh * nw, n, -1)
+    head_dim = m.qkv.weight.shape[0] // (3 * m.num_heads)
+    qkv_bias = m.qkv.bias
+    if logit_scale is not None and qkv_bias is not None:  # V2: keys have no bias
+        q_bias, k_bias, v_bias = qkv_bias.chunk(3)
+        qkv_bias = torch.cat((q_bias, torch.zeros_like(k_bias), v_bias))
+    qkv = F.linear(windows, m.qkv.weight, qkv_bias).unflatten(-1, (3, -1, head_dim)).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    if logit_scale is not None:  # V2: cosine attention
+        attn = F.normalize(q, dim=-1) @ F.normalize(k, dim=-1).transpose(-2, -1)
+        attn = attn * torch.clamp(logit_scale, max=math.log(100.0)).exp()
+    else:
+        attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
+    attn = attn + bias
+    if sh or sw:
+        attn = attn.view(batch, nh * nw, -1, n, n) + _shift_mask(x, (ph, pw), (wh, ww), (sh, sw))[None, :, None]
+        attn = attn.flatten(0, 1)
+    attn = F.dropout(attn.softmax(-1), m.attention_dropout, m.training)
+    out = (attn @ v).transpose(1, 2).flatten(2)
+    out = F.dropout(F.linear(out, m.proj.weight, m.proj.bias), m.dropout, m.training)
+    out = out.view(batch, nh, nw, wh, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(batch, ph, pw, -1)
+    if sh or sw:
+        out = out.roll((sh, sw), (1, 2))
+    return out[:, :height, :width, :].contiguous()
+
+
+def _shift_mask(like, size, window, shift) -> torch.Tensor:
+    """(windows, n, n): -100 between positions that the cyclic shift brought from different
+    regions of the map (three regions along each shifted dim, one along an unshifted one)."""
+    def regions(length, w, s):
+        i = torch.arange(length, device=like.device)
+        return (i >= length - w).long() + (i >= length - s).long() if s else torch.zeros_like(i)
+
+    (ph, pw), (wh, ww) = size, window
+    label = regions(ph, wh, shift[0])[:, None] * 3 + regions(pw, ww, shift[1])[None, :]
+    label = label.view(ph // wh, wh, pw // ww, ww).permute(0, 2, 1, 3).reshape(-1, wh * ww)
+    differs = label[:, None, :] != label[:, :, None]
+    return torch.zeros(differs.shape, dtype=like.dtype, device=like.device).masked_fill(differs, -100.0)
+
+
+def _subclass(name: str) -> type:
+    """The head-prunable subclass of torchvision's ``name``, made once (only once torchvision
+    is in use) and reachable as an attribute of this module, so pickles find it."""
+    if name not in _CLASSES:
+        base = getattr(sys.modules[SWIN], name)
+        v2 = name.endswith("V2")
+
+        def forward(self, x):
+            return _window_attention(self, x, self.get_relative_position_bias(),
+                                     self.logit_scale if v2 else None)
+
+        cls = type(f"HeadPrunable{name}", (base,), {"forward": forward, "__module__": __name__})
+        _CLASSES[name] = cls
+    return _CLASSES[name]
+
+
+def __getattr__(attr: str):  # unpickling a pruned Swin: make its class
+    if attr in ("HeadPrunableShiftedWindowAttention", "HeadPrunableShiftedWindowAttentionV2"):
+        importlib.import_module(SWIN)
+        return _subclass(attr[len("HeadPrunable"):])
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+
+
+for _name in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2"):
+    TRACED_AS_BY_NAME[f"{SWIN}.{_name}"] = lambda name=_name: _subclass(name)
+
+
+def _heads(m: nn.Module) -> int:
+    """Heads as the relative-position bias counts them (it is cut with them)."""
+    if hasattr(m, "logit_scale"):
+        return m.logit_scale.shape[0]
+    return m.relative_position_bias_table.shape[1]
+
+
+def attention_modules(model: nn.Module) -> dict[str, Heads]:
+    if SWIN not in sys.modules:
+        return {}
+    swin = sys.modules[SWIN]
+    return {name: Heads(m.num_heads, m.num_heads, m.qkv.weight.shape[0] // (3 * m.num_heads))
+            for name, m in model.named_modules() if isinstance(m, swin.ShiftedWindowAttention)}
+
+
+def _fix_heads(model: nn.Module, undo: Undo) -> None:
+    """Surgery fixer: a Swin attention that lost heads counts them and keeps the subclass."""
+    if SWIN not in sys.modules:
+        return
+    swin = sys.modules[SWIN]
+    for m in model.modules():
+        if not isinstance(m, swin.ShiftedWindowAttention) or _heads(m) == m.num_heads:
+            continue
+        undo.remember(m, ("__class__", "num_heads"))
+        m.num_heads = _heads(m)
+        base = next(c for c in type(m).__mro__ if c.__module__ == SWIN)
+        m.__class__ = _subclass(base.__name__)
+
+
+MODEL_FIXERS.append(_fix_heads)
