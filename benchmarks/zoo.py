@@ -89,8 +89,8 @@ def main() -> None:
             "(randomised: no zero-initialised heads) so the oracle can fail. The oracle zeroes the "
             "input weights of every consumer of the removed channels, records the output, applies the "
             "plan, and compares. Channels under LayerNorm over channels or attention scales are kept "
-            "(exact mode) and attention heads go whole, so ViT loses heads and MLP channels, Swin and "
-            "MaxViT their MLP channels.",
+            "(exact mode) and attention heads go whole, so ViT and Swin lose heads and MLP channels, "
+            "MaxViT its MLP channels.",
             script="zoo.py")
 
 

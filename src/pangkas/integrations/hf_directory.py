@@ -174,7 +174,8 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, files_from: str 
         raise PangkasError(f"{out} is the input directory; write elsewhere or pass overwrite_input=True")
     plain = config_describes(model) is None
     record = None if plain else shape_record(model)
-    staging = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}."))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))  # same disk: rename is atomic
     try:
         for item in Path(files_from).iterdir() if files_from is not None else ():
             if item.name == "config.json" or item.suffix in WEIGHT_FILES or item.name.endswith(".index.json"):
