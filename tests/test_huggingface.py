@@ -204,6 +204,16 @@ def test_a_loaded_directory_saves_again_with_plain_save_pretrained(tmp_path):
     assert again.config.num_attention_heads == 6 and loaded.config.num_attention_heads == 6
 
 
+def test_pruning_warns_when_plain_save_pretrained_would_not_load():
+    import warnings
+
+    with pytest.warns(UserWarning, match="pangkas.save_pretrained"):
+        pangkas.prune_transformer(build("bert"), inputs("bert"), heads=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a config that says every size: nothing to warn about
+        pangkas.prune_transformer(build("llama"), inputs("llama"), heads=0.5, ffn=0.5)
+
+
 def test_save_pretrained_refuses_what_it_cannot_write(tmp_path):
     model, x = build("bert"), inputs("bert")
     with pytest.raises(pangkas.PangkasError, match="not a Hugging Face"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -188,8 +189,10 @@ def _prune_channels(source, args):
     if any(v is not None for v in (args.heads, args.ffn, args.hidden)):
         if args.ratio is not None:
             raise PangkasError("give --ratio, or --heads/--ffn/--hidden, not both")
-        return prune_transformer(source.model, source.example_inputs, heads=args.heads, ffn=args.ffn,
-                                 hidden=args.hidden, **common)
+        with warnings.catch_warnings():  # the CLI saves with pangkas.save_pretrained and says how to load
+            warnings.filterwarnings("ignore", message=".*config cannot say")
+            return prune_transformer(source.model, source.example_inputs, heads=args.heads, ffn=args.ffn,
+                                     hidden=args.hidden, **common)
     if args.ratio is None:
         raise PangkasError("give --ratio (or, for a Hugging Face model, --heads/--ffn/--hidden)")
     return prune_channels(source.model, source.example_inputs, ratio=args.ratio,

@@ -12,13 +12,15 @@ saves what a config cannot say.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from ..errors import PangkasError
 from ..surgery import MODEL_FIXERS, Undo
 from .heads import Heads
-from .hf_directory import is_transformers
+from .hf_directory import config_describes, is_transformers
 from .remote_code import BUILT_WITH
 
 HEADS = ("num_heads", "num_attention_heads", "n_head")
@@ -167,10 +169,17 @@ def prune_transformer(model: nn.Module, example_inputs, *, heads: float | None =
                       ffn: float | None = None, hidden: float | None = None, **options):
     """Remove ``heads`` of the attention heads (whole KV groups with GQA), ``ffn`` of the MLP
     neurons and ``hidden`` of the hidden size (approximate: LayerNorm/RMSNorm statistics change)
-    of a Hugging Face model, then update its config. Other options go to ``plan_channels``."""
+    of a Hugging Face model, then update its config. Other options go to ``plan_channels``.
+    Warns when the config cannot say the new sizes (save with ``pangkas.save_pretrained`` then)."""
     from ..channels import prune_channels
 
     if heads is None and ffn is None and hidden is None:
         raise PangkasError("give at least one of heads=, ffn=, hidden=")
-    return prune_channels(model, example_inputs, ratio=0.0, ratios=ratios(model, heads, ffn, hidden),
-                          allow_approximate=hidden is not None, **options)
+    report = prune_channels(model, example_inputs, ratio=0.0, ratios=ratios(model, heads, ffn, hidden),
+                            allow_approximate=hidden is not None, **options)
+    problem = config_describes(model)
+    if problem:
+        warnings.warn(f"{type(model).__name__}'s config cannot say the pruned sizes ({problem}): plain "
+                      "save_pretrained would write a directory that does not load; use "
+                      "pangkas.save_pretrained(model, dir), which adds modeling_pangkas.py", stacklevel=2)
+    return report
