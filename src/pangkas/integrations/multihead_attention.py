@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import PangkasError
 from ..graph.trace import TRACED_AS
 from ..surgery import MODEL_FIXERS, Undo
 from .heads import Heads
@@ -30,8 +31,8 @@ class HeadPrunable(nn.MultiheadAttention):
                 average_attn_weights=True, is_causal=False):
         if not self._covers(attn_mask):
             if self.in_proj_weight is not None and self.in_proj_weight.shape[0] != 3 * self.embed_dim:
-                raise RuntimeError("this attention lost heads to pruning; it takes no separate q/k/v "
-                                   "weights, bias_k, add_zero_attn or per-head (3-D) masks")
+                raise PangkasError("this attention was pruned (its heads no longer span its input "
+                                   "width); it takes no per-head (3-D) masks")
             return super().forward(query, key, value, key_padding_mask=key_padding_mask,
                                    need_weights=need_weights, attn_mask=attn_mask,
                                    average_attn_weights=average_attn_weights, is_causal=is_causal)
@@ -42,20 +43,8 @@ class HeadPrunable(nn.MultiheadAttention):
         if not self.batch_first or unbatched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         q, k, v = self._project(query, key, value)
-        mask = _additive(attn_mask, key_padding_mask, q.dtype)
-        dropout = self.dropout if self.training else 0.0
-        if need_weights:
-            scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
-            if mask is not None:
-                scores = scores + mask
-            elif is_causal:
-                scores = scores.masked_fill(_causal(scores), float("-inf"))
-            weights = F.dropout(scores.softmax(-1), dropout, self.training)
-            out = weights @ v
-        else:
-            weights = None
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
-                                                 is_causal=is_causal and mask is None)
+        out, weights = self._attend(q, k, v, _additive(attn_mask, key_padding_mask, q.dtype),
+                                    need_weights, is_causal)
         out = self.out_proj(out.transpose(1, 2).flatten(2))
         if not self.batch_first or unbatched:
             out = out.transpose(0, 1)
@@ -65,6 +54,20 @@ class HeadPrunable(nn.MultiheadAttention):
             out = out.squeeze(1)
             weights = weights.squeeze(0) if weights is not None else None
         return out, weights
+
+    def _attend(self, q, k, v, mask, need_weights: bool, is_causal: bool):
+        """Each head's output, and its attention weights if asked for (then unfused, to have them)."""
+        dropout = self.dropout if self.training else 0.0
+        if not need_weights:
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                                  is_causal=is_causal and mask is None), None
+        scores = q @ k.transpose(-2, -1) * self.head_dim ** -0.5
+        if mask is not None:
+            scores = scores + mask
+        elif is_causal:
+            scores = scores.masked_fill(_causal(scores), float("-inf"))
+        weights = F.dropout(scores.softmax(-1), dropout, self.training)
+        return weights @ v, weights
 
     def _project(self, query, key, value):
         """(batch, heads, length, head_dim) queries, keys and values."""
