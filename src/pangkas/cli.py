@@ -135,9 +135,9 @@ def _measure(args) -> None:
 
 def _prune(args) -> None:
     """Load, measure, prune (weights or channels), save, measure again, compare."""
+    from .integrations.hf_directory import CODE_FILE
     from .io import save
     from .measure import compare, measure
-    from .integrations.hf_directory import CODE_FILE
     from .sources import describe, save_pretrained
 
     source = _resolve(args)

@@ -29,16 +29,35 @@ _CLASSES: dict[str, type] = {}
 def _window_attention(m: nn.Module, x: torch.Tensor, bias: torch.Tensor, logit_scale=None) -> torch.Tensor:
     """Shifted-window self-attention of ``x`` (B, H, W, C), as torchvision computes it, with
     ``head_dim`` from the projection instead of ``C // num_heads``."""
-    batch, height, width, _ = x.shape
-    wh, ww = m.window_size
-    x = F.pad(x, (0, 0, 0, (-width) % ww, 0, (-height) % wh))
-    ph, pw = x.shape[1:3]
-    sh = 0 if wh >= ph else m.shift_size[0]  # a window covering the map needs no shift
-    sw = 0 if ww >= pw else m.shift_size[1]
-    if sh or sw:
-        x = x.roll((-sh, -sw), (1, 2))
-    nh, nw, n = ph // wh, pw // ww, wh * ww
-    windows = x.view(batch, nh, wh, nw, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(batch * nh * nw, n, -1)
+    height, width = x.shape[1:3]
+    window = tuple(m.window_size)
+    x = F.pad(x, (0, 0, 0, (-width) % window[1], 0, (-height) % window[0]))
+    size = tuple(x.shape[1:3])
+    # a window that covers the map needs no shift
+    shift = tuple(0 if w >= n else s for w, n, s in zip(window, size, m.shift_size))
+    if any(shift):
+        x = x.roll((-shift[0], -shift[1]), (1, 2))
+    mask = _shift_mask(x, size, window, shift) if any(shift) else None
+    out = _unwindow(_attention(m, _windows(x, window), bias, logit_scale, mask), x.shape[0], size, window)
+    if any(shift):
+        out = out.roll(shift, (1, 2))
+    return out[:, :height, :width, :].contiguous()
+
+
+def _windows(x: torch.Tensor, window) -> torch.Tensor:
+    """(B, H, W, C) -> (B * windows, positions in a window, C)."""
+    batch, ph, pw, _ = x.shape
+    (wh, ww) = window
+    return x.view(batch, ph // wh, wh, pw // ww, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(-1, wh * ww, x.shape[-1])
+
+
+def _unwindow(windows: torch.Tensor, batch: int, size, window) -> torch.Tensor:
+    (ph, pw), (wh, ww) = size, window
+    out = windows.view(batch, ph // wh, pw // ww, wh, ww, -1).permute(0, 1, 3, 2, 4, 5)
+    return out.reshape(batch, ph, pw, -1)
+
+
+def _attention(m: nn.Module, windows: torch.Tensor, bias: torch.Tensor, logit_scale, mask) -> torch.Tensor:
     head_dim = m.qkv.weight.shape[0] // (3 * m.num_heads)
     qkv_bias = m.qkv.bias
     if logit_scale is not None and qkv_bias is not None:  # V2: keys have no bias
@@ -52,16 +71,11 @@ def _window_attention(m: nn.Module, x: torch.Tensor, bias: torch.Tensor, logit_s
     else:
         attn = (q * head_dim ** -0.5) @ k.transpose(-2, -1)
     attn = attn + bias
-    if sh or sw:
-        attn = attn.view(batch, nh * nw, -1, n, n) + _shift_mask(x, (ph, pw), (wh, ww), (sh, sw))[None, :, None]
-        attn = attn.flatten(0, 1)
+    if mask is not None:
+        attn = (attn.unflatten(0, (-1, mask.shape[0])) + mask[None, :, None]).flatten(0, 1)
     attn = F.dropout(attn.softmax(-1), m.attention_dropout, m.training)
     out = (attn @ v).transpose(1, 2).flatten(2)
-    out = F.dropout(F.linear(out, m.proj.weight, m.proj.bias), m.dropout, m.training)
-    out = out.view(batch, nh, nw, wh, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(batch, ph, pw, -1)
-    if sh or sw:
-        out = out.roll((sh, sw), (1, 2))
-    return out[:, :height, :width, :].contiguous()
+    return F.dropout(F.linear(out, m.proj.weight, m.proj.bias), m.dropout, m.training)
 
 
 def _shift_mask(like, size, window, shift) -> torch.Tensor:
