@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import integrations
 from .errors import PangkasError
 from .graph.labels import components
 from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
 from .importance import check as check_importance
-from . import integrations
 from .importance import gradients, input_norms, l1, slice_scores
 from .io import RESHAPED
 from .modules import Selector, as_patterns, matches

@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import PangkasError
 from .inputs import call_model
-from .modules import evaluating
 from .io import encode, serialize
+from .modules import evaluating
 from .tables import human_bytes, human_count, render_table
 from .weights.masks import effective_parameters, parameter_counts
 

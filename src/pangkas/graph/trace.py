@@ -28,7 +28,6 @@ from ..modules import evaluating
 from .labels import FIXED, Axis, components
 from .rules import IGNORED, find_rule, tensors
 
-
 Shaped = tuple  # (shape, axes): a tensor as the plan sees it
 
 
