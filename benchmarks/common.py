@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import platform
 import sys
@@ -45,6 +46,15 @@ def cpu_name() -> str:
 def environment() -> str:
     return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, "
             f"Python {platform.python_version()}")
+
+
+def arguments(doc: str, page: str, rounds: int | None = 5) -> argparse.ArgumentParser:
+    """The options of a benchmark: ``--out`` (its docs page) and, if it times, ``--rounds``."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if rounds is not None:
+        parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", default=str(DOCS / page))
+    return parser
 
 
 def publish(out: str, title: str, *sections: str, script: str) -> None:

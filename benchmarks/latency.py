@@ -15,7 +15,6 @@ Dense and pruned are timed in alternation in one process (``torch.utils.benchmar
 
 from __future__ import annotations
 
-import argparse
 import copy
 import warnings
 
@@ -23,7 +22,7 @@ import torch
 import torch.fx.experimental.optimization
 import torchvision
 
-from common import DOCS, environment, publish
+from common import arguments, environment, publish
 from pangkas import prune_channels
 from pangkas.measure import count_macs, time_alternating
 from pangkas.tables import render_table
@@ -47,10 +46,7 @@ def deployed(model: torch.nn.Module, x: torch.Tensor) -> torch.nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(DOCS / "latency.md"))
-    args = parser.parse_args()
+    args = arguments(__doc__, "latency.md").parse_args()
     warnings.filterwarnings("ignore")
     rows = []
     for name in MODELS:

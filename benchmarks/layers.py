@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import itertools
 import os
@@ -28,7 +27,7 @@ import warnings
 import torch
 import torchvision
 
-from common import DOCS, environment, publish
+from common import DOCS, arguments, environment, publish
 from pangkas import layer_candidates, prune_layers
 from pangkas.demo import run_demo
 from pangkas.measure import count_macs, time_alternating
@@ -156,10 +155,7 @@ def digits_table() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(DOCS / "layers.md"))
-    args = parser.parse_args()
+    args = arguments(__doc__, "layers.md").parse_args()
     warnings.filterwarnings("ignore")
     publish(args.out, "Layer pruning",
             minilm_table(args.rounds), resnet_table(args.rounds), digits_table(),

@@ -13,13 +13,12 @@
 
 from __future__ import annotations
 
-import argparse
 import copy
 import warnings
 
 import torch
 
-from common import DOCS, environment, publish
+from common import arguments, environment, publish
 from layers import embed, minilm_setup
 from pangkas import prune_weights
 from pangkas.demo import accuracy, digits_cnn, load_digits_split, train
@@ -65,9 +64,7 @@ def digits_rows() -> list[tuple]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(DOCS / "oneshot.md"))
-    args = parser.parse_args()
+    args = arguments(__doc__, "oneshot.md", rounds=None).parse_args()
     warnings.filterwarnings("ignore")
     rows = minilm_rows() + digits_rows()
     table = render_table("one-shot weight pruning, no fine-tuning", ("model", "sparsity", "method", "result"),

@@ -11,13 +11,12 @@ from it.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 
 import torch
 from torch import nn
 
-from common import DOCS, environment, publish
+from common import arguments, environment, publish
 from pangkas import SparseLinear
 from pangkas.measure import time_alternating
 from pangkas.tables import render_table
@@ -50,10 +49,7 @@ def crossover(results: dict[float, list[float]]) -> float | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", default=str(DOCS / "sparse_kernels.md"))
-    args = parser.parse_args()
+    args = arguments(__doc__, "sparse_kernels.md", rounds=7).parse_args()
     warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta")
     torch.manual_seed(0)
     results = {s: [speedup(i, o, s, args.rounds) for i, o in SHAPES] for s in SPARSITIES}

@@ -18,7 +18,6 @@ CPython (``pydoc_data.topics``), as in ``layers.py``.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import tempfile
 import warnings
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import DOCS, environment, publish
+from common import arguments, environment, publish
 from layers import embed, minilm_setup
 from pangkas import prune_transformer, save_pretrained
 from pangkas.measure import time_alternating
@@ -74,10 +73,7 @@ def reloaded(pruned, batches, embeddings: torch.Tensor) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(DOCS / "transformers.md"))
-    args = parser.parse_args()
+    args = arguments(__doc__, "transformers.md").parse_args()
     warnings.filterwarnings("ignore")
     model, calibration, evaluation, reference, timing = minilm_setup()
     params = sum(p.numel() for p in model.parameters())

@@ -11,7 +11,6 @@ grows with depth (ResNet-18/50/101/152).
 
 from __future__ import annotations
 
-import argparse
 import copy
 import gc
 import time
@@ -20,7 +19,7 @@ import warnings
 import torch
 import torchvision
 
-from common import DOCS, environment, publish
+from common import arguments, environment, publish
 from pangkas import plan_channels
 from pangkas.oracle import oracle_error, randomize
 from pangkas.tables import human_count, render_table
@@ -48,8 +47,7 @@ def run(name: str) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(DOCS / "zoo.md"))
+    parser = arguments(__doc__, "zoo.md", rounds=None)
     parser.add_argument("models", nargs="*", help="subset of models (default: all)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
