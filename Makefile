@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/pangkas demo --out demo-output
+	$(VENV)/bin/pangkas demo --out demo-output --overwrite
 
 test: $(STAMP)
 	$(VENV)/bin/pytest -q

@@ -147,7 +147,7 @@ def resnet_table(rounds: int) -> str:
 
 def digits_table() -> str:
     os.chdir(DOCS.parent)  # so the demo's results say `pangkas demo --out docs/demo`
-    stages = {s.name: s for s in run_demo("docs/demo")}
+    stages = {s.name: s for s in run_demo("docs/demo", overwrite=True)}
     rows = [(name, f"{stages[name].accuracy:.2%}", human_count(stages[name].params), human_count(stages[name].macs))
             for name in ("dense", "pruned 1 block no finetune", "layers -1")]
     return render_table("digits CNN: one block removed (block influence), then fine-tuned",

@@ -101,7 +101,7 @@ def test_hard_coded_view_is_caught_after_surgery():
 
 
 def test_normalisation_over_channels_needs_allow_approximate():
-    model = nets.ChannelsLast()
+    model = randomize(nets.ChannelsLast())  # LayerNorm weights not all 1: a misplaced cut shows
     x = torch.randn(nets.IMAGES)
     exact = pangkas.plan_channels(model, x, ratio=0.5)
     assert not any("stem" in g.modules for g in exact.selection.groups)  # the stream stays whole
@@ -110,9 +110,15 @@ def test_normalisation_over_channels_needs_allow_approximate():
     loose = pangkas.plan_channels(model, x, ratio=0.5, allow_approximate=True)
     stream = next(g for g in loose.selection.groups if "stem" in g.modules)
     assert stream.removed.any() and stream.approximate
-    loose.apply()
+    silence_removed(loose)  # the removed channels no longer reach the output; what differs is the norm
+    with torch.no_grad():
+        reference = model(x)
+        loose.apply()
+        error = float((model(x) - reference).norm() / reference.norm())
     assert model.norm.normalized_shape == (8,) and model.gamma.shape == (8,)
-    assert model(x).shape == (2, 10)  # runs; outputs differ: approximate, reported as such
+    # LayerNorm statistics over the 8 kept channels instead of all 16: 0.074 here, 0.015-0.09 over
+    # ten seeds; keeping the wrong channels' norm weights and gamma (shifted by one) gives 0.18-0.72.
+    assert 1e-3 < error < 0.15, error
 
 
 def test_torch_multihead_attention_loses_whole_heads():

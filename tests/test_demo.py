@@ -63,7 +63,11 @@ def test_demo_outputs_reload_with_the_reported_accuracy(quick_demo):
 
 
 def test_cli_demo_quick(capsys, tmp_path):
-    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 0
+    (tmp_path / "notes.txt").write_text("the user's")
+    assert main(["demo", "--quick", "--out", str(tmp_path)]) == 2  # refused before training
+    assert "--overwrite" in capsys.readouterr().err and sorted(tmp_path.iterdir()) == [tmp_path / "notes.txt"]
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--overwrite"]) == 0
+    assert (tmp_path / "notes.txt").read_text() == "the user's"  # only the demo's own files are written
     out = capsys.readouterr().out
     assert "weights 95%" in out and (tmp_path / "weights.png").is_file()
     code = main(["measure", str(tmp_path / "digits_cnn_pruned.safetensors"), "--no-latency"])

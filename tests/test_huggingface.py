@@ -358,3 +358,109 @@ def test_tracing_in_threads_matches_tracing_alone():
     for (text, keep), (want_text, want_keep) in zip(together, alone * 2):
         assert text == want_text
         assert keep.keys() == want_keep.keys()
+
+
+# -- data-driven importance: wanda (|w| x input activation norm) and taylor (|w x grad|) --------
+
+def squared_output(output, batch):
+    return output.last_hidden_state.pow(2).mean()
+
+
+def calibrated(importance, x):
+    """prune_transformer options for ``importance``, calibrated on the example batch."""
+    return {"wanda": dict(importance="wanda", data=[x]),
+            "taylor": dict(importance="taylor", data=[x], loss_fn=squared_output)}[importance]
+
+
+def llama_with_a_dead_neuron(neuron=5, channel=3):
+    """LLaMA whose FFN neuron ``neuron`` has the largest up_proj row of its layer, but reads only
+    hidden channel ``channel``, which the MLP's RMSNorm zeroes: the neuron's activation is exactly 0
+    on every input, so it has no input activation (wanda) and no gradient through it (taylor)."""
+    model, x = build("llama"), inputs("llama")
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.post_attention_layernorm.weight[channel] = 0
+            layer.mlp.up_proj.weight[neuron] = 0
+            layer.mlp.up_proj.weight[neuron, channel] = 50.0  # l1 of the row: ~10x any other row
+    return model, x
+
+
+@pytest.mark.parametrize("importance", ["wanda", "taylor"])
+def test_data_driven_importance_removes_the_neuron_that_never_fires(importance):
+    dead = 5
+    model, x = llama_with_a_dead_neuron(dead)
+    want = hidden(model, x)
+    others = [i for i in range(64) if i != dead]
+    baseline = copy.deepcopy(model)  # weight magnitude alone keeps the big row
+    pangkas.prune_transformer(baseline, x, ffn=1 / 64)
+    for old, new in zip(model.layers, baseline.layers):
+        assert new.mlp.up_proj.out_features == 63
+        assert any(torch.equal(row, old.mlp.up_proj.weight[dead]) for row in new.mlp.up_proj.weight)
+
+    pruned = copy.deepcopy(model)
+    pangkas.prune_transformer(pruned, x, ffn=1 / 64, **calibrated(importance, x))
+    assert pruned.config.intermediate_size == 63
+    for old, new in zip(model.layers, pruned.layers):  # exactly the dead neuron went, in both layers
+        assert torch.equal(new.mlp.up_proj.weight, old.mlp.up_proj.weight[others])
+        assert torch.equal(new.mlp.gate_proj.weight, old.mlp.gate_proj.weight[others])
+        assert torch.equal(new.mlp.down_proj.weight, old.mlp.down_proj.weight[:, others])
+    torch.testing.assert_close(hidden(pruned, x), want)  # it never contributed: nothing changes
+
+
+@pytest.mark.parametrize("importance", ["wanda", "taylor"])
+def test_data_driven_importance_removes_the_head_that_outputs_nothing(importance):
+    model, x = build("bert"), inputs("bert")
+    silent = slice(16, 24)  # head 2 of 4 (head_dim 8): zero values, but 20x output weights
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            layer.attention.self.value.weight[silent] = 0
+            layer.attention.self.value.bias[silent] = 0
+            layer.attention.output.dense.weight[:, silent] *= 20
+    want = hidden(model, x)
+    kept = list(range(16)) + list(range(24, 32))
+    baseline = copy.deepcopy(model)
+    pangkas.prune_transformer(baseline, x, heads=0.25)
+    pruned = copy.deepcopy(model)
+    pangkas.prune_transformer(pruned, x, heads=0.25, **calibrated(importance, x))
+    for old, base, new in zip(model.encoder.layer, baseline.encoder.layer, pruned.encoder.layer):
+        big = old.attention.output.dense.weight[:, silent]
+        out = base.attention.output.dense.weight
+        assert out.shape == (32, 24)
+        assert any(torch.equal(out[:, i:i + 8], big) for i in range(0, 24, 8))  # l1 kept the big head
+        assert torch.equal(new.attention.output.dense.weight, old.attention.output.dense.weight[:, kept])
+        for name in ("query", "key", "value"):
+            projection, before = getattr(new.attention.self, name), getattr(old.attention.self, name)
+            assert torch.equal(projection.weight, before.weight[kept])
+            assert torch.equal(projection.bias, before.bias[kept])
+    assert all(h.heads == 3 for h in attention_modules(pruned).values())
+    torch.testing.assert_close(hidden(pruned, x), want)
+
+
+@pytest.mark.parametrize("importance", ["wanda", "taylor"])
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_data_driven_importance_stays_exact(name, importance):
+    model, x = build(name), inputs(name)
+    options = calibrated(importance, x)
+    error, plan = oracle_error(model, x, lambda m: pangkas.plan_channels(
+        m, x, ratio=0.0, **options,
+        ratios=pangkas.integrations.huggingface.ratios(m, heads=0.5, ffn=0.5)))
+    assert error <= 1e-5, (name, importance, error)
+    assert plan.channels_removed > 0
+    default = pangkas.plan_channels(copy.deepcopy(model), x, ratio=0.0,
+                                    ratios=pangkas.integrations.huggingface.ratios(model, heads=0.5, ffn=0.5))
+    assert not torch.equal(plan.selection.removed, default.selection.removed)  # the scores mattered
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(importance="wanda"), "wanda.*data"),
+    (dict(importance="taylor", loss_fn=squared_output), "taylor.*data"),
+    (dict(importance="taylor", data="batches"), "taylor.*loss_fn"),
+])
+def test_data_driven_importance_needs_its_inputs(kwargs, message):
+    model, x = build("llama"), inputs("llama")
+    kwargs = {k: [x] if v == "batches" else v for k, v in kwargs.items()}
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(pangkas.PangkasError, match=message):
+        pangkas.prune_transformer(model, x, heads=0.5, ffn=0.5, **kwargs)
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

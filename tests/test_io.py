@@ -131,8 +131,8 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "fsync", fail)
-    with pytest.raises(OSError, match="disk full"):
-        pangkas.save(big_mlp(), path)
+    with pytest.raises(pangkas.OperationFailed, match="cannot write .*disk full"):
+        pangkas.save(big_mlp(), path, overwrite=True)
     assert path.read_bytes() == original  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
 
@@ -210,3 +210,70 @@ def test_sparse_inference_model_cannot_be_saved(tmp_path):
     with pytest.raises(pangkas.PangkasError, match="before to_sparse_inference"):
         pangkas.save(model, tmp_path / "m.safetensors")
     assert not (tmp_path / "m.safetensors").exists()
+
+
+# -- dtypes ----------------------------------------------------------------------------------------
+
+def normed():
+    return nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4))
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}, {
+        n: None if get_mask(m) is None else get_mask(m).clone() for n, m in model.named_modules()}
+
+
+def assert_snapshot(model, before):
+    state, masks = snapshot(model)
+    assert state.keys() == before[0].keys()
+    for key, value in state.items():
+        assert value.dtype == before[0][key].dtype and torch.equal(value, before[0][key]), key
+    assert {n: m is None for n, m in masks.items()} == {n: m is None for n, m in before[1].items()}
+
+
+@pytest.mark.parametrize("file_dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_float_dtype_is_refused_unless_cast_is_asked_for(tmp_path, file_dtype):
+    model = normed()
+    model.train()
+    model(torch.randn(8, 16))
+    model.to(file_dtype)
+    pangkas.prune_weights(model, sparsity=0.5)
+    path = pangkas.save(model, tmp_path / "m.safetensors")
+    fresh = normed()
+    before = snapshot(fresh)
+    with pytest.raises(pangkas.PangkasError, match=rf"0\.weight is {file_dtype} in the file but torch\.float32 "
+                                                   r"in Sequential; pass dtype=torch\.float32"):
+        pangkas.load(path, fresh)
+    assert_snapshot(fresh, before)
+    pangkas.load(path, fresh, dtype=torch.float32)
+    for key, value in model.state_dict().items():
+        loaded = fresh.state_dict()[key]
+        want = value.float() if value.is_floating_point() else value  # ints (num_batches_tracked) as they are
+        assert loaded.dtype == want.dtype and torch.equal(loaded, want), key
+    assert torch.equal(get_mask(fresh[0]), get_mask(model[0]))
+
+
+def test_cast_must_land_on_the_model_dtype(tmp_path):
+    path = pangkas.save(normed().to(torch.bfloat16), tmp_path / "m.safetensors")
+    fresh = normed()
+    before = snapshot(fresh)
+    with pytest.raises(pangkas.PangkasError, match=r"0\.weight is torch\.float16 in the file but torch\.float32"):
+        pangkas.load(path, fresh, dtype=torch.float16)
+    assert_snapshot(fresh, before)
+    for bad in (torch.int64, "float32", 32):
+        with pytest.raises(pangkas.PangkasError, match="floating-point torch.dtype"):
+            pangkas.load(path, fresh, dtype=bad)
+    assert_snapshot(fresh, before)
+
+
+def test_integer_buffer_dtype_mismatch_is_refused_without_a_cast_hint(tmp_path):
+    model = normed()
+    model[1].num_batches_tracked = model[1].num_batches_tracked.to(torch.int32)
+    path = pangkas.save(model, tmp_path / "m.safetensors")
+    fresh = normed()
+    before = snapshot(fresh)
+    with pytest.raises(pangkas.PangkasError, match=r"1\.num_batches_tracked is torch\.int32 in the file but "
+                                                   r"torch\.int64 in Sequential; convert the model"):
+        pangkas.load(path, fresh, dtype=torch.float32)
+    assert_snapshot(fresh, before)
+

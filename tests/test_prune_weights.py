@@ -1,4 +1,5 @@
 import copy
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -244,3 +245,116 @@ def test_mlp_output_changes_only_through_masked_weights():
     dense = copy.deepcopy(model)
     pangkas.finalize(dense)
     torch.testing.assert_close(model(x), dense(x), rtol=0, atol=0)
+
+
+# -- non-finite weights and scores ---------------------------------------------------------------
+
+def named_mlp():
+    return nn.Sequential(OrderedDict(fc1=nn.Linear(16, 32), act=nn.ReLU(), fc2=nn.Linear(32, 4)))
+
+
+def snapshot(model):
+    """Every tensor as raw bytes (NaN payloads and -0.0 compare exactly), and which modules are masked."""
+    state = {k: v.detach().clone().reshape(-1).view(torch.uint8) for k, v in model.state_dict().items()}
+    return state, {n: None if get_mask(m) is None else get_mask(m).clone() for n, m in model.named_modules()}
+
+
+def assert_unchanged(model, before):
+    state, masks = snapshot(model)
+    assert state.keys() == before[0].keys()
+    for key, value in state.items():
+        assert torch.equal(value, before[0][key]), key
+    assert masks.keys() == before[1].keys()
+    for name, mask in masks.items():
+        old = before[1][name]
+        assert (mask is None) == (old is None) and (mask is None or torch.equal(mask, old)), name
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("rule", [dict(sparsity=0.5), dict(threshold=0.1), dict(pattern="2:4"),
+                                  dict(sparsity=0.5, scope="global")])
+def test_non_finite_weight_is_refused_naming_the_layer(bad, rule):
+    model = named_mlp()
+    pangkas.prune_weights(model, sparsity=0.1)  # existing masks must survive the refusal
+    with torch.no_grad():
+        model.fc2.parametrizations.weight.original[1, 3] = bad
+    before = snapshot(model)
+    with pytest.raises(pangkas.PangkasError, match=r"fc2\.weight has 1 non-finite"):
+        pangkas.prune_weights(model, **rule)
+    assert_unchanged(model, before)
+
+
+def test_non_finite_value_under_an_old_mask_is_no_obstacle():
+    """A pruned position reads as 0 whatever the original holds: nothing there to rank."""
+    model = named_mlp()
+    pangkas.prune_weights(model, sparsity=0.5)
+    pruned = model.fc1.weight == 0
+    with torch.no_grad():
+        model.fc1.parametrizations.weight.original[pruned] = float("nan")
+    pangkas.prune_weights(model, sparsity=0.7)
+    assert int((model.fc1.weight == 0).sum()) == round(0.7 * model.fc1.weight.numel())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("rule", [dict(sparsity=0.1), dict(pattern="2:4"), dict(sparsity=0.1, scope="global")])
+def test_non_finite_scores_are_refused(bad, rule):
+    def criterion(w):
+        scores = w.abs().clone()
+        if w.shape == (4, 32):
+            scores[:, :16] = bad  # half of fc2: counted as "already pruned" when -inf meant that
+        return scores
+
+    model = named_mlp()
+    pangkas.prune_weights(model, sparsity=0.1)
+    before = snapshot(model)
+    with pytest.raises(pangkas.PangkasError, match=r"64 non-finite scores .* fc2\.weight"):
+        pangkas.prune_weights(model, method=criterion, **rule)
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_another_pass_prunes_exactly_the_requested_count(scope):
+    model = named_mlp()
+    layers = [model.fc1, model.fc2]
+    numel = sum(m.weight.numel() for m in layers)
+
+    def zeros_now():
+        return [m.weight == 0 for m in layers]
+
+    def count(masks):
+        return [int(z.sum()) for z in masks] if scope == "local" else int(sum(z.sum() for z in masks))
+
+    def expected(s):
+        return [round(s * m.weight.numel()) for m in layers] if scope == "local" else round(s * numel)
+
+    pangkas.prune_weights(model, sparsity=0.1, scope=scope)
+    first = zeros_now()
+    assert count(first) == expected(0.1)
+    pangkas.prune_weights(model, sparsity=0.1, scope=scope)
+    assert count(zeros_now()) == expected(0.1)
+    # Scores of order -1e300 are finite in float64 (the criterion's dtype) but -inf in float32:
+    # they must neither pass for "already pruned" (which pruned every weight) nor be refused.
+    magnitudes = [m.weight.detach().abs().double() for m in layers]
+    pangkas.prune_weights(model, sparsity=0.3, scope=scope, method=lambda w: -1e300 * w.detach().abs().double())
+    now = zeros_now()
+    assert count(now) == expected(0.3)
+    assert all(z[f].all() for z, f in zip(now, first))  # never resurrects
+    # the criterion keeps the smallest: every newly pruned weight is >= every kept one
+    pruned = [a[z & ~f] for a, z, f in zip(magnitudes, now, first)]
+    kept = [a[~z] for a, z in zip(magnitudes, now)]
+    if scope == "global":
+        pruned, kept = [torch.cat(pruned)], [torch.cat(kept)]
+    assert all(p.min() >= k.max() for p, k in zip(pruned, kept))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_calibrated_methods_refuse_non_finite_activations(method, bad):
+    model = named_mlp()
+    pangkas.prune_weights(model, sparsity=0.1)
+    data = [torch.randn(8, 16) for _ in range(3)]
+    data[1][2, 5] = bad
+    before = snapshot(model)
+    with pytest.raises(pangkas.PangkasError, match=r"cannot prune fc1: .*not finite"):
+        pangkas.prune_weights(model, sparsity=0.5, method=method, data=data)
+    assert_unchanged(model, before)

@@ -1,6 +1,9 @@
 """Recovery by distillation: it recovers, keeps masks, checkpoints, resumes, runs distributed."""
 
 import copy
+import importlib.util
+import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,14 +73,14 @@ def test_checkpoints_resume_where_they_stopped(tmp_path):
     pangkas.recover(first, data, teacher=teacher, epochs=2, lr=1e-2)  # uninterrupted
     pangkas.recover(second, data, teacher=teacher, epochs=1, lr=1e-2, checkpoint=tmp_path / "ckpt")
     assert (tmp_path / "ckpt" / "model.safetensors").is_file()
-    (tmp_path / "ckpt").rename(tmp_path / "ckpt.old")  # as if killed between the swap's two renames
+    (tmp_path / "ckpt").rename(tmp_path / ".ckpt.pangkas-old")  # as if killed between the swap's renames
     fresh = copy.deepcopy(teacher)
     pangkas.prune_weights(fresh, sparsity=0.8)  # a new process would rebuild the pruned student
     report = pangkas.recover(fresh, data, teacher=teacher, epochs=2, lr=1e-2, checkpoint=tmp_path / "ckpt")
     assert report.resumed_from == 8 and report.steps == 16 and len(report.epoch_losses) == 1
     for key, value in first.state_dict().items():
         torch.testing.assert_close(fresh.state_dict()[key], value)
-    assert not list(tmp_path.glob(".ckpt*")) and not (tmp_path / "ckpt.old").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_nan_loss_stops_and_restores_the_last_checkpoint(tmp_path):
@@ -91,7 +94,8 @@ def test_nan_loss_stops_and_restores_the_last_checkpoint(tmp_path):
         calls["n"] += 1
         return output.sum() * (float("nan") if calls["n"] == 3 else 0.0)
 
-    with pytest.raises(pangkas.PangkasError, match="nan.*stopped"):
+    with pytest.raises(pangkas.PangkasError, match="nan at step 11 .*stopped and the student is back at "
+                                                   "the checkpoint of step 8 in"):
         pangkas.recover(student, data, teacher=teacher, task_loss=exploding, alpha=0.5, epochs=2,
                         lr=1e-2, checkpoint=tmp_path / "ckpt")
     for key, value in student.state_dict().items():
@@ -124,14 +128,242 @@ def test_mismatched_teacher_and_data_are_clear_errors():
         pangkas.recover(student, torch.randn(4, 8), teacher=teacher)
 
 
-def test_two_processes_end_with_identical_weights(tmp_path):
-    script = Path(__file__).parent / "helpers" / "ddp_recover.py"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-         str(script), str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+def raw(model):
+    """Every parameter and buffer (masks, and the pruned entries under them, included)."""
+    return {name: t.detach().clone() for name, t in [*model.named_parameters(), *model.named_buffers()]}
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_a_non_finite_loss_without_checkpoint_puts_the_student_back_as_it_was():
+    teacher, student = pruned_pair()
+    before = raw(student)
+    calls = []
+
+    def exploding(output, batch):
+        calls.append(1)
+        return output.sum() * 0.0 + (float("inf") if len(calls) == 3 else 0.0)
+
+    with pytest.raises(pangkas.PangkasError, match="inf at step 3 .*the student is back at its state before recover"):
+        pangkas.recover(student, batches(), teacher=teacher, task_loss=exploding, alpha=0.5, lr=1e-2)
+    assert len(calls) == 3  # two steps trained and were undone
+    assert_identical(raw(student), before)
+
+
+def test_an_error_midway_puts_the_student_back_and_says_so():
+    teacher, student = pruned_pair()
+    before = raw(student)
+    calls = []
+
+    def failing(output, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("the labels ran out")
+        return output.sum() * 0.0
+
+    with pytest.raises(RuntimeError, match="labels ran out") as failure:
+        pangkas.recover(student, batches(), teacher=teacher, task_loss=failing, alpha=0.5, lr=1e-2)
+    if sys.version_info >= (3, 11):
+        assert "back at its state before recover" in failure.value.__notes__[0]
+    assert_identical(raw(student), before)
+
+
+# -- data ----------------------------------------------------------------------------------------
+
+def test_a_generator_trains_one_epoch():
+    teacher, student = pruned_pair()
+    report = pangkas.recover(student, (b for b in batches()), teacher=teacher, lr=1e-2)
+    assert report.steps == 8 and len(report.epoch_losses) == 1 and report.epoch_losses[0] > 0
+
+
+def test_a_generator_for_several_epochs_is_refused_before_anything_changes():
+    teacher, student = pruned_pair()
+    before, data = raw(student), iter(batches())
+    with pytest.raises(pangkas.PangkasError, match="one-shot iterator.*epochs=2"):
+        pangkas.recover(student, data, teacher=teacher, epochs=2)
+    assert_identical(raw(student), before)
+    assert len(list(data)) == 8  # not a batch taken
+
+
+def test_a_reiterable_without_len_trains_every_epoch_reading_each_batch_when_it_is_needed():
+    teacher, student = pruned_pair()
+    counts = {"read": 0, "trained": 0, "ahead": 0}
+
+    class Stream:  # no __len__, and not a list
+        def __iter__(self):
+            for batch in batches():
+                counts["read"] += 1
+                counts["ahead"] = max(counts["ahead"], counts["read"] - counts["trained"])
+                yield batch
+
+    def count(output, batch):
+        counts["trained"] += 1
+        return output.sum() * 0.0
+
+    report = pangkas.recover(student, Stream(), teacher=teacher, task_loss=count, alpha=0.5, epochs=3, lr=1e-2)
+    assert report.steps == 24 and len(report.epoch_losses) == 3 and min(report.epoch_losses) > 0
+    assert counts["ahead"] == 1  # never held whole
+
+
+def test_data_without_batches_is_an_error_not_a_zero_loss():
+    teacher, student = pruned_pair()
+    with pytest.raises(pangkas.PangkasError, match="data is empty"):
+        pangkas.recover(student, [], teacher=teacher)
+    passes = []
+
+    class RunsDry:
+        def __iter__(self):
+            passes.append(1)
+            return iter(batches() if len(passes) == 1 else [])
+
+    before = raw(student)
+    with pytest.raises(pangkas.PangkasError, match="epoch 2 got no batches.*back at its state before recover"):
+        pangkas.recover(student, RunsDry(), teacher=teacher, epochs=2, lr=1e-2)
+    assert_identical(raw(student), before)
+
+
+# -- options -------------------------------------------------------------------------------------
+
+def test_mse_distils_the_outputs():
+    teacher, student = pruned_pair()
+    data = batches()
+
+    def mse():
+        with torch.no_grad():
+            return [float(nn.functional.mse_loss(student(x), teacher(x))) for x in data]
+
+    first = mse()[0]
+    report = pangkas.recover(student, data[:1], teacher=teacher, loss="mse", lr=1e-2)
+    assert report.epoch_losses[0] == pytest.approx(first, rel=1e-6)  # the loss is the MSE
+    before = sum(mse())
+    pangkas.recover(student, data, teacher=teacher, loss="mse", epochs=5, lr=2e-2)
+    assert sum(mse()) < 0.5 * before
+
+
+def test_temperature_softens_the_kd_loss():
+    teacher, student = pruned_pair()
+    x, kd = batches()[0], pangkas.recover.__globals__["kd_loss"]
+    losses = {}
+    for t in (1.0, 5.0):
+        copied = copy.deepcopy(student)
+        with torch.no_grad():
+            expected = float(kd(copied(x), teacher(x), t))
+        losses[t] = pangkas.recover(copied, [x], teacher=teacher, temperature=t, lr=1e-2).epoch_losses[0]
+        assert losses[t] == pytest.approx(expected, rel=1e-6)
+    assert losses[1.0] != pytest.approx(losses[5.0], rel=1e-2)
+
+
+def test_feature_weight_scales_the_feature_term():
+    teacher, student = pruned_pair()
+    x, kd = batches()[0], pangkas.recover.__globals__["kd_loss"]
+    with torch.no_grad():
+        distillation = float(kd(student(x), teacher(x), 2.0))
+        feature = float(nn.functional.mse_loss(student[0](x), teacher[0](x)))
+    assert feature > 1e-3
+    trained = {}
+    for weight in (0.0, 3.0):
+        copied = copy.deepcopy(student)
+        report = pangkas.recover(copied, [x] * 3, teacher=teacher, features={"0": "0"}, feature_weight=weight,
+                                 epochs=1, lr=1e-2)
+        trained[weight] = copied[0].weight.detach().clone()
+        first = pangkas.recover(copy.deepcopy(student), [x], teacher=teacher, features={"0": "0"},
+                                feature_weight=weight, lr=1e-2).epoch_losses[0]
+        assert first == pytest.approx(distillation + weight * feature, rel=1e-5)
+        assert report.steps == 3
+    assert (trained[0.0] - trained[3.0]).abs().max() > 1e-4
+
+
+def test_the_optimizer_factory_is_used():
+    teacher, student = pruned_pair()
+    before, made = raw(student), []
+
+    def still(params):
+        made.append(1)
+        return torch.optim.SGD(params, lr=0.0)
+
+    pangkas.recover(student, batches(), teacher=teacher, optimizer=still, epochs=2)
+    assert len(made) == 1
+    assert_identical(raw(student), before)
+    pangkas.recover(student, batches(), teacher=teacher)  # the default, Adam, does move it
+    assert not torch.equal(student[0].weight, before["0.parametrizations.weight.original"] * get_mask(student[0]))
+
+
+def test_seed_makes_dropout_repeatable():
+    teacher, _ = pruned_pair()
+
+    def run(seed):
+        student = copy.deepcopy(nn.Sequential(teacher[0], nn.Dropout(0.5), teacher[1], teacher[2]))
+        torch.randn(7)  # whatever state the global generator is in
+        pangkas.recover(student, batches(), teacher=teacher, seed=seed, lr=1e-2)
+        return student.state_dict()
+
+    first, again, other = run(1), run(1), run(2)
+    assert all(torch.equal(first[key], again[key]) for key in first)
+    assert not all(torch.equal(first[key], other[key]) for key in first)
+
+
+# -- distributed ---------------------------------------------------------------------------------
+
+def _helper(name):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "helpers" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(script, *args, timeout: float) -> tuple[int, str]:
+    """Run ``script`` on two CPU ranks; one that outlasts ``timeout`` (a hung collective) fails the test."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               str(script), *map(str, args)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # torchrun stops its workers on SIGTERM
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        pytest.fail(f"the ranks did not finish within {timeout} s (a collective hung):\n{output[-3000:]}")
+    return process.returncode, output
+
+
+def test_two_ranks_average_gradients_like_one_process_on_both_ranks_batches(tmp_path):
+    """7 batches on 2 ranks: each takes 3 (its own), the 7th is dropped; DDP's averaged gradient
+    equals the gradient on each round's two batches concatenated, so the ranks must end equal to
+    each other and to one process trained on those concatenations."""
+    helper = _helper("ddp_recover")
+    code, output = _torchrun(helper.__file__, tmp_path, timeout=120)
+    assert code == 0, output[-3000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    reports = [outcome["reports"] for outcome in outcomes]
+    per_epoch = helper.BATCHES // helper.RANKS
+    for first, second in reports:
+        assert first["steps"] == 2 * per_epoch and second["resumed_from"] == 2 * per_epoch
+        assert second["steps"] == 3 * per_epoch
     for key in ranks[0]:
         assert torch.equal(ranks[0][key], ranks[1][key]), key
-    _, reference = pruned_pair()
-    assert not torch.equal(ranks[0]["0.weight"], reference.state_dict()["0.weight"])  # it trained
+    teacher, student, data = helper.build()
+    untrained = student.state_dict()["0.weight"].clone()
+    report = pangkas.recover(student, helper.rounds(data), teacher=teacher, epochs=helper.EPOCHS, lr=helper.LR)
+    for key, value in student.state_dict().items():
+        torch.testing.assert_close(ranks[0][key], value, rtol=1e-6, atol=1e-12)
+    per_rank = [first["losses"] + second["losses"] for first, second in reports]
+    assert per_rank[0] != per_rank[1]  # the ranks saw different batches ...
+    assert report.epoch_losses == pytest.approx([(a + b) / 2 for a, b in zip(*per_rank)], rel=1e-9)  # ... all six
+    assert not torch.equal(ranks[0]["0.weight"], untrained)
+    for outcome in outcomes:  # too few batches for the ranks: an error on every rank, not a hang
+        assert "1 batches for 2 ranks" in outcome["refusals"][0]
+        assert "epoch 1 got no batches from data (or fewer than 2, one per rank)" in outcome["refusals"][1]

@@ -1,7 +1,7 @@
 """pangkas: prune PyTorch models so they are really smaller and faster."""
 
 from .channels import ChannelReport, Plan, plan_channels, prune_channels
-from .errors import PangkasError
+from .errors import OperationFailed, PangkasError
 from .integrations.hf_directory import save_pretrained
 from .integrations.huggingface import prune_transformer
 from .io import load, save
@@ -20,6 +20,6 @@ __all__ = [
     "ChannelReport", "Plan", "plan_channels", "prune_channels",
     "LayerPlan", "layer_candidates", "plan_layers", "prune_layers", "prune_transformer",
     "RecoveryReport", "recover", "Sensitivity", "sensitivity", "GradualPruning", "iterative",
-    "Measurement", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
+    "Measurement", "OperationFailed", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
     "compare", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",
 ]

@@ -201,13 +201,27 @@ class Plan:
         does not converge, the model is restored and ``PangkasError`` raised. (The plan already
         rehearsed this on a weightless copy, so retries here are rare.)
         """
+        return self._apply()[0]
+
+    def _apply(self):
+        """:meth:`apply`, and a function that reverts it for a caller whose next step fails. It
+        holds the uncut tensors: drop it as soon as that step is done."""
         if self.applied:
             raise PangkasError("this plan was already applied; make a new plan for further pruning")
         self._check_unchanged()
-        self._converge(self.model)
+        reshaped = vars(self.model).get(RESHAPED)
+        undo = self._converge(self.model)
         self.applied = True
         setattr(self.model, RESHAPED, True)
-        return ChannelReport(self)
+
+        def revert() -> None:
+            undo.restore()
+            vars(self.model).pop(RESHAPED)
+            if reshaped is not None:
+                setattr(self.model, RESHAPED, reshaped)
+            self.applied = False
+
+        return ChannelReport(self), revert
 
     def _rehearse(self) -> None:
         """Run surgery and verification on a copy of the model without weights, so the plan
@@ -221,15 +235,20 @@ class Plan:
         except _NoRehearsal:
             pass
 
-    def _converge(self, model: nn.Module, rehearsal: bool = False) -> None:
+    def _converge(self, model: nn.Module, rehearsal: bool = False):
+        """Cut ``model`` until it verifies; returns the ``Undo`` of the surgery that stayed."""
         failures = Counter()
         for _ in range(MAX_RETRIES):
             undo = shrink(model, self.keep())
-            problem = self._verify(model)
+            try:
+                problem = self._verify(model)
+            except BaseException:  # an interrupt (or a bug) while checking: the model goes back first
+                undo.restore()
+                raise
             if rehearsal and problem is not None and "device" in problem[1]:
                 raise _NoRehearsal
             if problem is None:
-                return
+                return undo
             undo.restore()
             record, why = problem
             failures[id(record)] += 1

@@ -1,17 +1,41 @@
-"""The ``pangkas`` command: demo, measure, prune weights."""
+"""The ``pangkas`` command: demo, measure, prune weights, channels or layers.
+
+Every failure is one line on stderr: exit status 2 when pangkas rejected the input (arguments,
+option values, files), 1 when an operation failed; ``--debug`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 from rich.console import Console
 
-from .errors import PangkasError
+from .errors import OperationFailed, PangkasError
 
 console = Console()
+
+
+def say(text: str) -> None:
+    """Print user-facing text as it is: never read as rich markup."""
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(text)).strip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (argparse prints the whole usage block)."""
+
+    def error(self, message: str):
+        sys.stderr.write(f"error: {_one_line(message)} (see {self.prog} --help)\n")
+        raise SystemExit(2)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -33,34 +57,68 @@ def _round_to(text: str):
         raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}")
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL", help="torchvision:NAME, a Hugging Face directory, "
                         "package.module:factory, or a file written by pangkas.save")
     parser.add_argument("--weights", help="safetensors weights to load into MODEL")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="allow MODEL to be a pickled torch.save(model) file (runs its code!)")
+    parser.add_argument("--trust-source", action="store_true",
+                        help="let a saved MODEL file name any package.module:factory to import (runs its code!)")
     parser.add_argument("--input-shape", type=_shape, help="example input shape, e.g. 1,3,224,224")
 
 
+def _debug_arg(parser: argparse.ArgumentParser) -> None:
+    # SUPPRESS: given before or after the command, the flag is not reset by the other parser.
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the traceback of a failure")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="pangkas", description=__doc__)
+    parser = _Parser(prog="pangkas", description=__doc__)
+    _debug_arg(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser("demo", help="train a digits CNN; prune weights, channels, layers; recover; report")
     demo.add_argument("--out", default="demo-output", help="output folder (default: demo-output)")
+    demo.add_argument("--overwrite", action="store_true",
+                      help="write into a non-empty --out (only the demo's own files are replaced)")
     demo.add_argument("--quick", action="store_true", help="a few epochs only (for tests)")
     demo.add_argument("--seed", type=int, default=0)
+    _debug_arg(demo)
 
     measure = commands.add_parser("measure", help="params, non-zeros, MACs, file sizes, latency")
     _model_args(measure)
     measure.add_argument("--no-latency", action="store_true", help="skip timing")
+    _debug_arg(measure)
 
     prune = commands.add_parser("prune", help="prune a model and save the result")
+    _debug_arg(prune)
     kinds = prune.add_subparsers(dest="kind", required=True)
     weights = kinds.add_parser("weights", help="unstructured or N:M weight pruning")
     _model_args(weights)
     rule = weights.add_mutually_exclusive_group(required=True)
-    rule.add_argument("--sparsity", type=float, help="fraction of weights to remove, in [0, 1)")
+    rule.add_argument("--sparsity", type=_fraction, help="fraction of weights to remove, in [0, 1)")
     rule.add_argument("--threshold", type=float, help="keep weights with |w| > THRESHOLD")
     rule.add_argument("--pattern", help="N:M, e.g. 2:4")
     weights.add_argument("--scope", choices=("local", "global"), default="local")
@@ -71,13 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     channels = kinds.add_parser("channels", help="remove channels physically (smaller and faster)")
     _model_args(channels)
-    channels.add_argument("--ratio", type=float, help="fraction of channels to remove, in [0, 1)")
-    channels.add_argument("--heads", type=float, help="Hugging Face: fraction of attention heads to remove")
-    channels.add_argument("--ffn", type=float, help="Hugging Face: fraction of MLP neurons to remove")
-    channels.add_argument("--hidden", type=float, help="Hugging Face: fraction of the hidden size (approximate)")
+    channels.add_argument("--ratio", type=_fraction, help="fraction of channels to remove, in [0, 1)")
+    channels.add_argument("--heads", type=_fraction, help="Hugging Face: fraction of attention heads to remove")
+    channels.add_argument("--ffn", type=_fraction, help="Hugging Face: fraction of MLP neurons to remove")
+    channels.add_argument("--hidden", type=_fraction, help="Hugging Face: fraction of the hidden size (approximate)")
     channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "wanda", "random"), default="l1")
     channels.add_argument("--data", help="calibration data for --importance wanda (as for prune layers)")
-    channels.add_argument("--batch-size", type=int, default=8)
+    channels.add_argument("--batch-size", type=_positive, default=8)
     channels.add_argument("--scope", choices=("local", "global"), default="local")
     channels.add_argument("--round-to", type=_round_to, default=1,
                           help="keep channel counts multiples of N, or 'auto': the fastest width nearby")
@@ -89,14 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
     layers = kinds.add_parser("layers", help="remove whole blocks (shallower and faster)")
     _model_args(layers)
     count = layers.add_mutually_exclusive_group(required=True)
-    count.add_argument("--n", type=int, help="number of blocks to remove")
-    count.add_argument("--ratio", type=float, help="fraction of the removable blocks to remove")
+    count.add_argument("--n", type=_positive, help="number of blocks to remove")
+    count.add_argument("--ratio", type=_fraction, help="fraction of the removable blocks to remove")
     layers.add_argument("--criterion", choices=("block_influence", "angular", "magnitude"),
                         default="block_influence")
     layers.add_argument("--data", help="calibration data: a .safetensors file of input tensors (split "
                         "along dim 0), or for a Hugging Face model a .txt file, one text per line; "
                         "default: random inputs (weak scores)")
-    layers.add_argument("--batch-size", type=int, default=8)
+    layers.add_argument("--batch-size", type=_positive, default=8)
     _output_args(layers)
     return parser
 
@@ -104,24 +162,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _output_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", required=True,
                         help="the pruned model: a .safetensors file, or for a Hugging Face MODEL a directory")
-    parser.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the MODEL file itself")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT file, or write "
+                        "into a non-empty OUTPUT directory (only the files pangkas writes are replaced)")
+    parser.add_argument("--overwrite-input", action="store_true", help="allow OUTPUT to be the MODEL itself")
+    _debug_arg(parser)
 
 
 def _resolve(args):
-    from .sources import resolve
+    from .sources import check_runs, resolve
 
-    with console.status(f"loading {args.model}"):
-        return resolve(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
-                       input_shape=args.input_shape)
+    with console.status("loading the model"):
+        source = resolve(args.model, weights=args.weights, allow_pickle=args.allow_pickle,
+                         input_shape=args.input_shape, trust_source=args.trust_source)
+        check_runs(source)
+    return source
 
 
 def _demo(args) -> None:
     from .demo import run_demo
 
-    run_demo(args.out, quick=args.quick, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, overwrite=args.overwrite)
     out = Path(args.out)
-    console.print((out / "results.md").read_text(), markup=False, soft_wrap=True)
-    console.print(f"pruned models, results.md, weights.png and pipeline.png written to {out}/")
+    say((out / "results.md").read_text())
+    say(f"pruned models, results.md, weights.png and pipeline.png written to {out}/")
 
 
 def _measure(args) -> None:
@@ -130,49 +193,67 @@ def _measure(args) -> None:
     source = _resolve(args)
     with console.status("measuring"):
         result = measure(source.model, source.example_inputs, latency=not args.no_latency)
-    console.print(compare(result, names=(args.model,)), markup=False, soft_wrap=True)
+    say(compare(result, names=(args.model,)))
+
+
+def _check_output(args) -> bool:
+    """Refuse an output pangkas may not write before any work; True if it is a directory."""
+    from .files import check_directory_target, check_file_target
+
+    if args.output.endswith(".safetensors"):
+        inputs = [Path(p).resolve() for p in (args.model, args.weights) if p is not None and Path(p).is_file()]
+        if Path(args.output).resolve() not in inputs:
+            check_file_target(args.output, overwrite=args.overwrite)
+        elif not args.overwrite_input:
+            raise PangkasError(f"{args.output} is the input; write elsewhere or pass --overwrite-input")
+        return False
+    if not Path(args.model).is_dir():
+        raise PangkasError(f"-o must name a .safetensors file (or a directory for a Hugging Face model), "
+                           f"got {args.output!r}")
+    if args.kind == "weights":
+        raise PangkasError("weight pruning keeps every shape and saves compactly only with pangkas.save: "
+                           "-o OUT.safetensors")
+    check_directory_target(args.output, overwrite=args.overwrite, inputs=[args.model],
+                           overwrite_input=args.overwrite_input, copied_from=args.model)
+    return True
 
 
 def _prune(args) -> None:
-    """Load, measure, prune (weights or channels), save, measure again, compare."""
+    """Check the output, load, prepare the pruning, measure, prune, save, measure again, compare."""
     from .integrations.hf_directory import CODE_FILE
     from .io import save
     from .measure import compare, measure
     from .sources import describe, save_pretrained
 
+    to_directory = _check_output(args)
     source = _resolve(args)
-    to_directory = source.directory is not None and not args.output.endswith(".safetensors")
-    if not to_directory and not args.output.endswith(".safetensors"):
-        raise PangkasError(f"-o must name a .safetensors file (or a directory for a Hugging Face model), "
-                           f"got {args.output!r}")
-    if to_directory and args.kind == "weights":
-        raise PangkasError("weight pruning keeps every shape and saves compactly only with pangkas.save: "
-                           "-o OUT.safetensors")
+    prune = PRUNERS[args.kind](source, args)  # every option checked before the work starts
     with console.status("measuring"):
         before = measure(source.model, source.example_inputs, latency=False)
     with console.status(f"pruning {args.kind}"):
-        report = PRUNERS[args.kind](source, args)
-    console.print(str(report), markup=False, soft_wrap=True)
+        report = prune()
+    say(str(report))
     with console.status("saving"):
         if to_directory:
-            save_pretrained(source, args.output, overwrite_input=args.overwrite_input)
+            save_pretrained(source, args.output, overwrite=args.overwrite, overwrite_input=args.overwrite_input)
         else:
-            save(source.model, args.output, metadata=describe(source), overwrite_input=args.overwrite_input)
+            save(source.model, args.output, metadata=describe(source), overwrite=args.overwrite,
+                 overwrite_input=args.overwrite_input)
     with console.status("measuring"):
         after = measure(source.model, source.example_inputs, latency=False)
-    console.print(compare(before, after), markup=False, soft_wrap=True)
-    console.print(f"wrote {args.output}")
+    say(compare(before, after))
+    say(f"wrote {args.output}")
     if to_directory and (Path(args.output) / CODE_FILE).is_file():
-        console.print(f"its config cannot say every pruned size: load it with "
-                      f"from_pretrained({args.output!r}, trust_remote_code=True) ({CODE_FILE} rebuilds them)")
+        say(f"its config cannot say every pruned size: load it with "
+            f"from_pretrained({args.output!r}, trust_remote_code=True) ({CODE_FILE} rebuilds them)")
 
 
 def _prune_weights(source, args):
     from .weights import prune_weights
 
-    return prune_weights(source.model, sparsity=args.sparsity, threshold=args.threshold,
-                         pattern=args.pattern, scope=args.scope, method=args.method,
-                         include=args.include, exclude=args.exclude)
+    return lambda: prune_weights(source.model, sparsity=args.sparsity, threshold=args.threshold,
+                                 pattern=args.pattern, scope=args.scope, method=args.method,
+                                 include=args.include, exclude=args.exclude)
 
 
 def _prune_channels(source, args):
@@ -189,14 +270,21 @@ def _prune_channels(source, args):
     if any(v is not None for v in (args.heads, args.ffn, args.hidden)):
         if args.ratio is not None:
             raise PangkasError("give --ratio, or --heads/--ffn/--hidden, not both")
-        with warnings.catch_warnings():  # the CLI saves with pangkas.save_pretrained and says how to load
-            warnings.filterwarnings("ignore", message=".*config cannot say")
-            return prune_transformer(source.model, source.example_inputs, heads=args.heads, ffn=args.ffn,
-                                     hidden=args.hidden, **common)
+        if source.directory is None:
+            raise PangkasError("--heads/--ffn/--hidden prune a Hugging Face model; give --ratio for others")
+        if args.allow_approximate:
+            raise PangkasError("--allow-approximate applies to --ratio; --hidden is approximate by itself")
+
+        def transformer():
+            with warnings.catch_warnings():  # the CLI saves with pangkas.save_pretrained and says how to load
+                warnings.filterwarnings("ignore", message=".*config cannot say")
+                return prune_transformer(source.model, source.example_inputs, heads=args.heads,
+                                         ffn=args.ffn, hidden=args.hidden, **common)
+        return transformer
     if args.ratio is None:
         raise PangkasError("give --ratio (or, for a Hugging Face model, --heads/--ffn/--hidden)")
-    return prune_channels(source.model, source.example_inputs, ratio=args.ratio,
-                          allow_approximate=args.allow_approximate, **common)
+    return lambda: prune_channels(source.model, source.example_inputs, ratio=args.ratio,
+                                  allow_approximate=args.allow_approximate, **common)
 
 
 def _prune_layers(source, args):
@@ -204,24 +292,53 @@ def _prune_layers(source, args):
     from .sources import calibration_batches
 
     if args.data is None:
-        console.print("no --data: scoring blocks on random inputs, which says little about real data")
+        say("no --data: scoring blocks on random inputs, which says little about real data")
     batches = calibration_batches(source, args.data, args.batch_size)
-    return prune_layers(source.model, batches, n=args.n, ratio=args.ratio, criterion=args.criterion)
+    return lambda: prune_layers(source.model, batches, n=args.n, ratio=args.ratio, criterion=args.criterion)
 
 
 PRUNERS = {"weights": _prune_weights, "channels": _prune_channels, "layers": _prune_layers}
+HANDLERS = {"demo": _demo, "measure": _measure, "prune": _prune}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    handler = {"demo": _demo, "measure": _measure, "prune": _prune}[args.command]
+    """Run the command; return its exit status (0, 1 failed, 2 rejected input, 130 interrupted)."""
     try:
-        handler(args)
-    except PangkasError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # --help (0) or a usage error, already printed in one line
+        return exit.code if isinstance(exit.code, int) else 2
+    debug = getattr(args, "debug", False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            HANDLERS[args.command](args)
+        except BaseException as exc:  # noqa: BLE001 -- the CLI's one place that reports everything
+            return _fail(exc, debug)
+    for message in dict.fromkeys(str(w.message) for w in caught):  # only on success: a failure is one line
+        sys.stderr.write(f"warning: {_one_line(message)}\n")
     return 0
 
 
+def _fail(exc: BaseException, debug: bool) -> int:
+    if isinstance(exc, SystemExit):
+        raise exc
+    if debug:
+        traceback.print_exception(exc)
+    if isinstance(exc, KeyboardInterrupt):
+        sys.stderr.write("error: interrupted\n")
+        return 130
+    if isinstance(exc, PangkasError) and not isinstance(exc, OperationFailed):
+        status, text = 2, str(exc)
+    else:
+        status, text = 1, str(exc) if isinstance(exc, OperationFailed) else f"{type(exc).__name__}: {exc}"
+    hint = "" if debug or status == 2 else " (--debug shows the traceback)"
+    sys.stderr.write(f"error: {_one_line(text)}{hint}\n")
+    return status
+
+
 if __name__ == "__main__":
+    # `python -m` puts the working directory first on sys.path; a module a file names must not be
+    # found there (the `pangkas` script does not search it either).
+    if sys.path and sys.path[0] in ("", os.getcwd()):
+        del sys.path[0]
     sys.exit(main())

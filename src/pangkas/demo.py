@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import PangkasError
+from .files import check_directory_target, staged_directory, write_figure
 from .io import save
 from .measure import measure, time_alternating
 from .progress import track
@@ -175,7 +176,8 @@ def _pipeline_stages(run: _Run, model: nn.Module) -> None:
     run.record("pipeline", "pipeline: layers, channels, weights", model, deploy=True)
 
 
-def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int = 0) -> list[Stage]:
+def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int = 0,
+             overwrite: bool = False) -> list[Stage]:
     """Train a digits CNN, then, each from the trained model: (1) prune weights to each of
     ``SPARSITIES``, (2) remove half the channels, (3) remove a block, (4) all three; each is
     recovered by distillation from the trained model.
@@ -183,10 +185,10 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
     Writes the pruned models (``digits_cnn_pruned.safetensors`` with its masks,
     ``digits_cnn_channels.safetensors``, ``digits_cnn_layers.safetensors``,
     ``digits_cnn_pipeline.safetensors``), ``results.md``, ``weights.png`` and ``pipeline.png``
-    to ``out``.
+    to ``out``. A non-empty ``out`` is refused unless ``overwrite=True``, and then only these
+    files are replaced.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_directory_target(out, overwrite=overwrite)  # before minutes of training
     torch.manual_seed(seed)
     data = load_digits_split(seed)
     model = digits_cnn()
@@ -205,12 +207,13 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
     for index, seconds in zip(run.deployable, times):
         stages[index] = replace(stages[index], latency_ratio=seconds / times[0])
     names = {"weights": "pruned", "channels": "channels", "layers": "layers", "pipeline": "pipeline"}
-    for kind, variant in variants.items():
-        save(variant, out / f"digits_cnn_{names[kind]}.safetensors", metadata=MODEL_METADATA)
     table = results_table(stages, time.perf_counter() - start)
-    (out / "results.md").write_text(f"{table}\n\nReproduce: `pangkas demo --out {out}`\n")
-    plot([s for s in stages if s.kind in ("dense", "weights")], out / "weights.png")
-    plot_pipeline(stages, out / "pipeline.png")
+    with staged_directory(out, overwrite=overwrite) as staging:
+        for kind, variant in variants.items():
+            save(variant, staging / f"digits_cnn_{names[kind]}.safetensors", metadata=MODEL_METADATA)
+        (staging / "results.md").write_text(f"{table}\n\nReproduce: `pangkas demo --out {out} --overwrite`\n")
+        plot([s for s in stages if s.kind in ("dense", "weights")], staging / "weights.png")
+        plot_pipeline(stages, staging / "pipeline.png")
     return stages
 
 
@@ -262,7 +265,7 @@ def plot_pipeline(stages: list[Stage], path: Path) -> None:
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_title("digits CNN after pruning and recovery by distillation")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path)
     plt.close(fig)
 
 
@@ -287,5 +290,5 @@ def plot(stages: list[Stage], path: Path) -> None:
     acc_ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower left")
     acc_ax.set_title("digits CNN: accuracy and file size vs weight sparsity")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_figure(fig, path)
     plt.close(fig)

@@ -8,10 +8,10 @@ restore, tensors shared between keys, and a CRC32 of every stored tensor so corr
 from __future__ import annotations
 
 import ctypes
+import math
 import re
 import json
 import os
-import tempfile
 import zlib
 from pathlib import Path
 
@@ -20,6 +20,7 @@ import safetensors.torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import PangkasError
+from .files import check_file_target, write_file
 from .surgery import shrink
 from .surgery.blocks import remove_blocks
 from .weights.masks import masked_modules, masks_by_key, plain_name, remove_mask, set_mask, state_key
@@ -102,23 +103,19 @@ def encode(model: torch.nn.Module, *, compress: bool = True) -> tuple[dict[str, 
 
 
 def decode(tensors: dict[str, torch.Tensor], header: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(state dict, masks by key) from ``encode``'s output."""
+    """(state dict, masks by key) from ``encode``'s output; PangkasError if the header is malformed,
+    a checksum fails or a bitmap disagrees with its values."""
+    _check_header(header, set(tensors))
     for name, crc in header["crc32"].items():
-        if name not in tensors or _crc(tensors[name]) != crc:
+        if _crc(tensors[name]) != crc:
             raise PangkasError(f"tensor {name!r} fails its checksum: the file is corrupt")
     state, masks = {}, {}
     for key, entry in header["entries"].items():
-        if "alias" in entry:
-            continue
-        if entry.get("bitmap"):
-            keep = unpack_bits(tensors[f"{key}:bitmap"], tuple(entry["shape"]))
-            values = tensors[f"{key}:values"]
-            dense = torch.zeros(keep.shape, dtype=values.dtype)
-            dense[keep] = values
-            state[key] = dense
+        if "bitmap" in entry:
+            state[key], keep = _unpack(key, entry["shape"], tensors[f"{key}:bitmap"], tensors[f"{key}:values"])
             if entry["mask"]:
                 masks[key] = keep
-        else:
+        elif "alias" not in entry:
             state[key] = tensors[key]
     for key, entry in header["entries"].items():
         if "alias" in entry:
@@ -126,47 +123,112 @@ def decode(tensors: dict[str, torch.Tensor], header: dict) -> tuple[dict, dict[s
     return state, masks
 
 
+def _corrupt(problem: str) -> PangkasError:
+    return PangkasError(f"corrupt pangkas header: {problem}")
+
+
+def _is_int(value) -> bool:
+    return type(value) is int  # not bool, which JSON's true/false would be
+
+
+def _check_header(header, stored: set[str]) -> None:
+    """Raise PangkasError unless ``header`` has the shape ``encode`` writes and accounts for exactly
+    the ``stored`` tensor names; nothing but JSON is read, so this runs before any tensor work."""
+    if not isinstance(header, dict):
+        raise _corrupt("not a JSON object")
+    if header.get("format") != FORMAT:
+        raise PangkasError(f"unknown format {header.get('format')!r}; expected {FORMAT} "
+                           "(written by another pangkas version?)")
+    unknown = sorted(set(header) - {"format", "entries", "crc32", "reshaped", "edits"})
+    if unknown:  # "reshaped"/"edits" may be absent (older files) but never misspelt
+        raise _corrupt(f"unknown keys {unknown}")
+    entries, crcs = header.get("entries"), header.get("crc32")
+    if not isinstance(entries, dict):
+        raise _corrupt('"entries" is missing or not an object')
+    if not isinstance(crcs, dict) or not all(_is_int(c) and 0 <= c < 2**32 for c in crcs.values()):
+        raise _corrupt('"crc32" is missing or does not map tensor names to 32-bit integers')
+    if not isinstance(header.get("reshaped", False), bool):
+        raise _corrupt('"reshaped" is not true or false')
+    if not _edits_ok(header.get("edits", [])):
+        raise _corrupt('"edits" is not a list of {"remove_blocks": [names], "tuple_lengths": {name: int}}')
+    named = [name for key, entry in entries.items() for name in _entry_tensors(key, entry, entries)]
+    if sorted(named) != sorted(stored) or set(crcs) != stored:
+        raise _corrupt(f"its entries and checksums do not account for exactly the stored tensors "
+                       f"{sorted(stored)[:6]}")
+
+
+def _entry_tensors(key: str, entry, entries: dict) -> list[str]:
+    """The stored tensors an entry reads, once it is known to be well-formed."""
+    if entry == {}:
+        return [key]
+    if isinstance(entry, dict) and set(entry) == {"alias"}:
+        target = entry["alias"]
+        if not (isinstance(target, str) and isinstance(entries.get(target), dict) and "alias" not in entries[target]):
+            raise _corrupt(f"{key} is an alias of {target!r}, which is not a stored entry")
+        return []
+    if isinstance(entry, dict) and set(entry) == {"bitmap", "mask", "shape"}:
+        shape = entry["shape"]
+        if entry["bitmap"] is not True or not isinstance(entry["mask"], bool):
+            raise _corrupt(f"{key}: \"bitmap\" must be true and \"mask\" true or false")
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+            raise _corrupt(f"{key}: shape {shape!r} is not a list of sizes >= 0")
+        return [f"{key}:bitmap", f"{key}:values"]
+    raise _corrupt(f"entry {key} is {entry!r}, not {{}}, {{alias}} or {{bitmap, mask, shape}}")
+
+
+def _edits_ok(edits) -> bool:
+    def edit_ok(edit) -> bool:
+        names, lengths = edit.get("remove_blocks"), edit.get("tuple_lengths") or {}
+        return (set(edit) <= {"remove_blocks", "tuple_lengths"} and isinstance(names, list)
+                and all(isinstance(n, str) for n in names) and isinstance(lengths, dict)
+                and all(_is_int(n) and n >= 0 for n in lengths.values()))
+
+    return isinstance(edits, list) and all(isinstance(e, dict) and edit_ok(e) for e in edits)
+
+
+def _unpack(key: str, shape: list[int], bitmap: torch.Tensor, values: torch.Tensor):
+    """(dense tensor, keep mask) of a bitmap entry, after checking the two tensors agree with
+    ``shape`` and each other (a checksum cannot tell that the header's shape is wrong)."""
+    numel = math.prod(shape)
+    if bitmap.dtype != torch.uint8 or bitmap.shape != (-(-numel // 8),) or values.ndim != 1:
+        raise _corrupt(f"{key}: shape {shape} needs a {-(-numel // 8)}-byte bitmap and 1-d values; "
+                       f"stored {bitmap.dtype} {tuple(bitmap.shape)} and {tuple(values.shape)}")
+    bits = unpack_bits(bitmap, (bitmap.numel() * 8,))
+    keep = bits[:numel].view(shape)
+    if int(bits.sum()) != values.numel() or bits[numel:].any():
+        raise _corrupt(f"{key}: its bitmap marks {int(bits[:numel].sum())} of {numel} positions "
+                       f"but {values.numel()} values are stored")
+    dense = torch.zeros(shape, dtype=values.dtype)
+    dense[keep] = values
+    return dense, keep
+
+
 # -- files -----------------------------------------------------------------------------------
 
 def save(model: torch.nn.Module, path: str | os.PathLike, *, metadata: dict[str, str] | None = None,
-         overwrite_input: bool = False) -> Path:
+         overwrite: bool = False, overwrite_input: bool = False) -> Path:
     """Write ``model`` (weights, masks, buffers) to ``path`` as safetensors, atomically.
 
-    Refuses to replace the file the model was loaded from unless ``overwrite_input=True``.
-    ``metadata`` (str -> str) is stored alongside, e.g. how to rebuild the architecture.
+    An existing file is replaced only with ``overwrite=True``; the file the model was loaded
+    from only with ``overwrite_input=True``. ``metadata`` (str -> str) is stored alongside,
+    e.g. how to rebuild the architecture.
     """
     path = Path(path)
-    if not overwrite_input and getattr(model, _LOADED_FROM, None) == path.resolve():
+    loaded_from = getattr(model, _LOADED_FROM, None) == path.resolve()
+    if loaded_from and not overwrite_input:
         raise PangkasError(f"{path} is the file this model was loaded from; write elsewhere or pass "
                            "overwrite_input=True (CLI: --overwrite-input)")
+    check_file_target(path, overwrite=overwrite or loaded_from)
     extra = dict(metadata or {})
     if "pangkas" in extra:
         raise PangkasError("metadata key 'pangkas' is reserved")
     tensors, own = encode(model)
-    _atomic_write(path, serialize(tensors, {**extra, **own}))
-    return path
+    return write_file(path, serialize(tensors, {**extra, **own}), overwrite=overwrite or loaded_from)
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
     """The safetensors bytes of ``tensors``."""
     return safetensors.torch.save(tensors, metadata=metadata)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -178,49 +240,83 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise PangkasError(f"no such file: {path}")
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one open: metadata and tensors of one file
             metadata = f.metadata() or {}
-        tensors = safetensors.torch.load_file(str(path))
+            tensors = f.get_tensors()
     except (SafetensorError, OSError, ValueError) as exc:
         raise PangkasError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
     return tensors, metadata
 
 
-def load(path: str | os.PathLike, model: torch.nn.Module) -> torch.nn.Module:
-    """Load weights (bit-exact) and masks from ``path`` into ``model``, which must have the same
-    architecture. Plain safetensors state dicts load too. On any error the model is unchanged."""
+def load(path: str | os.PathLike, model: torch.nn.Module, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Load weights and masks from ``path`` into ``model``, which must have the same architecture.
+    Plain safetensors state dicts load too.
+
+    Bit-exact: every tensor in the file must have the dtype of the model's, unless ``dtype`` (a
+    floating-point ``torch.dtype``) is given: the file's floating-point tensors are then cast to
+    it (as ``Tensor.to`` rounds) and must match the model's, so the model must be ``dtype`` too.
+
+    Checksums and header are checked before the model is touched, shapes and dtypes before any
+    value is. On any error ``PangkasError`` is raised; on it or an interrupt (re-raised as it is)
+    the model is left exactly as it was.
+    """
     path = Path(path)
-    tensors, metadata = _read(path)
-    if "pangkas" in metadata:
-        try:
-            header = json.loads(metadata["pangkas"])
-        except json.JSONDecodeError as exc:
-            raise PangkasError(f"{path}: pangkas metadata is corrupt: {exc}") from exc
-        if header.get("format") != FORMAT:
-            raise PangkasError(f"{path}: unknown format {header.get('format')!r}; expected {FORMAT}")
-        state, masks = decode(tensors, header)
-    else:
-        header, state, masks = {}, tensors, {}
-    edits = _replay(model, header.get("edits", []), path)
-    try:
-        shrunk = _check_fits(model, state, path, allow_smaller=header.get("reshaped", False))
-        undo = shrink(model, _keep_leading(model, shrunk)) if shrunk else None
-        try:
-            _restore(model, state, masks)
-        except PangkasError:
-            if undo is not None:
-                undo.restore()
-            raise
-    except PangkasError:
-        for undo in reversed(edits):
-            undo.restore()
-        raise
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise PangkasError(f"dtype must be None (the file's dtypes must be the model's) or a floating-point "
+                           f"torch.dtype to cast the file's floating-point tensors to, got {dtype!r}")
+    header, state, masks = _decoded(path, *_read(path))
+    shrunk = _load_into(model, path, header, _cast(state, dtype), masks)
     if header.get("edits"):
         setattr(model, EDITS, list(header["edits"]))
     setattr(model, _LOADED_FROM, path.resolve())
     if shrunk:
         setattr(model, RESHAPED, True)
     return model
+
+
+def _decoded(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[dict, dict, dict]:
+    """(header, state dict, masks by key) of a file; only PangkasError escapes for a corrupt one."""
+    if "pangkas" not in metadata:
+        return {}, tensors, {}
+    try:
+        header = json.loads(metadata["pangkas"])
+        return (header, *decode(tensors, header))
+    except PangkasError as exc:
+        raise PangkasError(f"{path}: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # JSON syntax, absurd numbers, absurd nesting
+        raise PangkasError(f"{path}: corrupt pangkas header: {exc}") from exc
+    except Exception as exc:  # backstop: decoding reads only the file, the model is not touched yet
+        raise PangkasError(f"{path}: corrupt pangkas file ({type(exc).__name__}: {exc})") from exc
+
+
+def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    if dtype is None:
+        return state
+    cast: dict[int, torch.Tensor] = {}  # by identity: a tensor stored once for several keys is cast once
+    for t in state.values():
+        if t.is_floating_point() and id(t) not in cast:
+            cast[id(t)] = t.to(dtype)
+    return {key: cast.get(id(t), t) for key, t in state.items()}
+
+
+def _load_into(model: torch.nn.Module, path: Path, header: dict, state: dict, masks: dict) -> dict:
+    """Replay the file's edits, cut the model to its shapes and load it; returns the cut shapes.
+    All of it is undone on failure or interrupt (which is re-raised as it is)."""
+    undos = []
+    try:
+        undos += _replay(model, header.get("edits", []), path)
+        shrunk = _check_fits(model, state, path, allow_smaller=header.get("reshaped", False))
+        if shrunk:
+            undos.append(shrink(model, _keep_leading(model, shrunk)))
+        _restore(model, state, masks)
+    except BaseException as exc:
+        for undo in reversed(undos):
+            undo.restore()
+        if isinstance(exc, Exception) and not isinstance(exc, PangkasError):
+            raise PangkasError(f"{path} could not be loaded into {type(model).__name__}: "
+                               f"{type(exc).__name__}: {exc}") from exc
+        raise
+    return shrunk
 
 
 def _replay(model: torch.nn.Module, edits: list[dict], path: Path) -> list:
@@ -234,9 +330,11 @@ def _replay(model: torch.nn.Module, edits: list[dict], path: Path) -> list:
     try:
         for edit in edits:
             undos.append(remove_blocks(model, edit["remove_blocks"], edit.get("tuple_lengths")))
-    except Exception as exc:
+    except BaseException as exc:
         for undo in reversed(undos):
             undo.restore()
+        if not isinstance(exc, Exception):
+            raise
         raise PangkasError(f"{path} removes blocks this model does not have ({exc}); "
                            "load it into an instance of the architecture it was pruned from") from exc
     return undos
@@ -274,16 +372,36 @@ def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
             f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}"
         )
+    _check_dtypes(model, state, path)
     return shrunk
 
 
+def _check_dtypes(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Loading casts silently; a restore that should be bit-exact must not."""
+    for key, want in model.state_dict().items():
+        got = state[key].dtype
+        if got != want.dtype:
+            hint = (f"pass dtype={want.dtype} to cast the file's floating-point tensors, or "
+                    if got.is_floating_point and want.dtype.is_floating_point else "")
+            raise PangkasError(f"{path}: {key} is {got} in the file but {want.dtype} in "
+                               f"{type(model).__name__}; {hint}convert the model (model.to(...)) first")
+
+
 def _restore(model: torch.nn.Module, state: dict, masks: dict[str, torch.Tensor]) -> None:
+    """Make ``model``'s masks and tensors those of the file. ``load_state_dict`` copies module by
+    module, so a failure or interrupt midway needs a copy of every old value to put back."""
     before = {key: mask.clone() for key, mask in masks_by_key(model).items()}
+    values = [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
     try:
         _set_masks(model, masks)
         model.load_state_dict(state, strict=True)
-    except Exception as exc:
+    except BaseException as exc:
         _set_masks(model, before)
+        with torch.no_grad():
+            for t, old in values:
+                t.copy_(old)
+        if not isinstance(exc, Exception):
+            raise
         raise PangkasError(f"could not load into {type(model).__name__}: {exc}") from exc
 
 

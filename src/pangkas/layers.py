@@ -330,6 +330,9 @@ class LayerPlan:
         except PangkasError as exc:
             undo.restore()
             raise PangkasError(f"the model no longer runs without {self.chosen}; it is unchanged. {exc}") from exc
+        except BaseException:  # an interrupt: put the blocks back and let it through
+            undo.restore()
+            raise
         if after != before:
             undo.restore()
             raise PangkasError(f"removing {self.chosen} changes the output shapes {before} -> {after}; "

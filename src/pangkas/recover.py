@@ -2,32 +2,37 @@
 
 ``recover`` trains a pruned student on ``data``, distilling from the unpruned teacher (logit KL
 with temperature, or MSE on the outputs), optionally plus a task loss and feature-map MSE between
-mapped layers. Weight masks stay enforced (they are parametrizations). It runs in one process or,
-launched by ``torchrun``, in many: the student is wrapped in ``DistributedDataParallel`` and each
-rank takes every world-size-th batch. Checkpoints (model with its masks, optimizer state, step)
-are written atomically and resumed from; a non-finite loss stops training with a clear error and
-the student back at its last good state.
+mapped layers. Weight masks stay enforced (they are parametrizations).
+
+Launched by ``torchrun``, every rank passes the same ``data``; the student is wrapped in
+``DistributedDataParallel`` and the batches are dealt out in rounds of world-size: rank r takes
+the r-th batch of every complete round and an incomplete last round is dropped, so every rank
+takes the same number of steps (a rank with one step more would wait forever in the gradient
+all-reduce).
+
+Checkpoints (``checkpoint.py``: model with its masks, optimizer state, step) are written by rank 0
+after every epoch, crash-safely, and resumed from. On any failure (a non-finite loss, an error, an
+interrupt) the student goes back to the newest checkpoint or, without one, to its state when
+``recover`` was called.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import math
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import safetensors.torch
 import torch
 from torch import nn
 
+from .checkpoint import apply_checkpoint, check_resumable, is_complete, prepare, read_trainer, save_checkpoint
 from .errors import PangkasError
 from .inputs import call_model
-from .io import load, save
 from .progress import track
+from .weights.masks import masks_by_key, plain_name, remove_mask, set_mask
 
 LOSSES = ("kd", "mse", "task")
 
@@ -65,62 +70,73 @@ class RecoveryReport:
         return f"recovered for {self.steps} steps{resumed}; mean loss per epoch: {losses}"
 
 
-# -- checkpoints -----------------------------------------------------------------------------
-
-def _save_checkpoint(directory: Path, model: nn.Module, optimizer, step: int, epoch: int) -> None:
-    """model.safetensors (pangkas.save: weights and masks) + trainer.safetensors (optimizer
-    tensors; step, epoch and the rest of the optimizer state as JSON), swapped in atomically."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+def _resume(directory: Path, student: nn.Module, optimizer, start: _Snapshot, world: int) -> tuple[int, int]:
+    """Make ``directory`` safe to use (rank 0), then load the same checkpoint on every rank if there
+    is one: the (step, epoch) to continue from. The student is untouched unless it all fits."""
+    _on_rank0(functools.partial(prepare, directory), world)
+    meta = tensors = None
+    problem = None
     try:
-        save(model, staging / "model.safetensors")
-        state = optimizer.state_dict()
-        tensors, scalars = {}, {}
-        for index, slots in state["state"].items():
-            for key, value in slots.items():
-                if isinstance(value, torch.Tensor) and value.ndim > 0:
-                    tensors[f"{index}.{key}"] = value.detach().contiguous()
-                else:
-                    scalars[f"{index}.{key}"] = float(value)
-        meta = {"step": step, "epoch": epoch, "param_groups": state["param_groups"], "scalars": scalars}
-        safetensors.torch.save_file(tensors, str(staging / "trainer.safetensors"),
-                                    metadata={"trainer": json.dumps(meta)})
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            directory.rename(old)
-        staging.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-
-
-def _finish_swap(directory: Path) -> None:
-    """A crash between the two renames of ``_save_checkpoint`` leaves only ``<dir>.old``, the
-    last complete checkpoint: put it back."""
-    old = directory.with_name(directory.name + ".old")
-    if old.is_dir() and not directory.exists():
-        old.rename(directory)
-
-
-def _load_checkpoint(directory: Path, model: nn.Module, optimizer) -> tuple[int, int]:
-    load(directory / "model.safetensors", model)
-    path = directory / "trainer.safetensors"
+        if is_complete(directory):
+            meta, tensors = read_trainer(directory)
+            check_resumable(directory, meta, optimizer, _names(student))
+    except PangkasError as exc:
+        if world == 1:
+            raise
+        problem = str(exc)
+    found = (meta["step"], meta["epoch"]) if meta is not None else None
+    views = _gathered((problem, found), world)
+    problems = [p for p, _ in views if p]
+    if problems:
+        raise PangkasError(problems[0])
+    if len({f for _, f in views}) > 1:
+        raise PangkasError(f"the ranks see different checkpoints in {directory} ((step, epoch) per rank: "
+                           f"{[f for _, f in views]}); put it on a file system every rank shares")
+    if found is None:
+        return 0, 0
     try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            meta = json.loads(f.metadata()["trainer"])
-        tensors = safetensors.torch.load_file(str(path))
+        apply_checkpoint(directory, student, optimizer, meta, tensors)
+    except PangkasError:
+        raise  # load() leaves the student as it was
     except Exception as exc:
-        raise PangkasError(f"{path} is not a readable pangkas checkpoint: {exc}") from exc
-    state: dict = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = value
-    for key, value in meta["scalars"].items():
-        index, name = key.split(".", 1)
-        state.setdefault(int(index), {})[name] = torch.tensor(value)
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    return meta["step"], meta["epoch"]
+        start.restore(student)
+        raise PangkasError(f"cannot resume from {directory}: {type(exc).__name__}: {exc}; the student "
+                           "is unchanged") from exc
+    return found
+
+
+def _names(model: nn.Module) -> dict[int, str]:
+    return {id(p): plain_name(name) for name, p in model.named_parameters()}
+
+
+class _Snapshot:
+    """A CPU copy of the student's parameters, buffers and masks, and its train/eval modes."""
+
+    def __init__(self, model: nn.Module):
+        self.tensors = {name: t.detach().to("cpu", copy=True) for name, t in _tensors(model)}
+        self.masks = {key: mask.to("cpu", copy=True) for key, mask in masks_by_key(model).items()}
+        self.modes = [(module, module.training) for module in model.modules()]
+
+    def restore(self, model: nn.Module) -> None:
+        masks = masks_by_key(model)
+        for key in masks.keys() - self.masks.keys():  # loading a checkpoint can add masks
+            module, _, name = key.rpartition(".")
+            remove_mask(model.get_submodule(module), name, keep_zeros=False)
+        for key in self.masks.keys() - masks.keys():
+            module, _, name = key.rpartition(".")
+            set_mask(model.get_submodule(module), self.masks[key], name)
+        with torch.no_grad():
+            for name, t in _tensors(model):
+                t.copy_(self.tensors[name])
+        self.restore_modes()
+
+    def restore_modes(self) -> None:
+        for module, training in self.modes:
+            module.training = training
+
+
+def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
 
 
 # -- training --------------------------------------------------------------------------------
@@ -149,6 +165,73 @@ def _check(data, loss, teacher, task_loss, epochs, lr, temperature, alpha) -> No
         raise PangkasError("data must be an iterable of batches, not a single batch: wrap it in a list")
 
 
+def _gathered(value, world: int) -> list:
+    """``value`` from every rank, in rank order."""
+    if world == 1:
+        return [value]
+    values = [None] * world
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def _on_rank0(action: Callable[[], None], world: int) -> None:
+    """Run ``action`` on rank 0 only, the others waiting; if it fails, every rank raises (a rank
+    raising alone would leave the others waiting forever)."""
+    if world == 1:
+        action()
+        return
+    problem = [None]
+    if torch.distributed.get_rank() == 0:
+        try:
+            action()
+        except Exception as exc:
+            problem = [f"on rank 0: {type(exc).__name__}: {exc}"]
+    torch.distributed.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise PangkasError(problem[0])
+
+
+def _finite_everywhere(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank: all stop together, or none."""
+    finite = torch.isfinite(loss.detach()).all().reshape(1).to(torch.int32)
+    if world > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _shard(data: Iterable, rank: int, world: int) -> Iterator:
+    """This rank's batches: the rank-th of every complete round of ``world`` batches, read as they
+    come (``data`` need not have a len()); an incomplete last round is dropped."""
+    mine = None
+    for index, batch in enumerate(data):
+        if index % world == rank:
+            mine = batch
+        if index % world == world - 1:
+            yield mine
+
+
+def _check_data(data: Iterable, epochs: int, world: int) -> int | None:
+    """The number of batches, or None when ``data`` has no len(); refuses data that cannot feed
+    every epoch and every rank."""
+    if isinstance(data, Iterator) and epochs > 1:
+        raise PangkasError(f"data is a one-shot iterator ({type(data).__name__}): it runs dry after the "
+                           f"first of epochs={epochs}; pass a list or a re-iterable such as a DataLoader")
+    try:
+        size = len(data)
+    except TypeError:
+        size = None
+    if size == 0:
+        raise PangkasError("data is empty: pass at least one batch")
+    if size is not None and size < world:
+        raise PangkasError(f"data has {size} batches for {world} ranks; each rank needs one per round of "
+                           f"{world} batches: pass at least {world}")
+    sizes = _gathered(size, world)
+    if any(n != sizes[0] for n in sizes):
+        raise PangkasError(f"the ranks pass different numbers of batches ({sizes}); pass the same data on "
+                           "every rank: recover deals the batches out itself")
+    return size
+
+
 def recover(
     student: nn.Module,
     data: Iterable,
@@ -167,68 +250,115 @@ def recover(
     inputs: Callable | None = None,
     seed: int = 0,
 ) -> RecoveryReport:
-    """Fine-tune ``student`` on ``data`` (re-iterable batches) for ``epochs``.
+    """Fine-tune ``student`` on ``data`` for ``epochs``.
 
+    ``data`` is iterated afresh every epoch, never held whole: a list, a DataLoader or any
+    re-iterable of batches; a one-shot iterator (a generator) only with ``epochs=1``.
     ``loss``: ``"kd"`` (KL on logits softened by ``temperature``, from ``teacher``), ``"mse"``
     (MSE to the teacher's outputs, for embeddings or regression), or ``"task"``
     (``task_loss(output, batch)`` only). With a teacher and ``task_loss`` both, the loss is
     ``alpha * distillation + (1 - alpha) * task``. ``features`` maps student module names to
     teacher module names whose outputs must match (MSE, times ``feature_weight``).
-    ``optimizer(params) -> Optimizer`` defaults to Adam(lr). ``checkpoint``: a directory written
-    atomically after every epoch and resumed from if it exists. ``inputs(batch)`` picks what the
+    ``optimizer(params) -> Optimizer`` defaults to Adam(lr). ``inputs(batch)`` picks what the
     models are called with when batches also carry targets (e.g. ``lambda b: b[0]``); the loss
-    functions still get the whole batch.
+    functions still get the whole batch. ``seed`` seeds torch's global generator (dropout).
+
+    ``checkpoint``: a directory (new, empty, or holding a checkpoint of an earlier run, which is
+    resumed after checking that it fits the student and the optimizer) that gets a checkpoint
+    after every epoch, crash-safely; anything else there is refused, untouched.
+
+    Under ``torchrun`` every rank passes the same ``data`` and takes the rank-th batch of each
+    complete round of world-size batches; a last incomplete round is dropped (deterministically,
+    every epoch), so all ranks take the same steps. Rank 0 writes the checkpoints.
+
+    On failure the student is back at the newest checkpoint or, without one, at its state when
+    ``recover`` was called (a CPU copy is kept for this); the error says which.
     """
     _check(data, loss, teacher, task_loss, epochs, lr, temperature, alpha)
     rank, world = _distributed()
+    size = _check_data(data, epochs, world)
+    directory = Path(os.path.realpath(checkpoint)) if checkpoint is not None else None
     torch.manual_seed(seed)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
-    directory = Path(checkpoint) if checkpoint is not None else None
-    step = start_epoch = 0
-    if directory is not None:
-        _finish_swap(directory)
-    if directory is not None and (directory / "trainer.safetensors").is_file():
-        step, start_epoch = _load_checkpoint(directory, student, opt)
-    report = RecoveryReport(step, resumed_from=step, checkpoint=directory)
-    model = student
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(student)
-    if teacher is not None:
-        teacher.eval()
-    feature_pairs = _feature_hooks(student, teacher, features)
+    objective = _Objective(teacher, loss, task_loss, alpha, temperature,
+                           _feature_hooks(student, teacher, features), feature_weight, inputs)
     try:
-        for epoch in range(start_epoch, epochs):
-            total, batches = 0.0, 0
-            student.train()
-            for index, batch in enumerate(track(list(data), f"recovering: epoch {epoch + 1}/{epochs}")):
-                if index % world != rank:
-                    continue
-                value = _step(model, teacher, batch, inputs(batch) if inputs else batch, loss, task_loss,
-                              alpha, temperature, feature_pairs, feature_weight, opt)
-                if not math.isfinite(value):
-                    _restore_good(student, opt, directory)
-                    raise PangkasError(f"the loss became {value} at step {step + 1} (epoch {epoch + 1}); "
-                                       "training stopped" + (f", the student is back at {directory}"
-                                                             if directory is not None else "")
-                                       + ". Lower lr= or check the data.")
-                total, batches, step = total + value, batches + 1, step + 1
-            report.epoch_losses.append(total / max(1, batches))
-            if directory is not None and rank == 0:
-                _save_checkpoint(directory, student, opt, step, epoch + 1)
-            if world > 1:
-                torch.distributed.barrier()
+        start = _Snapshot(student)
+        step, first_epoch = _resume(directory, student, opt, start, world) if directory else (0, 0)
+        report = RecoveryReport(step, resumed_from=step,
+                                checkpoint=Path(checkpoint) if checkpoint is not None else None)
+        model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+        if teacher is not None:
+            teacher.eval()
+        try:
+            for epoch in range(first_epoch, epochs):
+                batches = track(_shard(data, rank, world), f"recovering: epoch {epoch + 1}/{epochs}",
+                                total=None if size is None else size // world)
+                mean, step = _epoch(model, batches, objective, opt, step, epoch, world)
+                report.epoch_losses.append(mean)
+                if directory is not None:
+                    write = functools.partial(save_checkpoint, directory, student, opt, step, epoch + 1)
+                    _on_rank0(write, world)
+        except BaseException as exc:
+            _fail(exc, student, opt, directory, start)
     finally:
-        for handle in feature_pairs.get("handles", []):
+        for handle in objective.features.get("handles", []):
             handle.remove()
-        student.eval()
+    student.eval()
     report.steps = step
     return report
 
 
-def _restore_good(student, opt, directory) -> None:
-    if directory is not None and (directory / "trainer.safetensors").is_file():
-        _load_checkpoint(directory, student, opt)
+class _Diverged(Exception):
+    """A non-finite loss (on any rank)."""
+
+
+def _epoch(model, batches, objective, opt, step: int, epoch: int, world: int) -> tuple[float, int]:
+    """One pass over this rank's batches: (mean loss, the step count after it)."""
+    total, count = 0.0, 0
+    model.train()
+    for batch in batches:
+        loss = objective(model, batch)
+        value = float(loss.detach())
+        if not _finite_everywhere(loss, world):
+            said = value if not math.isfinite(value) else "non-finite on another rank"
+            raise _Diverged(f"the loss became {said} at step {step + 1} (epoch {epoch + 1})")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        total, count, step = total + value, count + 1, step + 1
+    if count == 0:
+        per_rank = f" (or fewer than {world}, one per rank)" if world > 1 else ""
+        raise PangkasError(f"epoch {epoch + 1} got no batches from data{per_rank}; pass data that yields "
+                           "batches every epoch")
+    return total / count, step
+
+
+def _fail(exc: BaseException, student, opt, directory, start: _Snapshot):
+    """Put the student back, then raise ``exc`` saying where the student is."""
+    where = _restore(student, opt, directory, start)
+    if isinstance(exc, _Diverged):
+        raise PangkasError(f"{exc}; training stopped and {where}. Lower lr= or check the data.") from None
+    if isinstance(exc, PangkasError):
+        raise PangkasError(f"{exc} ({where})") from exc
+    if hasattr(exc, "add_note"):  # Python 3.11+
+        exc.add_note(f"pangkas.recover: {where}")
+    raise exc
+
+
+def _restore(student, opt, directory, start: _Snapshot) -> str:
+    """Put the student back at the newest checkpoint or, without one, at ``start``; say which."""
+    if directory is not None and is_complete(directory):
+        try:
+            meta, tensors = read_trainer(directory)
+            apply_checkpoint(directory, student, opt, meta, tensors)
+            start.restore_modes()
+            return f"the student is back at the checkpoint of step {meta['step']} in {directory}"
+        except Exception:  # unreadable now: the state at the start is the next best
+            pass
+    start.restore(student)
+    return "the student is back at its state before recover"
 
 
 def _feature_hooks(student, teacher, features) -> dict:
@@ -242,6 +372,8 @@ def _feature_hooks(student, teacher, features) -> dict:
             try:
                 module = model.get_submodule(name)
             except AttributeError as exc:
+                for handle in store["handles"]:  # the models stay as they were
+                    handle.remove()
                 raise PangkasError(f"features: {side} has no module {name!r}") from exc
 
             def hook(mod, args, output, side=side, name=name):
@@ -251,35 +383,46 @@ def _feature_hooks(student, teacher, features) -> dict:
     return store
 
 
-def _step(model, teacher, batch, x, loss, task_loss, alpha, temperature, features, feature_weight, opt) -> float:
-    try:
-        output = call_model(model, x)
-    except PangkasError:
-        raise
-    except Exception as exc:
-        raise PangkasError(f"the student does not run on a batch of data: {type(exc).__name__}: {exc}") from exc
-    terms = []
-    if teacher is not None and loss in ("kd", "mse"):
+@dataclass
+class _Objective:
+    """The loss ``recover`` minimises, from its options."""
+
+    teacher: nn.Module | None
+    loss: str
+    task_loss: Callable | None
+    alpha: float
+    temperature: float
+    features: dict
+    feature_weight: float
+    inputs: Callable | None
+
+    def __call__(self, model: nn.Module, batch) -> torch.Tensor:
+        x = self.inputs(batch) if self.inputs else batch
+        try:
+            output = call_model(model, x)
+        except PangkasError:
+            raise
+        except Exception as exc:
+            raise PangkasError(f"the student does not run on a batch of data: {type(exc).__name__}: {exc}") from exc
+        terms = []
+        if self.teacher is not None and self.loss in ("kd", "mse"):
+            terms.append(self._distillation(_first(output), x))
+        if self.task_loss is not None:
+            task = self.task_loss(output, batch)
+            terms.append((1 - self.alpha) * task if self.loss != "task" else task)
+        for student_name, teacher_name in self.features.get("pairs", []):
+            s, t = self.features["student"][student_name], self.features["teacher"][teacher_name]
+            if s.shape != t.shape:
+                raise PangkasError(f"features: {student_name} {tuple(s.shape)} vs {teacher_name} {tuple(t.shape)}; "
+                                   "map layers whose outputs have the same shape")
+            terms.append(self.feature_weight * nn.functional.mse_loss(s, t.detach()))
+        return sum(terms)
+
+    def _distillation(self, got: torch.Tensor, x) -> torch.Tensor:
         with torch.no_grad():
-            target = _first(call_model(teacher, x))
-        got = _first(output)
+            target = _first(call_model(self.teacher, x))
         if got.shape != target.shape:
             raise PangkasError(f"teacher output {tuple(target.shape)} does not match the student's "
                                f"{tuple(got.shape)}: distillation needs the same output shape")
-        distil = kd_loss(got, target, temperature) if loss == "kd" else nn.functional.mse_loss(got, target)
-        terms.append(alpha * distil if task_loss is not None else distil)
-    if task_loss is not None:
-        terms.append((1 - alpha) * task_loss(output, batch) if loss != "task" else task_loss(output, batch))
-    for student_name, teacher_name in features.get("pairs", []):
-        s, t = features["student"][student_name], features["teacher"][teacher_name]
-        if s.shape != t.shape:
-            raise PangkasError(f"features: {student_name} {tuple(s.shape)} vs {teacher_name} {tuple(t.shape)}; "
-                               "map layers whose outputs have the same shape")
-        terms.append(feature_weight * nn.functional.mse_loss(s, t.detach()))
-    total = sum(terms)
-    value = float(total.detach())
-    if math.isfinite(value):
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-    return value
+        distil = kd_loss(got, target, self.temperature) if self.loss == "kd" else nn.functional.mse_loss(got, target)
+        return self.alpha * distil if self.task_loss is not None else distil

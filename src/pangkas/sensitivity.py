@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import PangkasError
+from .files import write_figure
 from .progress import track
 from .tables import render_table
 
@@ -44,7 +45,9 @@ class Sensitivity:
         return render_table(f"sensitivity ({self.kind}), baseline {self.baseline:.4g}",
                             ("unit", *(f"{r:.0%}" for r in self.ratios)), rows)
 
-    def plot(self, path: str | Path) -> Path:
+    def plot(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        """Draw the metric against the ratio per unit; an existing file is replaced only with
+        ``overwrite=True``."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -59,9 +62,10 @@ class Sensitivity:
         if len(self.metrics) <= 12:
             ax.legend(fontsize="small")
         fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        return Path(path)
+        try:
+            return write_figure(fig, path, overwrite=overwrite)
+        finally:
+            plt.close(fig)
 
     def ratios_for(self, target: float) -> dict[str, float]:
         """Per-unit ratios whose size-weighted mean is about ``target``: every unit goes as far as

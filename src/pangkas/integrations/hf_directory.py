@@ -13,13 +13,13 @@ import copy
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..errors import PangkasError
+from ..files import check_directory_target, staged_directory
 from ..weights.masks import masked_modules
 from . import remote_code
 from .remote_code import BUILT_WITH, RECORD
@@ -159,24 +159,33 @@ def _code(classes) -> str:
             + "\n".join(lines) + "\n")
 
 
+def _input_directories(model: nn.Module, files_from: str | Path | None) -> list[Path]:
+    """Directories the model was read from: what a save must never delete or write into."""
+    named = [files_from, getattr(model.config, "_name_or_path", None), getattr(model, "name_or_path", None)]
+    return [Path(d) for d in named if d and Path(d).is_dir()]
+
+
 def save_pretrained(model: nn.Module, directory: str | Path, *, files_from: str | Path | None = None,
-                    overwrite_input: bool = False) -> Path:
+                    overwrite: bool = False, overwrite_input: bool = False) -> Path:
     """Write ``model`` as a directory ``from_pretrained`` loads: plain where its config says
     every pruned size, else with ``modeling_pangkas.py`` (load it with ``trust_remote_code=True``).
-    ``files_from``: a model directory whose other files (tokenizer, pooling...) are copied; it is
-    replaced only with ``overwrite_input``. The directory appears whole or not at all."""
+    ``files_from``: a model directory whose other files (tokenizer, pooling...) are copied.
+
+    A non-empty ``directory`` is refused unless ``overwrite=True``, and then only the files
+    written here are replaced (nothing is deleted); the directory the model was loaded from is
+    written over only with ``overwrite_input=True``, one that contains it never. A new directory
+    appears whole or not at all.
+    """
     if not is_transformers(model):
         raise PangkasError(f"{type(model).__name__} is not a Hugging Face transformers model; use pangkas.save")
     if any(True for _ in masked_modules(model)):
         raise PangkasError("the model has weight masks; pangkas.finalize(model) first, or pangkas.save it")
-    out = Path(directory)
-    if files_from is not None and out.resolve() == Path(files_from).resolve() and not overwrite_input:
-        raise PangkasError(f"{out} is the input directory; write elsewhere or pass overwrite_input=True")
+    target = dict(overwrite=overwrite, inputs=_input_directories(model, files_from),
+                  overwrite_input=overwrite_input, copied_from=files_from)
+    out = check_directory_target(directory, **target)
     plain = config_describes(model) is None
     record = None if plain else shape_record(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))  # same disk: rename is atomic
-    try:
+    with staged_directory(out, **target) as staging:
         for item in Path(files_from).iterdir() if files_from is not None else ():
             if item.name == "config.json" or item.suffix in WEIGHT_FILES or item.name.endswith(".index.json"):
                 continue
@@ -185,12 +194,6 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, files_from: str 
         with sizes:  # a config must validate to be saved
             base_class(model).save_pretrained(model, staging)  # not the loaded record's override
         _write_config(staging, record, model)
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

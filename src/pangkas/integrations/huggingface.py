@@ -103,6 +103,8 @@ def _fix_config(model: nn.Module, found: dict[str, Heads], undo: Undo) -> None:
     """Sizes the same in every layer go into the config; per-layer sizes cannot (see
     ``hf_directory``, which also needs the sizes the modules were first built from)."""
     config = model.config
+    if BUILT_WITH not in model.__dict__:
+        undo.added.append((model, BUILT_WITH))  # a surgery undone leaves no trace
     built = model.__dict__.setdefault(BUILT_WITH, {})
     for name in CONFIG_SIZES:
         built.setdefault(name, getattr(config, name, None))
@@ -171,13 +173,18 @@ def prune_transformer(model: nn.Module, example_inputs, *, heads: float | None =
     neurons and ``hidden`` of the hidden size (approximate: LayerNorm/RMSNorm statistics change)
     of a Hugging Face model, then update its config. Other options go to ``plan_channels``.
     Warns when the config cannot say the new sizes (save with ``pangkas.save_pretrained`` then)."""
-    from ..channels import prune_channels
+    from ..channels import plan_channels
 
     if heads is None and ffn is None and hidden is None:
         raise PangkasError("give at least one of heads=, ffn=, hidden=")
-    report = prune_channels(model, example_inputs, ratio=0.0, ratios=ratios(model, heads, ffn, hidden),
-                            allow_approximate=hidden is not None, **options)
-    problem = config_describes(model)
+    plan = plan_channels(model, example_inputs, ratio=0.0, ratios=ratios(model, heads, ffn, hidden),
+                         allow_approximate=hidden is not None, **options)
+    report, revert = plan._apply()
+    try:
+        problem = config_describes(model)  # builds a whole model: slow enough to be interrupted
+    except BaseException:
+        revert()
+        raise
     if problem:
         warnings.warn(f"{type(model).__name__}'s config cannot say the pruned sizes ({problem}): plain "
                       "save_pretrained would write a directory that does not load; use "

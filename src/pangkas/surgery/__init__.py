@@ -21,6 +21,7 @@ MODEL_FIXERS: list = []
 class Undo:
     tensors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     attributes: list[tuple[object, dict]] = field(default_factory=list)
+    added: list[tuple[object, str]] = field(default_factory=list)  # attributes to delete again
 
     def remember(self, owner: object, names) -> None:
         """Record ``owner``'s current values of ``names`` (those it has) before changing them."""
@@ -32,6 +33,8 @@ class Undo:
         for owner, values in reversed(self.attributes):
             for name, value in values.items():
                 setattr(owner, name, value)
+        for owner, name in self.added:
+            vars(owner).pop(name, None)
 
 
 def owners(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
@@ -85,7 +88,7 @@ def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]]) -> Undo
             update(module, original)
         for fix in MODEL_FIXERS:
             fix(model, undo)
-    except Exception:
+    except BaseException:  # an interrupt too: never leave a model half cut
         undo.restore()
         raise
     return undo

@@ -71,7 +71,7 @@ def remove_blocks(model: nn.Module, names: list[str], tuple_lengths: dict[str, i
             container._modules = OrderedDict((str(i), m) for i, m in enumerate(kept))
             _renumber(container)
             _fix_config(model, len(kept) + len(indices), sorted(indices), undo)
-    except Exception:
+    except BaseException:  # an interrupt too: never leave blocks half removed
         undo.restore()
         raise
     return undo

@@ -67,15 +67,26 @@ def _channels_last(module: nn.Module) -> torch.Tensor:
     return torch.arange(c * kh * kw).reshape(c, kh, kw).permute(1, 2, 0).flatten()
 
 
+def _finite(scores: torch.Tensor, what: str) -> torch.Tensor:
+    if not torch.isfinite(scores).all():
+        raise PangkasError(f"{what} are not finite (NaN/inf); check the calibration data= "
+                           "(NaN/inf inputs, or activations that overflow)")
+    return scores
+
+
+def _row_masks(scores: torch.Tensor, old: torch.Tensor | None, sparsity: float | None,
+               n_m: tuple[int, int] | None) -> torch.Tensor:
+    """Keep-mask of a (rows, inputs) score matrix: N:M along the inputs, or the same share per row."""
+    if n_m is not None:
+        return rules.extend_n_m(scores, old, *n_m, dim=1)
+    return torch.stack([rules.extend_mask(row, None if old is None else old[i], rules.prune_count(row.numel(), sparsity))
+                        for i, row in enumerate(scores)])
+
+
 def wanda_mask(weight: torch.Tensor, feature_sq: torch.Tensor, old: torch.Tensor | None,
                sparsity: float | None, n_m: tuple[int, int] | None) -> torch.Tensor:
-    scores = weight.abs() * feature_sq.sqrt()[None, :]
-    if old is not None:
-        scores = scores.masked_fill(~old, float("-inf"))
-    if n_m is not None:
-        return rules.n_m_mask(scores, *n_m, dim=1)
-    return torch.stack([rules.lowest_mask(row, max(rules.prune_count(row.numel(), sparsity),
-                                                   int(torch.isneginf(row).sum()))) for row in scores])
+    scores = _finite(weight.abs() * feature_sq.sqrt()[None, :], "Wanda scores (|w| x input norm)")
+    return _row_masks(scores, old, sparsity, n_m)
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | None,
@@ -96,21 +107,16 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | N
         w1, hinv1 = w[:, start:end].clone(), hinv[start:end, start:end]
         err = torch.zeros_like(w1)
         if n_m is None:
-            score = w1.pow(2) / torch.diag(hinv1).pow(2)[None, :]
-            if old is not None:
-                score = score.masked_fill(~old[:, start:end], float("-inf"))
-            prune = ~torch.stack([rules.lowest_mask(row, max(rules.prune_count(row.numel(), sparsity),
-                                                             int(torch.isneginf(row).sum()))) for row in score])
+            score = _finite(w1.pow(2) / torch.diag(hinv1).pow(2)[None, :], "SparseGPT scores")
+            prune = ~_row_masks(score, None if old is None else old[:, start:end], sparsity, None)
         else:
             prune = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(end - start):
             column, d = w1[:, i], hinv1[i, i]
             if n_m is not None and i % n_m[1] == 0:
                 span = slice(i, min(i + n_m[1], end - start))
-                score = w1[:, span].pow(2) / torch.diag(hinv1)[span].pow(2)[None, :]
-                if old is not None:
-                    score = score.masked_fill(~old[:, start:end][:, span], float("-inf"))
-                prune[:, span] = ~rules.n_m_mask(score, *n_m, dim=1)
+                score = _finite(w1[:, span].pow(2) / torch.diag(hinv1)[span].pow(2)[None, :], "SparseGPT scores")
+                prune[:, span] = ~_row_masks(score, None if old is None else old[:, start:end][:, span], None, n_m)
             q = column.clone()
             q[prune[:, i]] = 0
             e = (column - q) / d
@@ -151,23 +157,31 @@ def _prune_layers(layers: dict[str, nn.Module], run, method, sparsity, n_m, mask
             h.remove()
     results = {}
     for name, module in layers.items():
-        total = stats[name].total
-        if total is None:
+        if stats[name].total is None:
             continue  # not reached by the calibration data: keep as is
-        perm = _channels_last(module)
-        back = torch.argsort(perm)
-        w = _weight2d(module)[:, perm]
-        old = masks_of(module)
-        old = None if old is None else old.reshape(w.shape[0], -1)[:, perm]
-        shape = module.weight.shape
-        if method == "wanda":
-            keep = wanda_mask(w, total[perm], old, sparsity, n_m)
-            results[name] = (None, keep[:, back].reshape(shape))
-        else:
-            hessian = (total / stats[name].count)[perm][:, perm]
-            new, keep = sparsegpt(w, hessian, old, sparsity, n_m)
-            results[name] = (new[:, back].reshape(shape).to(module.weight.dtype), keep[:, back].reshape(shape))
+        try:
+            results[name] = _layer_result(module, stats[name], method, sparsity, n_m, masks_of)
+        except (PangkasError, torch.linalg.LinAlgError) as exc:
+            raise PangkasError(f"method={method!r} cannot prune {name}: {exc}") from exc
     return results
+
+
+def _layer_result(module, stats: _Stats, method, sparsity, n_m, masks_of):
+    """(SparseGPT's new weight or None, keep mask) of one layer from its input statistics."""
+    total = _finite(stats.total, "the statistics of its inputs")
+    perm = _channels_last(module)
+    back = torch.argsort(perm)
+    w = _weight2d(module)[:, perm]
+    old = masks_of(module)
+    old = None if old is None else old.reshape(w.shape[0], -1)[:, perm]
+    shape = module.weight.shape
+    if method == "wanda":
+        keep = wanda_mask(w, total[perm], old, sparsity, n_m)
+        return None, keep[:, back].reshape(shape)
+    hessian = (total / stats.count)[perm][:, perm]
+    new, keep = sparsegpt(w, hessian, old, sparsity, n_m)
+    new = _finite(new[:, back].reshape(shape).to(module.weight.dtype), "SparseGPT's updated weights")
+    return new, keep[:, back].reshape(shape)
 
 
 def calibrated_masks(model: nn.Module, targets: dict[str, nn.Module], data: Iterable, method: str,

@@ -14,7 +14,7 @@ from ..errors import PangkasError
 from ..modules import Selector, select_modules
 from ..tables import human_count, render_table
 from . import sparsity as rules
-from .criteria import CRITERIA, Criterion
+from .criteria import CRITERIA, Criterion, scores_of
 from .oneshot import calibrated_masks
 from .masks import get_mask, parameter_counts, remove_mask, set_mask, underlying_parameter
 
@@ -151,22 +151,26 @@ def _targets(model, include, exclude) -> tuple[list[tuple[str, nn.Module]], dict
     return targets, skipped
 
 
-def _new_masks(weights, old_masks, criterion, sparsity, threshold, pattern, scope, modules):
+def _check_finite(targets) -> None:
+    """A NaN weight never ranks as small and an infinite one never as large: refuse them."""
+    for name, module in targets:
+        bad = int((~torch.isfinite(module.weight)).sum())
+        if bad:
+            raise PangkasError(f"{name}.weight has {bad} non-finite values (NaN/inf); repair the weights "
+                               f"or leave the layer out (exclude={name!r})")
+
+
+def _new_masks(targets, weights, old_masks, criterion, sparsity, threshold, pattern, scope):
     if threshold is not None:
         return [rules.threshold_mask(w, threshold) for w in weights]
-    scores = []
-    for w, old in zip(weights, old_masks):
-        s = criterion(w).float()
-        if s.shape != w.shape:
-            raise PangkasError(f"criterion returned scores of shape {tuple(s.shape)} "
-                               f"for a weight of shape {tuple(w.shape)}")
-        scores.append(s if old is None else s.masked_fill(~old, float("-inf")))
+    scores = [scores_of(criterion, w, name) for (name, _), w in zip(targets, weights)]
     if pattern is not None:
         n, m = parse_pattern(pattern)
-        return [rules.n_m_mask(s, n, m, _input_dim(mod)) for s, mod in zip(scores, modules)]
+        return [rules.extend_n_m(s, old, n, m, _input_dim(mod))
+                for s, old, (_, mod) in zip(scores, old_masks, targets)]
     if scope == "global":
-        return rules.global_masks(scores, sparsity)
-    return rules.local_masks(scores, sparsity)
+        return rules.global_masks(scores, old_masks, sparsity)
+    return [rules.extend_mask(s, old, rules.prune_count(s.numel(), sparsity)) for s, old in zip(scores, old_masks)]
 
 
 @torch.no_grad()
@@ -204,6 +208,7 @@ def prune_weights(
     if method in CALIBRATED and data is None:
         raise PangkasError(f"method={method!r} needs data= (calibration batches the model accepts)")
     targets, skipped = _targets(model, include, exclude)
+    _check_finite(targets)
     modules = [m for _, m in targets]
     weights = [m.weight for m in modules]
     old_masks = [None if (mask := get_mask(m)) is None else mask.clone() for m in modules]
@@ -218,14 +223,14 @@ def prune_weights(
                      for (name, _), w in zip(targets, weights)]
         updates = [(underlying_parameter(m), found[n][0]) for n, m in targets if n in found and found[n][0] is not None]
     else:
-        new_masks = _new_masks(weights, old_masks, criterion, sparsity, threshold, pattern, scope, modules)
+        new_masks = _new_masks(targets, weights, old_masks, criterion, sparsity, threshold, pattern, scope)
     masks = [new if old is None else new & old for new, old in zip(new_masks, old_masks)]
     saved = [(param, param.detach().clone()) for param, _ in updates]
     try:
         for param, weight in updates:
             param.data.copy_(weight)
         _apply(modules, masks, old_masks)
-    except Exception:
+    except BaseException:  # an interrupt too: never leave half the updates in place
         for param, data in saved:
             param.data.copy_(data)
         raise
@@ -249,14 +254,14 @@ def prune_weights(
 
 
 def _apply(modules, masks, old_masks) -> None:
-    """Set every mask or none: on failure, earlier masks are restored."""
-    done = []
+    """Set every mask or none: on failure or interrupt, the masks touched so far are restored."""
+    touched = 0
     try:
         for module, mask in zip(modules, masks):
+            touched += 1  # before set_mask: an interrupt inside it may leave this one half-masked
             set_mask(module, mask)
-            done.append(module)
-    except Exception:
-        for module, old in zip(done, old_masks):
+    except BaseException:
+        for module, old in zip(modules[:touched], old_masks):
             if old is None:
                 remove_mask(module, keep_zeros=False)
             else:

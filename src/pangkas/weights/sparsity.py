@@ -1,7 +1,7 @@
 """Turning scores into keep-masks: local, global, threshold and N:M rules.
 
-Pure functions of tensors. Entries already pruned arrive with score ``-inf``, so they are always
-the first to go and a new mask never resurrects them.
+Pure functions of tensors. Entries already pruned are given by the old keep-mask, never by a score
+value (a ``-inf`` score is an error upstream, not a marker), so a new mask never resurrects them.
 """
 
 from __future__ import annotations
@@ -23,22 +23,25 @@ def lowest_mask(scores: torch.Tensor, n_prune: int) -> torch.Tensor:
     return keep.view(scores.shape)
 
 
-def local_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """Each tensor loses ``prune_count(numel, sparsity)`` entries, or keeps its current pruning if more."""
-    masks = []
-    for s in scores:
-        already = int(torch.isneginf(s).sum())
-        masks.append(lowest_mask(s, max(prune_count(s.numel(), sparsity), already)))
-    return masks
+def extend_mask(scores: torch.Tensor, old: torch.Tensor | None, n_prune: int) -> torch.Tensor:
+    """Keep-mask pruning what ``old`` prunes plus the lowest-scoring entries it keeps, ``n_prune``
+    in all (only ``old``'s if it already prunes more)."""
+    if old is None:
+        return lowest_mask(scores, n_prune)
+    keep = old.clone()
+    more = n_prune - int((~old).sum())
+    if more > 0:
+        keep[old] = lowest_mask(scores[old], more)
+    return keep
 
 
-def global_masks(scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """One cut across all tensors: every kept score is >= every pruned score."""
+def global_masks(scores: list[torch.Tensor], old_masks: list, sparsity: float) -> list[torch.Tensor]:
+    """One cut across all tensors: every kept score is >= every newly pruned score."""
     flat = torch.cat([s.flatten().cpu() for s in scores])
-    already = int(torch.isneginf(flat).sum())
-    keep = lowest_mask(flat, max(prune_count(flat.numel(), sparsity), already))
-    sizes = [s.numel() for s in scores]
-    return [k.view(s.shape).to(s.device) for k, s in zip(keep.split(sizes), scores)]
+    old = torch.cat([torch.ones(s.numel(), dtype=torch.bool) if o is None else o.flatten().cpu()
+                     for s, o in zip(scores, old_masks)])
+    keep = extend_mask(flat, old, prune_count(flat.numel(), sparsity))
+    return [k.view(s.shape).to(s.device) for k, s in zip(keep.split([s.numel() for s in scores]), scores)]
 
 
 def threshold_mask(weight: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -60,3 +63,11 @@ def n_m_mask(scores: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
     keep = keep.view(padded.shape)[..., :length]
     return keep.movedim(-1, dim)
+
+
+def extend_n_m(scores: torch.Tensor, old: torch.Tensor | None, n: int, m: int, dim: int) -> torch.Tensor:
+    """N:M keep-mask over the entries ``old`` keeps; a group with fewer than n of them keeps those."""
+    if old is None:
+        return n_m_mask(scores, n, m, dim)
+    # -inf only ranks pruned entries last within their group; ``& old`` is what keeps them pruned.
+    return n_m_mask(scores.masked_fill(~old, float("-inf")), n, m, dim) & old

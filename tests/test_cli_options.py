@@ -1,0 +1,212 @@
+"""CLI options, each checked on the model the command saved, loaded back."""
+
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import nets
+import pangkas
+from pangkas.cli import main
+from pangkas.demo import digits_cnn
+from pangkas.weights.masks import get_mask
+
+SHAPE = ["--input-shape", "1,1,8,8"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def digits(tmp_path):
+    """A digits_cnn with fixed weights, saved for ``--weights``: (the model, its weights file)."""
+    torch.manual_seed(1)
+    model = digits_cnn()
+    return model, pangkas.save(model, tmp_path / "original.safetensors")
+
+
+def prune_digits(capsys, weights, *args):
+    return run(capsys, "prune", *args[:1], "pangkas.demo:digits_cnn", *SHAPE, "--weights", weights, *args[1:])
+
+
+def layers(model, kinds=(nn.Conv2d, nn.Linear)):
+    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def test_threshold_zeroes_exactly_the_small_weights(capsys, tmp_path, digits):
+    original, weights = digits
+    every = torch.cat([m.weight.detach().abs().flatten() for m in layers(original).values()])
+    threshold = float(every.median())  # about half of the weights at or below it
+    out = tmp_path / "threshold.safetensors"
+    code, _, err = prune_digits(capsys, weights, "weights", "--threshold", threshold, "-o", out)
+    assert code == 0, err
+    pruned = pangkas.load(out, digits_cnn())
+    for name, module in layers(pruned).items():
+        old = layers(original)[name].weight.detach()
+        small = old.abs() <= threshold
+        assert small.any() and (~small).any(), name  # both sides of the threshold in every layer
+        new = module.weight.detach()
+        assert torch.equal(new == 0, small), name     # zero exactly where |w| <= threshold
+        assert torch.equal(new[~small], old[~small]), name  # the rest untouched
+    state = original.state_dict()  # biases and BatchNorm: not weights a threshold applies to
+    for key, value in pruned.state_dict().items():
+        if not any(key == f"{name}.weight" for name in layers(pruned)):
+            assert torch.equal(value, state[key]), key
+
+
+def test_threshold_must_not_be_negative(capsys, tmp_path, digits):
+    _, weights = digits
+    out = tmp_path / "bad.safetensors"
+    code, _, err = prune_digits(capsys, weights, "weights", "--threshold", "-0.5", "-o", out)
+    assert code == 2 and "threshold" in err and not out.exists()
+
+
+def test_exclude_leaves_the_named_layers_whole(capsys, tmp_path, digits):
+    original, weights = digits
+    excluded = {"0.0", "10"}  # the first convolution and the last Linear
+    out = tmp_path / "exclude.safetensors"
+    code, _, err = prune_digits(capsys, weights, "weights", "--sparsity", "0.5", "--exclude", "0", "10",
+                                "-o", out)
+    assert code == 0, err
+    pruned = pangkas.load(out, digits_cnn())
+    for name, module in layers(pruned).items():
+        old = layers(original)[name].weight.detach()
+        if name in excluded:
+            assert get_mask(module) is None, name
+            assert torch.equal(module.weight.detach(), old), name
+        else:
+            assert int((module.weight == 0).sum()) == round(0.5 * old.numel()), name
+
+
+def channel_counts(model):
+    """Output channels of every convolution and Linear but the classifier."""
+    return {name: (m.out_channels if isinstance(m, nn.Conv2d) else m.out_features)
+            for name, m in layers(model).items() if name != "10"}
+
+
+def test_ignore_keeps_every_channel_of_the_named_modules(capsys, tmp_path, digits):
+    original, weights = digits
+    out = tmp_path / "ignore.safetensors"
+    code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.5", "--ignore", "3", "-o", out)
+    assert code == 0, err
+    pruned = pangkas.load(out, digits_cnn())
+    for name in ("3.0", "3.1"):  # the ignored block: every tensor whole and unchanged
+        for key, value in pruned.get_submodule(name).state_dict().items():
+            assert torch.equal(value, original.get_submodule(name).state_dict()[key]), (name, key)
+    widths = channel_counts(pruned)
+    assert widths["3.0"] == 64 and widths["1.0"] == 32  # block 1 feeds block 3: its outputs stay too
+    assert widths["0.0"] == 16 and widths["4.0"] == 32 and widths["7"] == 64  # the rest lost half
+    assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def test_round_to_keeps_multiples(capsys, tmp_path, digits):
+    original, weights = digits
+    sizes = channel_counts(original)
+    target = {name: size - round(0.3 * size) for name, size in sizes.items()}  # 22, 45, 90: none a multiple of 8
+    assert all(k % 8 for k in target.values())
+    out = tmp_path / "plain.safetensors"
+    code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.3", "-o", out)
+    assert code == 0, err
+    assert channel_counts(pangkas.load(out, digits_cnn())) == target
+    out = tmp_path / "round8.safetensors"
+    code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.3", "--round-to", "8", "-o", out)
+    assert code == 0, err
+    pruned = pangkas.load(out, digits_cnn())
+    assert channel_counts(pruned) == {name: math.ceil(k / 8) * 8 for name, k in target.items()}
+    assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+
+
+def auto_counts(capsys, tmp_path, weights, name):
+    out = tmp_path / f"{name}.safetensors"
+    code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.3", "--round-to", "auto", "-o", out)
+    assert code == 0, err
+    pruned = pangkas.load(out, digits_cnn())
+    assert pruned(torch.randn(2, 1, 8, 8)).shape == (2, 10)
+    return channel_counts(pruned)
+
+
+def test_round_to_auto_picks_the_fastest_nearby_width(capsys, tmp_path, digits, monkeypatch):
+    original, weights = digits
+    sizes = channel_counts(original)
+    target = {name: size - round(0.3 * size) for name, size in sizes.items()}
+    # Measured on this CPU: the exact count, or a multiple of 8 at most 12.5% wider.
+    for name, width in auto_counts(capsys, tmp_path, weights, "measured").items():
+        k = target[name]
+        assert width == k or (width % 8 == 0 and k < width <= k * 1.125), (name, k, width)
+
+    # With the timings under our control, the choice is known: multiples of 8 twice as fast...
+    channels = sys.modules["pangkas.channels"]
+    timed = []
+
+    def timer(module, input_shape):
+        def seconds(width):
+            timed.append(width)
+            return 1.0 if width % 8 else 0.5
+        return seconds
+
+    monkeypatch.setattr(channels, "layer_timer", timer)
+    assert auto_counts(capsys, tmp_path, weights, "eights") == {n: math.ceil(k / 8) * 8 for n, k in target.items()}
+    assert timed  # the widths were timed, not guessed
+    # ... or every extra channel costing time: the target itself.
+    monkeypatch.setattr(channels, "layer_timer", lambda module, shape: lambda width: float(width))
+    assert auto_counts(capsys, tmp_path, weights, "narrow") == target
+
+
+@pytest.mark.parametrize("value", ["0", "-8", "eight", "1.5"])
+def test_round_to_rejects_what_is_not_a_width(capsys, tmp_path, digits, value):
+    _, weights = digits
+    out = tmp_path / "bad.safetensors"
+    code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.3", "--round-to", value, "-o", out)
+    assert code == 2 and "round" in err.replace("-", "_").lower() and not out.exists()
+
+
+def test_allow_approximate_prunes_channels_under_a_layernorm(capsys, tmp_path):
+    """nets.ChannelsLast: the residual stream (stem, dw, fc2) runs through a LayerNorm over its 16
+    channels; fc1's 64 hidden channels do not."""
+    spec = ["nets:ChannelsLast", "--input-shape", "2,3,8,8"]
+    exact, approximate = tmp_path / "exact.safetensors", tmp_path / "approximate.safetensors"
+    code, _, err = run(capsys, "prune", "channels", *spec, "--ratio", "0.5", "-o", exact)
+    assert code == 0, err
+    code, _, err = run(capsys, "prune", "channels", *spec, "--ratio", "0.5", "--allow-approximate",
+                       "-o", approximate)
+    assert code == 0, err
+    kept = pangkas.load(exact, nets.ChannelsLast())
+    assert kept.stem.out_channels == 16 and kept.norm.normalized_shape == (16,)
+    assert kept.fc1.out_features == 32  # pruning did happen, outside the normalised channels
+    cut = pangkas.load(approximate, nets.ChannelsLast())
+    assert cut.stem.out_channels == 8 and cut.norm.normalized_shape == (8,) and cut.fc2.out_features == 8
+    assert cut.fc1.out_features == 32
+    assert cut(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_hidden_shrinks_a_hugging_face_models_hidden_size(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    out = tmp_path / "thin"
+    code, _, err = run(capsys, "prune", "channels", tmp_path / "llama", "--hidden", "0.25",
+                       "--input-shape", "1,12", "-o", out)
+    assert code == 0, err
+    again = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    hidden = 32 - round(0.25 * 32)
+    assert again.config.hidden_size == hidden
+    assert again.model.embed_tokens.weight.shape == (100, hidden) and again.lm_head.weight.shape == (100, hidden)
+    assert again.model.norm.weight.shape == (hidden,)
+    assert again.config.num_attention_heads == 4 and again.config.intermediate_size == 64  # only --hidden
+    ids = torch.randint(0, 100, (1, 12))
+    assert again(ids).logits.shape == (1, 12, 100)
+
+
+@pytest.mark.parametrize("kind,option", [("weights", ["--sparsity", "0.5", "--exclude"]),
+                                         ("channels", ["--ratio", "0.5", "--ignore"])])
+def test_exclude_and_ignore_refuse_names_that_match_nothing(capsys, tmp_path, digits, kind, option):
+    _, weights = digits
+    out = tmp_path / "typo.safetensors"
+    code, _, err = prune_digits(capsys, weights, kind, *option, "no_such_layer", "-o", out)
+    assert code == 2 and "no_such_layer" in err and not out.exists()
