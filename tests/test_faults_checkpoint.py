@@ -4,7 +4,6 @@ write, and checkpoints that do not fit the run."""
 import copy
 import json
 import os
-import sys
 import tempfile
 from pathlib import Path
 
@@ -14,9 +13,10 @@ import torch
 from torch import nn
 
 import pangkas
+from pangkas import checkpoint as checkpoint_module
+from pangkas.files import STAGING
 
-recover_module = sys.modules["pangkas.checkpoint"]
-MARKER, OLD, STAGING = recover_module.MARKER, recover_module.OLD, recover_module.STAGING
+MARKER, OLD = checkpoint_module.MARKER, checkpoint_module.OLD
 CHECKPOINT = sorted([MARKER, "model.safetensors", "trainer.safetensors"])
 STEPS_PER_EPOCH = 4
 
@@ -133,7 +133,7 @@ def fail_at(patch, point, directory, error):
     for name, check in [("rename", rename), ("unlink", unlink), ("remove", unlink), ("rmdir", rmdir),
                         ("replace", None), ("link", None), ("mkdir", None)]:
         patch.setattr(os, name, guarded(getattr(os, name), check))
-    mkdtemp, save = tempfile.mkdtemp, recover_module.save
+    mkdtemp, save = tempfile.mkdtemp, checkpoint_module.save
 
     def crashing_mkdtemp(*args, **kwargs):
         made = mkdtemp(*args, **kwargs)
@@ -148,7 +148,7 @@ def fail_at(patch, point, directory, error):
         return written
 
     patch.setattr(tempfile, "mkdtemp", crashing_mkdtemp)
-    patch.setattr(recover_module, "save", crashing_save)
+    patch.setattr(checkpoint_module, "save", crashing_save)
 
 
 @pytest.mark.parametrize("point", POINTS)

@@ -176,6 +176,17 @@ def test_an_operation_that_fails_is_exit_status_1(workdir, capsys, monkeypatch):
     assert not Path("out.safetensors").exists()
 
 
+def test_a_cut_that_does_not_verify_is_exit_status_1(workdir, capsys, monkeypatch):
+    import pangkas.layers as layers
+
+    shapes = iter([[(1, 10)], [(1, 9)]])  # as if the model's output changed without the block
+    monkeypatch.setattr(layers, "_output_shapes", lambda *args: next(shapes))
+    assert main([*L, *DIGITS, "--n", "1", "--data", "calib.safetensors", *out()]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "changes the output shapes" in err[0] and "model is unchanged" in err[0]
+    assert not Path("out.safetensors").exists()
+
+
 def test_write_failure_is_exit_status_1_and_leaves_nothing(workdir, capsys, monkeypatch):
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -199,6 +210,16 @@ def test_interrupt_is_one_line(workdir, capsys, monkeypatch):
     assert main([*C, *DIGITS, "--ratio", "0.5", *out()]) == 130
     assert capsys.readouterr().err.splitlines() == ["error: interrupted"]
     assert snapshot(workdir) == before
+
+
+def test_names_that_look_like_markup_are_shown_as_they_are(workdir, capsys):
+    name = "[bold]m[/x].safetensors"
+    pangkas.save(digits_cnn(), name, metadata=SAVED)
+    assert main(["measure", name, "--no-latency"]) == 0
+    assert name in capsys.readouterr().out
+    assert main([*W, name, "--sparsity", "0.5", "-o", "[red]out[/].safetensors"]) == 0
+    assert "wrote [red]out[/].safetensors" in capsys.readouterr().out
+    assert Path("[red]out[/].safetensors").is_file()
 
 
 def test_debug_before_or_after_the_command(workdir, capsys):

@@ -94,7 +94,7 @@ def test_nan_loss_stops_and_restores_the_last_checkpoint(tmp_path):
         calls["n"] += 1
         return output.sum() * (float("nan") if calls["n"] == 3 else 0.0)
 
-    with pytest.raises(pangkas.PangkasError, match="nan at step 11 .*stopped and the student is back at "
+    with pytest.raises(pangkas.OperationFailed, match="nan at step 11 .*stopped and the student is back at "
                                                    "the checkpoint of step 8 in"):
         pangkas.recover(student, data, teacher=teacher, task_loss=exploding, alpha=0.5, epochs=2,
                         lr=1e-2, checkpoint=tmp_path / "ckpt")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from . import integrations
-from .errors import PangkasError
+from .errors import OperationFailed, PangkasError
 from .graph.labels import components
 from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
 from .importance import check as check_importance
@@ -265,7 +265,7 @@ class Plan:
                 (ax.ids, f"surgery check: {why}")
                 for r in records for _, axes in r.inputs + r.outputs for ax in axes)
             self.selection = self._select()
-        raise PangkasError("channel surgery did not verify after several retries; the model is unchanged. "
+        raise OperationFailed("channel surgery did not verify after several retries; the model is unchanged. "
                            + "; ".join(self.retried[-3:]))
 
     def _same_code(self, record) -> list:

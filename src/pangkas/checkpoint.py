@@ -23,11 +23,12 @@ import torch
 from torch import nn
 
 from .errors import PangkasError
+from .files import staging_prefix
 from .io import load, save
 
 MODEL, TRAINER = "model.safetensors", "trainer.safetensors"
 MARKER = ".pangkas-checkpoint"  # written first into every folder pangkas creates, removed last
-STAGING, OLD = ".pangkas-staging-", ".pangkas-old"  # beside the directory: .<name><suffix>
+OLD = ".pangkas-old"  # the replaced checkpoint, beside the directory: .<name><OLD>
 
 
 def _old(directory: Path) -> Path:
@@ -71,7 +72,7 @@ def _repair(directory: Path) -> None:
     if (not directory.exists() and legacy.is_dir() and not legacy.is_symlink()
             and {p.name for p in legacy.iterdir()} == {MODEL, TRAINER}):
         legacy.rename(directory)
-    prefix = f".{directory.name}{STAGING}"
+    prefix = staging_prefix(directory)
     if directory.parent.is_dir():
         for path in directory.parent.iterdir():
             if path.name.startswith(prefix) and _is_ours(path):
@@ -100,7 +101,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer, step: int, epo
     directory.parent.mkdir(parents=True, exist_ok=True)
     old = _old(directory)
     try:
-        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}{STAGING}"))
+        staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=staging_prefix(directory)))
         _write(staging / MARKER, b"written by pangkas.recover; removed with its checkpoint\n")
         save(model, staging / MODEL)
         _write(staging / TRAINER, _trainer_bytes(optimizer, step, epoch))

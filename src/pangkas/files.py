@@ -18,7 +18,12 @@ from pathlib import Path
 
 from .errors import OperationFailed, PangkasError
 
-STAGING = ".pangkas-staging-"  # prefix of the temporary siblings pangkas writes and renames
+STAGING = ".pangkas-staging-"  # temporary siblings pangkas writes and renames: .<name><STAGING>XXXX
+
+
+def staging_prefix(path: Path) -> str:
+    """The name prefix of the temporary siblings pangkas writes for ``path``."""
+    return f".{path.name}{STAGING}"
 
 
 def _inside(path: Path, directory: Path) -> bool:
@@ -78,7 +83,7 @@ def write_file(path: str | os.PathLike, data: bytes, *, overwrite: bool = False)
     path = check_file_target(path, overwrite=overwrite)
     with _failing_write(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{STAGING}{path.name}.")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=staging_prefix(path))
         try:
             umask = os.umask(0)
             os.umask(umask)
@@ -132,7 +137,7 @@ def staged_directory(path: str | os.PathLike, **target) -> Iterator[Path]:
     path = check_directory_target(path, **target)
     with _failing_write(path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{STAGING}{path.name}."))  # same disk
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=staging_prefix(path)))  # same disk
     try:
         yield staging
         check_directory_target(path, **target)  # the target may have changed while the work ran

@@ -232,20 +232,18 @@ def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None 
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    """The metadata dict of a safetensors file (pangkas's own entry included)."""
-    return _read(Path(path))[1]
+    """The metadata dict of a safetensors file (pangkas's own entry included); no tensor is read."""
+    return _read(Path(path), tensors=False)[1]
 
 
-def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise PangkasError(f"no such file: {path}")
     try:
         with safe_open(str(path), framework="pt") as f:  # one open: metadata and tensors of one file
-            metadata = f.metadata() or {}
-            tensors = f.get_tensors()
+            return (f.get_tensors() if tensors else {}), f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as exc:
         raise PangkasError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
-    return tensors, metadata
 
 
 def load(path: str | os.PathLike, model: torch.nn.Module, *, dtype: torch.dtype | None = None) -> torch.nn.Module:

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import flop_registry
 
-from .errors import PangkasError
+from .errors import OperationFailed, PangkasError
 from .inputs import call_model
 from .io import EDITS
 from .measure import count_macs
@@ -329,13 +329,13 @@ class LayerPlan:
             after = _output_shapes(self.model, self.example_inputs)
         except PangkasError as exc:
             undo.restore()
-            raise PangkasError(f"the model no longer runs without {self.chosen}; it is unchanged. {exc}") from exc
+            raise OperationFailed(f"the model no longer runs without {self.chosen}; it is unchanged. {exc}") from exc
         except BaseException:  # an interrupt: put the blocks back and let it through
             undo.restore()
             raise
         if after != before:
             undo.restore()
-            raise PangkasError(f"removing {self.chosen} changes the output shapes {before} -> {after}; "
+            raise OperationFailed(f"removing {self.chosen} changes the output shapes {before} -> {after}; "
                                "the model is unchanged")
         edits = list(getattr(self.model, EDITS, []))
         edits.append({"remove_blocks": self.chosen, "tuple_lengths": {n: tuples[n] for n in self.chosen}})

@@ -6,6 +6,7 @@ from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import track as _rich_track
 
 T = TypeVar("T")
@@ -13,5 +14,5 @@ T = TypeVar("T")
 
 def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
     console = Console(stderr=True)
-    yield from _rich_track(items, description=description, total=total, transient=True,
+    yield from _rich_track(items, description=escape(description), total=total, transient=True,
                            console=console, disable=not console.is_terminal)

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import apply_checkpoint, check_resumable, is_complete, prepare, read_trainer, save_checkpoint
-from .errors import PangkasError
+from .errors import OperationFailed, PangkasError
 from .inputs import call_model
 from .progress import track
 from .weights.masks import masks_by_key, plain_name, remove_mask, set_mask
@@ -339,7 +339,7 @@ def _fail(exc: BaseException, student, opt, directory, start: _Snapshot):
     """Put the student back, then raise ``exc`` saying where the student is."""
     where = _restore(student, opt, directory, start)
     if isinstance(exc, _Diverged):
-        raise PangkasError(f"{exc}; training stopped and {where}. Lower lr= or check the data.") from None
+        raise OperationFailed(f"{exc}; training stopped and {where}. Lower lr= or check the data.") from None
     if isinstance(exc, PangkasError):
         raise PangkasError(f"{exc} ({where})") from exc
     if hasattr(exc, "add_note"):  # Python 3.11+

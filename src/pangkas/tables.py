@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 
 def render_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
@@ -17,11 +18,12 @@ def render_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[obj
                  "|" + "|".join(["---"] + ["---:"] * (len(columns) - 1)) + "|"]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
         return "\n".join(lines)
-    table = Table(title=title, title_justify="left")
+    # Text, not str: names and paths are shown as they are, never read as rich markup.
+    table = Table(title=Text(title), title_justify="left")
     for i, column in enumerate(columns):
-        table.add_column(column, justify="left" if i == 0 else "right")
+        table.add_column(Text(column), justify="left" if i == 0 else "right")
     for row in rows:
-        table.add_row(*(str(cell) for cell in row))
+        table.add_row(*(Text(str(cell)) for cell in row))
     console = Console(file=io.StringIO(), width=200, no_color=True, color_system=None)
     console.print(table)
     return console.file.getvalue().rstrip()
