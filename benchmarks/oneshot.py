@@ -2,7 +2,7 @@
 
 (a) The pretrained MiniLM encoder (all-MiniLM-L6-v2), its encoder Linear layers pruned to 50%
     unstructured and to 2:4: mean cosine of mean-pooled sentence embeddings to the full model's
-    on 600 CPython documentation sentences, calibration on 100 others (as in ``layers.py``).
+    on 600 CPython documentation sentences, calibration on 100 others (``minilm.py``).
     Magnitude is per layer (each matrix loses 50%); Wanda and SparseGPT per output row, block by
     block.
 (b) The demo's digits CNN (trained as in ``pangkas demo``), every conv and Linear pruned to 50%
@@ -18,26 +18,26 @@ import warnings
 
 import torch
 
+import minilm
 from common import arguments, environment, publish
-from layers import embed, minilm_setup
 from pangkas import prune_weights
 from pangkas.demo import accuracy, digits_cnn, load_digits_split, train
 from pangkas.tables import render_table
 
 RULES = (("50%", {"sparsity": 0.5}), ("2:4", {"pattern": "2:4"}))
-METHODS = ("magnitude", "wanda", "sparsegpt")
+IMPORTANCE = ("magnitude", "wanda", "sparsegpt")
 
 
 def minilm_rows() -> list[tuple]:
-    model, calibration, evaluation, reference, _ = minilm_setup()
+    model, calibration, evaluation, reference, _ = minilm.setup()
     rows = []
     for label, rule in RULES:
-        for method in METHODS:
+        for importance in IMPORTANCE:
             pruned = copy.deepcopy(model)
-            options = {} if method == "magnitude" else {"data": calibration}
-            prune_weights(pruned, method=method, include="encoder", **rule, **options)
-            cosine = float((embed(pruned, evaluation) * reference).sum(1).mean())
-            rows.append(("MiniLM", label, method, f"mean cosine {cosine:.3f}"))
+            options = {} if importance == "magnitude" else {"data": calibration}
+            prune_weights(pruned, importance=importance, include="encoder", **rule, **options)
+            cosine = minilm.fidelity(pruned, evaluation, reference)
+            rows.append(("MiniLM", label, importance, f"mean cosine {cosine:.3f}"))
             print(rows[-1], flush=True)
     return rows
 
@@ -50,14 +50,14 @@ def digits_rows() -> list[tuple]:
     rows = [("digits CNN", "dense", "-", f"accuracy {accuracy(model, data.x_test, data.y_test):.2%}")]
     calibration = list(data.x_train[:256].split(64))
     for label, rule in RULES:
-        for method in METHODS:
+        for importance in IMPORTANCE:
             pruned = copy.deepcopy(model)
-            options = {} if method == "magnitude" else {"data": calibration}
-            prune_weights(pruned, method=method, **rule, **options)
-            rows.append(("digits CNN", label, method, f"accuracy {accuracy(pruned, data.x_test, data.y_test):.2%}"))
+            options = {} if importance == "magnitude" else {"data": calibration}
+            prune_weights(pruned, importance=importance, **rule, **options)
+            rows.append(("digits CNN", label, importance, f"accuracy {accuracy(pruned, data.x_test, data.y_test):.2%}"))
             print(rows[-1], flush=True)
         pruned = copy.deepcopy(model)  # the usual recipe keeps the first layer dense
-        prune_weights(pruned, method="wanda", exclude="0.0", data=calibration, **rule)
+        prune_weights(pruned, importance="wanda", exclude="0.0", data=calibration, **rule)
         rows.append(("digits CNN", label, "wanda, first conv dense",
                      f"accuracy {accuracy(pruned, data.x_test, data.y_test):.2%}"))
     return rows

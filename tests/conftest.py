@@ -1,6 +1,12 @@
+import os
+
 import pytest
 import torch
 from torch import nn
+
+# A coupling rule that raises fails the test instead of quietly keeping channels (strict mode,
+# pangkas.graph.rules.strict); set in the environment so CLI and torchrun subprocesses inherit it.
+os.environ.setdefault("PANGKAS_STRICT_RULES", "1")
 
 
 def pytest_addoption(parser):

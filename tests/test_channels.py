@@ -222,14 +222,32 @@ def test_max_ratio_caps_global_removal():
         assert g.removed.float().mean() <= 0.6
 
 
-def test_ratios_per_module_and_ignore():
+def test_ratios_per_module_and_exclude():
     model = nets.Chain()
     x = torch.randn(nets.IMAGES)
-    plan = pangkas.plan_channels(model, x, ratio=0.5, ratios={"features.1": 0.25}, ignore=["head.3"])
+    plan = pangkas.plan_channels(model, x, ratio=0.5, ratios={"features.1": 0.25}, exclude=["head.3"])
     plan.apply()
     assert model.features[0][0].out_channels == 8
     assert model.features[1].out_channels == 18
     assert model.head[1].out_features == 32
+
+
+def test_include_limits_what_may_lose_channels():
+    model = nets.Chain()
+    x = torch.randn(nets.IMAGES)
+    widths = [m.out_channels for m in model.features.modules() if isinstance(m, nn.Conv2d)]
+    plan = pangkas.plan_channels(model, x, ratio=0.5, include=["head"])
+    plan.apply()
+    assert [m.out_channels for m in model.features.modules() if isinstance(m, nn.Conv2d)] == widths
+    assert model.head[1].out_features == 16 and any("not in include=" in why for why in plan.blocked())
+
+
+def test_ignore_is_the_old_name_of_exclude():
+    x, model = torch.randn(nets.IMAGES), nets.Chain()
+    new = pangkas.plan_channels(model, x, ratio=0.5, exclude=["head.3"])
+    with pytest.warns(DeprecationWarning, match="exclude="):
+        old = pangkas.plan_channels(model, x, ratio=0.5, ignore=["head.3"])
+    assert torch.equal(old.selection.removed, new.selection.removed)
 
 
 def test_round_to_keeps_multiples():
@@ -284,7 +302,8 @@ BAD = [
     (dict(ratio=0.5, round_to=2.5), "round_to"),
     (dict(ratio=0.5, importance="taylor"), "taylor"),
     (dict(ratio=0.5, importance="magic"), "importance"),
-    (dict(ratio=0.5, ignore=["nope"]), "nope"),
+    (dict(ratio=0.5, exclude=["nope"]), "nope"),
+    (dict(ratio=0.5, include=["nope"]), "nope"),
     (dict(ratio=0.5, ratios={"features": 1.5}), "ratios"),
     (dict(ratio=0.5, scope="global", max_ratio=0.2), "max_ratio"),
 ]
@@ -453,7 +472,7 @@ def test_wanda_keeps_inputs_with_large_activations():
         model[0].bias.zero_()
         model[0].weight[[1, 4]] = 0.2  # hidden units 1 and 4 carry large activations...
     data = [torch.ones(8, 4) for _ in range(2)]
-    plan = pangkas.plan_channels(model, data[0], ratio=0.5, importance="wanda", data=data, ignore=[nn.ReLU])
+    plan = pangkas.plan_channels(model, data[0], ratio=0.5, importance="wanda", data=data, exclude=[nn.ReLU])
     plan.apply()
     assert model[2].in_features == 3
     # ...so they score highest and stay (ties among the others go in order: 0, 2, 3 leave).

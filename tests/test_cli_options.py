@@ -89,10 +89,10 @@ def channel_counts(model):
             for name, m in layers(model).items() if name != "10"}
 
 
-def test_ignore_keeps_every_channel_of_the_named_modules(capsys, tmp_path, digits):
+def test_exclude_keeps_every_channel_of_the_named_modules(capsys, tmp_path, digits):
     original, weights = digits
-    out = tmp_path / "ignore.safetensors"
-    code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.5", "--ignore", "3", "-o", out)
+    out = tmp_path / "exclude.safetensors"
+    code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.5", "--exclude", "3", "-o", out)
     assert code == 0, err
     pruned = pangkas.load(out, digits_cnn())
     for name in ("3.0", "3.1"):  # the ignored block: every tensor whole and unchanged
@@ -204,9 +204,27 @@ def test_hidden_shrinks_a_hugging_face_models_hidden_size(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("kind,option", [("weights", ["--sparsity", "0.5", "--exclude"]),
-                                         ("channels", ["--ratio", "0.5", "--ignore"])])
-def test_exclude_and_ignore_refuse_names_that_match_nothing(capsys, tmp_path, digits, kind, option):
+                                         ("channels", ["--ratio", "0.5", "--exclude"]),
+                                         ("channels", ["--ratio", "0.5", "--include"])])
+def test_exclude_and_include_refuse_names_that_match_nothing(capsys, tmp_path, digits, kind, option):
     _, weights = digits
     out = tmp_path / "typo.safetensors"
     code, _, err = prune_digits(capsys, weights, kind, *option, "no_such_layer", "-o", out)
     assert code == 2 and "no_such_layer" in err and not out.exists()
+
+
+@pytest.mark.parametrize("kind,old,new", [
+    ("weights", ["--sparsity", "0.5", "--method", "random"], ["--sparsity", "0.5", "--importance", "random"]),
+    ("channels", ["--ratio", "0.5", "--ignore", "3"], ["--ratio", "0.5", "--exclude", "3"]),
+    ("layers", ["--n", "1", "--criterion", "magnitude"], ["--n", "1", "--importance", "magnitude"]),
+])
+def test_old_flags_still_work_and_say_their_new_name(capsys, tmp_path, digits, kind, old, new):
+    _, weights = digits
+    torch.manual_seed(0)
+    code, _, err = prune_digits(capsys, weights, kind, *new, "-o", tmp_path / "new.safetensors")
+    assert code == 0 and "warning" not in err
+    torch.manual_seed(0)
+    code, _, err = prune_digits(capsys, weights, kind, *old, "-o", tmp_path / "old.safetensors")
+    assert code == 0 and f"warning: {old[2]} is now {new[2]}" in err
+    a, b = (pangkas.load(tmp_path / f"{n}.safetensors", digits_cnn()).state_dict() for n in ("old", "new"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

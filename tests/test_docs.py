@@ -7,8 +7,7 @@ from pathlib import Path
 from pangkas.weights.sparse import DEFAULT_MIN_SPARSITY
 
 ROOT = Path(__file__).resolve().parent.parent
-# Loaded by path: putting benchmarks/ on sys.path would let benchmarks/transformers.py shadow
-# the transformers package for every later test.
+# Loaded by path: benchmarks/ is a folder of scripts, not a package to put on sys.path.
 _spec = importlib.util.spec_from_file_location("update_readme", ROOT / "benchmarks" / "update_readme.py")
 update_readme = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(update_readme)
@@ -19,6 +18,22 @@ def test_readme_tables_match_docs():
     blocks = update_readme.BLOCK.findall(readme)
     assert len(blocks) >= 2
     assert update_readme.render(readme) == readme, "run benchmarks/update_readme.py"
+
+
+def test_no_benchmark_script_shadows_a_module():
+    """A script runs with benchmarks/ first on sys.path: one named like a package it (or torch)
+    imports, e.g. transformers.py, would be imported in its place."""
+    scripts = [p.stem for p in (ROOT / "benchmarks").glob("*.py")]
+    assert "update_readme" in scripts
+    shadowing = [name for name in scripts if importlib.util.find_spec(name) is not None]
+    assert not shadowing
+
+
+def test_every_reproduce_line_names_a_benchmark_script():
+    lines = [m for page in (ROOT / "docs").glob("*.md")
+             for m in re.findall(r"Reproduce: `\.venv/bin/python (benchmarks/\S+\.py)`", page.read_text())]
+    assert len(lines) >= 5
+    assert [path for path in lines if not (ROOT / path).is_file()] == []
 
 
 def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():

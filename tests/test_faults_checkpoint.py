@@ -267,7 +267,7 @@ def test_a_file_put_into_the_checkpoint_during_training_is_never_swapped_away(tm
 
     student = pruned(teacher)
     with pytest.raises(pangkas.PangkasError, match="notes.txt.*not a pangkas checkpoint"):
-        run(teacher, data, student, epochs=2, checkpoint=directory, task_loss=drop_a_file, alpha=0.5)
+        run(teacher, data, student, epochs=2, checkpoint=directory, loss_fn=drop_a_file, alpha=0.5)
     assert (directory / "notes.txt").read_text() == "mine"
     assert step_of(directory) == STEPS_PER_EPOCH and not (tmp_path / f".ckpt{OLD}").exists()
 

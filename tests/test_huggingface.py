@@ -155,7 +155,7 @@ def test_a_process_without_pangkas_loads_every_pruned_directory(tmp_path):
     model = build("llama", causal=True)
     with torch.no_grad():  # make layer 1's MLP matter much less, so a global ranking cuts it deeper
         model.model.layers[1].mlp.down_proj.weight.mul_(0.01)
-    pangkas.prune_channels(model, x, ratio=0.5, scope="global", ignore=["lm_head"])
+    pangkas.prune_channels(model, x, ratio=0.5, scope="global", exclude=["lm_head"])
     assert len({layer.mlp.up_proj.out_features for layer in model.model.layers}) == 2  # per-layer sizes
     cases["llama per-layer"] = model, "AutoModelForCausalLM"
 
@@ -214,6 +214,24 @@ def test_pruning_warns_when_plain_save_pretrained_would_not_load():
         pangkas.prune_transformer(build("llama"), inputs("llama"), heads=0.5, ffn=0.5)
 
 
+def test_plan_transformer_is_what_prune_transformer_applies():
+    model, x = build("bert"), inputs("bert")
+    pruned = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="pangkas.save_pretrained") as warned:
+        want = pangkas.prune_transformer(pruned, x, heads=0.5, ffn=0.5)
+    assert warned[0].filename == __file__  # the warning points at the caller
+    plan = pangkas.plan_transformer(model, x, heads=0.5, ffn=0.5)
+    assert str(plan).startswith("transformer plan: heads=0.5, ffn=0.5\nchannel plan")
+    assert plan.channels_removed == want.channels_removed and plan.params_after == want.params_after
+    assert model.config.num_attention_heads == 4 and not plan.applied  # nothing changes before apply
+    with pytest.warns(UserWarning, match="pangkas.save_pretrained") as warned:
+        report = plan.apply()
+    assert warned[0].filename == __file__
+    assert str(report) == str(want) and model.config.num_attention_heads == 2
+    state = pruned.state_dict()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 def test_save_pretrained_refuses_what_it_cannot_write(tmp_path):
     model, x = build("bert"), inputs("bert")
     with pytest.raises(pangkas.PangkasError, match="not a Hugging Face"):
@@ -222,7 +240,7 @@ def test_save_pretrained_refuses_what_it_cannot_write(tmp_path):
     with pytest.raises(pangkas.PangkasError, match="finalize"):
         pangkas.save_pretrained(model, tmp_path / "b")
     pangkas.finalize(model)
-    pangkas.prune_layers(model, [x], n=1, criterion="magnitude", candidates=["encoder.layer.0.attention"])
+    pangkas.prune_layers(model, [x], n=1, importance="magnitude", include=["encoder.layer.0.attention"])
     with pytest.raises(pangkas.PangkasError, match="pangkas.save"):  # e.g. an attention sublayer gone
         pangkas.save_pretrained(model, tmp_path / "c")
     assert not any(p.name.startswith((".c", "c")) for p in tmp_path.iterdir())
@@ -330,7 +348,7 @@ def test_non_uniform_pruning_round_trips_through_pangkas_save(tmp_path):
     model, x = build("llama", causal=True), inputs("llama")
     with torch.no_grad():  # make layer 1's MLP matter much less, so a global ranking cuts it deeper
         model.model.layers[1].mlp.down_proj.weight.mul_(0.01)
-    pangkas.prune_channels(model, x, ratio=0.5, scope="global", ignore=["lm_head"])
+    pangkas.prune_channels(model, x, ratio=0.5, scope="global", exclude=["lm_head"])
     widths = [layer.mlp.up_proj.out_features for layer in model.model.layers]
     assert len(set(widths)) == 2  # per-layer sizes: no config can say this
     assert config_describes(model) is not None

@@ -100,14 +100,14 @@ def test_candidates_on_hugging_face():
 
 # -- scoring -----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("criterion", ["block_influence", "angular", "magnitude", "loss", "metric"])
-def test_every_criterion_ranks_a_do_nothing_block_lowest(criterion):
+@pytest.mark.parametrize("importance", ["block_influence", "angular", "magnitude", "loss", "metric"])
+def test_every_importance_ranks_a_do_nothing_block_lowest(importance):
     torch.manual_seed(0)
     model = Stack(silent=3)
     teacher = copy.deepcopy(model)
     fidelity = lambda out, batch: (out - teacher(batch)).square().mean()  # noqa: E731
     options = {"loss": {"loss_fn": fidelity}, "metric": {"metric_fn": lambda o, b: -fidelity(o, b)}}
-    plan = pangkas.plan_layers(model, data(), n=1, criterion=criterion, **options.get(criterion, {}))
+    plan = pangkas.plan_layers(model, data(), n=1, importance=importance, **options.get(importance, {}))
     assert plan.chosen == ["blocks.3"], str(plan)
 
 
@@ -123,7 +123,7 @@ def test_angular_picks_a_contiguous_run():
     with torch.no_grad():
         model.blocks[4].f[2].weight.zero_()
         model.blocks[4].f[2].bias.zero_()
-    plan = pangkas.plan_layers(model, data(), n=2, criterion="angular")
+    plan = pangkas.plan_layers(model, data(), n=2, importance="angular")
     assert plan.chosen == ["blocks.3", "blocks.4"]
 
 
@@ -184,7 +184,7 @@ def test_hugging_face_config_and_cache_follow(tmp_path):
 def test_bert_layer_removal_round_trips_through_save_pretrained(tmp_path):
     model = bert()
     batch = tokens()[0]
-    pangkas.prune_layers(model, tokens(), n=1, candidates=[f"encoder.layer.{i}" for i in range(4)])
+    pangkas.prune_layers(model, tokens(), n=1, include=type(model.encoder.layer[0]))
     assert model.config.num_hidden_layers == 3
     model.save_pretrained(tmp_path)
     transformers = pytest.importorskip("transformers")
@@ -214,10 +214,12 @@ BAD = [
     (dict(), "exactly one"),
     (dict(n=0), "positive"),
     (dict(ratio=1.0), "ratio"),
-    (dict(n=1, criterion="loss"), "loss_fn"),
-    (dict(n=1, criterion="metric"), "metric_fn"),
-    (dict(n=1, criterion="vibes"), "criterion"),
-    (dict(n=1, candidates=["embed"]), "not removable"),
+    (dict(n=1, importance="loss"), "loss_fn"),
+    (dict(n=1, importance="metric"), "metric_fn"),
+    (dict(n=1, importance="vibes"), "importance"),
+    (dict(n=1, include=["embed"]), "no removable block"),
+    (dict(n=1, exclude=["nope"]), "no removable block"),
+    (dict(n=1, exclude=Residual), "only 0 removable"),
 ]
 
 
@@ -252,3 +254,35 @@ def test_failed_removal_restores_the_model():
     with pytest.raises(pangkas.PangkasError, match="unchanged"):
         pangkas.prune_layers(model, data(), n=1)
     assert len(model.blocks) == 6 and [type(b) for b in model.blocks] == [Residual] * 6
+
+
+def test_include_and_exclude_select_blocks_like_everywhere_else():
+    model = Stack()
+    found = [c.name for c in layer_candidates(model, data()[0])]
+    plan = pangkas.plan_layers(model, data(), n=1, include="blocks.2")  # a glob: the block and inside it
+    assert [c.name for c in plan.candidates] == [n for n in found if n == "blocks.2" or n.startswith("blocks.2.")]
+    plan = pangkas.plan_layers(model, data(), n=1, include=Residual, exclude=["blocks.0", "blocks.1"])
+    assert [c.name for c in plan.candidates] == [f"blocks.{i}" for i in range(2, 6)]
+
+
+def test_old_names_warn_and_mean_the_same():
+    torch.manual_seed(0)
+    model = Stack(silent=3)
+    new = pangkas.plan_layers(model, data(), n=1, importance="magnitude", include=Residual)
+    with pytest.warns(DeprecationWarning) as caught:
+        old = pangkas.plan_layers(model, data(), n=1, criterion="magnitude",
+                                  candidates=[c.name for c in new.candidates])
+    assert ["importance=" in str(w.message) or "include=" in str(w.message) for w in caught] == [True, True]
+    assert old.chosen == new.chosen and old.scores == new.scores
+    with pytest.raises(pangkas.PangkasError, match="both"):
+        pangkas.plan_layers(model, data(), n=1, criterion="magnitude", importance="magnitude")
+
+
+def test_apply_returns_a_report():
+    model = Stack(silent=3)
+    report = pangkas.prune_layers(model, data(), n=1)
+    assert isinstance(report, pangkas.LayerReport) and report.chosen == ["blocks.3"]
+    as_dict = report.to_dict()
+    assert as_dict["kind"] == "layers" and as_dict["removed"] == ["blocks.3"]
+    assert as_dict["params_after"] == sum(p.numel() for p in model.parameters()) < as_dict["params_before"]
+    assert "layers removed" in str(report)

@@ -25,7 +25,7 @@ def test_each_row_loses_the_same_share(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32))
     x = skewed_inputs()
-    pangkas.prune_weights(model, sparsity=0.5, method=method, data=list(x.split(64)))
+    pangkas.prune_weights(model, sparsity=0.5, importance=method, data=list(x.split(64)))
     assert ((model[0].weight == 0).sum(1) == 32).all()
 
 
@@ -33,7 +33,7 @@ def test_each_row_loses_the_same_share(method):
 def test_n_m_holds(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32))
-    pangkas.prune_weights(model, pattern="2:4", method=method, data=list(skewed_inputs().split(64)))
+    pangkas.prune_weights(model, pattern="2:4", importance=method, data=list(skewed_inputs().split(64)))
     assert ((model[0].weight != 0).reshape(32, 16, 4).sum(-1) <= 2).all()
 
 
@@ -46,7 +46,7 @@ def test_calibrated_methods_beat_magnitude_where_inputs_differ():
     for method in ("magnitude", "wanda", "sparsegpt"):
         model = copy.deepcopy(base)
         options = {} if method == "magnitude" else {"data": list(x.split(64))}
-        pangkas.prune_weights(model, sparsity=0.5, method=method, **options)
+        pangkas.prune_weights(model, sparsity=0.5, importance=method, **options)
         errors[method] = relative_error(model, reference, x)
     assert errors["wanda"] < 0.6 * errors["magnitude"], errors
     assert errors["sparsegpt"] < errors["wanda"] * 1.05, errors
@@ -65,7 +65,7 @@ def test_sparsegpt_block_by_block_on_a_transformer():
     errors = {}
     for method in ("magnitude", "sparsegpt"):
         pruned = copy.deepcopy(model)
-        report = pangkas.prune_weights(pruned, sparsity=0.5, method=method, include="model.layers",
+        report = pangkas.prune_weights(pruned, sparsity=0.5, importance=method, include="model.layers",
                                        **({"data": data} if method != "magnitude" else {}))
         assert report.sparsity == pytest.approx(0.5, abs=1e-3)
         with torch.no_grad():
@@ -78,9 +78,9 @@ def test_conv_layers_and_existing_masks():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     data = [torch.randn(2, 3, 8, 8) for _ in range(2)]
-    pangkas.prune_weights(model, sparsity=0.3, method="random")
+    pangkas.prune_weights(model, sparsity=0.3, importance="random")
     first = (model[2].weight == 0).clone()
-    pangkas.prune_weights(model, sparsity=0.6, method="sparsegpt", data=data)
+    pangkas.prune_weights(model, sparsity=0.6, importance="sparsegpt", data=data)
     now = model[2].weight == 0
     assert now[first].all(), "a pruned weight came back"
     assert get_mask(model[2]) is not None
@@ -88,10 +88,10 @@ def test_conv_layers_and_existing_masks():
 
 
 BAD = [
-    (dict(sparsity=0.5, method="wanda"), "needs data"),
-    (dict(threshold=0.1, method="wanda", data=[torch.randn(2, 4)]), "threshold"),
-    (dict(sparsity=0.5, method="sparsegpt", scope="global", data=[torch.randn(2, 4)]), "global"),
-    (dict(sparsity=0.5, method="sparsegpt", data=[]), "empty"),
+    (dict(sparsity=0.5, importance="wanda"), "needs data"),
+    (dict(threshold=0.1, importance="wanda", data=[torch.randn(2, 4)]), "threshold"),
+    (dict(sparsity=0.5, importance="sparsegpt", scope="global", data=[torch.randn(2, 4)]), "global"),
+    (dict(sparsity=0.5, importance="sparsegpt", data=[]), "empty"),
 ]
 
 
@@ -108,4 +108,4 @@ def test_bad_input_leaves_the_model(kwargs, message):
 def test_unsupported_layer_is_named():
     model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(pangkas.PangkasError, match="Conv1d"):
-        pangkas.prune_weights(model, sparsity=0.5, method="wanda", data=[torch.randn(2, 3, 4)])
+        pangkas.prune_weights(model, sparsity=0.5, importance="wanda", data=[torch.randn(2, 3, 4)])

@@ -99,7 +99,7 @@ def test_local_count_property(numel, sparsity):
 
 
 def test_masks_compose_and_never_resurrect(convnet):
-    pangkas.prune_weights(convnet, sparsity=0.5, method="random")
+    pangkas.prune_weights(convnet, sparsity=0.5, importance="random")
     first = {n: (m.weight == 0).clone() for n, m in prunable(convnet)}
     report = pangkas.prune_weights(convnet, sparsity=0.8)
     for name, module in prunable(convnet):
@@ -117,7 +117,7 @@ def test_masks_compose_and_never_resurrect(convnet):
 
 def test_random_method_is_not_magnitude(convnet):
     before = convnet.conv.weight.detach().abs().clone()
-    pangkas.prune_weights(convnet, sparsity=0.5, method="random")
+    pangkas.prune_weights(convnet, sparsity=0.5, importance="random")
     pruned = convnet.conv.weight == 0
     assert zeros(convnet.conv) == round(0.5 * before.numel())
     assert before[pruned].max() > before[~pruned].min()
@@ -127,7 +127,7 @@ def test_custom_criterion():
     linear = nn.Linear(4, 1, bias=False)
     with torch.no_grad():
         linear.weight.copy_(torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
-    pangkas.prune_weights(linear, sparsity=0.5, method=lambda w: -w.abs())  # keep the smallest
+    pangkas.prune_weights(linear, sparsity=0.5, importance=lambda w: -w.abs())  # keep the smallest
     assert linear.weight.tolist() == [[1.0, 2.0, 0.0, 0.0]]
 
 
@@ -199,8 +199,8 @@ BAD = [
     (dict(), "exactly one"),
     (dict(sparsity=0.5, scope="everywhere"), "scope"),
     (dict(threshold=0.1, scope="global"), "global"),
-    (dict(sparsity=0.5, method="wishful"), "method"),
-    (dict(threshold=0.1, method="random"), "threshold"),
+    (dict(sparsity=0.5, importance="wishful"), "importance must be one of .*magnitude"),
+    (dict(threshold=0.1, importance="random"), "threshold"),
     (dict(sparsity=0.5, include="nothing_like_this"), "nothing_like_this"),
     (dict(sparsity=0.5, exclude=["conv", nn.LSTM]), "LSTM"),
     (dict(sparsity=0.5, include=[3]), "include/exclude"),
@@ -308,7 +308,7 @@ def test_non_finite_scores_are_refused(bad, rule):
     pangkas.prune_weights(model, sparsity=0.1)
     before = snapshot(model)
     with pytest.raises(pangkas.PangkasError, match=r"64 non-finite scores .* fc2\.weight"):
-        pangkas.prune_weights(model, method=criterion, **rule)
+        pangkas.prune_weights(model, importance=criterion, **rule)
     assert_unchanged(model, before)
 
 
@@ -335,7 +335,7 @@ def test_another_pass_prunes_exactly_the_requested_count(scope):
     # Scores of order -1e300 are finite in float64 (the criterion's dtype) but -inf in float32:
     # they must neither pass for "already pruned" (which pruned every weight) nor be refused.
     magnitudes = [m.weight.detach().abs().double() for m in layers]
-    pangkas.prune_weights(model, sparsity=0.3, scope=scope, method=lambda w: -1e300 * w.detach().abs().double())
+    pangkas.prune_weights(model, sparsity=0.3, scope=scope, importance=lambda w: -1e300 * w.detach().abs().double())
     now = zeros_now()
     assert count(now) == expected(0.3)
     assert all(z[f].all() for z, f in zip(now, first))  # never resurrects
@@ -356,5 +356,5 @@ def test_calibrated_methods_refuse_non_finite_activations(method, bad):
     data[1][2, 5] = bad
     before = snapshot(model)
     with pytest.raises(pangkas.PangkasError, match=r"cannot prune fc1: .*not finite"):
-        pangkas.prune_weights(model, sparsity=0.5, method=method, data=data)
+        pangkas.prune_weights(model, sparsity=0.5, importance=method, data=data)
     assert_unchanged(model, before)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 import pangkas
+from pangkas.recover import kd_loss
 from pangkas.weights.masks import get_mask
 
 
@@ -27,7 +28,7 @@ def batches(n=8, seed=1):
 
 def kl_to(teacher, student, data):
     with torch.no_grad():
-        return float(sum(pangkas.recover.__globals__["kd_loss"](student(x), teacher(x), 1.0) for x in data))
+        return float(sum(kd_loss(student(x), teacher(x), 1.0) for x in data))
 
 
 def pruned_pair():
@@ -54,14 +55,14 @@ def test_masks_stay_enforced():
     assert (student[0].weight[pruned] == 0).all() and get_mask(student[0]) is not None
 
 
-def test_channel_pruned_student_with_task_loss_and_features():
+def test_channel_pruned_student_with_a_loss_fn_and_features():
     teacher, _ = pruned_pair()
     student = copy.deepcopy(teacher)
     x = batches()[0]
     pangkas.prune_channels(student, x, ratio=0.5)
     targets = [(b, teacher(b).argmax(1)) for b in batches()]
     task = lambda out, batch: nn.functional.cross_entropy(out, batch[1])  # noqa: E731
-    report = pangkas.recover(student, targets, teacher=teacher, task_loss=task, alpha=0.5, epochs=3,
+    report = pangkas.recover(student, targets, teacher=teacher, loss_fn=task, alpha=0.5, epochs=3,
                              lr=1e-2, features={"2": "2"}, inputs=lambda batch: batch[0])
     assert report.steps == 24 and report.epoch_losses[-1] < report.epoch_losses[0]
 
@@ -96,25 +97,43 @@ def test_nan_loss_stops_and_restores_the_last_checkpoint(tmp_path):
 
     with pytest.raises(pangkas.OperationFailed, match="nan at step 11 .*stopped and the student is back at "
                                                    "the checkpoint of step 8 in"):
-        pangkas.recover(student, data, teacher=teacher, task_loss=exploding, alpha=0.5, epochs=2,
+        pangkas.recover(student, data, teacher=teacher, loss_fn=exploding, alpha=0.5, epochs=2,
                         lr=1e-2, checkpoint=tmp_path / "ckpt")
     for key, value in student.state_dict().items():
         assert torch.equal(value, good[key]), key  # back at the last good checkpoint
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(loss="kd"), "teacher"),
-    (dict(loss="task"), "task_loss"),
-    (dict(loss="hinge"), "loss must be"),
+    (dict(objective="kd"), "teacher"),
+    (dict(objective="task"), "loss_fn"),
+    (dict(objective="hinge"), "objective must be"),
     (dict(epochs=0), "epochs"),
     (dict(lr=-1.0), "lr"),
     (dict(alpha=2.0), "alpha"),
 ])
 def test_bad_arguments(kwargs, message):
     teacher, student = pruned_pair()
-    kwargs = {"teacher": teacher, **kwargs} if "loss" not in kwargs else kwargs
+    kwargs = {"teacher": teacher, **kwargs} if "objective" not in kwargs else kwargs
     with pytest.raises(pangkas.PangkasError, match=message):
         pangkas.recover(student, batches(), **kwargs)
+
+
+def test_the_old_names_loss_and_task_loss_warn_and_train_the_same():
+    teacher, student = pruned_pair()
+    data = [(b, teacher(b).argmax(1)) for b in batches()]
+    task = lambda out, batch: nn.functional.cross_entropy(out, batch[1])  # noqa: E731
+    common = dict(teacher=teacher, alpha=0.5, lr=1e-2, inputs=lambda batch: batch[0])
+    new, old = copy.deepcopy(student), copy.deepcopy(student)
+    expected = pangkas.recover(new, data, objective="mse", loss_fn=task, **common)
+    with pytest.warns(DeprecationWarning) as caught:
+        got = pangkas.recover(old, data, loss="mse", task_loss=task, **common)
+    said = " ".join(str(w.message) for w in caught)
+    assert "recover(loss=...) is now recover(objective=...)" in said
+    assert "recover(task_loss=...) is now recover(loss_fn=...)" in said
+    assert got.epoch_losses == expected.epoch_losses  # "mse" and the task term: not the defaults
+    assert_identical(raw(old), raw(new))
+    with pytest.raises(pangkas.PangkasError, match="both loss= and objective="):
+        pangkas.recover(copy.deepcopy(student), data, loss="mse", objective="mse", **common)
 
 
 def test_mismatched_teacher_and_data_are_clear_errors():
@@ -149,7 +168,7 @@ def test_a_non_finite_loss_without_checkpoint_puts_the_student_back_as_it_was():
         return output.sum() * 0.0 + (float("inf") if len(calls) == 3 else 0.0)
 
     with pytest.raises(pangkas.PangkasError, match="inf at step 3 .*the student is back at its state before recover"):
-        pangkas.recover(student, batches(), teacher=teacher, task_loss=exploding, alpha=0.5, lr=1e-2)
+        pangkas.recover(student, batches(), teacher=teacher, loss_fn=exploding, alpha=0.5, lr=1e-2)
     assert len(calls) == 3  # two steps trained and were undone
     assert_identical(raw(student), before)
 
@@ -166,7 +185,7 @@ def test_an_error_midway_puts_the_student_back_and_says_so():
         return output.sum() * 0.0
 
     with pytest.raises(RuntimeError, match="labels ran out") as failure:
-        pangkas.recover(student, batches(), teacher=teacher, task_loss=failing, alpha=0.5, lr=1e-2)
+        pangkas.recover(student, batches(), teacher=teacher, loss_fn=failing, alpha=0.5, lr=1e-2)
     if sys.version_info >= (3, 11):
         assert "back at its state before recover" in failure.value.__notes__[0]
     assert_identical(raw(student), before)
@@ -204,7 +223,7 @@ def test_a_reiterable_without_len_trains_every_epoch_reading_each_batch_when_it_
         counts["trained"] += 1
         return output.sum() * 0.0
 
-    report = pangkas.recover(student, Stream(), teacher=teacher, task_loss=count, alpha=0.5, epochs=3, lr=1e-2)
+    report = pangkas.recover(student, Stream(), teacher=teacher, loss_fn=count, alpha=0.5, epochs=3, lr=1e-2)
     assert report.steps == 24 and len(report.epoch_losses) == 3 and min(report.epoch_losses) > 0
     assert counts["ahead"] == 1  # never held whole
 
@@ -237,16 +256,16 @@ def test_mse_distils_the_outputs():
             return [float(nn.functional.mse_loss(student(x), teacher(x))) for x in data]
 
     first = mse()[0]
-    report = pangkas.recover(student, data[:1], teacher=teacher, loss="mse", lr=1e-2)
+    report = pangkas.recover(student, data[:1], teacher=teacher, objective="mse", lr=1e-2)
     assert report.epoch_losses[0] == pytest.approx(first, rel=1e-6)  # the loss is the MSE
     before = sum(mse())
-    pangkas.recover(student, data, teacher=teacher, loss="mse", epochs=5, lr=2e-2)
+    pangkas.recover(student, data, teacher=teacher, objective="mse", epochs=5, lr=2e-2)
     assert sum(mse()) < 0.5 * before
 
 
 def test_temperature_softens_the_kd_loss():
     teacher, student = pruned_pair()
-    x, kd = batches()[0], pangkas.recover.__globals__["kd_loss"]
+    x, kd = batches()[0], kd_loss
     losses = {}
     for t in (1.0, 5.0):
         copied = copy.deepcopy(student)
@@ -259,7 +278,7 @@ def test_temperature_softens_the_kd_loss():
 
 def test_feature_weight_scales_the_feature_term():
     teacher, student = pruned_pair()
-    x, kd = batches()[0], pangkas.recover.__globals__["kd_loss"]
+    x, kd = batches()[0], kd_loss
     with torch.no_grad():
         distillation = float(kd(student(x), teacher(x), 2.0))
         feature = float(nn.functional.mse_loss(student[0](x), teacher[0](x)))

@@ -3,13 +3,13 @@
 from .channels import ChannelReport, Plan, plan_channels, prune_channels
 from .errors import OperationFailed, PangkasError
 from .integrations.hf_directory import save_pretrained
-from .integrations.huggingface import prune_transformer
 from .io import load, save
-from .layers import LayerPlan, layer_candidates, plan_layers, prune_layers
+from .layers import LayerPlan, LayerReport, layer_candidates, plan_layers, prune_layers
 from .measure import Measurement, compare, measure
 from .recover import RecoveryReport, recover
 from .schedules import GradualPruning, iterative
 from .sensitivity import Sensitivity, sensitivity
+from .transformer import plan_transformer, prune_transformer
 from .weights import (
     SparseLinear, SparseReport, WeightReport, finalize, prune_weights, to_sparse_inference,
 )
@@ -18,7 +18,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ChannelReport", "Plan", "plan_channels", "prune_channels",
-    "LayerPlan", "layer_candidates", "plan_layers", "prune_layers", "prune_transformer",
+    "LayerPlan", "LayerReport", "layer_candidates", "plan_layers", "prune_layers",
+    "plan_transformer", "prune_transformer",
     "RecoveryReport", "recover", "Sensitivity", "sensitivity", "GradualPruning", "iterative",
     "Measurement", "OperationFailed", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
     "compare", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",

@@ -16,14 +16,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from . import integrations
+from .integrations import Integrations
+from .integrations import active as active_integrations
+from .deprecation import renamed
 from .errors import OperationFailed, PangkasError
 from .graph.labels import components
 from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
-from .importance import check as check_importance
-from .importance import gradients, input_norms, l1, slice_scores
-from .io import RESHAPED
+from .importance import Slice
+from .importance import resolve as resolve_importance
+from .markers import RESHAPED
 from .modules import Selector, as_patterns, matches
+from .repeats import same_place
+from .reports import Report
 from .surgery import shrink
 from .tables import human_count, render_table
 from .widths import fastest, layer_timer
@@ -87,14 +91,16 @@ def _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_
         raise PangkasError(f"round_to must be an integer >= 1 or 'auto', got {round_to!r}")
     if max_ratio is not None and (bad_ratio(max_ratio) or max_ratio < ratio):
         raise PangkasError(f"max_ratio must be in [ratio, 1), got {max_ratio!r}")
-    check_importance(importance, data, loss_fn)
+    resolve_importance(importance, data, loss_fn)
 
 
 class Plan:
     """What channel pruning would remove; nothing changes until :meth:`apply`."""
 
-    def __init__(self, model, example_inputs, coupling: Coupling, options: Options, scores: dict):
+    def __init__(self, model, example_inputs, coupling: Coupling, options: Options, scores: dict,
+                 integrations: Integrations):
         self.model = model
+        self.integrations = integrations  # what surgery and its check need to know of model families
         self.example_inputs = example_inputs
         self.coupling = coupling
         self.options = options
@@ -239,7 +245,7 @@ class Plan:
         """Cut ``model`` until it verifies; returns the ``Undo`` of the surgery that stayed."""
         failures = Counter()
         for _ in range(MAX_RETRIES):
-            undo = shrink(model, self.keep())
+            undo = shrink(model, self.keep(), self.integrations.updater_for, self.integrations.fix)
             try:
                 problem = self._verify(model)
             except BaseException:  # an interrupt (or a bug) while checking: the model goes back first
@@ -272,11 +278,8 @@ class Plan:
         """Records of the same op at the same place in every repetition of a layer (module paths
         equal up to their indices, ``layers.*.self_attn``): the same line of code, which fails
         the same way everywhere."""
-        def place(r) -> str:
-            return re.sub(r"(^|\.)\d+(?=\.|$)", r"\1*", r.module)
-
         def signature(index, r):
-            return place(r), r.name, occurrence[index]
+            return same_place(r.module), r.name, occurrence[index]
 
         occurrence, seen = [], Counter()
         for r in self.coupling.records:
@@ -302,7 +305,7 @@ class Plan:
         """(record, reason) of the first op whose pruned shapes differ from the plan, or None."""
         expected = self.coupling.records
         try:
-            _, records, _ = run_traced(model, self.example_inputs)
+            _, records, _ = run_traced(model, self.example_inputs, traced_as=self.integrations.traced_as)
         except TraceFailed as failed:
             index = min(len(failed.records), len(expected) - 1)
             return expected[index], f"the pruned model fails here ({failed})"
@@ -326,10 +329,11 @@ class Plan:
 
 
 @dataclass
-class ChannelReport:
+class ChannelReport(Report):
     """What ``Plan.apply`` / ``prune_channels`` did."""
 
     plan: Plan
+    kind = "channels"
     params_before: int = field(init=False)
     macs_before: int = field(init=False)
     params_after: int = field(init=False)
@@ -343,6 +347,12 @@ class ChannelReport:
     @property
     def channels_removed(self) -> int:
         return self.plan.channels_removed
+
+    def details(self) -> dict:
+        groups = [{"modules": list(g.modules), "channels": len(g.classes), "kept": g.kept}
+                  for g in self.plan.selection.groups if g.removed.any()]
+        return {"channels_removed": self.channels_removed, "groups": groups,
+                "kept_because": dict(self.plan.blocked())}
 
     def __str__(self) -> str:
         return str(self.plan).replace("channel plan", "channels removed", 1)
@@ -544,21 +554,28 @@ def _remove_lowest(group: Group, n: int, options: Options, timer=None) -> None:
     group.removed[order[: size - keep]] = True
 
 
-def _ignore_blocks(model: nn.Module, coupling: Coupling, ignore) -> None:
-    patterns = as_patterns(ignore)
+def _selection_blocks(model: nn.Module, coupling: Coupling, include: Selector, exclude: Selector) -> None:
+    """Keep every channel that touches a module ``include`` leaves out or ``exclude`` names."""
+    includes, excludes = as_patterns(include), as_patterns(exclude)
     named = list(model.named_modules())
-    for pattern in patterns:
-        if not any(matches(pattern, n, m) for n, m in named):
-            shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
-            raise PangkasError(f"ignore entry {shown} matches no module of {type(model).__name__}")
+    for label, patterns in (("include", includes), ("exclude", excludes)):
+        for pattern in patterns:
+            if not any(matches(pattern, n, m) for n, m in named):
+                shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
+                raise PangkasError(f"{label} entry {shown} matches no module of {type(model).__name__}")
     for name, ids in coupling.tensor_ids.items():
         module_name = _module_of(name)
         module = model.get_submodule(module_name) if module_name else model
-        if any(matches(p, module_name, module) for p in patterns):
-            for dim_ids in ids:
-                coupling.extra_blocks.append((dim_ids, f"ignore={module_name}"))
+        if any(matches(p, module_name, module) for p in excludes):
+            why = f"exclude={module_name}"
+        elif includes and not any(matches(p, module_name, module) for p in includes):
+            why = f"not in include= ({module_name or type(model).__name__})"
+        else:
+            continue
+        coupling.extra_blocks.extend((dim_ids, why) for dim_ids in ids)
 
 
+@renamed(ignore="exclude")
 def plan_channels(
     model: nn.Module,
     example_inputs,
@@ -567,13 +584,15 @@ def plan_channels(
     importance="l1",
     scope: str = "local",
     ratios: dict | None = None,
-    ignore: Selector = (),
+    include: Selector = None,
+    exclude: Selector = None,
     round_to: int = 1,
     max_ratio: float | None = None,
     data=None,
     loss_fn=None,
     allow_approximate: bool = False,
     prune_outputs: bool = False,
+    integrations: list | None = None,
 ) -> Plan:
     """Plan the removal of ``ratio`` of the channels of every coupled group (``scope="local"``)
     or of all channels ranked together (``scope="global"``, scores normalised per group).
@@ -581,51 +600,44 @@ def plan_channels(
     ``importance``: ``"l1"`` (default), ``"l2"``, ``"fpgm"``, ``"bn_scale"`` (|BatchNorm gamma|;
     l1 where a group has none), ``"taylor"`` (|w * grad| over ``data`` with
     ``loss_fn(output, batch)``), ``"wanda"`` (|w| x input activation norm over ``data``),
-    ``"random"``, or ``fn(tensor, dim) -> scores``. ``ratios`` maps
-    module globs or types to their own ratio; ``ignore`` keeps whole modules; ``round_to`` keeps
+    ``"random"``, any name given to ``pangkas.importance.register``, a
+    ``pangkas.importance.Importance`` object, or ``fn(tensor, dim) -> scores``. ``ratios`` maps
+    module globs or types to their own ratio; ``include`` / ``exclude`` (module-name globs or
+    types) say which modules may lose channels: a channel goes only if every tensor it touches may
+    be touched (``exclude`` was called ``ignore``); ``round_to`` keeps
     channel counts multiples of it, or with ``"auto"`` picks per layer the nearby count that runs
     fastest on this CPU (measured); ``max_ratio`` caps any group's removal under global scope.
     The model's outputs keep their channels unless ``prune_outputs=True`` (an encoder whose
     output is its hidden state, when pruning hidden size). Channels under a normalisation across channels
     (LayerNorm, GroupNorm) or an attention scale tied to head_dim are kept unless
-    ``allow_approximate=True``: removing them cannot be exact.
+    ``allow_approximate=True``: removing them cannot be exact. ``integrations``: model families
+    (``pangkas.integrations.Integration``) to know in this call, besides the registered ones.
     """
     _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_fn)
-    coupling = trace(model, example_inputs, adapter=integrations.adapter(model),
-                     keep_outputs=not prune_outputs)
-    _ignore_blocks(model, coupling, ignore)
+    known = active_integrations(integrations)
+    coupling = trace(model, example_inputs, adapter=known.adapter(model), keep_outputs=not prune_outputs,
+                     traced_as=known.traced_as)
+    _selection_blocks(model, coupling, include, exclude)
     options = Options(ratio, importance, scope, dict(ratios or {}), round_to,
                       1.0 if max_ratio is None else max_ratio, allow_approximate)
     scores = _scores(model, coupling, importance, data, loss_fn)
-    return Plan(model, example_inputs, coupling, options, scores)
+    return Plan(model, example_inputs, coupling, options, scores, known)
 
 
 def _scores(model, coupling: Coupling, importance, data, loss_fn) -> dict:
+    """Scale-free scores per (tensor name, dim) of the traced tensors, by the importance criterion."""
     if any(p.device.type == "meta" for p in model.parameters()):
         return {}  # no weights to judge: channels go by position (the plan's structure still holds)
-    if importance == "random":
-        return {(n, d): torch.rand(len(ids)) for n, dims in coupling.tensor_ids.items()
-                for d, ids in enumerate(dims)}
+    criterion = resolve_importance(importance, data, loss_fn)
     params = dict(model.named_parameters(remove_duplicate=False))
-    dims = {n: list(range(len(ids))) for n, ids in coupling.tensor_ids.items() if n in params}
-    if importance == "fpgm":
-        dims = {n: [d for d in ds if torch.isin(coupling.tensor_ids[n][d], coupling.produced).any()]
-                for n, ds in dims.items() if params[n].ndim > 1}
-    grads = gradients(model, data, loss_fn) if importance == "taylor" else None
-    norms = None
-    if importance == "wanda":  # by weight name (a masked weight's original counts as the weight)
-        by_module = input_norms(model, data)
-        norms = {name: by_module[_module_of(name)] for name in params
-                 if _module_of(name) in by_module and name.endswith(("weight", "weight.original"))}
-    bn = {f"{m}.weight" if m else "weight" for m, mod in model.named_modules()
-          if isinstance(mod, nn.modules.batchnorm._BatchNorm)}
-    scores = slice_scores(importance, params, dims, grads, bn, norms)
-    if importance == "bn_scale":  # groups without BatchNorm fall back to l1
-        fallback = slice_scores(l1, params, {n: ds for n, ds in dims.items() if n not in bn}, None, bn)
-        scores.update({k: v * 1e-6 for k, v in fallback.items()})
-    return scores
+    modules = dict(model.named_modules())
+    slices = [Slice(name, dim, len(ids), params[name].detach() if name in params else None,
+                    _module_of(name), modules.get(_module_of(name)), ids, coupling.produced)
+              for name, dims in coupling.tensor_ids.items() for dim, ids in enumerate(dims)]
+    return criterion.scores(slices, criterion.measure(model, data, loss_fn))
 
 
+@renamed(ignore="exclude")
 def prune_channels(model: nn.Module, example_inputs, **options) -> ChannelReport:
     """``plan_channels(model, example_inputs, **options).apply()``."""
     return plan_channels(model, example_inputs, **options).apply()

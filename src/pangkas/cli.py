@@ -7,6 +7,8 @@ option values, files), 1 when an operation failed; ``--debug`` adds the tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import re
 import sys
@@ -122,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--threshold", type=float, help="keep weights with |w| > THRESHOLD")
     rule.add_argument("--pattern", help="N:M, e.g. 2:4")
     weights.add_argument("--scope", choices=("local", "global"), default="local")
-    weights.add_argument("--method", choices=("magnitude", "random"), default="magnitude")
-    weights.add_argument("--include", nargs="+", help="module-name globs to prune (default: all)")
-    weights.add_argument("--exclude", nargs="+", help="module-name globs to leave alone")
+    weights.add_argument("--importance", choices=("magnitude", "random"), default="magnitude")
+    _renamed_flag(weights, "--method", "--importance", choices=("magnitude", "random"))
+    _selection_args(weights, "prune")
     _output_args(weights)
 
     channels = kinds.add_parser("channels", help="remove channels physically (smaller and faster)")
@@ -139,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     channels.add_argument("--scope", choices=("local", "global"), default="local")
     channels.add_argument("--round-to", type=_round_to, default=1,
                           help="keep channel counts multiples of N, or 'auto': the fastest width nearby")
-    channels.add_argument("--ignore", nargs="+", default=(), help="module-name globs to keep whole")
+    _selection_args(channels, "lose channels")
+    _renamed_flag(channels, "--ignore", "--exclude", nargs="+")
     channels.add_argument("--allow-approximate", action="store_true",
                           help="also prune channels under LayerNorm/GroupNorm (not exact)")
     _output_args(channels)
@@ -149,14 +152,35 @@ def build_parser() -> argparse.ArgumentParser:
     count = layers.add_mutually_exclusive_group(required=True)
     count.add_argument("--n", type=_positive, help="number of blocks to remove")
     count.add_argument("--ratio", type=_fraction, help="fraction of the removable blocks to remove")
-    layers.add_argument("--criterion", choices=("block_influence", "angular", "magnitude"),
+    layers.add_argument("--importance", choices=("block_influence", "angular", "magnitude"),
                         default="block_influence")
+    _renamed_flag(layers, "--criterion", "--importance", choices=("block_influence", "angular", "magnitude"))
+    _selection_args(layers, "be removed (blocks)")
     layers.add_argument("--data", help="calibration data: a .safetensors file of input tensors (split "
                         "along dim 0), or for a Hugging Face model a .txt file, one text per line; "
                         "default: random inputs (weak scores)")
     layers.add_argument("--batch-size", type=_positive, default=8)
     _output_args(layers)
     return parser
+
+
+def _selection_args(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--include", nargs="+", help=f"module-name globs that may {what} (default: all)")
+    parser.add_argument("--exclude", nargs="+", help=f"module-name globs that may not {what}")
+
+
+class _Renamed(argparse.Action):
+    """An old flag: still accepted (with a warning) and stored under the new flag's name."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warnings.warn(f"{option_string} is now {self.metavar}; the old name will be removed in the next release",
+                      DeprecationWarning, stacklevel=2)
+        setattr(namespace, self.dest, values)
+
+
+def _renamed_flag(parser: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    parser.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_Renamed, metavar=new,
+                        help=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
 
 
 def _output_args(parser: argparse.ArgumentParser) -> None:
@@ -252,15 +276,16 @@ def _prune_weights(source, args):
     from .weights import prune_weights
 
     return lambda: prune_weights(source.model, sparsity=args.sparsity, threshold=args.threshold,
-                                 pattern=args.pattern, scope=args.scope, method=args.method,
+                                 pattern=args.pattern, scope=args.scope, importance=args.importance,
                                  include=args.include, exclude=args.exclude)
 
 
 def _prune_channels(source, args):
     from .channels import prune_channels
-    from .integrations.huggingface import prune_transformer
+    from .transformer import prune_transformer
 
-    common = dict(importance=args.importance, scope=args.scope, round_to=args.round_to, ignore=args.ignore)
+    common = dict(importance=args.importance, scope=args.scope, round_to=args.round_to,
+                  include=args.include, exclude=args.exclude)
     if args.importance == "wanda":
         from .sources import calibration_batches
 
@@ -294,7 +319,8 @@ def _prune_layers(source, args):
     if args.data is None:
         say("no --data: scoring blocks on random inputs, which says little about real data")
     batches = calibration_batches(source, args.data, args.batch_size)
-    return lambda: prune_layers(source.model, batches, n=args.n, ratio=args.ratio, criterion=args.criterion)
+    return lambda: prune_layers(source.model, batches, n=args.n, ratio=args.ratio, importance=args.importance,
+                                include=args.include, exclude=args.exclude)
 
 
 PRUNERS = {"weights": _prune_weights, "channels": _prune_channels, "layers": _prune_layers}
@@ -303,20 +329,37 @@ HANDLERS = {"demo": _demo, "measure": _measure, "prune": _prune}
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; return its exit status (0, 1 failed, 2 rejected input, 130 interrupted)."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exit:  # --help (0) or a usage error, already printed in one line
-        return exit.code if isinstance(exit.code, int) else 2
-    debug = getattr(args, "debug", False)
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings(record=True) as caught, _collected_logs() as logged:
         warnings.simplefilter("default")
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exit:  # --help (0) or a usage error, already printed in one line
+            return exit.code if isinstance(exit.code, int) else 2
         try:
             HANDLERS[args.command](args)
         except BaseException as exc:  # noqa: BLE001 -- the CLI's one place that reports everything
-            return _fail(exc, debug)
-    for message in dict.fromkeys(str(w.message) for w in caught):  # only on success: a failure is one line
+            return _fail(exc, getattr(args, "debug", False))
+    # Only on success: a failure is one line.
+    for message in dict.fromkeys([str(w.message) for w in caught] + logged):
         sys.stderr.write(f"warning: {_one_line(message)}\n")
     return 0
+
+
+@contextlib.contextmanager
+def _collected_logs():
+    """Collect what libraries log at WARNING and above (instead of printing it as it comes)."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    handler, root = Collect(logging.WARNING), logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield messages
+    finally:
+        root.removeHandler(handler)
 
 
 def _fail(exc: BaseException, debug: bool) -> int:

@@ -137,7 +137,7 @@ class _Run:
         batches = [(self.data.x_train[i], self.data.y_train[i]) for i in order.split(64)]
         recover(model, batches, teacher=self.teacher, alpha=0.5, temperature=4.0, epochs=self.finetune,
                 lr=1e-3, inputs=lambda batch: batch[0],
-                task_loss=lambda output, batch: nn.functional.cross_entropy(output, batch[1]))
+                loss_fn=lambda output, batch: nn.functional.cross_entropy(output, batch[1]))
 
 
 def _weight_stages(run: _Run, model: nn.Module) -> None:
@@ -159,7 +159,7 @@ def _channel_stages(run: _Run, model: nn.Module) -> None:
 
 def _layer_stages(run: _Run, model: nn.Module) -> None:
     """The block that changes its input least on training images (block influence) goes."""
-    prune_layers(model, list(run.data.x_train.split(128)), n=LAYERS_REMOVED, criterion="block_influence")
+    prune_layers(model, list(run.data.x_train.split(128)), n=LAYERS_REMOVED, importance="block_influence")
     run.record("layers", f"pruned {LAYERS_REMOVED} block no finetune", model)
     run.distil(model, "recovering the shallower model")
     run.record("layers", f"layers -{LAYERS_REMOVED}", model, deploy=True)
@@ -168,7 +168,7 @@ def _layer_stages(run: _Run, model: nn.Module) -> None:
 def _pipeline_stages(run: _Run, model: nn.Module) -> None:
     """All three, in the order that removes the most compute first: a block, half the channels,
     then half the remaining weights; one recovery at the end."""
-    prune_layers(model, list(run.data.x_train.split(128)), n=LAYERS_REMOVED, criterion="block_influence")
+    prune_layers(model, list(run.data.x_train.split(128)), n=LAYERS_REMOVED, importance="block_influence")
     prune_channels(model, run.data.x_test[:2], ratio=CHANNEL_RATIO)
     prune_weights(model, sparsity=0.5, scope="global")
     run.record("pipeline", "pipeline no finetune", model)

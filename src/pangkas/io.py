@@ -21,17 +21,15 @@ from safetensors import SafetensorError, safe_open
 
 from .errors import PangkasError
 from .files import check_file_target, write_file
+from .markers import EDITS, RESHAPED
+from .markers import LOADED_FROM as _LOADED_FROM
+from .integrations import active as active_integrations
 from .surgery import shrink
 from .surgery.blocks import remove_blocks
 from .weights.masks import masked_modules, masks_by_key, plain_name, remove_mask, set_mask, state_key
 
 FORMAT = "pangkas-1"
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
-_LOADED_FROM = "_pangkas_loaded_from"
-# Set on a model whose tensors pangkas cut (channel or layer pruning): its file may load into a
-# fresh, larger instance of the same class, which is cut to the file's shapes first.
-RESHAPED = "_pangkas_reshaped"
-EDITS = "_pangkas_edits"  # structural edits (removed blocks) that a fresh instance must replay
 _MASK_NAME = re.compile(r"^(.*)\.parametrizations\.([^.]+)\.0\.mask$")
 
 
@@ -305,7 +303,8 @@ def _load_into(model: torch.nn.Module, path: Path, header: dict, state: dict, ma
         undos += _replay(model, header.get("edits", []), path)
         shrunk = _check_fits(model, state, path, allow_smaller=header.get("reshaped", False))
         if shrunk:
-            undos.append(shrink(model, _keep_leading(model, shrunk)))
+            known = active_integrations()  # a fresh instance of a family's module needs its subclass again
+            undos.append(shrink(model, _keep_leading(model, shrunk), known.updater_for, known.fix))
         _restore(model, state, masks)
     except BaseException as exc:
         for undo in reversed(undos):

@@ -11,21 +11,25 @@ its place.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
-from torch.utils.flop_counter import flop_registry
 
+from .deprecation import renamed
 from .errors import OperationFailed, PangkasError
 from .inputs import call_model
-from .io import EDITS
+from .macs import op_flops
+from .markers import EDITS
 from .measure import count_macs
-from .modules import evaluating
+from .modules import Selector, as_patterns, evaluating, matches
+from .outputs import first_tensor, tensors
 from .progress import track
+from .repeats import is_stack
+from .reports import Report
 from .surgery.blocks import remove_blocks
 from .tables import human_count, render_table
 
@@ -46,14 +50,8 @@ class Candidate:
     tuple_length: int = 0  # the block returns a tuple of this length (0: a tensor)
 
 
-def _first_tensor(value) -> torch.Tensor | None:
-    if hasattr(value, "to_tuple"):
-        value = value.to_tuple()
-    return next((t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)), None)
-
-
 def _input_tensor(args, kwargs) -> torch.Tensor | None:
-    return _first_tensor((args, kwargs.get("hidden_states"), kwargs))
+    return first_tensor((args, kwargs.get("hidden_states"), kwargs))
 
 
 @dataclass
@@ -82,10 +80,9 @@ class _Watch(TorchDispatchMode):
                     other = args[1] if args[0] is frame.x else args[0]
                     frame.skip = frame.skip or not isinstance(other, nn.Parameter)
                     break
-        if func.overloadpacket in flop_registry:
-            macs = flop_registry[func.overloadpacket](*args, **kwargs, out_val=out) // 2
-            for frame in self.frames:
-                frame.macs += macs
+        macs = op_flops(func.overloadpacket, args, kwargs, out) // 2
+        for frame in self.frames:
+            frame.macs += macs
         return out
 
 
@@ -101,7 +98,7 @@ def layer_candidates(model: nn.Module, example_inputs) -> list[Candidate]:
     def leave(module, args, kwargs, output):
         frame = frames.pop()
         name = names.get(id(module))
-        y = _first_tensor(output)
+        y = first_tensor(output)
         if name and frame.x is not None and y is not None and name not in seen:
             seen[name] = {"same": tuple(frame.x.shape) == tuple(y.shape), "skip": frame.skip,
                           "shape": tuple(y.shape), "macs": frame.macs,
@@ -131,7 +128,7 @@ def _qualify(model: nn.Module, name: str, info: dict) -> Candidate | None:
     kinds = []
     if info["skip"]:
         kinds.append("residual")
-    if isinstance(parent, nn.ModuleList) and len({type(m) for m in parent}) == 1 and len(parent) > 1:
+    if isinstance(parent, nn.ModuleList) and is_stack(parent):
         kinds.append("layer list")
     if (type(parent) is nn.Sequential and in_container and not info["skip"]
             and any(isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) for m in module.modules())):
@@ -167,7 +164,7 @@ def _hidden_states(model, candidates, data) -> Iterable[tuple[object, dict]]:
     by_module = {id(model.get_submodule(c.name)): c.name for c in candidates}
 
     def hook(module, args, kwargs, output):
-        captured[by_module[id(module)]] = (_input_tensor(args, kwargs), _first_tensor(output))
+        captured[by_module[id(module)]] = (_input_tensor(args, kwargs), first_tensor(output))
 
     handles = [model.get_submodule(c.name).register_forward_hook(hook, with_kwargs=True) for c in candidates]
     try:
@@ -289,7 +286,7 @@ class LayerPlan:
     model: nn.Module
     example_inputs: object
     candidates: list[Candidate]
-    criterion: str
+    importance: str
     scores: dict
     chosen: list[str]
     macs_before: int
@@ -311,15 +308,15 @@ class LayerPlan:
             rows.append((c.name, "+".join(c.kinds), "x".join(map(str, c.shape)), human_count(c.params),
                          human_count(c.macs), "" if score is None else f"{score:.4g}",
                          "remove" if c.name in self.chosen else ""))
-        text = render_table(f"layer plan: criterion={self.criterion}",
+        text = render_table(f"layer plan: importance={self.importance}",
                             ("block", "kind", "hidden shape", "params", "MACs", "score", ""), rows)
         return text + (f"\nremoves {len(self.chosen)} of {len(self.candidates)} blocks: params "
                        f"{human_count(self.params_before)} -> {human_count(self.params_after)}, MACs "
                        f"{human_count(self.macs_before)} -> {human_count(self.macs_after)}")
 
-    def apply(self) -> "LayerPlan":
+    def apply(self) -> "LayerReport":
         """Delete the chosen blocks; the model must still run with unchanged output shapes, or it
-        is restored and ``PangkasError`` raised."""
+        is restored and ``OperationFailed`` raised."""
         if self.applied:
             raise PangkasError("this plan was already applied; make a new plan for further pruning")
         before = _output_shapes(self.model, self.example_inputs)
@@ -341,7 +338,31 @@ class LayerPlan:
         edits.append({"remove_blocks": self.chosen, "tuple_lengths": {n: tuples[n] for n in self.chosen}})
         setattr(self.model, EDITS, edits)
         self.applied = True
-        return self
+        return LayerReport(self)
+
+
+@dataclass
+class LayerReport(Report):
+    """What ``LayerPlan.apply`` / ``prune_layers`` removed."""
+
+    plan: LayerPlan
+    kind = "layers"
+
+    @property
+    def chosen(self) -> list[str]:
+        return self.plan.chosen
+
+    params_before = property(lambda self: self.plan.params_before)
+    params_after = property(lambda self: self.plan.params_after)
+    macs_before = property(lambda self: self.plan.macs_before)
+    macs_after = property(lambda self: self.plan.macs_after)
+
+    def details(self) -> dict:
+        return {"importance": self.plan.importance, "removed": list(self.chosen),
+                "scores": {str(k): float(v) for k, v in self.plan.scores.items()}}
+
+    def __str__(self) -> str:
+        return str(self.plan).replace("layer plan", "layers removed", 1)
 
 
 def _output_shapes(model, example_inputs) -> list[tuple[int, ...]]:
@@ -350,9 +371,7 @@ def _output_shapes(model, example_inputs) -> list[tuple[int, ...]]:
             output = call_model(model, example_inputs)
     except Exception as exc:
         raise PangkasError(f"{type(exc).__name__}: {exc}") from exc
-    if hasattr(output, "to_tuple"):
-        output = output.to_tuple()
-    return [tuple(t.shape) for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+    return [tuple(t.shape) for t in tensors(output)]
 
 
 def _count(n, ratio, available: int) -> int:
@@ -380,45 +399,72 @@ def _batches(data) -> list:
     return batches
 
 
+@renamed(criterion="importance")
 def plan_layers(
     model: nn.Module,
     data: Iterable,
     *,
     n: int | None = None,
     ratio: float | None = None,
-    criterion: str = "block_influence",
-    candidates: list[str] | None = None,
+    importance: str = "block_influence",
+    include: Selector = None,
+    exclude: Selector = None,
     loss_fn: Callable | None = None,
     metric_fn: Callable | None = None,
+    candidates: list[str] | None = None,
 ) -> LayerPlan:
-    """Choose the blocks to remove. ``data`` is an iterable of batches the model accepts (its first
-    batch finds the candidates; every batch scores them).
+    """Choose ``n`` blocks (or ``ratio`` of the candidates) to remove. ``data`` is an iterable of
+    batches the model accepts (its first batch finds the candidates; every batch scores them).
 
-    ``criterion``: ``"block_influence"`` (1 - cos(in, out), lowest goes), ``"angular"`` (the
+    ``importance``: ``"block_influence"`` (1 - cos(in, out), lowest goes), ``"angular"`` (the
     contiguous run of ``n`` blocks whose ends are closest), ``"loss"`` (``loss_fn(output, batch)``
     rises least when the block alone is skipped; greedy, re-scored after each removal),
     ``"metric"`` (same with ``metric_fn``, higher is better), ``"magnitude"`` (mean |w|, a
-    baseline). ``candidates`` restricts the choice to these block names.
+    baseline). ``include`` / ``exclude`` (module-name globs or types, as everywhere) restrict the
+    candidate blocks: a type selects exactly its instances (``include=BertLayer``), a glob a block
+    and what is inside it. ``candidates`` (deprecated: use ``include``) lists exact block names.
     """
-    if criterion not in CRITERIA:
-        raise PangkasError(f"criterion must be one of {list(CRITERIA)}, got {criterion!r}")
-    if criterion == "loss" and loss_fn is None:
-        raise PangkasError("criterion='loss' needs loss_fn=(output, batch) -> scalar")
-    if criterion == "metric" and metric_fn is None:
-        raise PangkasError("criterion='metric' needs metric_fn=(output, batch) -> scalar (higher is better)")
+    _check_importance(importance, loss_fn, metric_fn)
     batches = _batches(data)
     if not batches:
         raise PangkasError("data is empty: layer pruning needs at least one batch to find and score blocks")
-    found = layer_candidates(model, batches[0])
+    found = _selected(model, layer_candidates(model, batches[0]), include, exclude, candidates)
+    count = _count(n, ratio, len(found))
+    scores, chosen = _score(model, found, batches, importance, count, loss_fn, metric_fn)
+    params = sum(p.numel() for p in model.parameters())
+    return LayerPlan(model, batches[0], found, importance, scores, chosen, count_macs(model, batches[0]), params)
+
+
+def _check_importance(importance, loss_fn, metric_fn) -> None:
+    if importance not in CRITERIA:
+        raise PangkasError(f"importance must be one of {list(CRITERIA)}, got {importance!r}")
+    if importance == "loss" and loss_fn is None:
+        raise PangkasError("importance='loss' needs loss_fn=(output, batch) -> scalar")
+    if importance == "metric" and metric_fn is None:
+        raise PangkasError("importance='metric' needs metric_fn=(output, batch) -> scalar (higher is better)")
+
+
+def _selected(model, found: list[Candidate], include: Selector, exclude: Selector,
+              candidates: list[str] | None) -> list[Candidate]:
+    """The candidates ``include`` / ``exclude`` (or the deprecated exact ``candidates``) allow."""
     if candidates is not None:
+        warnings.warn("plan_layers(candidates=[names]) is now include= (module-name globs or types); the "
+                      "old name will be removed in the next release", DeprecationWarning, stacklevel=3)
         unknown = sorted(set(candidates) - {c.name for c in found})
         if unknown:
             raise PangkasError(f"not removable blocks: {unknown}; candidates are {[c.name for c in found][:12]}")
         found = [c for c in found if c.name in set(candidates)]
-    count = _count(n, ratio, len(found))
-    scores, chosen = _score(model, found, batches, criterion, count, loss_fn, metric_fn)
-    params = sum(p.numel() for p in model.parameters())
-    return LayerPlan(model, batches[0], found, criterion, scores, chosen, count_macs(model, batches[0]), params)
+    blocks = [(c.name, model.get_submodule(c.name)) for c in found]
+    for label, selector in (("include", include), ("exclude", exclude)):
+        for pattern in as_patterns(selector):
+            if not any(matches(pattern, name, module) for name, module in blocks):
+                shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
+                raise PangkasError(f"{label} entry {shown} matches no removable block; candidates are "
+                                   f"{[c.name for c in found][:12]}")
+    includes, excludes = as_patterns(include), as_patterns(exclude)
+    return [c for c, (name, module) in zip(found, blocks)
+            if (not includes or any(matches(p, name, module) for p in includes))
+            and not any(matches(p, name, module) for p in excludes)]
 
 
 def _nested(a: str, b: str) -> bool:
@@ -438,21 +484,22 @@ def _lowest(scores: dict[str, float], count: int) -> list[str]:
     return chosen
 
 
-def _score(model, found, batches, criterion, count, loss_fn, metric_fn):
+def _score(model, found, batches, importance, count, loss_fn, metric_fn):
     with evaluating(model):
-        if criterion in ("block_influence", "magnitude"):
+        if importance in ("block_influence", "magnitude"):
             scores = (block_influence(model, found, track(batches, "scoring blocks"))
-                      if criterion == "block_influence" else magnitude(model, found))
+                      if importance == "block_influence" else magnitude(model, found))
             return scores, _lowest(scores, count)
-        if criterion == "angular":
+        if importance == "angular":
             by_run = angular(model, found, track(batches, "scoring runs"), count)
             best = min(by_run, key=by_run.get)
             return {run[0]: d for run, d in by_run.items()}, list(best)
-        fn, higher = (loss_fn, False) if criterion == "loss" else (metric_fn, True)
+        fn, higher = (loss_fn, False) if importance == "loss" else (metric_fn, True)
         chosen, scores = greedy(model, found, batches, count, fn, higher)
         return scores, chosen
 
 
-def prune_layers(model: nn.Module, data: Iterable, **options) -> LayerPlan:
-    """``plan_layers(model, data, **options).apply()``: the applied plan is the report."""
+@renamed(criterion="importance")
+def prune_layers(model: nn.Module, data: Iterable, **options) -> LayerReport:
+    """``plan_layers(model, data, **options).apply()``."""
     return plan_layers(model, data, **options).apply()

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import PangkasError
 from .inputs import call_model
 from .io import encode, serialize
+from .macs import FlopCounter
 from .modules import evaluating
 from .tables import human_bytes, human_count, render_table
 from .weights.masks import effective_parameters, parameter_counts
@@ -72,13 +72,13 @@ def _unfused_attention():
 
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
-    """Multiply-accumulates of one forward pass, counted by ``torch.utils.flop_counter``.
+    """Multiply-accumulates of one forward pass, by torch's FLOP formulas (``macs.op_flops``).
 
     Dense maths: zeros in weights still count (only removing channels or layers lowers this).
     """
-    with _eval_mode(model), _unfused_attention(), FlopCounterMode(display=False) as counter:
+    with _eval_mode(model), _unfused_attention(), FlopCounter() as counter:
         call_model(model, example_inputs)
-    return counter.get_total_flops() // 2
+    return counter.flops // 2
 
 
 def _timer(model: nn.Module, example_inputs: Any):

@@ -16,6 +16,7 @@ from torch import nn
 
 from .channels import Plan
 from .inputs import call_model
+from .outputs import tensors
 from .surgery import owners
 
 
@@ -67,13 +68,7 @@ def randomize(model: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def _flat(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output.flatten()
-    if hasattr(output, "to_tuple"):
-        output = output.to_tuple()
-    if isinstance(output, dict):
-        output = list(output.values())
-    return torch.cat([_flat(o) for o in output if isinstance(o, (torch.Tensor, tuple, list, dict))])
+    return torch.cat([t.flatten() for t in tensors(output)])
 
 
 @torch.no_grad()

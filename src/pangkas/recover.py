@@ -1,8 +1,8 @@
 """Recovering accuracy after pruning: fine-tuning with knowledge distillation.
 
 ``recover`` trains a pruned student on ``data``, distilling from the unpruned teacher (logit KL
-with temperature, or MSE on the outputs), optionally plus a task loss and feature-map MSE between
-mapped layers. Weight masks stay enforced (they are parametrizations).
+with temperature, or MSE on the outputs: ``objective=``), optionally plus the user's loss
+(``loss_fn=``) and feature-map MSE between mapped layers. Weight masks stay enforced (they are parametrizations).
 
 Launched by ``torchrun``, every rank passes the same ``data``; the student is wrapped in
 ``DistributedDataParallel`` and the batches are dealt out in rounds of world-size: rank r takes
@@ -29,24 +29,14 @@ import torch
 from torch import nn
 
 from .checkpoint import apply_checkpoint, check_resumable, is_complete, prepare, read_trainer, save_checkpoint
+from .deprecation import renamed
 from .errors import OperationFailed, PangkasError
 from .inputs import call_model
+from .outputs import primary_tensor
 from .progress import track
 from .weights.masks import masks_by_key, plain_name, remove_mask, set_mask
 
-LOSSES = ("kd", "mse", "task")
-
-
-def _first(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if hasattr(output, "to_tuple"):
-        output = output.to_tuple()
-    if isinstance(output, dict):
-        output = list(output.values())
-    return next(t for t in output if isinstance(t, torch.Tensor))
+OBJECTIVES = ("kd", "mse", "task")
 
 
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -147,13 +137,13 @@ def _distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def _check(data, loss, teacher, task_loss, epochs, lr, temperature, alpha) -> None:
-    if loss not in LOSSES:
-        raise PangkasError(f"loss must be one of {list(LOSSES)}, got {loss!r}")
-    if loss in ("kd", "mse") and teacher is None:
-        raise PangkasError(f"loss={loss!r} distils from a teacher: pass teacher= (the unpruned model)")
-    if loss == "task" and task_loss is None:
-        raise PangkasError("loss='task' needs task_loss=(output, batch) -> scalar")
+def _check(data, objective, teacher, loss_fn, epochs, lr, temperature, alpha) -> None:
+    if objective not in OBJECTIVES:
+        raise PangkasError(f"objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    if objective in ("kd", "mse") and teacher is None:
+        raise PangkasError(f"objective={objective!r} distils from a teacher: pass teacher= (the unpruned model)")
+    if objective == "task" and loss_fn is None:
+        raise PangkasError("objective='task' needs loss_fn=(output, batch) -> scalar")
     if not isinstance(epochs, int) or epochs < 1:
         raise PangkasError(f"epochs must be a positive integer, got {epochs!r}")
     for name, value, low in (("lr", lr, 0), ("temperature", temperature, 0)):
@@ -232,13 +222,14 @@ def _check_data(data: Iterable, epochs: int, world: int) -> int | None:
     return size
 
 
+@renamed(loss="objective", task_loss="loss_fn")
 def recover(
     student: nn.Module,
     data: Iterable,
     *,
     teacher: nn.Module | None = None,
-    loss: str = "kd",
-    task_loss: Callable | None = None,
+    objective: str = "kd",
+    loss_fn: Callable | None = None,
     alpha: float = 1.0,
     temperature: float = 2.0,
     features: dict[str, str] | None = None,
@@ -254,10 +245,10 @@ def recover(
 
     ``data`` is iterated afresh every epoch, never held whole: a list, a DataLoader or any
     re-iterable of batches; a one-shot iterator (a generator) only with ``epochs=1``.
-    ``loss``: ``"kd"`` (KL on logits softened by ``temperature``, from ``teacher``), ``"mse"``
+    ``objective``: ``"kd"`` (KL on logits softened by ``temperature``, from ``teacher``), ``"mse"``
     (MSE to the teacher's outputs, for embeddings or regression), or ``"task"``
-    (``task_loss(output, batch)`` only). With a teacher and ``task_loss`` both, the loss is
-    ``alpha * distillation + (1 - alpha) * task``. ``features`` maps student module names to
+    (``loss_fn(output, batch)`` only). With a teacher and ``loss_fn`` both, the loss is
+    ``alpha * distillation + (1 - alpha) * loss_fn``. ``features`` maps student module names to
     teacher module names whose outputs must match (MSE, times ``feature_weight``).
     ``optimizer(params) -> Optimizer`` defaults to Adam(lr). ``inputs(batch)`` picks what the
     models are called with when batches also carry targets (e.g. ``lambda b: b[0]``); the loss
@@ -274,15 +265,15 @@ def recover(
     On failure the student is back at the newest checkpoint or, without one, at its state when
     ``recover`` was called (a CPU copy is kept for this); the error says which.
     """
-    _check(data, loss, teacher, task_loss, epochs, lr, temperature, alpha)
+    _check(data, objective, teacher, loss_fn, epochs, lr, temperature, alpha)
     rank, world = _distributed()
     size = _check_data(data, epochs, world)
     directory = Path(os.path.realpath(checkpoint)) if checkpoint is not None else None
     torch.manual_seed(seed)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
-    objective = _Objective(teacher, loss, task_loss, alpha, temperature,
-                           _feature_hooks(student, teacher, features), feature_weight, inputs)
+    training_loss = _TrainingLoss(teacher, objective, loss_fn, alpha, temperature,
+                                  _feature_hooks(student, teacher, features), feature_weight, inputs)
     try:
         start = _Snapshot(student)
         step, first_epoch = _resume(directory, student, opt, start, world) if directory else (0, 0)
@@ -295,7 +286,7 @@ def recover(
             for epoch in range(first_epoch, epochs):
                 batches = track(_shard(data, rank, world), f"recovering: epoch {epoch + 1}/{epochs}",
                                 total=None if size is None else size // world)
-                mean, step = _epoch(model, batches, objective, opt, step, epoch, world)
+                mean, step = _epoch(model, batches, training_loss, opt, step, epoch, world)
                 report.epoch_losses.append(mean)
                 if directory is not None:
                     write = functools.partial(save_checkpoint, directory, student, opt, step, epoch + 1)
@@ -303,7 +294,7 @@ def recover(
         except BaseException as exc:
             _fail(exc, student, opt, directory, start)
     finally:
-        for handle in objective.features.get("handles", []):
+        for handle in training_loss.features.get("handles", []):
             handle.remove()
     student.eval()
     report.steps = step
@@ -314,12 +305,12 @@ class _Diverged(Exception):
     """A non-finite loss (on any rank)."""
 
 
-def _epoch(model, batches, objective, opt, step: int, epoch: int, world: int) -> tuple[float, int]:
+def _epoch(model, batches, training_loss, opt, step: int, epoch: int, world: int) -> tuple[float, int]:
     """One pass over this rank's batches: (mean loss, the step count after it)."""
     total, count = 0.0, 0
     model.train()
     for batch in batches:
-        loss = objective(model, batch)
+        loss = training_loss(model, batch)
         value = float(loss.detach())
         if not _finite_everywhere(loss, world):
             said = value if not math.isfinite(value) else "non-finite on another rank"
@@ -377,19 +368,19 @@ def _feature_hooks(student, teacher, features) -> dict:
                 raise PangkasError(f"features: {side} has no module {name!r}") from exc
 
             def hook(mod, args, output, side=side, name=name):
-                store[side][name] = _first(output)
+                store[side][name] = primary_tensor(output)
 
             store["handles"].append(module.register_forward_hook(hook))
     return store
 
 
 @dataclass
-class _Objective:
+class _TrainingLoss:
     """The loss ``recover`` minimises, from its options."""
 
     teacher: nn.Module | None
-    loss: str
-    task_loss: Callable | None
+    objective: str
+    loss_fn: Callable | None
     alpha: float
     temperature: float
     features: dict
@@ -405,11 +396,11 @@ class _Objective:
         except Exception as exc:
             raise PangkasError(f"the student does not run on a batch of data: {type(exc).__name__}: {exc}") from exc
         terms = []
-        if self.teacher is not None and self.loss in ("kd", "mse"):
-            terms.append(self._distillation(_first(output), x))
-        if self.task_loss is not None:
-            task = self.task_loss(output, batch)
-            terms.append((1 - self.alpha) * task if self.loss != "task" else task)
+        if self.teacher is not None and self.objective in ("kd", "mse"):
+            terms.append(self._distillation(primary_tensor(output), x))
+        if self.loss_fn is not None:
+            task = self.loss_fn(output, batch)
+            terms.append((1 - self.alpha) * task if self.objective != "task" else task)
         for student_name, teacher_name in self.features.get("pairs", []):
             s, t = self.features["student"][student_name], self.features["teacher"][teacher_name]
             if s.shape != t.shape:
@@ -420,9 +411,10 @@ class _Objective:
 
     def _distillation(self, got: torch.Tensor, x) -> torch.Tensor:
         with torch.no_grad():
-            target = _first(call_model(self.teacher, x))
+            target = primary_tensor(call_model(self.teacher, x))
         if got.shape != target.shape:
             raise PangkasError(f"teacher output {tuple(target.shape)} does not match the student's "
                                f"{tuple(got.shape)}: distillation needs the same output shape")
-        distil = kd_loss(got, target, self.temperature) if self.loss == "kd" else nn.functional.mse_loss(got, target)
-        return self.alpha * distil if self.task_loss is not None else distil
+        distil = (kd_loss(got, target, self.temperature) if self.objective == "kd"
+                  else nn.functional.mse_loss(got, target))
+        return self.alpha * distil if self.loss_fn is not None else distil

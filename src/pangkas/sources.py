@@ -73,7 +73,11 @@ def _huggingface(directory: Path) -> tuple[nn.Module, Any]:
         from .integrations.hf_directory import from_pretrained
     except ImportError as exc:
         raise PangkasError("Hugging Face directories need transformers: pip install 'pangkas[hf]'") from exc
-    transformers.utils.logging.disable_progress_bar()  # the CLI shows its own; stderr is for errors
+    # The CLI shows its own progress; transformers' log records go to the root logger, where the
+    # CLI collects them (stderr carries one line on failure).
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
     try:
         config = transformers.AutoConfig.from_pretrained(directory)
         architectures = getattr(config, "architectures", None) or []

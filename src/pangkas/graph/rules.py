@@ -5,28 +5,69 @@ channel axes and records which ids must be removed together (unions) and which m
 removed (blocks). An op without a rule blocks every channel flowing into it: nothing is ever
 assumed harmless. Rules are keyed by op packet (``aten.add``) or, for the many element-wise ops,
 by PyTorch's own ``pointwise`` tag.
+
+A rule that raises on some call keeps the channels of that op (an unforeseen call prunes less
+rather than failing). In strict mode (``strict()``, or ``PANGKAS_STRICT_RULES=1``; the test suite
+runs in it) the exception propagates as ``RuleError`` instead, so a buggy rule fails loudly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 
 import torch
-from torch.utils._pytree import tree_flatten
 
+from ..errors import PangkasError
+from ..outputs import tensors
 from .labels import Axis
 
 aten = torch.ops.aten
 Rule = Callable[..., None]
 RULES: dict[object, Rule] = {}
+STRICT_ENV = "PANGKAS_STRICT_RULES"
+_strict: bool | None = None  # set by strict(); None: the environment decides
 
 
 def rule(*packets):
+    """Register the decorated function as the coupling rule of ``packets`` (``aten.add``, ...).
+    An op has one rule: registering a second one for it is refused."""
     def register(fn: Rule) -> Rule:
+        taken = [p for p in packets if p in RULES]
+        repeated = {p for p in packets if packets.count(p) > 1}
+        if taken or repeated:
+            owners = ", ".join(f"{p} (by {RULES[p].__name__})" for p in taken)
+            raise PangkasError(f"cannot register coupling rule {fn.__name__}: "
+                               + (f"a rule is already registered for {owners}" if taken else
+                                  f"{', '.join(map(str, repeated))} listed twice"))
         for packet in packets:
             RULES[packet] = fn
         return fn
     return register
+
+
+class RuleError(RuntimeError):
+    """A coupling rule raised while following an op (strict mode): a bug in the rule."""
+
+
+@contextlib.contextmanager
+def strict(on: bool = True) -> Iterator[None]:
+    """Within this block, an exception inside a rule propagates as ``RuleError`` (``on=True``) or
+    keeps that op's channels (``on=False``), whatever ``PANGKAS_STRICT_RULES`` says."""
+    global _strict
+    before, _strict = _strict, bool(on)
+    try:
+        yield
+    finally:
+        _strict = before
+
+
+def is_strict() -> bool:
+    """Whether a rule's exception propagates now: as ``strict()`` set, else as the environment says."""
+    if _strict is not None:
+        return _strict
+    return os.environ.get(STRICT_ENV, "").strip() not in ("", "0")
 
 
 def find_rule(func) -> Rule | None:
@@ -34,10 +75,6 @@ def find_rule(func) -> Rule | None:
     if found is None and torch.Tag.pointwise in func.tags:
         return pointwise
     return found
-
-
-def tensors(value) -> list[torch.Tensor]:
-    return [t for t in tree_flatten(value)[0] if isinstance(t, torch.Tensor)]
 
 
 def bind(func, args, kwargs) -> dict:

@@ -19,14 +19,16 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-from torch.utils._pytree import tree_flatten, tree_map
-from torch.utils.flop_counter import flop_registry
+from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import PangkasError
+from ..macs import has_formula, op_flops
 from ..modules import evaluating
+from ..outputs import tensors
+from .adapter import Adapter
 from .labels import FIXED, Axis, components
-from .rules import IGNORED, find_rule, tensors
+from .rules import IGNORED, RuleError, find_rule, is_strict
 
 Shaped = tuple  # (shape, axes): a tensor as the plan sees it
 
@@ -34,13 +36,13 @@ Shaped = tuple  # (shape, axes): a tensor as the plan sees it
 @dataclass
 class OpRecord:
     """One executed op: its name, the module that ran it, its tensor inputs and outputs as
-    (shape, axes), and for ops ``torch.utils.flop_counter`` knows, how to count its FLOPs."""
+    (shape, axes), and for ops torch has a FLOP formula for, the call to count it by."""
 
     name: str
     module: str
     inputs: list[Shaped]
     outputs: list[Shaped]
-    flop_call: tuple | None = None  # (flop function, args, kwargs) with tensors as Slot(i)
+    flop_call: tuple | None = None  # (op packet, args, kwargs) with tensors as Slot(i)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,9 @@ class _Tracer(TorchDispatchMode):
                 raise LookupError("no coupling rule for this op")
             found(e, func, args, kwargs, out)
         except Exception as exc:  # a rule that cannot follow this call keeps its channels
+            if found is not None and is_strict():
+                raise RuleError(f"coupling rule {found.__name__} failed on {func} ({e.where}): "
+                                f"{type(exc).__name__}: {exc}") from exc
             why = str(exc) if isinstance(exc, LookupError) else f"rule failed: {type(exc).__name__}: {exc}"
             for t in tensors((args, kwargs)) + tensors(out):
                 e.block_tensor(t, why)
@@ -180,10 +185,10 @@ class _Tracer(TorchDispatchMode):
         inputs = [(tuple(t.shape), e.get(t)) for t in given]
         outputs = [(tuple(o.shape), e.get(o)) for o in tensors(out)]
         flop_call = None
-        if func.overloadpacket in flop_registry:
+        if has_formula(func.overloadpacket):
             counter = iter(range(len(inputs)))
             slotted = tree_map(lambda t: Slot(next(counter)) if isinstance(t, torch.Tensor) else t, (args, kwargs))
-            flop_call = (flop_registry[func.overloadpacket], *slotted)
+            flop_call = (func.overloadpacket, *slotted)
         self.records.append(OpRecord(str(func), self.stack[-1], inputs, outputs, flop_call))
 
 
@@ -252,30 +257,21 @@ def count_flops(records: list[OpRecord], shape_of=lambda shaped: shaped[0]) -> i
     for record in records:
         if record.flop_call is None:
             continue
-        fn, args, kwargs = record.flop_call
+        packet, args, kwargs = record.flop_call
         fill = lambda v: torch.Size(shape_of(record.inputs[v.index])) if isinstance(v, Slot) else v
         args, kwargs = tree_map(fill, (args, kwargs))
-        total += fn(*args, **kwargs, out_val=torch.Size(shape_of(record.outputs[0])))
+        total += op_flops(packet, args, kwargs, torch.Size(shape_of(record.outputs[0])))
     return total
 
 
-# Module classes whose forward the tracer cannot see into, traced as an equivalent subclass it
-# can (an integration registers them; e.g. nn.MultiheadAttention with prunable heads). Classes of
-# optional libraries go by "module.QualName", with a function that makes the subclass.
-TRACED_AS: dict[type, type] = {}
-TRACED_AS_BY_NAME: dict[str, Callable[[], type]] = {}
-
-
-def _traced_form(cls: type) -> type | None:
-    if cls in TRACED_AS:
-        return TRACED_AS[cls]
-    make = TRACED_AS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
-    return make() if make else None
+TracedAs = Callable[[type], type | None]  # a module class -> the subclass to trace it as, or None
 
 
 @contextlib.contextmanager
-def _traced_forms(model: nn.Module):
-    swapped = [(m, type(m), form) for m in model.modules() if (form := _traced_form(type(m)))]
+def _traced_forms(model: nn.Module, traced_as: TracedAs | None):
+    """Run modules whose forward the tracer cannot see into as the equivalent subclass it can
+    that ``traced_as(cls)`` names (an integration's, e.g. nn.MultiheadAttention with prunable heads)."""
+    swapped = [(m, type(m), form) for m in model.modules() if traced_as and (form := traced_as(type(m)))]
     try:
         for m, _, form in swapped:
             m.__class__ = form
@@ -328,16 +324,17 @@ class TraceFailed(PangkasError):
         self.records = records
 
 
-def run_traced(model: nn.Module, example_inputs, adapter=None, keep_outputs: bool = True,
-               ) -> tuple[Engine, list[OpRecord], dict[str, list[torch.Tensor]]]:
+def run_traced(model: nn.Module, example_inputs, adapter: Adapter | None = None, keep_outputs: bool = True,
+               traced_as: TracedAs | None = None) -> tuple[Engine, list[OpRecord], dict[str, list[torch.Tensor]]]:
     """Run ``model`` under the tracer on data-free copies of its state and ``example_inputs``;
     returns the engine, the op records and the ids given to each parameter/buffer dim (by name).
+    ``adapter`` and ``traced_as`` carry the model families' knowledge (from its integrations).
 
     Meta tensors are tried first (fast); a model that mixes in real tensors of its own (plain
     tensor attributes) is retried under ``FakeTensorMode``, which accepts them.
     """
     try:
-        return _run(model, example_inputs, None, adapter, keep_outputs)
+        return _run(model, example_inputs, None, adapter, keep_outputs, traced_as)
     except TraceFailed as meta_failure:
         if not _needs_fake(meta_failure):
             raise
@@ -345,7 +342,8 @@ def run_traced(model: nn.Module, example_inputs, adapter=None, keep_outputs: boo
         level = fake_log.level
         fake_log.setLevel(logging.CRITICAL)  # it logs every failing op before raising
         try:
-            return _run(model, example_inputs, FakeTensorMode(allow_non_fake_inputs=True), adapter, keep_outputs)
+            return _run(model, example_inputs, FakeTensorMode(allow_non_fake_inputs=True), adapter, keep_outputs,
+                        traced_as)
         except TraceFailed:
             raise meta_failure from None
         finally:
@@ -358,7 +356,7 @@ def _needs_fake(failure: TraceFailed) -> bool:
     return any(hint in cause for hint in ("device", "meta", "data-dependent", "item()"))
 
 
-def _run(model, example_inputs, fake_mode: FakeTensorMode | None, adapter, keep_outputs=True):
+def _run(model, example_inputs, fake_mode: FakeTensorMode | None, adapter, keep_outputs=True, traced_as=None):
     engine = Engine()
     engine.adapter = adapter
     engine.on_meta = fake_mode is None
@@ -378,15 +376,17 @@ def _run(model, example_inputs, fake_mode: FakeTensorMode | None, adapter, keep_
     records: list[OpRecord] = []
     tracer = _Tracer(engine, stack, records)
     try:
-        with evaluating(model), mode, _traced_forms(model), _module_names(model, stack), \
+        with evaluating(model), mode, _traced_forms(model, traced_as), _module_names(model, stack), \
                 torch.enable_grad(), _attention_scale(engine), tracer:
             output = functional_call(model, state, _as_args(inputs), _as_kwargs(inputs))
+    except RuleError:
+        raise  # strict mode: a rule's bug, not the model's
     except Exception as exc:
         raise TraceFailed(f"the model does not run on the example inputs: {type(exc).__name__}: {exc}",
                           records) from exc
     engine.where = "model output"
     if keep_outputs:
-        for t in _leaves(output):
+        for t in tensors(output):
             engine.block_tensor(t, "model output")
     return engine, records, ids
 
@@ -403,22 +403,10 @@ def _as_kwargs(batch) -> dict:
     return dict(batch) if isinstance(batch, dict) else {}
 
 
-def _leaves(output) -> list[torch.Tensor]:
-    """Tensors in a model output, including Hugging Face ``ModelOutput`` fields."""
-    if isinstance(output, torch.Tensor):
-        return [output]
-    if hasattr(output, "to_tuple"):
-        output = output.to_tuple()
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, (list, tuple)):
-        return [t for item in output for t in _leaves(item)]
-    return [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-
-
-def trace(model: nn.Module, example_inputs, adapter=None, keep_outputs: bool = True) -> Coupling:
-    """Trace ``model`` on ``example_inputs`` and return its channel coupling."""
-    engine, records, tensor_ids = run_traced(model, example_inputs, adapter, keep_outputs)
+def trace(model: nn.Module, example_inputs, adapter: Adapter | None = None, keep_outputs: bool = True,
+          traced_as: TracedAs | None = None) -> Coupling:
+    """Trace ``model`` on ``example_inputs`` and return its channel coupling (see ``run_traced``)."""
+    engine, records, tensor_ids = run_traced(model, example_inputs, adapter, keep_outputs, traced_as)
     empty = torch.zeros(0, dtype=torch.long)
     unions = (torch.cat(engine.left) if engine.left else empty, torch.cat(engine.right) if engine.right else empty)
     return Coupling(

@@ -7,20 +7,19 @@ whole KV group (its query heads with it), so the head-to-KV mapping never breaks
 modules and the config say about sizes: after surgery each attention module's head counts and
 the config (``num_attention_heads``, ``num_key_value_heads``, ``intermediate_size``,
 ``hidden_size``, ``head_dim``) are updated where the pruning was uniform; ``hf_directory``
-saves what a config cannot say.
+saves what a config cannot say. ``INTEGRATION`` hands both to the engine.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 from torch import nn
 
 from ..errors import PangkasError
-from ..surgery import MODEL_FIXERS, Undo
-from .heads import Heads
+from ..graph.adapter import Heads
+from ..surgery import Undo
 from .hf_directory import config_describes, is_transformers
+from .integration import Integration
 from .remote_code import BUILT_WITH
 
 HEADS = ("num_heads", "num_attention_heads", "n_head")
@@ -65,7 +64,7 @@ def heads_of(module: nn.Module) -> Heads | None:
         return None
     if not q_width:
         return None
-    return Heads(q_width // head_dim, (k_width or q_width) // head_dim, head_dim)
+    return Heads(q_width // head_dim, (k_width or q_width) // head_dim, head_dim, fused="qkv_proj" in children)
 
 
 def attention_modules(model: nn.Module) -> dict[str, Heads]:
@@ -132,7 +131,9 @@ def _fix_config(model: nn.Module, found: dict[str, Heads], undo: Undo) -> None:
         config.hidden_size = embeddings.embedding_dim
 
 
-MODEL_FIXERS.append(_fix_attention)
+def _update_conv1d(m: nn.Module, original: dict) -> None:
+    """Surgery updater: GPT-2's ``Conv1D`` (a Linear with a transposed weight) views by ``nf``."""
+    m.nx, m.nf = m.weight.shape
 
 
 def ratios(model: nn.Module, heads: float | None = None, ffn: float | None = None,
@@ -167,26 +168,19 @@ def ratios(model: nn.Module, heads: float | None = None, ffn: float | None = Non
     return out
 
 
-def prune_transformer(model: nn.Module, example_inputs, *, heads: float | None = None,
-                      ffn: float | None = None, hidden: float | None = None, **options):
-    """Remove ``heads`` of the attention heads (whole KV groups with GQA), ``ffn`` of the MLP
-    neurons and ``hidden`` of the hidden size (approximate: LayerNorm/RMSNorm statistics change)
-    of a Hugging Face model, then update its config. Other options go to ``plan_channels``.
-    Warns when the config cannot say the new sizes (save with ``pangkas.save_pretrained`` then)."""
-    from ..channels import plan_channels
+def config_warning(model: nn.Module) -> str | None:
+    """The warning for a pruned model whose plain ``save_pretrained`` would not load, or None."""
+    problem = config_describes(model)  # builds a whole model: slow
+    if not problem:
+        return None
+    return (f"{type(model).__name__}'s config cannot say the pruned sizes ({problem}): plain "
+            "save_pretrained would write a directory that does not load; use "
+            "pangkas.save_pretrained(model, dir), which adds modeling_pangkas.py")
 
-    if heads is None and ffn is None and hidden is None:
-        raise PangkasError("give at least one of heads=, ffn=, hidden=")
-    plan = plan_channels(model, example_inputs, ratio=0.0, ratios=ratios(model, heads, ffn, hidden),
-                         allow_approximate=hidden is not None, **options)
-    report, revert = plan._apply()
-    try:
-        problem = config_describes(model)  # builds a whole model: slow enough to be interrupted
-    except BaseException:
-        revert()
-        raise
-    if problem:
-        warnings.warn(f"{type(model).__name__}'s config cannot say the pruned sizes ({problem}): plain "
-                      "save_pretrained would write a directory that does not load; use "
-                      "pangkas.save_pretrained(model, dir), which adds modeling_pangkas.py", stacklevel=2)
-    return report
+
+INTEGRATION = Integration(
+    name="huggingface",
+    attention=attention_modules,
+    updaters={"transformers.pytorch_utils.Conv1D": _update_conv1d},
+    fixers=(_fix_attention,),
+)

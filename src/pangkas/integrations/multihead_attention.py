@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PangkasError
-from ..graph.trace import TRACED_AS
-from ..surgery import MODEL_FIXERS, Undo
-from .heads import Heads
+from ..graph.adapter import Heads
+from ..surgery import Undo
+from .integration import Integration
 
 
 class HeadPrunable(nn.MultiheadAttention):
@@ -95,9 +95,6 @@ def _causal(scores):
     return torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).triu(1)
 
 
-TRACED_AS[nn.MultiheadAttention] = HeadPrunable
-
-
 def attention_modules(model: nn.Module) -> dict[str, Heads]:
     found = {}
     for name, m in model.named_modules():
@@ -105,6 +102,16 @@ def attention_modules(model: nn.Module) -> dict[str, Heads]:
             heads = m.in_proj_weight.shape[0] // (3 * m.head_dim)
             found[name] = Heads(heads, heads, m.head_dim)
     return found
+
+
+def _update_sizes(m: nn.MultiheadAttention, original: dict) -> None:
+    """Surgery updater: the widths follow the projections; head_dim stays (heads go whole)."""
+    if m.in_proj_weight is not None:
+        m.embed_dim = m.in_proj_weight.shape[1]
+    elif m.q_proj_weight is not None:
+        m.embed_dim = m.q_proj_weight.shape[1]
+    m.kdim = m.embed_dim if m._qkv_same_embed_dim else m.k_proj_weight.shape[1]
+    m.vdim = m.embed_dim if m._qkv_same_embed_dim else m.v_proj_weight.shape[1]
 
 
 def _fix_heads(model: nn.Module, undo: Undo) -> None:
@@ -120,4 +127,10 @@ def _fix_heads(model: nn.Module, undo: Undo) -> None:
                 m.__class__ = HeadPrunable
 
 
-MODEL_FIXERS.append(_fix_heads)
+INTEGRATION = Integration(
+    name="multihead_attention",
+    attention=attention_modules,
+    traced_as={nn.MultiheadAttention: HeadPrunable},
+    updaters={nn.MultiheadAttention: _update_sizes},
+    fixers=(_fix_heads,),
+)

@@ -10,6 +10,7 @@ torchvision is imported only when a model already uses it.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
 import sys
@@ -18,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..graph.trace import TRACED_AS_BY_NAME
-from ..surgery import MODEL_FIXERS, Undo
-from .heads import Heads
+from ..graph.adapter import Heads
+from ..surgery import Undo
+from .integration import Integration
 
 SWIN = "torchvision.models.swin_transformer"
 _CLASSES: dict[str, type] = {}
@@ -115,10 +116,6 @@ def __getattr__(attr: str):  # unpickling a pruned Swin: make its class
     raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
-for _name in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2"):
-    TRACED_AS_BY_NAME[f"{SWIN}.{_name}"] = lambda name=_name: _subclass(name)
-
-
 def _heads(m: nn.Module) -> int:
     """Heads as the relative-position bias counts them (it is cut with them)."""
     if hasattr(m, "logit_scale"):
@@ -148,4 +145,10 @@ def _fix_heads(model: nn.Module, undo: Undo) -> None:
         m.__class__ = _subclass(base.__name__)
 
 
-MODEL_FIXERS.append(_fix_heads)
+INTEGRATION = Integration(
+    name="swin",
+    attention=attention_modules,
+    traced_as={f"{SWIN}.{name}": functools.partial(_subclass, name)
+               for name in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")},
+    fixers=(_fix_heads,),
+)

@@ -5,16 +5,13 @@ Every change is recorded so ``Undo.restore()`` puts the model back exactly as it
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .attributes import snapshot, update
-
-# Whole-model fix-ups after tensors shrink (an integration registers one, e.g. Hugging Face
-# attention head counts and configs): fn(model, undo) records what it changes in ``undo``.
-MODEL_FIXERS: list = []
+from .attributes import Updater, snapshot, update
 
 
 @dataclass
@@ -59,11 +56,16 @@ def _modules_of(model: nn.Module, name: str, owner: nn.Module) -> list[nn.Module
 
 
 @torch.no_grad()
-def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]]) -> Undo:
+def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]],
+           updater_for: Callable[[type], Updater | None] | None = None,
+           fix: Callable[[nn.Module, Undo], None] | None = None) -> Undo:
     """Keep only the positions ``keep[name][dim]`` (None: the whole dim) of each named tensor.
 
     Tensors are cut in place (``.data``), so Parameter objects, ties between modules and the
     list ``model.parameters()`` stay valid; optimizers holding the old shapes must be rebuilt.
+    What the model's families know comes from its integrations (``integrations.Integrations``):
+    ``updater_for(cls)`` updates a class's size attributes where torch's own updaters do not,
+    and ``fix(model, undo)`` makes whole-model fixes (head counts, configs), recorded in ``undo``.
     """
     undo = Undo()
     where = owners(model)
@@ -85,8 +87,8 @@ def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]]) -> Undo
             undo.tensors.append((tensor, data))
             tensor.data = cut.contiguous()
         for module, original in list(undo.attributes):
-            update(module, original)
-        for fix in MODEL_FIXERS:
+            update(module, original, updater_for)
+        if fix is not None:
             fix(model, undo)
     except BaseException:  # an interrupt too: never leave a model half cut
         undo.restore()

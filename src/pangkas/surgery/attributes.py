@@ -1,8 +1,8 @@
 """After tensors shrink, module attributes that mirror their sizes must follow.
 
-One updater per module type, registered by type; a module type without one keeps its
-attributes, and if its forward relied on them the post-surgery shape check fails and the
-channels are kept.
+One updater per module type: torch's own modules here, other families' in their integration
+(passed in). A module type without one keeps its attributes, and if its forward relied on them
+the post-surgery shape check fails and the channels are kept.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from collections.abc import Callable
 
 from torch import nn
 
-UPDATERS: dict[type, Callable[[nn.Module, dict], None]] = {}
+Updater = Callable[[nn.Module, dict], None]
+UPDATERS: dict[type, Updater] = {}
 
 
 def updater(*types: type):
@@ -22,19 +23,18 @@ def updater(*types: type):
     return register
 
 
-# Classes of optional libraries, by "module.QualName", so that nothing imports them here.
-UPDATERS_BY_NAME: dict[str, Callable[[nn.Module, dict], None]] = {}
-
-
-def update(module: nn.Module, original: dict) -> None:
-    """Refresh ``module``'s size attributes; ``original`` holds their values before surgery."""
+def update(module: nn.Module, original: dict,
+           updater_for: Callable[[type], Updater | None] | None = None) -> None:
+    """Refresh ``module``'s size attributes; ``original`` holds their values before surgery.
+    ``updater_for(cls)``: the integrations' updater for a class, asked before torch's own."""
     for cls in type(module).__mro__:
-        fn = UPDATERS.get(cls) or UPDATERS_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        fn = (updater_for(cls) if updater_for else None) or UPDATERS.get(cls)
         if fn is not None:
             fn(module, original)
             return
 
 
+# Every updater changes only these (integrations' too: GPT-2's nf/nx), so undo can restore them.
 SIZE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features",
                    "num_features", "normalized_shape", "num_channels", "num_parameters",
                    "embedding_dim", "embed_dim", "kdim", "vdim", "head_dim", "nf", "nx")
@@ -91,22 +91,3 @@ def _prelu(m, original):
 @updater(nn.Embedding)
 def _embedding(m, original):
     m.embedding_dim = m.weight.shape[1]
-
-
-@updater(nn.MultiheadAttention)
-def _mha(m, original):
-    if m.in_proj_weight is not None:
-        m.embed_dim = m.in_proj_weight.shape[1]
-    elif m.q_proj_weight is not None:
-        m.embed_dim = m.q_proj_weight.shape[1]
-    m.kdim = m.embed_dim if m._qkv_same_embed_dim else m.k_proj_weight.shape[1]
-    m.vdim = m.embed_dim if m._qkv_same_embed_dim else m.v_proj_weight.shape[1]
-    # head_dim stays: heads go whole (integrations.multihead_attention counts them)
-
-
-def _hf_conv1d(m, original):
-    """Hugging Face's GPT-2 ``Conv1D`` (a Linear with a transposed weight) views by ``nf``."""
-    m.nx, m.nf = m.weight.shape
-
-
-UPDATERS_BY_NAME["transformers.pytorch_utils.Conv1D"] = _hf_conv1d

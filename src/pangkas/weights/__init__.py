@@ -1,10 +1,17 @@
 """Unstructured and N:M weight pruning: criteria, mask rules, lasting masks, sparse kernels."""
 
+from . import criteria
+from .criteria import CalibratedImportance, Magnitude, Random, WeightImportance
 from .masks import finalize
 from .prune import LayerSparsity, WeightReport, prune_weights
 from .sparse import SparseLinear, SparseReport, to_sparse_inference
+from .sparsegpt import SparseGPT
+from .wanda import Wanda
+
+for _builtin in (Magnitude(), Random(), Wanda(), SparseGPT()):
+    criteria.register(_builtin)
 
 __all__ = [
-    "LayerSparsity", "SparseLinear", "SparseReport", "WeightReport",
-    "finalize", "prune_weights", "to_sparse_inference",
+    "CalibratedImportance", "LayerSparsity", "SparseLinear", "SparseReport", "WeightImportance", "WeightReport",
+    "criteria", "finalize", "prune_weights", "to_sparse_inference",
 ]

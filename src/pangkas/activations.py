@@ -1,0 +1,83 @@
+"""What layers read on calibration data, gathered one way for every criterion that needs it.
+
+Wanda (channel importance and one-shot weight pruning alike) needs each input feature's
+``sum x^2`` over all tokens; SparseGPT needs ``X^T X``. Both see a layer's input as the rows of
+the matrix its weight multiplies: tokens for Linear and GPT-2's Conv1D, im2col patches for Conv2d.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s input ``x`` as float rows of the matrix its weight multiplies."""
+    if isinstance(module, nn.Conv2d):
+        patches = nn.functional.unfold(x.float(), module.kernel_size, module.dilation, module.padding, module.stride)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+    return x.reshape(-1, x.shape[-1]).float()
+
+
+class InputStatistics:
+    """Running statistics of one layer's inputs: per-feature sums of squares (Wanda's
+    ``||X_j||^2``) or, with ``gram=True``, ``X^T X`` (SparseGPT's Hessian, up to ``rows``)."""
+
+    def __init__(self, gram: bool = False):
+        self.with_gram = gram
+        self.squares: torch.Tensor | None = None
+        self.gram: torch.Tensor | None = None
+        self.rows = 0
+
+    def add(self, module: nn.Module, x: torch.Tensor) -> None:
+        rows = input_rows(module, x.detach())
+        if self.with_gram:
+            part = rows.T @ rows
+            self.gram = part if self.gram is None else self.gram + part
+        else:
+            part = rows.pow(2).sum(0)
+            self.squares = part if self.squares is None else self.squares + part
+        self.rows += rows.shape[0]
+
+    @property
+    def total(self) -> torch.Tensor | None:
+        """What was gathered (None: the layer never ran)."""
+        return self.gram if self.with_gram else self.squares
+
+    def norms(self) -> torch.Tensor:
+        """Each input feature's L2 norm over every row seen (Wanda's ``||X_j||``)."""
+        return self.squares.sqrt()
+
+    def reordered(self, order: torch.Tensor) -> InputStatistics:
+        """The same statistics with input features in ``order``."""
+        other = InputStatistics(self.with_gram)
+        other.rows = self.rows
+        if self.squares is not None:
+            other.squares = self.squares[order]
+        if self.gram is not None:
+            other.gram = self.gram[order][:, order]
+        return other
+
+
+@contextmanager
+def recording(layers: dict[str, nn.Module], gram: bool = False) -> Iterator[dict[str, InputStatistics]]:
+    """Statistics of every layer's inputs, by name, for the forward passes run inside the block."""
+    stats = {name: InputStatistics(gram) for name in layers}
+    hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: stats[name].add(mod, args[0]))
+             for name, module in layers.items()]
+    try:
+        yield stats
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def wanda_scores(weight: torch.Tensor, norms: torch.Tensor, input_dim: int) -> torch.Tensor:
+    """Wanda (Sun et al. 2023): ``|W_ij| * ||X_j||``, a weight matters as much as what it reads;
+    ``norms`` has one entry per index of the weight's ``input_dim``."""
+    shape = [1] * weight.ndim
+    shape[input_dim] = -1
+    return weight.abs() * norms.reshape(shape).to(weight.device)

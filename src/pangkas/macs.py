@@ -1,0 +1,37 @@
+"""Counting multiply-accumulates: one FLOP formula per ATen op, torch's own (``flop_registry``).
+
+Every count in pangkas goes through ``op_flops``: a real forward (``FlopCounter``, for
+``measure``), the ops a trace recorded (their shapes as traced, or as planned after pruning) and
+the ops each block runs (layer pruning). A MAC is two FLOPs.
+"""
+
+from __future__ import annotations
+
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+
+def has_formula(packet) -> bool:
+    """Whether torch knows how to count ``packet`` (``aten.mm``); other ops count as zero."""
+    return packet in flop_registry
+
+
+def op_flops(packet, args, kwargs, out) -> int:
+    """FLOPs of one call of ``packet``: its arguments and output, each tensor given as itself or
+    as its shape (``torch.Size``). 0 for an op without a formula."""
+    formula = flop_registry.get(packet)
+    return formula(*args, **kwargs, out_val=out) if formula is not None else 0
+
+
+class FlopCounter(TorchDispatchMode):
+    """FLOPs of every op that runs inside the block, in ``.flops``."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.flops += op_flops(func.overloadpacket, args, kwargs, out)
+        return out

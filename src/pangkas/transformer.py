@@ -1,0 +1,74 @@
+"""Transformer pruning in a Hugging Face model's own units: attention heads, FFN neurons, hidden size.
+
+A channel plan whose per-module ratios the Hugging Face integration derives from those units;
+applying it also checks that the model's config can still say its sizes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from .channels import ChannelReport, Plan, plan_channels
+from .errors import PangkasError
+from .integrations import huggingface
+
+
+class TransformerPlan:
+    """What :func:`prune_transformer` would remove; nothing changes until :meth:`apply`.
+
+    ``plan.channels`` is the channel plan it wraps; its attributes read through (``keep()``,
+    ``params_after``, ``selection``, ...)."""
+
+    def __init__(self, channels: Plan, amounts: dict[str, float]):
+        self.channels = channels
+        self.amounts = amounts  # the fractions asked for, by unit
+
+    def __getattr__(self, name: str):
+        if name == "channels":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.channels, name)
+
+    def __str__(self) -> str:
+        asked = ", ".join(f"{unit}={amount}" for unit, amount in self.amounts.items())
+        return f"transformer plan: {asked}\n{self.channels}"
+
+    def apply(self) -> ChannelReport:
+        """Apply the channel plan (see ``Plan.apply``). Warns when the config cannot say the new
+        sizes: save with ``pangkas.save_pretrained`` then."""
+        return self._apply()
+
+    def _apply(self) -> ChannelReport:
+        report, revert = self.channels._apply()
+        try:
+            problem = huggingface.config_warning(self.channels.model)  # slow enough to be interrupted
+        except BaseException:
+            revert()
+            raise
+        if problem:
+            warnings.warn(problem, stacklevel=3)  # the caller of apply() or prune_transformer()
+        return report
+
+
+def plan_transformer(model: nn.Module, example_inputs, *, heads: float | None = None,
+                     ffn: float | None = None, hidden: float | None = None, **options) -> TransformerPlan:
+    """Plan removing ``heads`` of the attention heads (whole KV groups with GQA), ``ffn`` of the
+    MLP neurons and ``hidden`` of the hidden size (approximate: LayerNorm/RMSNorm statistics
+    change) of a Hugging Face model; each is a fraction of its unit. Other options
+    (``importance=``, ``data=``, ``integrations=``, ...) go to ``plan_channels``."""
+    if heads is None and ffn is None and hidden is None:
+        raise PangkasError("give at least one of heads=, ffn=, hidden=")
+    plan = plan_channels(model, example_inputs, ratio=0.0, ratios=huggingface.ratios(model, heads, ffn, hidden),
+                         allow_approximate=hidden is not None, **options)
+    asked = {"heads": heads, "ffn": ffn, "hidden": hidden}
+    return TransformerPlan(plan, {unit: amount for unit, amount in asked.items() if amount is not None})
+
+
+def prune_transformer(model: nn.Module, example_inputs, *, heads: float | None = None,
+                      ffn: float | None = None, hidden: float | None = None, **options) -> ChannelReport:
+    """``plan_transformer(...).apply()``: remove ``heads``, ``ffn`` and ``hidden`` (fractions of
+    each unit) of a Hugging Face model, then update its config. Warns when the config cannot say
+    the new sizes (save with ``pangkas.save_pretrained`` then)."""
+    plan = plan_transformer(model, example_inputs, heads=heads, ffn=ffn, hidden=hidden, **options)
+    return plan._apply()
