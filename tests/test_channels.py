@@ -1,4 +1,5 @@
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import pangkas
+from pangkas import selection
 from pangkas.oracle import oracle_error, randomize, silence_removed
 
 import nets
@@ -486,3 +488,118 @@ def test_wanda_plan_is_exact_and_needs_data():
     data = [torch.randn(nets.IMAGES) for _ in range(2)]
     error, plan = exact_error(nets.Chain(), x, ratio=0.5, importance="wanda", data=data)
     assert plan.channels_removed > 0 and error <= EXACT
+
+
+# -- the coupling is read-only; selection is a pure function of what the plan holds -------------
+
+class OwnDeviceView(nets.HardCodedView):
+    """Builds a tensor of its own device: no rehearsal on a weightless copy, so apply() retries."""
+
+    def forward(self, x):
+        return super().forward(x) + torch.zeros(1)
+
+
+def coupling_contents(coupling):
+    """Everything a Coupling holds, as plain values (tensors as lists)."""
+    def shaped(items):
+        return [(tuple(shape), [(ax.dims, ax.ids.tolist()) for ax in axes]) for shape, axes in items]
+
+    return {
+        "num_ids": coupling.num_ids, "on_meta": coupling.on_meta,
+        "tensor_ids": {n: [ids.tolist() for ids in dims] for n, dims in coupling.tensor_ids.items()},
+        "unions": [t.tolist() for t in coupling.unions],
+        "blocks": [(ids.tolist(), why) for ids, why in coupling.blocks],
+        "approximations": [(ids.tolist(), why) for ids, why in coupling.approximations],
+        "consumed": coupling.consumed.tolist(), "produced": coupling.produced.tolist(),
+        "records": [(r.name, r.module, shaped(r.inputs), shaped(r.outputs), repr(r.flop_call))
+                    for r in coupling.records],
+    }
+
+
+def traced_couplings(monkeypatch):
+    """The couplings plan_channels traces, each with its contents when the trace returned."""
+    traced = []
+
+    def recording(*args, **kwargs):
+        coupling = pangkas.graph.trace.trace(*args, **kwargs)
+        traced.append((coupling, coupling_contents(coupling)))
+        return coupling
+
+    monkeypatch.setattr(pangkas.channels, "trace", recording)
+    return traced
+
+
+def forced_failures(monkeypatch, n, at=3):
+    """Plan._verify reports a failure at record ``at`` ``n`` times before checking for real: the
+    second failure at one op keeps its whole module."""
+    check, calls = pangkas.channels.Plan._verify, []
+
+    def failing(plan, model):
+        calls.append(model)
+        return (plan.coupling.records[at], "forced") if len(calls) <= n else check(plan, model)
+
+    monkeypatch.setattr(pangkas.channels.Plan, "_verify", failing)
+
+
+@pytest.mark.parametrize("make, forced, retried_when", [
+    (nets.HardCodedView, 0, "planning"),  # found while rehearsing on a weightless copy
+    (OwnDeviceView, 0, "apply"),  # found by apply() itself
+    (OwnDeviceView, 2, "apply"),  # a repeated failure keeps a whole module
+])
+def test_planning_and_retried_apply_leave_the_coupling_as_traced(monkeypatch, make, forced, retried_when):
+    model, x = make(), torch.randn(nets.IMAGES)
+    traced = traced_couplings(monkeypatch)
+    forced_failures(monkeypatch, forced)
+    plan = pangkas.plan_channels(model, x, ratio=0.5)
+    assert len(traced) == 1 and traced[0][0] is plan.coupling
+    assert bool(plan.retried) == (retried_when == "planning")
+    assert coupling_contents(plan.coupling) == traced[0][1]
+    report = plan.apply()
+    assert plan.retried and "surgery check" in str(report) and model(x).shape == (2, 10)
+    assert any(note.startswith("kept every channel of") for note in plan.retried) == (forced == 2)
+    assert coupling_contents(plan.coupling) == traced[0][1]
+    # What the plan added lives in the plan, with its reasons, and shows in blocked().
+    reasons = {why for _, why in plan.blocks}
+    assert any(why.startswith("surgery check: ") for why in reasons)
+    assert not reasons & {why for _, why in plan.coupling.blocks}
+    assert any(why.startswith("surgery check: ") for why in plan.blocked())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.coupling.blocks = ()
+
+
+def test_selection_is_a_pure_function_of_what_the_plan_holds():
+    model, x = OwnDeviceView(), torch.randn(nets.IMAGES)
+    plan = pangkas.plan_channels(model, x, ratio=0.5, scope="global", exclude=["conv.1"])
+    plan.apply()
+    assert plan.retried and "exclude=conv.1" in {why for _, why in plan.blocks}
+    blocks, scores = list(plan.blocks), {k: v.clone() for k, v in plan.scores.items()}
+    before = coupling_contents(plan.coupling)
+    again, added = selection.select_rectangular(plan.coupling, plan.options, plan.scores, model, plan.blocks)
+    assert added == () and torch.equal(again.classes, plan.selection.classes)
+    assert torch.equal(again.removed, plan.selection.removed)
+    assert [g.removed.tolist() for g in again.groups] == [g.removed.tolist() for g in plan.selection.groups]
+    # Its inputs are as they were: the blocks, the scores, the coupling.
+    assert [(id(ids), why) for ids, why in plan.blocks] == [(id(ids), why) for ids, why in blocks]
+    assert all(torch.equal(scores[k], v) for k, v in plan.scores.items())
+    assert coupling_contents(plan.coupling) == before
+    # Without the plan's blocks, the same coupling and scores choose differently (exclude= is a block).
+    bare = selection.select(plan.coupling, plan.options, plan.scores, model)
+    assert not torch.equal(bare.removed, plan.selection.removed)
+
+
+def test_global_ties_are_broken_the_same_way_every_time():
+    """Equal scores in different groups: the choice must not depend on where objects live in memory."""
+    chosen = set()
+    for _ in range(5):
+        torch.manual_seed(0)
+        model = nets.Chain()
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.constant_(m.weight, 0.1)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        junk = [object() for _ in range(100)]  # shifts where the next objects are allocated
+        plan = pangkas.plan_channels(model, torch.randn(nets.IMAGES), ratio=0.3, scope="global")
+        chosen.add(tuple(tuple(g.removed.tolist()) for g in plan.selection.groups))
+        del junk
+    assert len(chosen) == 1

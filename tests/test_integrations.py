@@ -98,6 +98,7 @@ def test_pruned_toy_saves_and_loads_into_a_fresh_instance(tmp_path, request):
     pangkas.prune_channels(model, x, ratio=0.5, integrations=[TOY])
     path = pangkas.save(model, tmp_path / "toy.safetensors")
     assert pangkas.load(path, toy()[0]).attention.n_heads == 4  # load knows the registered families only
+    torch.testing.assert_close(pangkas.load(path, toy()[0], integrations=[TOY])(x), model(x), rtol=0, atol=0)
     request.getfixturevalue("registered_toy")
     torch.testing.assert_close(pangkas.load(path, toy()[0])(x), model(x), rtol=0, atol=0)
 

@@ -1,4 +1,5 @@
 import copy
+import re
 
 import pytest
 import torch
@@ -286,3 +287,124 @@ def test_apply_returns_a_report():
     assert as_dict["kind"] == "layers" and as_dict["removed"] == ["blocks.3"]
     assert as_dict["params_after"] == sum(p.numel() for p in model.parameters()) < as_dict["params_before"]
     assert "layers removed" in str(report)
+
+
+# -- importance criteria as objects -------------------------------------------------------------
+
+class Pick(pangkas.layer_importance.LayerImportance):
+    """Scores one given block lowest: whatever the data says, that block goes first."""
+
+    needs_data = False
+
+    def __init__(self, block, name="pick"):
+        self.block, self.name = block, name
+        self.calls = 0
+
+    def scores(self, model, candidates, data, **fns):
+        self.calls += 1
+        return {c.name: 0.0 if c.name == self.block else 1.0 + i for i, c in enumerate(candidates)}
+
+
+@pytest.fixture
+def registry():
+    """``pangkas.layer_importance``; what a test registers is removed afterwards."""
+    before = set(pangkas.layer_importance.names())
+    yield pangkas.layer_importance
+    for name in set(pangkas.layer_importance.names()) - before:
+        pangkas.layer_importance.unregister(name)
+
+
+def test_builtins_are_registered_objects():
+    assert pangkas.layer_importance.names()[:5] == ("block_influence", "angular", "loss", "metric", "magnitude")
+    model = Stack(silent=3)
+    plan = pangkas.plan_layers(model, data(), n=1, importance=pangkas.layer_importance.BlockInfluence())
+    assert plan.scores == block_influence(model, layer_candidates(model, data()[0]), data())
+    assert plan.chosen == ["blocks.3"] and plan.importance == "block_influence"
+
+
+def test_a_registered_criterion_is_used_by_name(registry):
+    registry.register(Pick("blocks.1", name="mine"))
+    model = Stack(silent=3)  # block_influence would remove blocks.3
+    plan = pangkas.plan_layers(model, data(), n=1, importance="mine")
+    assert plan.chosen == ["blocks.1"] and plan.scores["blocks.1"] == 0.0
+    assert plan.importance == "mine" and "layer plan: importance=mine" in str(plan)
+    report = plan.apply()
+    assert len(model.blocks) == 5 and report.to_dict()["importance"] == "mine"
+
+
+def test_an_object_or_a_function_works_without_registering(registry):
+    pick = Pick("blocks.4")
+    plan = pangkas.plan_layers(Stack(), data(), n=1, importance=pick)
+    assert plan.chosen == ["blocks.4"] and pick.calls == 1 and "pick" not in registry.names()
+    assert "importance=pick" in str(plan)
+
+    def deepest(model, candidates, data):
+        return {c.name: -i for i, c in enumerate(candidates)}
+
+    plan = pangkas.plan_layers(Stack(), data(), n=2, importance=deepest)
+    assert plan.chosen == ["blocks.5", "blocks.4"] and plan.importance == "deepest"
+
+
+def test_a_taken_name_is_refused_unless_replaced(registry):
+    registry.register(Pick("blocks.1", name="mine"))
+    for name in ("mine", "block_influence"):
+        with pytest.raises(pangkas.PangkasError, match=f"'{name}' is already registered"):
+            registry.register(Pick("blocks.2", name=name))
+    assert pangkas.plan_layers(Stack(), data(), n=1, importance="mine").chosen == ["blocks.1"]
+    assert pangkas.plan_layers(Stack(silent=3), data(), n=1).chosen == ["blocks.3"]
+    registry.register(Pick("blocks.2", name="mine"), replace=True)
+    assert pangkas.plan_layers(Stack(), data(), n=1, importance="mine").chosen == ["blocks.2"]
+    with pytest.raises(pangkas.PangkasError, match=r"an instance: Pick\(\)"):
+        registry.register(Pick)
+
+
+def test_needs_are_checked_before_the_model_runs():
+    class NeedsLoss(Pick):
+        needs_loss = True
+
+    class NeedsMetric(Pick):
+        needs_metric = True
+
+    model = Stack()
+    runs = []
+    model.register_forward_pre_hook(lambda module, args: runs.append(1))
+    for criterion, missing in ((NeedsLoss("blocks.1", "lossy"), "loss_fn"),
+                               (NeedsMetric("blocks.1", "metricky"), "metric_fn")):
+        with pytest.raises(pangkas.PangkasError, match=f"importance='{criterion.name}' needs {missing}="):
+            pangkas.plan_layers(model, data(), n=1, importance=criterion)
+        assert criterion.calls == 0
+    assert runs == []
+    plan = pangkas.plan_layers(model, data(), n=1, importance=NeedsLoss("blocks.1"), loss_fn=lambda o, b: 0.0)
+    assert plan.chosen == ["blocks.1"]
+
+
+def test_an_unknown_name_lists_the_registered_ones(registry):
+    registry.register(Pick("blocks.1", name="mine"))
+    listed = list(registry.names())
+    assert listed[:5] == ["block_influence", "angular", "loss", "metric", "magnitude"] and "mine" in listed
+    with pytest.raises(pangkas.PangkasError, match=re.escape(str(listed)) + r".*got 'vibes'"):
+        pangkas.plan_layers(Stack(), data(), n=1, importance="vibes")
+    with pytest.raises(pangkas.PangkasError, match=r"an instance: importance=Pick\(\)"):
+        pangkas.plan_layers(Stack(), data(), n=1, importance=Pick)
+
+
+@pytest.mark.parametrize("answer,message", [
+    (lambda found: ({}, ["embed"]), "not candidate blocks"),
+    (lambda found: ({"head": 0.0}, [found[0].name, found[1].name]), "not candidate blocks"),
+    (lambda found: ({}, [found[0].name, found[0].name]), "expected 2 distinct blocks"),
+    (lambda found: ({}, [found[0].name]), "expected 2 distinct blocks"),
+    (lambda found: [found[0].name, found[1].name], "must return"),
+])
+def test_a_criterion_that_chooses_wrongly_is_refused_and_the_model_kept(answer, message):
+    class Wrong(pangkas.layer_importance.LayerImportance):
+        name = "wrong"
+
+        def choose(self, model, candidates, data, n, **fns):
+            return answer(candidates)
+
+    model = Stack()
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(pangkas.PangkasError, match=message):
+        pangkas.prune_layers(model, data(), n=2, importance=Wrong())
+    assert len(model.blocks) == 6 and isinstance(model.embed, nn.Linear)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -358,3 +358,41 @@ def test_calibrated_methods_refuse_non_finite_activations(method, bad):
     with pytest.raises(pangkas.PangkasError, match=r"cannot prune fc1: .*not finite"):
         pangkas.prune_weights(model, sparsity=0.5, importance=method, data=data)
     assert_unchanged(model, before)
+
+
+# -- plans and reports -------------------------------------------------------------------------
+
+def test_plan_weights_changes_nothing_until_applied_and_predicts_the_result():
+    torch.manual_seed(0)
+    model = mlp()
+    twin = copy.deepcopy(model)
+    state = copy.deepcopy(model.state_dict())
+    plan = pangkas.plan_weights(model, sparsity=0.75, scope="global")
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()) and get_mask(model[0]) is None
+    predicted = {l.name: l.nonzero_after for l in plan.layers()}
+    assert "weight plan: sparsity=0.75 (global)" in str(plan)
+    report = plan.apply()
+    assert {l.name: l.nonzero_after for l in report.layers} == predicted
+    expected = pangkas.prune_weights(twin, sparsity=0.75, scope="global")
+    assert all(torch.equal(v, twin.state_dict()[k]) for k, v in model.state_dict().items())
+    assert report.to_dict() == expected.to_dict()
+    with pytest.raises(pangkas.PangkasError, match="already applied"):
+        plan.apply()
+
+
+def test_a_weight_plan_refuses_a_model_pruned_since():
+    model = mlp()
+    plan = pangkas.plan_weights(model, sparsity=0.5)
+    pangkas.prune_weights(model, sparsity=0.3)
+    with pytest.raises(pangkas.PangkasError, match="changed since this plan"):
+        plan.apply()
+
+
+def test_weight_report_speaks_the_report_protocol():
+    model = mlp()
+    report = pangkas.prune_weights(model, sparsity=0.5)
+    as_dict = report.to_dict()
+    assert isinstance(report, pangkas.Report) and as_dict["kind"] == "weights"
+    assert as_dict["params_before"] == report.nonzero_before > as_dict["params_after"] == report.nonzero_after
+    assert as_dict["macs_before"] is None and as_dict["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert [l["name"] for l in as_dict["layers"]] == ["0", "2", "4"]

@@ -7,11 +7,13 @@ from .io import load, save
 from .layers import LayerPlan, LayerReport, layer_candidates, plan_layers, prune_layers
 from .measure import Measurement, compare, measure
 from .recover import RecoveryReport, recover
+from .reports import Report
 from .schedules import GradualPruning, iterative
 from .sensitivity import Sensitivity, sensitivity
-from .transformer import plan_transformer, prune_transformer
+from .transformer import TransformerPlan, plan_transformer, prune_transformer
 from .weights import (
-    SparseLinear, SparseReport, WeightReport, finalize, prune_weights, to_sparse_inference,
+    SparseLinear, SparseReport, WeightPlan, WeightReport, finalize, plan_weights, prune_weights,
+    to_sparse_inference,
 )
 
 __version__ = "0.1.0"
@@ -19,7 +21,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ChannelReport", "Plan", "plan_channels", "prune_channels",
     "LayerPlan", "LayerReport", "layer_candidates", "plan_layers", "prune_layers",
-    "plan_transformer", "prune_transformer",
+    "TransformerPlan", "plan_transformer", "prune_transformer", "WeightPlan", "plan_weights", "Report",
     "RecoveryReport", "recover", "Sensitivity", "sensitivity", "GradualPruning", "iterative",
     "Measurement", "OperationFailed", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
     "compare", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",

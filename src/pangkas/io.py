@@ -244,7 +244,8 @@ def _read(path: Path, tensors: bool = True) -> tuple[dict[str, torch.Tensor], di
         raise PangkasError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
 
 
-def load(path: str | os.PathLike, model: torch.nn.Module, *, dtype: torch.dtype | None = None) -> torch.nn.Module:
+def load(path: str | os.PathLike, model: torch.nn.Module, *, dtype: torch.dtype | None = None,
+         integrations: list | None = None) -> torch.nn.Module:
     """Load weights and masks from ``path`` into ``model``, which must have the same architecture.
     Plain safetensors state dicts load too.
 
@@ -254,14 +255,15 @@ def load(path: str | os.PathLike, model: torch.nn.Module, *, dtype: torch.dtype 
 
     Checksums and header are checked before the model is touched, shapes and dtypes before any
     value is. On any error ``PangkasError`` is raised; on it or an interrupt (re-raised as it is)
-    the model is left exactly as it was.
+    the model is left exactly as it was. ``integrations``: model families pruned with a per-call
+    ``integrations=`` (the registered ones are always known).
     """
     path = Path(path)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise PangkasError(f"dtype must be None (the file's dtypes must be the model's) or a floating-point "
                            f"torch.dtype to cast the file's floating-point tensors to, got {dtype!r}")
     header, state, masks = _decoded(path, *_read(path))
-    shrunk = _load_into(model, path, header, _cast(state, dtype), masks)
+    shrunk = _load_into(model, path, header, _cast(state, dtype), masks, integrations)
     if header.get("edits"):
         setattr(model, EDITS, list(header["edits"]))
     setattr(model, _LOADED_FROM, path.resolve())
@@ -295,7 +297,8 @@ def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str
     return {key: cast.get(id(t), t) for key, t in state.items()}
 
 
-def _load_into(model: torch.nn.Module, path: Path, header: dict, state: dict, masks: dict) -> dict:
+def _load_into(model: torch.nn.Module, path: Path, header: dict, state: dict, masks: dict,
+               integrations: list | None = None) -> dict:
     """Replay the file's edits, cut the model to its shapes and load it; returns the cut shapes.
     All of it is undone on failure or interrupt (which is re-raised as it is)."""
     undos = []
@@ -303,7 +306,7 @@ def _load_into(model: torch.nn.Module, path: Path, header: dict, state: dict, ma
         undos += _replay(model, header.get("edits", []), path)
         shrunk = _check_fits(model, state, path, allow_smaller=header.get("reshaped", False))
         if shrunk:
-            known = active_integrations()  # a fresh instance of a family's module needs its subclass again
+            known = active_integrations(integrations)  # a family's module is cut the way it was pruned
             undos.append(shrink(model, _keep_leading(model, shrunk), known.updater_for, known.fix))
         _restore(model, state, masks)
     except BaseException as exc:

@@ -10,7 +10,6 @@ its place.
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -22,36 +21,18 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .deprecation import renamed
 from .errors import OperationFailed, PangkasError
 from .inputs import call_model
+from .layer_importance import Candidate, LayerImportance, checked, input_tensor
+from .layer_importance import angular, block_influence, greedy, magnitude, runs  # noqa: F401 (their old home)
+from .layer_importance import resolve as resolve_importance
 from .macs import op_flops
 from .markers import EDITS
 from .measure import count_macs
 from .modules import Selector, as_patterns, evaluating, matches
 from .outputs import first_tensor, tensors
-from .progress import track
 from .repeats import is_stack
 from .reports import Report
 from .surgery.blocks import remove_blocks
 from .tables import human_count, render_table
-
-CRITERIA = ("block_influence", "angular", "loss", "metric", "magnitude")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A block that can go: its path, why it qualifies, its hidden-state shape, size and cost."""
-
-    name: str
-    kinds: tuple[str, ...]
-    container: str | None      # the ModuleList/Sequential it sits in, if any
-    index: int | None
-    shape: tuple[int, ...]
-    params: int
-    macs: int
-    tuple_length: int = 0  # the block returns a tuple of this length (0: a tensor)
-
-
-def _input_tensor(args, kwargs) -> torch.Tensor | None:
-    return first_tensor((args, kwargs.get("hidden_states"), kwargs))
 
 
 @dataclass
@@ -93,7 +74,7 @@ def layer_candidates(model: nn.Module, example_inputs) -> list[Candidate]:
     seen: dict[str, dict] = {}
 
     def enter(module, args, kwargs):
-        frames.append(_Frame(_input_tensor(args, kwargs)))
+        frames.append(_Frame(input_tensor(args, kwargs)))
 
     def leave(module, args, kwargs, output):
         frame = frames.pop()
@@ -138,143 +119,6 @@ def _qualify(model: nn.Module, name: str, info: dict) -> Candidate | None:
     return Candidate(name, tuple(kinds), parent_name if in_container else None,
                      int(child) if in_container else None, info["shape"], params, info["macs"],
                      info["tuple"])
-
-
-# -- scoring ---------------------------------------------------------------------------------
-
-def _features(t: torch.Tensor) -> int:
-    """The dim holding features: channels for NCHW maps, the last dim otherwise."""
-    return 1 if t.ndim == 4 else t.ndim - 1
-
-
-def _cosine(x: torch.Tensor, y: torch.Tensor, batch) -> torch.Tensor:
-    """Mean cosine similarity of ``x`` and ``y`` per position (tokens, pixels); padding tokens
-    (``attention_mask == 0`` in a dict batch) do not count."""
-    dim = _features(x)
-    cos = nn.functional.cosine_similarity(x.float(), y.float(), dim=dim, eps=1e-8)
-    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-    if isinstance(mask, torch.Tensor) and mask.shape == cos.shape:
-        return (cos * mask).sum() / mask.sum().clamp_min(1)
-    return cos.mean()
-
-
-def _hidden_states(model, candidates, data) -> Iterable[tuple[object, dict]]:
-    """Per batch: the batch, and each candidate's (input, output) hidden states."""
-    captured: dict[str, tuple] = {}
-    by_module = {id(model.get_submodule(c.name)): c.name for c in candidates}
-
-    def hook(module, args, kwargs, output):
-        captured[by_module[id(module)]] = (_input_tensor(args, kwargs), first_tensor(output))
-
-    handles = [model.get_submodule(c.name).register_forward_hook(hook, with_kwargs=True) for c in candidates]
-    try:
-        for batch in data:
-            captured.clear()
-            with torch.no_grad():
-                call_model(model, batch)
-            yield batch, captured
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def block_influence(model, candidates, data) -> dict[str, float]:
-    """1 - cos(input, output) of each block (ShortGPT's Block Influence): low = the block barely
-    changes its hidden state."""
-    total = {c.name: 0.0 for c in candidates}
-    batches = 0
-    for batch, states in _hidden_states(model, candidates, data):
-        for name, (x, y) in states.items():
-            total[name] += 1 - float(_cosine(x, y, batch))
-        batches += 1
-    return {name: s / batches for name, s in total.items()}
-
-
-def runs(candidates: list[Candidate], n: int) -> list[list[Candidate]]:
-    """Contiguous runs of ``n`` candidates: consecutive indices in one container."""
-    found = []
-    for i in range(len(candidates) - n + 1):
-        run = candidates[i:i + n]
-        if run[0].container is not None and all(
-                c.container == run[0].container and c.index == run[0].index + k for k, c in enumerate(run)):
-            found.append(run)
-    return found
-
-
-def angular(model, candidates, data, n: int) -> dict[tuple[str, ...], float]:
-    """Angular distance arccos(cos)/pi between the input of a run's first block and the output
-    of its last (Gromov et al. 2024): low = the whole run could go."""
-    options = runs(candidates, n)
-    if not options:
-        raise PangkasError(f"criterion='angular' needs {n} consecutive blocks in one container; none found")
-    total = {tuple(c.name for c in run): 0.0 for run in options}
-    batches = 0
-    for batch, states in _hidden_states(model, candidates, data):
-        for run in options:
-            cos = float(_cosine(states[run[0].name][0], states[run[-1].name][1], batch))
-            total[tuple(c.name for c in run)] += math.acos(max(-1.0, min(1.0, cos))) / math.pi
-        batches += 1
-    return {key: s / batches for key, s in total.items()}
-
-
-def magnitude(model, candidates) -> dict[str, float]:
-    """Mean |w| of a block's parameters: the baseline any data-driven criterion must beat."""
-    scores = {}
-    for c in candidates:
-        params = [p.detach().abs().float() for p in model.get_submodule(c.name).parameters()]
-        scores[c.name] = float(torch.cat([p.flatten() for p in params]).mean()) if params else 0.0
-    return scores
-
-
-def _skipping(model, names: list[str]):
-    """Forward hooks that make blocks return their input (the block as if deleted)."""
-    def hook(module, args, kwargs, output):
-        x = _input_tensor(args, kwargs)
-        return (x,) + tuple(output[1:]) if isinstance(output, tuple) else x
-
-    return [model.get_submodule(n).register_forward_hook(hook, with_kwargs=True) for n in names]
-
-
-def _evaluate(model, data, fn) -> float:
-    total, batches = 0.0, 0
-    with torch.no_grad():
-        for batch in data:
-            total += float(fn(call_model(model, batch), batch))
-            batches += 1
-    return total / batches
-
-
-def greedy(model, candidates, data, n: int, fn, higher_is_better: bool) -> tuple[list[str], dict[str, float]]:
-    """Remove, n times, the block whose skipping hurts ``fn`` least, re-scoring after each.
-
-    Returns the chosen blocks and each candidate's score from the first round (the change of
-    ``fn`` when that block alone is skipped; positive = worse)."""
-    sign = -1.0 if higher_is_better else 1.0
-    chosen: list[str] = []
-    first: dict[str, float] = {}
-    handles = []
-    try:
-        for step in range(n):
-            base = _evaluate(model, data, fn)
-            scores = {}
-            pool = [c for c in candidates if not any(_nested(c.name, done) for done in chosen)]
-            if not pool:
-                raise PangkasError(f"only {len(chosen)} blocks can be removed together (the others nest in them)")
-            for c in track(pool, f"scoring blocks ({step + 1}/{n})"):
-                trial = _skipping(model, [c.name])
-                try:
-                    scores[c.name] = sign * (_evaluate(model, data, fn) - base)
-                finally:
-                    for h in trial:
-                        h.remove()
-            first = first or scores
-            best = min(scores, key=scores.get)
-            chosen.append(best)
-            handles += _skipping(model, [best])
-    finally:
-        for h in handles:
-            h.remove()
-    return chosen, first
 
 
 # -- planning and removal --------------------------------------------------------------------
@@ -406,7 +250,7 @@ def plan_layers(
     *,
     n: int | None = None,
     ratio: float | None = None,
-    importance: str = "block_influence",
+    importance: str | LayerImportance | Callable = "block_influence",
     include: Selector = None,
     exclude: Selector = None,
     loss_fn: Callable | None = None,
@@ -420,28 +264,23 @@ def plan_layers(
     contiguous run of ``n`` blocks whose ends are closest), ``"loss"`` (``loss_fn(output, batch)``
     rises least when the block alone is skipped; greedy, re-scored after each removal),
     ``"metric"`` (same with ``metric_fn``, higher is better), ``"magnitude"`` (mean |w|, a
-    baseline). ``include`` / ``exclude`` (module-name globs or types, as everywhere) restrict the
-    candidate blocks: a type selects exactly its instances (``include=BertLayer``), a glob a block
-    and what is inside it. ``candidates`` (deprecated: use ``include``) lists exact block names.
+    baseline), any name given to ``pangkas.layer_importance.register``, a
+    ``pangkas.layer_importance.LayerImportance`` object, or ``fn(model, candidates, data) ->
+    {block name: score}`` (the lowest go).
+
+    ``include`` / ``exclude`` (module-name globs or types, as everywhere) restrict the candidate
+    blocks: a type selects exactly its instances (``include=BertLayer``), a glob a block and what
+    is inside it. ``candidates`` (deprecated: use ``include``) lists exact block names.
     """
-    _check_importance(importance, loss_fn, metric_fn)
+    criterion = resolve_importance(importance, loss_fn, metric_fn)
     batches = _batches(data)
     if not batches:
         raise PangkasError("data is empty: layer pruning needs at least one batch to find and score blocks")
     found = _selected(model, layer_candidates(model, batches[0]), include, exclude, candidates)
     count = _count(n, ratio, len(found))
-    scores, chosen = _score(model, found, batches, importance, count, loss_fn, metric_fn)
+    scores, chosen = _choose(model, found, batches, criterion, count, loss_fn, metric_fn)
     params = sum(p.numel() for p in model.parameters())
-    return LayerPlan(model, batches[0], found, importance, scores, chosen, count_macs(model, batches[0]), params)
-
-
-def _check_importance(importance, loss_fn, metric_fn) -> None:
-    if importance not in CRITERIA:
-        raise PangkasError(f"importance must be one of {list(CRITERIA)}, got {importance!r}")
-    if importance == "loss" and loss_fn is None:
-        raise PangkasError("importance='loss' needs loss_fn=(output, batch) -> scalar")
-    if importance == "metric" and metric_fn is None:
-        raise PangkasError("importance='metric' needs metric_fn=(output, batch) -> scalar (higher is better)")
+    return LayerPlan(model, batches[0], found, criterion.name, scores, chosen, count_macs(model, batches[0]), params)
 
 
 def _selected(model, found: list[Candidate], include: Selector, exclude: Selector,
@@ -467,36 +306,11 @@ def _selected(model, found: list[Candidate], include: Selector, exclude: Selecto
             and not any(matches(p, name, module) for p in excludes)]
 
 
-def _nested(a: str, b: str) -> bool:
-    return a == b or a.startswith(b + ".") or b.startswith(a + ".")
-
-
-def _lowest(scores: dict[str, float], count: int) -> list[str]:
-    """The ``count`` lowest-scoring blocks, none inside another chosen one."""
-    chosen: list[str] = []
-    for name in sorted(scores, key=scores.get):
-        if len(chosen) == count:
-            break
-        if not any(_nested(name, c) for c in chosen):
-            chosen.append(name)
-    if len(chosen) < count:
-        raise PangkasError(f"only {len(chosen)} blocks can be removed together (the others nest in them)")
-    return chosen
-
-
-def _score(model, found, batches, importance, count, loss_fn, metric_fn):
+def _choose(model, found, batches, criterion: LayerImportance, count, loss_fn, metric_fn):
+    """(scores, chosen blocks) by ``criterion``, the model in eval mode meanwhile."""
     with evaluating(model):
-        if importance in ("block_influence", "magnitude"):
-            scores = (block_influence(model, found, track(batches, "scoring blocks"))
-                      if importance == "block_influence" else magnitude(model, found))
-            return scores, _lowest(scores, count)
-        if importance == "angular":
-            by_run = angular(model, found, track(batches, "scoring runs"), count)
-            best = min(by_run, key=by_run.get)
-            return {run[0]: d for run, d in by_run.items()}, list(best)
-        fn, higher = (loss_fn, False) if importance == "loss" else (metric_fn, True)
-        chosen, scores = greedy(model, found, batches, count, fn, higher)
-        return scores, chosen
+        result = criterion.choose(model, found, batches, count, loss_fn=loss_fn, metric_fn=metric_fn)
+    return checked(criterion, result, found, count)
 
 
 @renamed(criterion="importance")

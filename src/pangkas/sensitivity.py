@@ -107,20 +107,23 @@ def _check(ratios, eval_fn) -> tuple[float, ...]:
 @torch.no_grad()
 def sensitivity(model: nn.Module, eval_fn: Callable[[nn.Module], float], *, kind: str = "channels",
                 example_inputs=None, ratios: Sequence[float] = RATIOS, importance="l1",
-                higher_is_better: bool = True, include=None, exclude=None) -> Sensitivity:
-    """Prune one unit at a time over ``ratios`` and record ``eval_fn(model)``.
+                higher_is_better: bool = True, include=None, exclude=None, data=None,
+                loss_fn=None) -> Sensitivity:
+    """Prune one unit at a time over ``ratios`` and record ``eval_fn(model)`` (a whole-model
+    score, higher is better unless ``higher_is_better=False``).
 
     ``kind="channels"``: units are the coupled channel groups of ``plan_channels`` (needs
-    ``example_inputs``), named by their first producing module; ``kind="weights"``: units are the
-    Linear and convolution layers (``include`` / ``exclude`` select them). The model is left as
-    it was.
+    ``example_inputs``; ``importance``, ``data``, ``loss_fn``, ``include`` and ``exclude`` go to
+    it), named by their first producing module; ``kind="weights"``: units are the Linear and
+    convolution layers (``include`` / ``exclude`` select them). The model is left as it was.
     """
     ratios = _check(ratios, eval_fn)
     baseline = float(eval_fn(model))
     if kind == "channels":
         if example_inputs is None:
             raise PangkasError("kind='channels' needs example_inputs= to find the channel groups")
-        metrics, sizes = _channel_sweep(model, eval_fn, example_inputs, ratios, importance)
+        options = dict(importance=importance, include=include, exclude=exclude, data=data, loss_fn=loss_fn)
+        metrics, sizes = _channel_sweep(model, eval_fn, example_inputs, ratios, options)
     elif kind == "weights":
         metrics, sizes = _weight_sweep(model, eval_fn, ratios, include, exclude)
     else:
@@ -128,11 +131,11 @@ def sensitivity(model: nn.Module, eval_fn: Callable[[nn.Module], float], *, kind
     return Sensitivity(kind, ratios, baseline, metrics, sizes, higher_is_better)
 
 
-def _channel_sweep(model, eval_fn, example_inputs, ratios, importance):
+def _channel_sweep(model, eval_fn, example_inputs, ratios, options):
     from .channels import plan_channels
     from .oracle import silence_removed
 
-    plan = plan_channels(model, example_inputs, ratio=0.0, importance=importance)
+    plan = plan_channels(model, example_inputs, ratio=0.0, **options)
     classes = plan.selection.classes
     metrics, sizes = {}, {}
     for group in track([g for g in plan.selection.groups if len(g.classes) > 1], "sensitivity: channel groups"):

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -52,27 +52,27 @@ class Slot:
     index: int
 
 
-@dataclass
+@dataclass(frozen=True)
 class Coupling:
-    """What a trace found. Ids index every parameter/buffer position; ``classes[id]`` is the
-    representative of the set that must be removed together (0 = can never be removed)."""
+    """What a trace found; read-only (a plan keeps its own blocks and passes them in). Ids index
+    every parameter/buffer position; ``classes[id]`` is the representative of the set that must
+    be removed together (0 = can never be removed)."""
 
     num_ids: int
-    tensor_ids: dict[str, list[torch.Tensor]]         # state-dict key -> ids per dim
+    tensor_ids: dict[str, tuple[torch.Tensor, ...]]   # state-dict key -> ids per dim
     unions: tuple[torch.Tensor, torch.Tensor]
-    blocks: list[tuple[torch.Tensor, str]]
-    approximations: list[tuple[torch.Tensor, str]]
+    blocks: tuple[tuple[torch.Tensor, str], ...]
+    approximations: tuple[tuple[torch.Tensor, str], ...]
     consumed: torch.Tensor                               # ids read by a weight's input dim
     produced: torch.Tensor                               # ids of dims that create channels
-    records: list[OpRecord]
-    extra_blocks: list[tuple[torch.Tensor, str]] = field(default_factory=list)
+    records: tuple[OpRecord, ...]
     on_meta: bool = True  # traced on meta tensors (else under FakeTensorMode on the model's device)
 
-    def classes(self, allow_approximate: bool = False) -> torch.Tensor:
-        """Each id's class representative; classes that must stay are joined to FIXED (0)."""
-        blocked = self.blocks + self.extra_blocks
-        if not allow_approximate:
-            blocked = blocked + self.approximations
+    def classes(self, allow_approximate: bool = False, blocks=()) -> torch.Tensor:
+        """Each id's class representative; classes that must stay (the trace's blocks, ``blocks``
+        (ids, why) given by the caller, and unless ``allow_approximate`` the approximations) are
+        joined to FIXED (0)."""
+        blocked = [*self.blocks, *blocks, *(() if allow_approximate else self.approximations)]
         left = [self.unions[0]] + [ids.flatten() for ids, _ in blocked]
         right = [self.unions[1]] + [torch.zeros(ids.numel(), dtype=torch.long) for ids, _ in blocked]
         return components(self.num_ids, torch.cat(left), torch.cat(right))
@@ -411,12 +411,12 @@ def trace(model: nn.Module, example_inputs, adapter: Adapter | None = None, keep
     unions = (torch.cat(engine.left) if engine.left else empty, torch.cat(engine.right) if engine.right else empty)
     return Coupling(
         num_ids=engine.next_id,
-        tensor_ids=tensor_ids,
+        tensor_ids={name: tuple(dims) for name, dims in tensor_ids.items()},
         unions=unions,
-        blocks=engine.blocks,
-        approximations=engine.approximations,
+        blocks=tuple(engine.blocks),
+        approximations=tuple(engine.approximations),
         consumed=torch.cat(engine.consumed) if engine.consumed else empty,
         produced=torch.cat(engine.produced) if engine.produced else empty,
-        records=records,
+        records=tuple(records),
         on_meta=engine.on_meta,
     )

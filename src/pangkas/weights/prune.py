@@ -13,6 +13,7 @@ from torch import nn
 from ..deprecation import renamed
 from ..errors import PangkasError
 from ..modules import Selector, select_modules
+from ..reports import Report
 from ..tables import human_count, render_table
 from . import criteria
 from . import sparsity as rules
@@ -39,9 +40,25 @@ class LayerSparsity:
         return 1 - self.nonzero_after / self.numel
 
 
+def _layer_table(title: str, layers, params: int, nonzero_before: int, nonzero_after: int,
+                 skipped: dict[str, str]) -> str:
+    rows = [(l.name, "x".join(map(str, l.shape)), human_count(l.nonzero_before),
+             human_count(l.nonzero_after), f"{l.sparsity:.2%}") for l in layers]
+    numel = sum(layer.numel for layer in layers)
+    rows.append(("pruned layers", "", "", "", f"{1 - sum(l.nonzero_after for l in layers) / numel:.2%}"))
+    rows.append(("whole model", human_count(params), human_count(nonzero_before),
+                 human_count(nonzero_after), f"{1 - nonzero_after / params:.2%}"))
+    text = render_table(title, ("layer", "shape", "non-zero before", "non-zero after", "sparsity"), rows)
+    for name, why in skipped.items():
+        text += f"\nskipped {name}: {why}"
+    return text
+
+
 @dataclass(frozen=True)
-class WeightReport:
-    """What ``prune_weights`` did: per-layer sparsity and model-wide non-zero counts."""
+class WeightReport(Report):
+    """What ``prune_weights`` did: per-layer sparsity and model-wide non-zero counts. As a
+    ``Report``, its params before/after are the non-zero ones (MACs: None, a dense kernel does
+    them all)."""
 
     rule: str
     layers: tuple[LayerSparsity, ...]
@@ -49,6 +66,16 @@ class WeightReport:
     nonzero_before: int
     nonzero_after: int
     skipped: dict[str, str] = field(default_factory=dict)
+    kind = "weights"
+    params_before = property(lambda self: self.nonzero_before)
+    params_after = property(lambda self: self.nonzero_after)
+    macs_before = macs_after = None
+
+    def details(self) -> dict:
+        return {"rule": self.rule, "params": self.params, "sparsity": self.sparsity,
+                "model_sparsity": self.model_sparsity, "skipped": dict(self.skipped),
+                "layers": [{"name": l.name, "shape": list(l.shape), "nonzero_before": l.nonzero_before,
+                            "nonzero_after": l.nonzero_after} for l in self.layers]}
 
     @property
     def sparsity(self) -> float:
@@ -62,19 +89,65 @@ class WeightReport:
         return 1 - self.nonzero_after / self.params
 
     def __str__(self) -> str:
-        rows = [
-            (l.name, "x".join(map(str, l.shape)), human_count(l.nonzero_before),
-             human_count(l.nonzero_after), f"{l.sparsity:.2%}")
-            for l in self.layers
-        ]
-        rows.append(("pruned layers", "", "", "", f"{self.sparsity:.2%}"))
-        rows.append(("whole model", human_count(self.params), human_count(self.nonzero_before),
-                     human_count(self.nonzero_after), f"{self.model_sparsity:.2%}"))
-        text = render_table(f"prune_weights: {self.rule}",
-                            ("layer", "shape", "non-zero before", "non-zero after", "sparsity"), rows)
-        for name, why in self.skipped.items():
-            text += f"\nskipped {name}: {why}"
-        return text
+        return _layer_table(f"prune_weights: {self.rule}", self.layers, self.params, self.nonzero_before,
+                            self.nonzero_after, self.skipped)
+
+
+@dataclass
+class WeightPlan:
+    """What ``prune_weights`` would do: each layer's new mask (and, for SparseGPT, its
+    compensated weights). Nothing changes until :meth:`apply`."""
+
+    model: nn.Module
+    rule: str
+    targets: list[tuple[str, nn.Module]]
+    masks: list[torch.Tensor]
+    old_masks: list[torch.Tensor | None]
+    updates: dict[str, torch.Tensor]  # layer name -> the weight it gets (SparseGPT)
+    skipped: dict[str, str]
+    applied: bool = False
+
+    def layers(self) -> tuple[LayerSparsity, ...]:
+        """Each layer's non-zero weights now and after ``apply()``."""
+        return tuple(
+            LayerSparsity(name, tuple(m.weight.shape), int(torch.count_nonzero(m.weight)),
+                          int(torch.count_nonzero(self.updates.get(name, m.weight) * mask)))
+            for (name, m), mask in zip(self.targets, self.masks))
+
+    def __str__(self) -> str:
+        layers = self.layers()
+        params, nonzero = parameter_counts(self.model)
+        after = nonzero - sum(l.nonzero_before - l.nonzero_after for l in layers)
+        return _layer_table(f"weight plan: {self.rule}", layers, params, nonzero, after, self.skipped)
+
+    @torch.no_grad()
+    def apply(self) -> WeightReport:
+        """Set the masks (and compensated weights) of every layer, or of none: on an error or an
+        interrupt the model is restored."""
+        if self.applied:
+            raise PangkasError("this plan was already applied; make a new plan for further pruning")
+        for (name, module), old in zip(self.targets, self.old_masks):
+            now = get_mask(module)
+            if (now is None) != (old is None) or (now is not None and not torch.equal(now, old)):
+                raise PangkasError(f"the model changed since this plan was made ({name}); make a new plan")
+        modules = [m for _, m in self.targets]
+        before = [int(torch.count_nonzero(m.weight)) for m in modules]
+        params, nonzero_before = parameter_counts(self.model)
+        updates = [(underlying_parameter(m), self.updates[n]) for n, m in self.targets if n in self.updates]
+        saved = [(param, param.detach().clone()) for param, _ in updates]
+        try:
+            for param, weight in updates:
+                param.data.copy_(weight)
+            _apply(modules, self.masks, self.old_masks)
+        except BaseException:  # an interrupt too: never leave half the updates in place
+            for param, data in saved:
+                param.data.copy_(data)
+            raise
+        self.applied = True
+        layers = tuple(LayerSparsity(name, tuple(m.weight.shape), b, int(torch.count_nonzero(m.weight)))
+                       for (name, m), b in zip(self.targets, before))
+        return WeightReport(self.rule, layers, params, nonzero_before, parameter_counts(self.model)[1],
+                            self.skipped)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:
@@ -183,7 +256,7 @@ def _new_masks(targets, weights, old_masks, criterion, sparsity, threshold, patt
 
 @renamed(method="importance")
 @torch.no_grad()
-def prune_weights(
+def plan_weights(
     model: nn.Module,
     *,
     sparsity: float | None = None,
@@ -194,8 +267,9 @@ def prune_weights(
     include: Selector = None,
     exclude: Selector = None,
     data: Iterable | None = None,
-) -> WeightReport:
-    """Mask weights of Linear and (transposed) convolution layers so they stay zero through training.
+) -> WeightPlan:
+    """Plan masking weights of Linear and (transposed) convolution layers so they stay zero through
+    training; ``plan.apply()`` (or ``prune_weights``, plan + apply) does it.
 
     Exactly one rule:
 
@@ -218,48 +292,30 @@ def prune_weights(
     criterion = _validate(sparsity, threshold, pattern, scope, importance, data)
     targets, skipped = _targets(model, include, exclude)
     _check_finite(targets)
-    modules = [m for _, m in targets]
-    weights = [m.weight for m in modules]
-    old_masks = [None if (mask := get_mask(m)) is None else mask.clone() for m in modules]
-    layer_nonzero = [int(torch.count_nonzero(w)) for w in weights]
-    params, nonzero_before = parameter_counts(model)
-
-    updates = []  # SparseGPT's compensated weights
+    weights = [m.weight for _, m in targets]
+    old_masks = [None if (mask := get_mask(m)) is None else mask.clone() for _, m in targets]
+    updates = {}  # SparseGPT's compensated weights
     if isinstance(criterion, CalibratedImportance):
         found = calibrated_masks(model, dict(targets), data, criterion, sparsity,
                                  parse_pattern(pattern) if pattern else None, get_mask)
         new_masks = [found[name][1] if name in found else torch.ones_like(w, dtype=torch.bool)
                      for (name, _), w in zip(targets, weights)]
-        updates = [(underlying_parameter(m), found[n][0]) for n, m in targets if n in found and found[n][0] is not None]
+        updates = {n: found[n][0] for n, _ in targets if n in found and found[n][0] is not None}
     else:
         new_masks = _new_masks(targets, weights, old_masks, criterion, sparsity, threshold, pattern, scope)
     masks = [new if old is None else new & old for new, old in zip(new_masks, old_masks)]
-    saved = [(param, param.detach().clone()) for param, _ in updates]
-    try:
-        for param, weight in updates:
-            param.data.copy_(weight)
-        _apply(modules, masks, old_masks)
-    except BaseException:  # an interrupt too: never leave half the updates in place
-        for param, data in saved:
-            param.data.copy_(data)
-        raise
-
-    layers = tuple(
-        LayerSparsity(name, tuple(m.weight.shape), before, int(torch.count_nonzero(m.weight)))
-        for (name, m), before in zip(targets, layer_nonzero)
-    )
     rule = (f"sparsity={sparsity} ({scope})" if sparsity is not None
             else f"threshold={threshold}" if threshold is not None else f"pattern={pattern}")
     if sparsity is not None or pattern is not None:
         rule += f", importance={criterion.name}"
-    return WeightReport(
-        rule=rule,
-        layers=layers,
-        params=params,
-        nonzero_before=nonzero_before,
-        nonzero_after=parameter_counts(model)[1],
-        skipped=skipped,
-    )
+    return WeightPlan(model, rule, targets, masks, old_masks, updates, skipped)
+
+
+@renamed(method="importance")
+def prune_weights(model: nn.Module, **options) -> WeightReport:
+    """``plan_weights(model, **options).apply()``: mask weights so they stay zero through
+    training (see :func:`plan_weights` for the options)."""
+    return plan_weights(model, **options).apply()
 
 
 def _apply(modules, masks, old_masks) -> None:

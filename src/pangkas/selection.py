@@ -1,0 +1,256 @@
+"""Channel selection: which channels a channel plan removes.
+
+Pure: the coupling (read-only), the scores, the options and the blocks (ids whose channels must
+stay, each with why) in; the chosen channels out. Nothing it is given is changed. Blocks join
+their classes (sets of positions removed together) to FIXED; classes produced by one parameter
+dim form a group, and each group loses its lowest-scoring classes per its ratio, or all classes
+are ranked together (``scope="global"``). A removal no tensor shape could express is blocked
+and the choice made again.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import PangkasError
+from .graph.labels import components
+from .graph.trace import Coupling
+from .modules import Selector, as_patterns, matches
+from .widths import fastest
+
+Block = tuple[torch.Tensor, str]  # ids whose channels must stay, and why
+Timer = Callable[[int], float]  # output width -> seconds
+TimerFor = Callable[["Group"], Timer | None]  # round_to="auto": how to time a group's producer
+NOT_RECTANGULAR = "removal would not leave a rectangular tensor"
+
+
+@dataclass(frozen=True)
+class Options:
+    ratio: float
+    importance: object
+    scope: str
+    ratios: dict
+    round_to: int | str
+    max_ratio: float
+    allow_approximate: bool
+
+
+@dataclass
+class Group:
+    """Channels removed together as one unit of the ratio (one layer's outputs, a residual stream)."""
+
+    modules: tuple[str, ...]
+    classes: torch.Tensor       # class representatives (ids)
+    scores: torch.Tensor
+    removed: torch.Tensor       # bool per class
+    approximate: bool = False
+
+    @property
+    def kept(self) -> int:
+        return int((~self.removed).sum())
+
+
+@dataclass
+class Selection:
+    """Everything derived from the coupling for one set of blocks."""
+
+    classes: torch.Tensor       # id -> class representative (0: fixed)
+    removed: torch.Tensor       # bool per id: position is removed
+    groups: list[Group]
+
+
+def select_rectangular(coupling: Coupling, options: Options, scores: dict, model: nn.Module,
+                       blocks: Sequence[Block] = (), timer_for: TimerFor | None = None
+                       ) -> tuple[Selection, tuple[Block, ...]]:
+    """:func:`select`, then block every axis whose removal would not leave a rectangular tensor,
+    until none is left. Returns the selection and the blocks this added, in order."""
+    added: list[Block] = []
+    while True:
+        selection = select(coupling, options, scores, model, [*blocks, *added], timer_for)
+        broken = _non_rectangular(coupling, selection)
+        if not broken:
+            return selection, tuple(added)
+        added.extend((ids, NOT_RECTANGULAR) for ids in broken)
+
+
+def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module,
+           blocks: Sequence[Block] = (), timer_for: TimerFor | None = None) -> Selection:
+    """Classes from the coupling and ``blocks``, grouped, scored, and the lowest of each group
+    marked removed. ``round_to="auto"`` asks ``timer_for(group)`` for the widths' timings (none:
+    the exact count)."""
+    classes = coupling.classes(options.allow_approximate, blocks)
+    approximate = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    for ids, _ in coupling.approximations:
+        approximate[classes[ids]] = True
+    reps, score = _class_scores(coupling, classes, scores)
+    group_of, producers = _grouping(coupling, classes)
+    members: dict[int, list[int]] = {}
+    for rep, g in zip(reps.tolist(), group_of[reps].tolist()):
+        members.setdefault(g, []).append(rep)
+    groups = []
+    for ids in members.values():
+        cls = torch.tensor(ids)
+        modules = tuple(dict.fromkeys(n for m in ids for n in producers.get(m, ())))
+        groups.append(Group(modules, cls, score[cls], torch.zeros(len(ids), dtype=torch.bool),
+                            bool(approximate[cls].any())))
+    _choose(groups, options, model, timer_for)
+    removed_class = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    for g in groups:
+        removed_class[g.classes[g.removed]] = True
+    return Selection(classes, removed_class[classes], groups)
+
+
+def blocks_outside(model: nn.Module, coupling: Coupling, include: Selector, exclude: Selector) -> list[Block]:
+    """Blocks keeping every channel that touches a module ``include`` leaves out or ``exclude`` names."""
+    includes, excludes = as_patterns(include), as_patterns(exclude)
+    named = list(model.named_modules())
+    for label, patterns in (("include", includes), ("exclude", excludes)):
+        for pattern in patterns:
+            if not any(matches(pattern, n, m) for n, m in named):
+                shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
+                raise PangkasError(f"{label} entry {shown} matches no module of {type(model).__name__}")
+    blocks = []
+    for name, ids in coupling.tensor_ids.items():
+        module_name = module_of(name)
+        module = model.get_submodule(module_name) if module_name else model
+        if any(matches(p, module_name, module) for p in excludes):
+            why = f"exclude={module_name}"
+        elif includes and not any(matches(p, module_name, module) for p in includes):
+            why = f"not in include= ({module_name or type(model).__name__})"
+        else:
+            continue
+        blocks.extend((dim_ids, why) for dim_ids in ids)
+    return blocks
+
+
+def planned_shape(shaped, removed: torch.Tensor) -> tuple[int, ...]:
+    """The shape of a traced tensor ``(shape, axes)`` once the positions ``removed`` flags go."""
+    shape, axes = shaped
+    shape = list(shape)
+    for ax in axes:
+        kept = ~removed[ax.ids]
+        for pos, d in enumerate(ax.dims):
+            others = [i for i in range(kept.ndim) if i != pos]
+            shape[d] = int(kept.any(others).sum()) if others else int(kept.sum())
+    return tuple(shape)
+
+
+def module_of(name: str) -> str:
+    """The module owning a parameter/buffer name (a parametrization's owner for its tensors)."""
+    module = name.rsplit(".", 1)[0] if "." in name else ""
+    return module.split(".parametrizations.")[0]
+
+
+def _non_rectangular(coupling: Coupling, selection: Selection) -> list[torch.Tensor]:
+    """Axes over several dims whose kept positions are not a full grid, or that would vanish."""
+    broken, seen = [], set()
+    for record in coupling.records:
+        for _, axes in record.inputs + record.outputs:
+            for ax in axes:
+                if id(ax) in seen:
+                    continue
+                seen.add(id(ax))
+                kept = ~selection.removed[ax.ids]
+                if not kept.any():
+                    broken.append(ax.ids)
+                elif kept.ndim > 1:
+                    grid = torch.ones_like(kept)
+                    for pos in range(kept.ndim):
+                        others = [i for i in range(kept.ndim) if i != pos]
+                        shape = [1] * kept.ndim
+                        shape[pos] = kept.shape[pos]
+                        grid = grid & kept.any(others).reshape(shape)
+                    if not torch.equal(grid, kept):
+                        broken.append(ax.ids)
+    return broken
+
+
+def _class_scores(coupling: Coupling, classes: torch.Tensor, scores: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the prunable classes, each class's summed score): every (tensor, dim) adds its
+    per-position scores to the classes of its positions."""
+    score = torch.zeros(coupling.num_ids)
+    present = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    for name, dims in coupling.tensor_ids.items():
+        for dim, ids in enumerate(dims):
+            reps = classes[ids]
+            present[reps] = True
+            if (name, dim) in scores:
+                score.index_add_(0, reps, scores[(name, dim)].to(score.dtype))
+    present[0] = False
+    return torch.nonzero(present).flatten(), score
+
+
+def _grouping(coupling: Coupling, classes: torch.Tensor) -> tuple[torch.Tensor, dict[int, dict[str, None]]]:
+    """Each class's group, and the modules producing each class. Classes produced by the same
+    parameter dim (one layer's outputs) are one group; a residual stream merges its producers."""
+    is_produced = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    is_produced[coupling.produced] = True
+    producers: dict[int, dict[str, None]] = {}
+    left, right = [], []
+    for name, dims in coupling.tensor_ids.items():
+        for ids in dims:
+            reps = classes[ids][is_produced[ids] & (classes[ids] != 0)]
+            if reps.numel():
+                left.append(reps[:-1])
+                right.append(reps[1:])
+                for rep in reps.unique().tolist():
+                    producers.setdefault(rep, {})[module_of(name)] = None
+    empty = torch.zeros(0, dtype=torch.long)
+    return components(coupling.num_ids, torch.cat(left) if left else empty,
+                      torch.cat(right) if right else empty), producers
+
+
+def _group_ratio(group: Group, options: Options, model: nn.Module) -> float:
+    for pattern, r in options.ratios.items():
+        for name in group.modules:
+            module = model.get_submodule(name) if name else model
+            if matches(pattern, name, module):
+                return r
+    return options.ratio
+
+
+def _choose(groups: list[Group], options: Options, model: nn.Module, timer_for: TimerFor | None) -> None:
+    """Mark the lowest-scoring classes of each group removed, per the ratio and scope."""
+    def remove(g, n):
+        timer = timer_for(g) if options.round_to == "auto" and timer_for is not None else None
+        _remove_lowest(g, n, options, timer)
+
+    if options.scope == "local" or options.ratios:
+        for g in groups:
+            remove(g, round(_group_ratio(g, options, model) * len(g.classes)))
+        return
+    # Global: rank all classes by score normalised within their group, remove the lowest. Ties
+    # go by group order (deterministic; an object's id would differ between runs).
+    ranked = []
+    for index, g in enumerate(groups):
+        mean = g.scores.mean()
+        normed = g.scores / mean if mean > 0 else g.scores
+        ranked.extend((float(s), index, i) for i, s in enumerate(normed))
+    total = round(options.ratio * len(ranked))
+    cap = [min(len(g.classes) - 1, int(options.max_ratio * len(g.classes))) for g in groups]
+    count = Counter()
+    for s, index, i in sorted(ranked):
+        if total == 0:
+            break
+        if count[index] < cap[index]:
+            count[index] += 1
+            total -= 1
+    for index, n in count.items():
+        remove(groups[index], n)
+
+
+def _remove_lowest(group: Group, n: int, options: Options, timer: Timer | None = None) -> None:
+    size = len(group.classes)
+    keep = max(1, size - n)
+    if options.round_to == "auto":
+        keep = fastest(keep, size, timer) if timer is not None else keep
+    elif options.round_to > 1:
+        keep = min(size, -(-keep // options.round_to) * options.round_to)
+    order = torch.argsort(group.scores, stable=True)
+    group.removed[:] = False
+    group.removed[order[: size - keep]] = True
