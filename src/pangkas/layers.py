@@ -27,7 +27,7 @@ from .layer_importance import resolve as resolve_importance
 from .macs import op_flops
 from .markers import EDITS
 from .measure import count_macs
-from .modules import Selector, as_patterns, evaluating, matches
+from .modules import ModuleFilter, Selector, evaluating
 from .outputs import first_tensor, tensors
 from .repeats import is_stack
 from .reports import Report
@@ -294,16 +294,8 @@ def _selected(model, found: list[Candidate], include: Selector, exclude: Selecto
             raise PangkasError(f"not removable blocks: {unknown}; candidates are {[c.name for c in found][:12]}")
         found = [c for c in found if c.name in set(candidates)]
     blocks = [(c.name, model.get_submodule(c.name)) for c in found]
-    for label, selector in (("include", include), ("exclude", exclude)):
-        for pattern in as_patterns(selector):
-            if not any(matches(pattern, name, module) for name, module in blocks):
-                shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
-                raise PangkasError(f"{label} entry {shown} matches no removable block; candidates are "
-                                   f"{[c.name for c in found][:12]}")
-    includes, excludes = as_patterns(include), as_patterns(exclude)
-    return [c for c, (name, module) in zip(found, blocks)
-            if (not includes or any(matches(p, name, module) for p in includes))
-            and not any(matches(p, name, module) for p in excludes)]
+    chosen = ModuleFilter(include, exclude, blocks, "removable block")
+    return [c for c, (name, module) in zip(found, blocks) if chosen.allows(name, module)]
 
 
 def _choose(model, found, batches, criterion: LayerImportance, count, loss_fn, metric_fn):

@@ -38,36 +38,40 @@ def matches(pattern: str | type, name: str, module: nn.Module) -> bool:
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
 
 
+class ModuleFilter:
+    """``include`` / ``exclude`` checked against the named modules they choose from: every pattern
+    must match one of them, so a typo is an error, not a silent no-op."""
+
+    def __init__(self, include: Selector, exclude: Selector, named: list[tuple[str, nn.Module]], what: str):
+        self.includes, self.excludes = as_patterns(include), as_patterns(exclude)
+        for label, patterns in (("include", self.includes), ("exclude", self.excludes)):
+            for pattern in patterns:
+                if not any(matches(pattern, n, m) for n, m in named):
+                    shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
+                    raise PangkasError(f"{label} entry {shown} matches no {what}; names look like "
+                                       f"{[n for n, _ in named[:6]]}")
+
+    def excluded(self, name: str, module: nn.Module) -> bool:
+        return any(matches(p, name, module) for p in self.excludes)
+
+    def included(self, name: str, module: nn.Module) -> bool:
+        return not self.includes or any(matches(p, name, module) for p in self.includes)
+
+    def allows(self, name: str, module: nn.Module) -> bool:
+        return self.included(name, module) and not self.excluded(name, module)
+
+
 def select_modules(
     model: nn.Module,
     kinds: tuple[type, ...],
     include: Selector = None,
     exclude: Selector = None,
 ) -> list[tuple[str, nn.Module]]:
-    """Modules of ``kinds`` that ``include`` selects (everything when None) and ``exclude`` does not.
-
-    Every pattern must match some module of the model, so a typo is an error, not a silent no-op.
-    """
-    includes, excludes = as_patterns(include), as_patterns(exclude)
+    """Modules of ``kinds`` that ``include`` selects (everything when None) and ``exclude`` does not."""
     named = list(model.named_modules())
-    for label, patterns in (("include", includes), ("exclude", excludes)):
-        for pattern in patterns:
-            if not any(matches(pattern, n, m) for n, m in named):
-                shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
-                raise PangkasError(
-                    f"{label} pattern {shown} matches no module of {type(model).__name__}; "
-                    f"module names look like {[n for n, _ in named[1:6]]}"
-                )
-    chosen = []
-    for name, module in named:
-        if not isinstance(module, kinds):
-            continue
-        if includes and not any(matches(p, name, module) for p in includes):
-            continue
-        if any(matches(p, name, module) for p in excludes):
-            continue
-        chosen.append((name, module))
-    return chosen
+    chosen = ModuleFilter(include, exclude, named, f"module of {type(model).__name__}")
+    return [(name, module) for name, module in named
+            if isinstance(module, kinds) and chosen.allows(name, module)]
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

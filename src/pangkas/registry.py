@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 from .errors import PangkasError
@@ -10,11 +11,32 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """Objects of one ``kind`` by their ``name`` attribute; a name is taken once unless replaced."""
+    """Objects of one ``kind`` by their ``name`` attribute; a name is taken once unless replaced.
 
-    def __init__(self, kind: str, base: type):
+    ``from_function`` (optional) turns a plain function into an object of the kind, so that an
+    argument may be a function too; ``signature`` says what that function looks like.
+    """
+
+    def __init__(self, kind: str, base: type, from_function: Callable[[Callable], T] | None = None,
+                 signature: str = ""):
         self.kind, self.base = kind, base
+        self.from_function, self.signature = from_function, signature
         self._items: dict[str, T] = {}
+
+    def resolve(self, value, argument: str = "importance") -> T:
+        """The object ``value`` is or names: an instance of the base class, a registered name, or
+        a plain function (when the kind takes them)."""
+        if isinstance(value, self.base):
+            return value
+        if isinstance(value, str) and value in self._items:
+            return self._items[value]
+        if isinstance(value, type) and issubclass(value, self.base):
+            raise PangkasError(f"{argument}= takes an instance: {argument}={value.__name__}()")
+        if self.from_function is not None and callable(value) and not isinstance(value, (str, type)):
+            return self.from_function(value)
+        function = f" or a function {self.signature}" if self.from_function is not None else ""
+        raise PangkasError(f"{argument} must be one of {list(self.names())} (the registered names), a "
+                           f"{self.base.__name__} object{function}, got {value!r}")
 
     def register(self, item: T, *, replace: bool = False) -> T:
         """Add ``item`` under ``item.name``; a second object of the same name is refused unless

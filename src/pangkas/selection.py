@@ -20,7 +20,7 @@ from torch import nn
 from .errors import PangkasError
 from .graph.labels import components
 from .graph.trace import Coupling
-from .modules import Selector, as_patterns, matches
+from .modules import ModuleFilter, Selector, matches
 from .widths import fastest
 
 Block = tuple[torch.Tensor, str]  # ids whose channels must stay, and why
@@ -107,20 +107,14 @@ def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module,
 
 def blocks_outside(model: nn.Module, coupling: Coupling, include: Selector, exclude: Selector) -> list[Block]:
     """Blocks keeping every channel that touches a module ``include`` leaves out or ``exclude`` names."""
-    includes, excludes = as_patterns(include), as_patterns(exclude)
-    named = list(model.named_modules())
-    for label, patterns in (("include", includes), ("exclude", excludes)):
-        for pattern in patterns:
-            if not any(matches(pattern, n, m) for n, m in named):
-                shown = pattern.__name__ if isinstance(pattern, type) else repr(pattern)
-                raise PangkasError(f"{label} entry {shown} matches no module of {type(model).__name__}")
+    chosen = ModuleFilter(include, exclude, list(model.named_modules()), f"module of {type(model).__name__}")
     blocks = []
     for name, ids in coupling.tensor_ids.items():
         module_name = module_of(name)
         module = model.get_submodule(module_name) if module_name else model
-        if any(matches(p, module_name, module) for p in excludes):
+        if chosen.excluded(module_name, module):
             why = f"exclude={module_name}"
-        elif includes and not any(matches(p, module_name, module) for p in includes):
+        elif not chosen.included(module_name, module):
             why = f"not in include= ({module_name or type(model).__name__})"
         else:
             continue

@@ -107,36 +107,9 @@ class Random(FromFunction):
         super().__init__(random)
 
 
-CRITERIA: Registry[WeightImportance] = Registry("weight importance", WeightImportance)
-
-
-def register(criterion: WeightImportance, *, replace: bool = False) -> WeightImportance:
-    """Make ``criterion`` usable as ``prune_weights(importance=criterion.name)``; a name already
-    taken is refused unless ``replace=True``."""
-    return CRITERIA.register(criterion, replace=replace)
-
-
-def unregister(name: str) -> WeightImportance:
-    return CRITERIA.unregister(name)
-
-
-def names() -> tuple[str, ...]:
-    return CRITERIA.names()
-
-
-def resolve(importance) -> WeightImportance:
-    """The criterion ``importance`` names or is: a registered name, a :class:`WeightImportance`,
-    or a plain ``fn(weight) -> scores``."""
-    if isinstance(importance, WeightImportance):
-        return importance
-    if isinstance(importance, str) and importance in CRITERIA:
-        return CRITERIA.get(importance)
-    if isinstance(importance, type) and issubclass(importance, WeightImportance):
-        raise PangkasError(f"importance= takes an instance: importance={importance.__name__}()")
-    if callable(importance) and not isinstance(importance, str):
-        return FromFunction(importance)
-    raise PangkasError(f"importance must be one of {list(names())} (the registered names), a WeightImportance "
-                       f"object or a callable fn(weight) -> scores, got {importance!r}")
+CRITERIA: Registry[WeightImportance] = Registry("weight importance", WeightImportance, FromFunction,
+                                                "fn(weight) -> scores")
+register, unregister, names, resolve = CRITERIA.register, CRITERIA.unregister, CRITERIA.names, CRITERIA.resolve
 
 
 def scores_of(criterion: WeightImportance, weight: torch.Tensor, name: str) -> torch.Tensor:
