@@ -74,7 +74,7 @@ def minilm_table(rounds: int) -> str:
     return render_table(
         f"MiniLM (6 layers, {human_count(params)} params): layers removed, scored on 100 sentences, "
         "fidelity on 600 others",
-        ("removed", "criterion", "layers", "params", "latency vs full", "mean cosine to full"), rows,
+        ("removed", "importance", "layers", "params", "latency vs full", "mean cosine to full"), rows,
         markdown=True)
 
 

@@ -67,7 +67,7 @@ def main() -> None:
     args = arguments(__doc__, "oneshot.md", rounds=None).parse_args()
     warnings.filterwarnings("ignore")
     rows = minilm_rows() + digits_rows()
-    table = render_table("one-shot weight pruning, no fine-tuning", ("model", "sparsity", "method", "result"),
+    table = render_table("one-shot weight pruning, no fine-tuning", ("model", "sparsity", "importance", "result"),
                          rows, markdown=True)
     publish(args.out, "One-shot weight pruning: magnitude, Wanda, SparseGPT", table,
             f"Measured with {environment()}. MiniLM: encoder Linear layers only (embeddings and "
