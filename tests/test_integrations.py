@@ -160,3 +160,30 @@ def test_lower_layers_do_not_reach_up(folder, forbidden):
     for path in (SOURCE / folder).glob("*.py"):
         bad = {m for m in _imports(path) if m.startswith(forbidden)}
         assert not bad, f"{path.name} imports {bad}"
+
+
+class Fragile(nn.Module):
+    """Its own forward insists on the width it was built with; its traced form does not."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.width = nn.Linear(8, 8), 8
+
+    def forward(self, x):
+        assert x.shape[-1] == self.width, "built for another width"
+        return self.fc(x)
+
+
+class Tolerant(Fragile):
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_a_cut_that_verifies_only_as_traced_is_refused_and_undone():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), Fragile(), nn.ReLU(), nn.Linear(8, 2)).eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    family = Integration("tolerant", traced_as={Fragile: Tolerant})
+    with pytest.raises(pangkas.OperationFailed, match="does not run as itself.*built for another width"):
+        pangkas.prune_channels(model, torch.randn(2, 4), ratio=0.5, integrations=[family])
+    assert type(model[2]) is Fragile and model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

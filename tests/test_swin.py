@@ -57,3 +57,14 @@ def test_pruned_swin_round_trips_saves_and_pickles(tmp_path):
     buffer.seek(0)
     again = torch.load(buffer, weights_only=False)
     torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("v2", [False, True])
+def test_hidden_width_cut_without_losing_heads_still_runs(v2):
+    """Approximate pruning may narrow the input width while every head stays: torchvision's own
+    code would then derive a wrong head size, so the module takes the subclass too."""
+    model, x = small_swin(v2), torch.randn(2, 3, 36, 44)
+    pangkas.prune_channels(model, x, ratio=0.4, scope="global", allow_approximate=True)
+    narrowed = [m for m in attentions(model) if m.qkv.weight.shape[0] != 3 * m.qkv.weight.shape[1]]
+    assert narrowed and all(type(m).__name__.startswith("HeadPrunable") for m in narrowed)
+    assert model(x).shape == (2, 10)

@@ -21,7 +21,9 @@ from torch import nn
 
 from .errors import OperationFailed, PangkasError
 from .graph.trace import Coupling, OpRecord, TraceFailed
+from .inputs import call_model
 from .markers import RESHAPED
+from .modules import evaluating
 from .repeats import same_place
 from .selection import Block, module_of, planned_shape
 from .surgery import Undo, shrink
@@ -46,6 +48,11 @@ def apply(plan) -> Callable[[], None]:
     check_unchanged(plan.model, plan.coupling)
     reshaped = vars(plan.model).get(RESHAPED)
     undo = converge(plan, plan.model)
+    try:
+        runs_as_itself(plan.model, plan.example_inputs)
+    except BaseException:
+        undo.restore()
+        raise
     plan.applied = True
     setattr(plan.model, RESHAPED, True)
 
@@ -57,6 +64,17 @@ def apply(plan) -> Callable[[], None]:
         plan.applied = False
 
     return revert
+
+
+def runs_as_itself(model: nn.Module, example_inputs) -> None:
+    """Run the cut model as it is, untraced: the trace may follow a module through a same-maths
+    subclass (an integration's ``traced_as``), so the module's own code must be checked too."""
+    try:
+        with evaluating(model), torch.no_grad():
+            call_model(model, example_inputs)
+    except Exception as exc:
+        raise OperationFailed(f"the pruned model verified as traced but does not run as itself "
+                              f"({type(exc).__name__}: {exc}); the model is unchanged") from exc
 
 
 def rehearse(plan) -> None:

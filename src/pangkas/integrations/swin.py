@@ -132,12 +132,16 @@ def attention_modules(model: nn.Module) -> dict[str, Heads]:
 
 
 def _fix_heads(model: nn.Module, undo: Undo) -> None:
-    """Surgery fixer: a Swin attention that lost heads counts them and keeps the subclass."""
+    """Surgery fixer: a Swin attention whose heads or head size changed counts its heads and keeps
+    the subclass (torchvision's code derives the head size from the input width, which pruning
+    the hidden size may change apart from the heads)."""
     if SWIN not in sys.modules:
         return
     swin = sys.modules[SWIN]
     for m in model.modules():
-        if not isinstance(m, swin.ShiftedWindowAttention) or _heads(m) == m.num_heads:
+        if not isinstance(m, swin.ShiftedWindowAttention):
+            continue
+        if _heads(m) == m.num_heads and m.qkv.weight.shape[0] == 3 * m.qkv.weight.shape[1]:
             continue
         undo.remember(m, ("__class__", "num_heads"))
         m.num_heads = _heads(m)
