@@ -72,12 +72,15 @@ class Plan:
     # -- numbers -----------------------------------------------------------------------------
 
     def keep(self) -> dict[str, list[torch.Tensor | None]]:
-        """Per tensor name, per dim: the kept positions (None where nothing is removed)."""
-        removed = self.selection.removed
+        """Per tensor name, per dim: the kept positions (None where nothing is removed); for a
+        dim cut per row-block of dim 0 (a grouped conv's inputs), the kept positions per block."""
+        selection = self.selection
+        removed = selection.removed
         keep = {}
         for name, dims in self.coupling.tensor_ids.items():
-            per_dim = [None if not removed[ids].any() else torch.nonzero(~removed[ids]).flatten()
-                       for ids in dims]
+            per_dim = [None if not removed[ids].any() else
+                       selection.gathered_keep((name, dim)) if (name, dim) in selection.gathered else
+                       torch.nonzero(~removed[ids]).flatten() for dim, ids in enumerate(dims)]
             if any(k is not None for k in per_dim):
                 keep[name] = per_dim
         return keep

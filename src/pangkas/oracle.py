@@ -30,8 +30,11 @@ def silence_removed(plan: Plan, removed: torch.Tensor | None = None) -> list[tup
     if coupling.consumed.numel():
         consumed[coupling.consumed] = True
     classes = plan.selection.classes
+    gathered = plan.selection.gathered
     has_consumer = torch.zeros(coupling.num_ids, dtype=torch.bool)
     has_consumer[classes[consumed.nonzero().flatten()]] = True
+    for rows in gathered.values():  # a grouped conv reads each row's channels per block
+        has_consumer[classes[rows]] = True
     where = owners(plan.model)
     saved = []
     for name, dims in coupling.tensor_ids.items():
@@ -40,11 +43,22 @@ def silence_removed(plan: Plan, removed: torch.Tensor | None = None) -> list[tup
             continue
         tensor = module._parameters[attr]
         for dim, ids in enumerate(dims):
-            zero = removed[ids] & (consumed[ids] | ~has_consumer[classes[ids]])
+            if (name, dim) in gathered:
+                zero = removed[gathered[(name, dim)]]  # (blocks, n): per row-block of dim 0
+                zero = zero.repeat_interleave(tensor.shape[0] // zero.shape[0], 0)
+                shape = [zero.shape[0]] + [1] * (tensor.ndim - 1)
+                shape[dim] = zero.shape[1]
+                zero_mask = zero.reshape(shape).expand_as(tensor)
+            else:
+                zero = removed[ids] & (consumed[ids] | ~has_consumer[classes[ids]])
+                zero_mask = None
             if zero.any():
                 if not saved or saved[-1][0] is not tensor:
                     saved.append((tensor, tensor.detach().clone()))
-                tensor.index_fill_(dim, zero.nonzero().flatten().to(tensor.device), 0.0)
+                if zero_mask is not None:
+                    tensor.masked_fill_(zero_mask.to(tensor.device), 0.0)
+                else:
+                    tensor.index_fill_(dim, zero.nonzero().flatten().to(tensor.device), 0.0)
     return saved
 
 

@@ -6,19 +6,24 @@ their classes (sets of positions removed together) to FIXED; classes produced by
 dim form a group, and each group loses its lowest-scoring classes per its ratio, or all classes
 are ranked together (``scope="global"``). A removal no tensor shape could express is blocked
 and the choice made again.
+
+Partitions (a grouped conv's groups, GroupNorm's groups) ask every row to keep the same number
+of positions: a group covered by one loses the same count from each row, each row its own
+lowest. Where that cannot be expressed (a class spanning rows, a row partly fixed, two different
+partitions over the same channels), the partition falls back to tying offsets across rows.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from .errors import PangkasError
-from .graph.labels import components
+from .graph.labels import Partition, components
 from .graph.trace import Coupling
 from .modules import ModuleFilter, Selector, matches
 from .widths import fastest
@@ -49,6 +54,7 @@ class Group:
     scores: torch.Tensor
     removed: torch.Tensor       # bool per class
     approximate: bool = False
+    rows: torch.Tensor | None = None  # (rows, n) indices into classes that keep equal counts
 
     @property
     def kept(self) -> int:
@@ -62,6 +68,14 @@ class Selection:
     classes: torch.Tensor       # id -> class representative (0: fixed)
     removed: torch.Tensor       # bool per id: position is removed
     groups: list[Group]
+    # (tensor name, dim) cut per row-block of dim 0 -> ids (rows, n) of the channel each position
+    # stands for in each row-block (a grouped conv's input dim); see ``gathered_keep``.
+    gathered: dict = field(default_factory=dict)
+
+    def gathered_keep(self, key) -> torch.Tensor:
+        """The kept positions per row-block (rows, k) of a gathered tensor dim."""
+        kept = ~self.removed[self.gathered[key]]
+        return torch.stack([row.nonzero().flatten() for row in kept])
 
 
 def select_rectangular(coupling: Coupling, options: Options, scores: dict, model: nn.Module,
@@ -83,11 +97,12 @@ def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module,
     """Classes from the coupling and ``blocks``, grouped, scored, and the lowest of each group
     marked removed. ``round_to="auto"`` asks ``timer_for(group)`` for the widths' timings (none:
     the exact count)."""
-    classes = coupling.classes(options.allow_approximate, blocks)
+    classes, held = _settle(coupling, options.allow_approximate, blocks)
     approximate = torch.zeros(coupling.num_ids, dtype=torch.bool)
     for ids, _ in coupling.approximations:
         approximate[classes[ids]] = True
-    reps, score = _class_scores(coupling, classes, scores)
+    gathered = _gathered(coupling, classes, held)
+    reps, score = _class_scores(coupling, classes, scores, gathered)
     group_of, producers = _grouping(coupling, classes)
     members: dict[int, list[int]] = {}
     for rep, g in zip(reps.tolist(), group_of[reps].tolist()):
@@ -97,12 +112,84 @@ def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module,
         cls = torch.tensor(ids)
         modules = tuple(dict.fromkeys(n for m in ids for n in producers.get(m, ())))
         groups.append(Group(modules, cls, score[cls], torch.zeros(len(ids), dtype=torch.bool),
-                            bool(approximate[cls].any())))
+                            bool(approximate[cls].any()), _rows_of(cls, held, classes)))
     _choose(groups, options, model, timer_for)
     removed_class = torch.zeros(coupling.num_ids, dtype=torch.bool)
     for g in groups:
         removed_class[g.classes[g.removed]] = True
-    return Selection(classes, removed_class[classes], groups)
+    removed = removed_class[classes]
+    for partition in held:
+        if partition.per_row is not None:  # the weight keeps k positions per row-block
+            k = int((~removed[partition.rows[0]]).sum())
+            removed[partition.per_row[k:]] = True
+    return Selection(classes, removed, groups, {key: p.rows for key, p in gathered.items()})
+
+
+def _settle(coupling: Coupling, allow_approximate: bool, blocks: Sequence[Block]
+            ) -> tuple[torch.Tensor, list[Partition]]:
+    """Classes, and the partitions that hold as equal counts per row; each other partition
+    falls back to tying offsets (which can make more fall back: repeat until none does)."""
+    ties, fallen = [], set()
+    while True:
+        classes = coupling.classes(allow_approximate, blocks, ties)
+        group_of, _ = _grouping(coupling, classes)
+        held, claimed, newly = [], {}, []
+        for index, p in enumerate(coupling.partitions):
+            if index in fallen:
+                continue
+            rows = classes[p.rows]
+            if not _holds(p, rows, classes, group_of):
+                newly.append(index)
+                continue
+            shape = frozenset(frozenset(r) for r in rows.tolist())
+            if any(claimed.setdefault(c, shape) != shape for c in rows.flatten().tolist() if c):
+                newly.append(index)  # the same channels under another partition: tie this one
+                continue
+            held.append(p)
+        if not newly:
+            return classes, held
+        fallen.update(newly)
+        ties += [coupling.partitions[i].ties() for i in newly]
+
+
+def _holds(p: Partition, rows: torch.Tensor, classes: torch.Tensor, group_of: torch.Tensor) -> bool:
+    """Whether ``p`` can keep counts per row: every position its own class, all removable (a fixed
+    one falls back: its ties fix the weight's per-row dim too), one group of exactly these classes."""
+    per_row = None if p.per_row is None else classes[p.per_row]
+    flat = rows.flatten()
+    if (flat == 0).any() or flat.unique().numel() != flat.numel():
+        return False
+    if per_row is not None and ((per_row == 0).any() or per_row.unique().numel() != per_row.numel()
+                                or torch.isin(per_row, flat).any()):
+        return False
+    group = group_of[flat]
+    if (group != group[0]).any():
+        return False
+    others = (group_of == group[0]) & (torch.arange(len(classes)) == classes)
+    return int(others.sum()) == flat.numel()
+
+
+def _gathered(coupling: Coupling, classes: torch.Tensor, held: list[Partition]) -> dict:
+    """(tensor name, dim) -> the held partition whose ``per_row`` classes that dim carries, in order."""
+    per_row = {tuple(classes[p.per_row].tolist()): p for p in held if p.per_row is not None}
+    found = {}
+    if per_row:
+        for name, dims in coupling.tensor_ids.items():
+            for dim, ids in enumerate(dims):
+                p = per_row.get(tuple(classes[ids].tolist()))
+                if p is not None:
+                    found[(name, dim)] = p
+    return found
+
+
+def _rows_of(cls: torch.Tensor, held: list[Partition], classes: torch.Tensor) -> torch.Tensor | None:
+    """The row structure of a held partition over exactly the classes ``cls``, as indices into it."""
+    for p in held:
+        rows = classes[p.rows]
+        if rows.numel() == cls.numel() and bool(torch.isin(cls, rows).all()):
+            position = {c: i for i, c in enumerate(cls.tolist())}
+            return torch.tensor([[position[c] for c in row] for row in rows.tolist()])
+    return None
 
 
 def blocks_outside(model: nn.Module, coupling: Coupling, include: Selector, exclude: Selector) -> list[Block]:
@@ -164,17 +251,22 @@ def _non_rectangular(coupling: Coupling, selection: Selection) -> list[torch.Ten
     return broken
 
 
-def _class_scores(coupling: Coupling, classes: torch.Tensor, scores: dict) -> tuple[torch.Tensor, torch.Tensor]:
+def _class_scores(coupling: Coupling, classes: torch.Tensor, scores: dict,
+                  gathered: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(the prunable classes, each class's summed score): every (tensor, dim) adds its
-    per-position scores to the classes of its positions."""
+    per-position scores to the classes of its positions. A gathered dim (a grouped conv's
+    input) is not a choice of its own: it gives each row's channel its score over the rows."""
     score = torch.zeros(coupling.num_ids)
     present = torch.zeros(coupling.num_ids, dtype=torch.bool)
     for name, dims in coupling.tensor_ids.items():
         for dim, ids in enumerate(dims):
-            reps = classes[ids]
-            present[reps] = True
+            p = gathered.get((name, dim))
+            reps = classes[ids] if p is None else classes[p.rows].flatten()
+            if p is None:
+                present[reps] = True
             if (name, dim) in scores:
-                score.index_add_(0, reps, scores[(name, dim)].to(score.dtype))
+                s = scores[(name, dim)].to(score.dtype)
+                score.index_add_(0, reps, s if p is None else (s / len(p.rows)).repeat(len(p.rows)))
     present[0] = False
     return torch.nonzero(present).flatten(), score
 
@@ -245,6 +337,22 @@ def _remove_lowest(group: Group, n: int, options: Options, timer: Timer | None =
         keep = fastest(keep, size, timer) if timer is not None else keep
     elif options.round_to > 1:
         keep = min(size, -(-keep // options.round_to) * options.round_to)
-    order = torch.argsort(group.scores, stable=True)
     group.removed[:] = False
+    if group.rows is not None:
+        _remove_per_row(group, keep, options)
+        return
+    order = torch.argsort(group.scores, stable=True)
     group.removed[order[: size - keep]] = True
+
+
+def _remove_per_row(group: Group, keep: int, options: Options) -> None:
+    """Keep the same number in every row (about ``keep`` in all: the removal shared equally, then
+    rounded up to ``round_to``), each row its highest-scoring."""
+    count, width = group.rows.shape
+    per_row = max(1, width - round((len(group.classes) - keep) / count))
+    step = options.round_to if isinstance(options.round_to, int) else 1
+    while (count * per_row) % step and per_row < width:
+        per_row += 1
+    for row in group.rows:
+        order = torch.argsort(group.scores[row], stable=True)
+        group.removed[row[order[: width - per_row]]] = True

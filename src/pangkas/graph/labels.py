@@ -36,6 +36,31 @@ class Axis:
         return Axis(tuple(new[i] for i in order), self.ids.permute(order) if len(order) > 1 else self.ids)
 
 
+@dataclass(frozen=True)
+class Partition:
+    """Positions split into rows (a grouped convolution's groups, GroupNorm's groups) of which
+    every row must keep the same *number*; which ones may differ per row. ``rows`` holds the ids
+    (groups, n). ``per_row``: ids of a weight dim whose position i stands, in the weight's
+    row-block g, for the channel ``rows[g, i]`` (a grouped conv's input dim), or None.
+
+    Where selection cannot keep counts per row (a class spanning rows, a row partly fixed, two
+    different partitions of the same channels), the partition falls back to :meth:`ties`:
+    every row keeps the same offsets, which is always valid."""
+
+    rows: torch.Tensor
+    why: str
+    per_row: torch.Tensor | None = None
+
+    def ties(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right) unions joining offset i of every row (and of ``per_row``)."""
+        first = self.rows[:1].expand_as(self.rows[1:])
+        left, right = [first.reshape(-1)], [self.rows[1:].reshape(-1)]
+        if self.per_row is not None:
+            left.append(self.rows[0])
+            right.append(self.per_row)
+        return torch.cat(left), torch.cat(right)
+
+
 Labels = tuple  # tuple[Axis, ...] with disjoint dims; () when the tensor carries no channel ids
 
 

@@ -646,15 +646,6 @@ def _join(e, x_ids, p_ids, what, consumes: bool = False):
             e.consume(p_ids)
 
 
-def _offsets_joined(e, ids: torch.Tensor, groups: int) -> torch.Tensor:
-    """Join the same offset of every group (so each group keeps the same offsets); the first
-    group's ids stand for all."""
-    grid = ids.reshape(groups, -1)
-    for g in range(1, groups):
-        e.union(grid[0], grid[g])
-    return grid[0]
-
-
 @rule(aten.convolution)
 def convolution(e, func, args, kwargs, out):
     b = bind(func, args, kwargs)
@@ -684,11 +675,15 @@ def convolution(e, func, args, kwargs, out):
         _join(e, None if x_ids is None else x_ids.repeat_interleave(m), w_out, "depthwise input",
               consumes=True)
     elif not transposed:
-        # Grouped: every group keeps the same input and output offsets, so the count holds.
-        _join(e, None if x_ids is None else _offsets_joined(e, x_ids, groups), w_in, "grouped input",
-              consumes=True)
+        # Grouped: each group must keep the same number of inputs and of outputs; which ones may
+        # differ per group (the weight's input dim is then cut per group: ``per_row``).
+        if x_ids is None or w_in is None:
+            _join(e, x_ids, w_in, "grouped input")
+        else:
+            e.consume(w_in)
+            e.partition(x_ids.reshape(groups, -1), "grouped convolution input", per_row=w_in)
         if w_out is not None:
-            _offsets_joined(e, w_out, groups)
+            e.partition(w_out.reshape(groups, -1), "grouped convolution output")
     else:
         e.block_tensor(x, "grouped transposed convolution")
         e.block_tensor(w, "grouped transposed convolution")
@@ -755,7 +750,7 @@ def group_norm(e, func, args, kwargs, out):
     x, weight = b["input"], b.get("weight")
     x_ax, rest = _per_channel(e, x, [weight, b.get("bias")], 1, "group norm", approximate=True)
     if x_ax is not None:
-        _offsets_joined(e, x_ax.ids, b["group"])  # channels stay divisible by the group count
+        e.partition(x_ax.ids.reshape(b["group"], -1), "group norm groups")  # equal channels per group
         if weight is None:
             e.block(x_ax.ids, "group norm without weight")
     e.set(tensors(out)[0], rest + ((x_ax,) if x_ax is not None else ()))

@@ -27,7 +27,7 @@ from ..macs import has_formula, op_flops
 from ..modules import evaluating
 from ..outputs import tensors
 from .adapter import Adapter
-from .labels import FIXED, Axis, components
+from .labels import FIXED, Axis, Partition, components
 from .rules import IGNORED, RuleError, find_rule, is_strict
 
 Shaped = tuple  # (shape, axes): a tensor as the plan sees it
@@ -67,14 +67,16 @@ class Coupling:
     produced: torch.Tensor                               # ids of dims that create channels
     records: tuple[OpRecord, ...]
     on_meta: bool = True  # traced on meta tensors (else under FakeTensorMode on the model's device)
+    partitions: tuple[Partition, ...] = ()  # rows that must keep equal counts (grouped convs)
 
-    def classes(self, allow_approximate: bool = False, blocks=()) -> torch.Tensor:
+    def classes(self, allow_approximate: bool = False, blocks=(), ties=()) -> torch.Tensor:
         """Each id's class representative; classes that must stay (the trace's blocks, ``blocks``
         (ids, why) given by the caller, and unless ``allow_approximate`` the approximations) are
-        joined to FIXED (0)."""
+        joined to FIXED (0). ``ties``: more (left, right) unions (partitions that fell back)."""
         blocked = [*self.blocks, *blocks, *(() if allow_approximate else self.approximations)]
-        left = [self.unions[0]] + [ids.flatten() for ids, _ in blocked]
-        right = [self.unions[1]] + [torch.zeros(ids.numel(), dtype=torch.long) for ids, _ in blocked]
+        left = [self.unions[0]] + [ids.flatten() for ids, _ in blocked] + [a for a, _ in ties]
+        right = ([self.unions[1]] + [torch.zeros(ids.numel(), dtype=torch.long) for ids, _ in blocked]
+                 + [b for _, b in ties])
         return components(self.num_ids, torch.cat(left), torch.cat(right))
 
 
@@ -90,6 +92,7 @@ class Engine:
         self.approximations: list[tuple[torch.Tensor, str]] = []
         self.consumed: list[torch.Tensor] = []
         self.produced: list[torch.Tensor] = []
+        self.partitions: list[Partition] = []
         self.weights = WeakIdKeyDictionary()  # parameters and tensors computed from them alone
         self.where = ""  # "op in module", for reasons
         self.module = ""  # the module running the current op
@@ -130,6 +133,13 @@ class Engine:
     def approximate(self, ids: torch.Tensor, why: str) -> None:
         if ids.numel():
             self.approximations.append((ids.reshape(-1), f"{why} ({self.where})"))
+
+    def partition(self, rows: torch.Tensor, why: str, per_row: torch.Tensor | None = None) -> None:
+        """Rows of ids (groups, n) that must each keep the same number (see ``Partition``)."""
+        if rows.numel() and rows.shape[0] > 1:
+            self.partitions.append(Partition(rows, f"{why} ({self.where})", per_row))
+        elif per_row is not None:
+            self.union(rows.reshape(-1), per_row)
 
     def is_weight(self, t) -> bool:
         return isinstance(t, torch.Tensor) and t in self.weights
@@ -419,4 +429,5 @@ def trace(model: nn.Module, example_inputs, adapter: Adapter | None = None, keep
         produced=torch.cat(engine.produced) if engine.produced else empty,
         records=tuple(records),
         on_meta=engine.on_meta,
+        partitions=tuple(engine.partitions),
     )

@@ -55,6 +55,21 @@ def _modules_of(model: nn.Module, name: str, owner: nn.Module) -> list[nn.Module
     return [owner]
 
 
+def _cut_per_block(cut: torch.Tensor, dim: int, index: torch.Tensor, rows: int,
+                   kept_rows: torch.Tensor | None) -> torch.Tensor:
+    """Keep ``index[b]`` along ``dim`` in row-block b of dim 0 (``rows`` rows before the cut, in
+    ``index.shape[0]`` equal blocks; ``kept_rows`` the rows kept of them, None: all)."""
+    block = torch.arange(rows, device=cut.device) // (rows // index.shape[0])
+    if kept_rows is not None:
+        block = block[kept_rows.to(cut.device)]
+    chosen = index[block]  # (rows kept, k)
+    shape = [chosen.shape[0]] + [1] * (cut.ndim - 1)
+    shape[dim] = chosen.shape[1]
+    sizes = list(cut.shape)
+    sizes[dim] = chosen.shape[1]
+    return cut.gather(dim, chosen.reshape(shape).expand(sizes))
+
+
 @torch.no_grad()
 def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]],
            updater_for: Callable[[type], Updater | None] | None = None,
@@ -82,7 +97,9 @@ def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]],
             data = tensor.data
             cut = data
             for dim, index in enumerate(per_dim):
-                if index is not None:
+                if index is not None and index.ndim == 2:
+                    cut = _cut_per_block(cut, dim, index.to(cut.device), data.shape[0], per_dim[0])
+                elif index is not None:
                     cut = cut.index_select(dim, index.to(cut.device))
             undo.tensors.append((tensor, data))
             tensor.data = cut.contiguous()
