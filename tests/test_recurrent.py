@@ -183,3 +183,41 @@ def test_failed_surgery_restores_the_sizes(monkeypatch):
     assert (model.rnn.hidden_size, model.rnn.input_size) == (12, 8)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     model(x)  # still runs as it was
+
+
+def test_unbatched_sequences_prune_exactly():
+    pruned = pruned_exactly(Tagger("gru", num_layers=2, bidirectional=True), torch.randn(5, 6))
+    assert pruned.rnn.hidden_size == 6 and pruned.rnn.input_size == 4
+
+
+class ZerosMadeInForward(nn.Module):
+    """The tutorial pattern: an explicit zero state built in forward from the model's own size."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = 10
+        self.rnn = nn.RNN(6, self.hidden, batch_first=True)
+        self.head = nn.Linear(self.hidden, 3)
+
+    def forward(self, x):
+        h0 = torch.zeros(1, x.shape[0], self.hidden)
+        return self.head(self.rnn(x, h0)[0][:, -1])
+
+
+def test_a_state_made_in_forward_keeps_the_units():
+    """Its width is the model's constant, which surgery cannot follow."""
+    x = torch.randn(2, 5, 6)
+    plan = pangkas.plan_channels(ZerosMadeInForward(), x, ratio=0.5)
+    assert plan.channels_removed == 0
+    assert plan.blocked()["initial hidden state (h0) is unlabelled (a model input or constant) (recurrent)"] == 10
+
+
+def test_planning_leaves_the_module_as_it_was():
+    model, x = randomize(Tagger("lstm", num_layers=2, proj_size=4).eval()), sequences()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    want = model(x)
+    pangkas.plan_channels(model, x, ratio=0.5)
+    assert type(model.rnn) is nn.LSTM
+    assert all(w is getattr(model.rnn, n) for w, n in zip(model.rnn._flat_weights, model.rnn._flat_weights_names))
+    assert all(v.device.type == "cpu" and torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x), want, rtol=0, atol=0)
