@@ -221,3 +221,24 @@ def test_planning_leaves_the_module_as_it_was():
     assert all(w is getattr(model.rnn, n) for w, n in zip(model.rnn._flat_weights, model.rnn._flat_weights_names))
     assert all(v.device.type == "cpu" and torch.equal(v, state[k]) for k, v in model.state_dict().items())
     torch.testing.assert_close(model(x), want, rtol=0, atol=0)
+
+
+class ScrambledWeights(nn.Module):
+    """Calls the traced op with a weight whose dims lost their channel ids (flattened and back)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 8)
+        self.rnn = nn.GRU(8, 10)
+
+    def forward(self, x):
+        weights = [getattr(self.rnn, name) for name in self.rnn._flat_weights_names]
+        weights[1] = weights[1].flatten().view_as(weights[1])
+        return torch.ops.pangkas.recurrent(self.embed(x), None, None, weights, "GRU", 1, False, True, False,
+                                           0.0, False)[0].sum(-1)
+
+
+def test_weights_without_ids_keep_their_channels():
+    plan = pangkas.plan_channels(ScrambledWeights(), torch.randn(5, 2, 6), ratio=0.5)
+    assert plan.channels_removed == 0
+    assert plan.blocked()["recurrent weights without channel ids on every dim (recurrent)"] == 8

@@ -25,6 +25,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from ..graph.labels import Axis
 from ..graph.rules import _join, _on_dim, bind, rule
+from ..outputs import tensors
 from .integration import Integration
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
@@ -37,36 +38,31 @@ def recurrent(input: Tensor, h0: Tensor | None, c0: Tensor | None, weights: list
               train: bool) -> list[Tensor]:
     """A whole ``nn.RNNBase`` layer stack on a padded batched input: [output, h_n] (+ [c_n] for LSTM).
     ``h0``/``c0`` None: the zero state."""
-    if h0 is None:
-        h0 = input.new_zeros(_state_shape(input, weights, num_layers, bidirectional, batch_first, mode, cell=False))
+    h_shape, c_shape = _state_shapes(input, weights, mode, num_layers, bidirectional, batch_first)
+    hx = input.new_zeros(h_shape) if h0 is None else h0
     if mode == "LSTM":
-        if c0 is None:
-            c0 = input.new_zeros(_state_shape(input, weights, num_layers, bidirectional, batch_first, mode, cell=True))
-        hx = (h0, c0)
-    else:
-        hx = h0
-    result = _KERNELS[mode](input, hx, weights, has_biases, num_layers, dropout, train, bidirectional, batch_first)
-    return [t.clone() for t in result]  # a custom op's outputs may not alias anything
+        hx = (hx, input.new_zeros(c_shape) if c0 is None else c0)
+    return list(_KERNELS[mode](input, hx, weights, has_biases, num_layers, dropout, train, bidirectional,
+                               batch_first))
 
 
 @recurrent.register_fake
 def _recurrent_shapes(input, h0, c0, weights, mode, num_layers, bidirectional, has_biases, batch_first, dropout,
                       train):
+    h_shape, c_shape = _state_shapes(input, weights, mode, num_layers, bidirectional, batch_first)
     directions = 2 if bidirectional else 1
-    real_hidden = weights[1].shape[1]
-    outputs = [input.new_empty((*input.shape[:-1], directions * real_hidden)),
-               input.new_empty(_state_shape(input, weights, num_layers, bidirectional, batch_first, mode, cell=False))]
-    if mode == "LSTM":
-        outputs.append(input.new_empty(_state_shape(input, weights, num_layers, bidirectional, batch_first, mode,
-                                                    cell=True)))
-    return outputs
+    output = input.new_empty((*input.shape[:-1], directions * h_shape[-1]))
+    states = [input.new_empty(h_shape)] + ([input.new_empty(c_shape)] if mode == "LSTM" else [])
+    return [output, *states]
 
 
-def _state_shape(input, weights, num_layers, bidirectional, batch_first, mode, cell: bool) -> tuple[int, ...]:
-    """(layers * directions, batch, width) of h_n (width: the real hidden size) or c_n (hidden_size)."""
+def _state_shapes(input, weights, mode, num_layers, bidirectional, batch_first):
+    """The shapes (layers * directions, batch, width) of h_n (width: the real hidden size, the
+    columns of weight_hh) and c_n (hidden_size)."""
+    stacked = num_layers * (2 if bidirectional else 1)
     batch = input.shape[0 if batch_first else 1]
-    width = weights[1].shape[0] // GATES[mode] if cell else weights[1].shape[1]
-    return (num_layers * (2 if bidirectional else 1), batch, width)
+    weight_hh = weights[1]
+    return (stacked, batch, weight_hh.shape[1]), (stacked, batch, weight_hh.shape[0] // GATES[mode])
 
 
 @register_flop_formula(torch.ops.pangkas.recurrent)
@@ -89,12 +85,12 @@ class _OneOp:
         if not self._covers(input, hx):
             return super().forward(input, hx)
         batched = input.dim() == 3
+        h0, c0 = tuple(hx) if self.mode == "LSTM" and hx is not None else (hx, None)
         if not batched:
             input = input.unsqueeze(0 if self.batch_first else 1)
-            hx = None if hx is None else tuple(h.unsqueeze(1) for h in hx) if self.mode == "LSTM" else hx.unsqueeze(1)
+            h0, c0 = (None if h is None else h.unsqueeze(1) for h in (h0, c0))
         if hx is not None:
-            self.check_forward_args(input, hx, None)
-        h0, c0 = (None, None) if hx is None else tuple(hx) if self.mode == "LSTM" else (hx, None)
+            self.check_forward_args(input, (h0, c0) if self.mode == "LSTM" else h0, None)
         weights = [getattr(self, name) for name in self._flat_weights_names]
         output, *state = torch.ops.pangkas.recurrent(input, h0, c0, weights, self.mode, self.num_layers,
                                                      self.bidirectional, self.bias, self.batch_first,
@@ -129,21 +125,24 @@ class OneOpRNN(_OneOp, nn.RNN):
 class _Stack:
     """The weights of one ``pangkas::recurrent`` call by (layer, direction), as id arrays per dim."""
 
-    def __init__(self, e, b: dict):
+    def __init__(self, b: dict, ids: list[list[Tensor]]):
         self.mode, self.layers = b["mode"], b["num_layers"]
         self.directions = 2 if b["bidirectional"] else 1
-        weights = b["weights"]
-        self.per_cell = len(weights) // (self.layers * self.directions)
-        self.projected = self.per_cell in (3, 5)  # w_ih, w_hh, [b_ih, b_hh], [w_hr]
-        self.ids = [self._dims(e, w) for w in weights]
+        self.biased = b["has_biases"]
+        self.per_cell = len(ids) // (self.layers * self.directions)  # w_ih, w_hh, [b_ih, b_hh], [w_hr]
+        self.projected = self.per_cell == 3 + 2 * self.biased
+        self.ids = ids
 
-    @staticmethod
-    def _dims(e, w: Tensor) -> list[Tensor]:
-        axes = {ax.dims: ax.ids for ax in e.get(w)}
-        if any((d,) not in axes for d in range(w.ndim)):
-            raise ValueError("a recurrent weight without channel ids on every dim (computed in an "
-                             "unforeseen way)")
-        return [axes[(d,)] for d in range(w.ndim)]
+    @classmethod
+    def of(cls, e, b: dict) -> "_Stack | None":
+        """The stack, or None if some weight lacks ids on a dim (computed in an unforeseen way)."""
+        ids = []
+        for w in b["weights"]:
+            axes = {ax.dims: ax.ids for ax in e.get(w)}
+            if any((d,) not in axes for d in range(w.ndim)):
+                return None
+            ids.append([axes[(d,)] for d in range(w.ndim)])
+        return cls(b, ids)
 
     def cell(self, layer: int, direction: int) -> list[list[Tensor]]:
         start = (layer * self.directions + direction) * self.per_cell
@@ -156,7 +155,7 @@ class _Stack:
 
     def gate_rows(self, cell) -> list[Tensor]:
         """(gates, hidden_size) row ids of weight_ih, weight_hh and the biases."""
-        blocks = cell[:4] if len(cell) >= 4 else cell[:2]
+        blocks = cell[:4] if self.biased else cell[:2]
         return [dims[0].reshape(GATES[self.mode], -1) for dims in blocks]
 
     def units(self, cell) -> Tensor:
@@ -168,7 +167,11 @@ class _Stack:
 def recurrent_rule(e, func, args, kwargs, out):
     """See the module docstring: unit j goes from every gate block, layer and direction at once."""
     b = bind(func, args, kwargs)
-    stack = _Stack(e, b)
+    stack = _Stack.of(e, b)
+    if stack is None:
+        for t in tensors((args, kwargs)):
+            e.block_tensor(t, "recurrent weights without channel ids on every dim")
+        return
     hidden = stack.gate_rows(stack.cell(0, 0))[0][0]
     units = stack.units(stack.cell(0, 0))
     for layer, direction, cell in stack.cells():
