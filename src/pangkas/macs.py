@@ -7,8 +7,9 @@ the ops each block runs (layer pruning). A MAC is two FLOPs.
 
 from __future__ import annotations
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.flop_counter import flop_registry
+from torch.utils.flop_counter import flop_registry, register_flop_formula
 
 
 def has_formula(packet) -> bool:
@@ -21,6 +22,19 @@ def op_flops(packet, args, kwargs, out) -> int:
     as its shape (``torch.Size``). 0 for an op without a formula."""
     formula = flop_registry.get(packet)
     return formula(*args, **kwargs, out_val=out) if formula is not None else 0
+
+
+def _rnn_layer_flops(input_shape, weight_ih_shape, weight_hh_shape, *args, out_shape=None, **kwargs) -> int:
+    """One direction of one layer of oneDNN's LSTM (how CPUs run ``nn.LSTM``): both gate matrices
+    multiply one vector per step and sequence."""
+    steps = 1
+    for size in input_shape[:-1]:
+        steps *= size
+    return 2 * steps * (weight_ih_shape[0] * weight_ih_shape[1] + weight_hh_shape[0] * weight_hh_shape[1])
+
+
+if torch.ops.aten.mkldnn_rnn_layer not in flop_registry:  # torch has none (2.14)
+    register_flop_formula(torch.ops.aten.mkldnn_rnn_layer)(_rnn_layer_flops)
 
 
 class FlopCounter(TorchDispatchMode):

@@ -37,7 +37,8 @@ def update(module: nn.Module, original: dict,
 # Every updater changes only these (integrations' too: GPT-2's nf/nx), so undo can restore them.
 SIZE_ATTRIBUTES = ("in_channels", "out_channels", "groups", "in_features", "out_features",
                    "num_features", "normalized_shape", "num_channels", "num_parameters",
-                   "embedding_dim", "embed_dim", "kdim", "vdim", "head_dim", "nf", "nx")
+                   "embedding_dim", "embed_dim", "kdim", "vdim", "head_dim", "nf", "nx",
+                   "input_size", "hidden_size", "proj_size")
 
 
 def snapshot(module: nn.Module) -> dict:
