@@ -4,7 +4,8 @@ A rule sees an op's (fake) inputs and outputs as the tracer runs them, gives the
 channel axes and records which ids must be removed together (unions) and which must never be
 removed (blocks). An op without a rule blocks every channel flowing into it: nothing is ever
 assumed harmless. Rules are keyed by op packet (``aten.add``) or, for the many element-wise ops,
-by PyTorch's own ``pointwise`` tag.
+by PyTorch's own ``pointwise`` tag. In-place (``gelu_``), ``out=`` and ``*_copy`` forms use their
+functional op's rule, found from the ATen schema (``Derived``), never listed one by one.
 
 A rule that raises on some call keeps the channels of that op (an unforeseen call prunes less
 rather than failing). In strict mode (``strict()``, or ``PANGKAS_STRICT_RULES=1``; the test suite
@@ -93,8 +94,10 @@ def _signature(func) -> list[tuple[str, str]]:
 
 def _overload_like(packet, func):
     """The overload of ``packet`` that mutates nothing and takes ``func``'s non-``out`` arguments."""
+    if packet is None:
+        return None
     wanted = _signature(func)
-    for name in packet.overloads() if packet is not None else ():
+    for name in packet.overloads():
         candidate = getattr(packet, name)
         if not candidate._schema.is_mutable and _signature(candidate) == wanted:
             return candidate
@@ -161,21 +164,23 @@ class Derived:
         self.__name__ = f"{find_rule(functional).__name__} ({kind} form of {functional})"
 
     def __call__(self, e, func, args, kwargs, out):
-        bound = bind(func, args, kwargs)
-        schema = func._schema
-        if self.kind == "out":
-            names = {a.name for a in schema.arguments if a.is_out}
-            written = tensors([bound[n] for n in names if n in bound])
-            kwargs = {k: v for k, v in kwargs.items() if k not in names}
-        elif self.kind == "in-place":
-            written = [bound[schema.arguments[0].name]]
-            args = self._as_before(e, func, args)
-        else:
-            written = tensors(out)
+        written, args, kwargs = self._written_and_read(e, func, args, kwargs, out)
         stand_ins = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in written]
         find_rule(self.functional)(e, self.functional, args, kwargs, self._returned(stand_ins))
         for t, stand_in in zip(written, stand_ins):
             e.set(t, e.get(stand_in))
+
+    def _written_and_read(self, e, func, args, kwargs, out):
+        """(the tensors the form writes, in the functional op's return order; the args and kwargs
+        the functional op takes)."""
+        arguments = func._schema.arguments
+        if self.kind == "out":
+            names = [a.name for a in arguments if a.is_out]  # kwarg-only in every ATen schema
+            written = tensors([kwargs[n] for n in names if n in kwargs])
+            return written, args, {k: v for k, v in kwargs.items() if k not in names}
+        if self.kind == "in-place":
+            return [bind(func, args, kwargs)[arguments[0].name]], self._as_before(e, func, args), kwargs
+        return tensors(out), args, kwargs
 
     @staticmethod
     def _as_before(e, func, args):
