@@ -4,7 +4,8 @@ A rule sees an op's (fake) inputs and outputs as the tracer runs them, gives the
 channel axes and records which ids must be removed together (unions) and which must never be
 removed (blocks). An op without a rule blocks every channel flowing into it: nothing is ever
 assumed harmless. Rules are keyed by op packet (``aten.add``) or, for the many element-wise ops,
-by PyTorch's own ``pointwise`` tag.
+by PyTorch's own ``pointwise`` tag. In-place (``gelu_``), ``out=`` and ``*_copy`` forms use their
+functional op's rule, found from the ATen schema (``Derived``), never listed one by one.
 
 A rule that raises on some call keeps the channels of that op (an unforeseen call prunes less
 rather than failing). In strict mode (``strict()``, or ``PANGKAS_STRICT_RULES=1``; the test suite
@@ -14,6 +15,7 @@ runs in it) the exception propagates as ``RuleError`` instead, so a buggy rule f
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable, Iterator
 
@@ -71,10 +73,134 @@ def is_strict() -> bool:
 
 
 def find_rule(func) -> Rule | None:
+    """The rule of ``func``: for an ``out=`` form, or an in-place or ``*_copy`` form without a rule
+    of its own, its functional form's (see ``Derived``); else its packet's; else ``pointwise`` for
+    ops tagged element-wise."""
     found = RULES.get(func.overloadpacket)
+    form = functional_form(func)
+    if form is not None and (found is None or form[1] == "out"):
+        return Derived(func, *form) if find_rule(form[0]) is not None else None
     if found is None and torch.Tag.pointwise in func.tags:
         return pointwise
     return found
+
+
+# -- forms derived from a functional op ------------------------------------------------------
+
+def _signature(func) -> list[tuple[str, str]]:
+    """Names and types of the non-``out`` arguments (alias annotations left out)."""
+    return [(a.name, str(a.type)) for a in func._schema.arguments if not a.is_out]
+
+
+def _overload_like(packet, func):
+    """The overload of ``packet`` that mutates nothing and takes ``func``'s non-``out`` arguments."""
+    if packet is None:
+        return None
+    wanted = _signature(func)
+    for name in packet.overloads():
+        candidate = getattr(packet, name)
+        if not candidate._schema.is_mutable and _signature(candidate) == wanted:
+            return candidate
+    return None
+
+
+def _writes_self(func) -> bool:
+    arguments = func._schema.arguments
+    return bool(arguments) and arguments[0].alias_info is not None and arguments[0].alias_info.is_write
+
+
+@functools.cache
+def functional_form(func):
+    """``(functional overload, kind)`` for a form whose channels behave as a functional op's, or None.
+
+    The ATen schema says which: ``out=`` overloads (arguments marked out) write the functional
+    result into their out tensors; ``foo_`` writes ``foo``'s result into ``self``; ``foo_copy``
+    (tagged view_copy) returns a copy of the view ``foo``."""
+    schema = func._schema
+    namespace = getattr(torch.ops, func.namespace)
+    name = func.overloadpacket.__name__
+    if any(a.is_out for a in schema.arguments):
+        found, kind = _overload_like(func.overloadpacket, func), "out"
+    elif name.endswith("_") and not name.endswith("__") and _writes_self(func):
+        found, kind = _overload_like(getattr(namespace, name[:-1], None), func), "in-place"
+    elif torch.Tag.view_copy in func.tags and name.endswith("_copy"):
+        found, kind = _overload_like(getattr(namespace, name[:-len("_copy")], None), func), "copy"
+    else:
+        return None
+    if found is None or (torch.Tag.inplace_view in func.tags and func.overloadpacket not in SHAPE_BEFORE):
+        return None  # an in-place view whose earlier shape cannot be told: its channels stay
+    return found, kind
+
+
+def _swap(shape: list[int], a: int, b: int) -> list[int]:
+    shape[a], shape[b] = shape[b], shape[a]
+    return shape
+
+
+def _without(shape: list[int], dim: int) -> list[int]:
+    del shape[dim]
+    return shape
+
+
+# In-place view ops have already changed ``self``'s shape when their rule runs: the shape before,
+# from the shape after and the arguments. (squeeze_ cannot be undone: which size-1 dims went?)
+SHAPE_BEFORE = {
+    aten.transpose_: lambda shape, args: _swap(shape, norm_dim(args[1], len(shape)), norm_dim(args[2], len(shape))),
+    aten.t_: lambda shape, args: shape[::-1],
+    aten.unsqueeze_: lambda shape, args: _without(shape, norm_dim(args[1], len(shape))),
+    aten.detach_: lambda shape, args: shape,
+}
+
+
+class Derived:
+    """The rule of an in-place, ``out=`` or ``*_copy`` form: its functional form's rule, run on
+    stand-ins for the tensors the form writes, whose labels those tensors then take.
+
+    Stand-ins because an in-place op returns its input: a rule must not see it relabelled half-way
+    (``addmm_`` reads its bias after labelling its output)."""
+
+    def __init__(self, func, functional, kind: str):
+        self.functional, self.kind = functional, kind
+        self.__name__ = f"{find_rule(functional).__name__} ({kind} form of {functional})"
+
+    def __call__(self, e, func, args, kwargs, out):
+        written, args, kwargs = self._written_and_read(e, func, args, kwargs, out)
+        stand_ins = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in written]
+        find_rule(self.functional)(e, self.functional, args, kwargs, self._returned(stand_ins))
+        for t, stand_in in zip(written, stand_ins):
+            e.set(t, e.get(stand_in))
+
+    def _written_and_read(self, e, func, args, kwargs, out):
+        """(the tensors the form writes, in the functional op's return order; the args and kwargs
+        the functional op takes)."""
+        arguments = func._schema.arguments
+        if self.kind == "out":
+            names = [a.name for a in arguments if a.is_out]  # kwarg-only in every ATen schema
+            written = tensors([kwargs[n] for n in names if n in kwargs])
+            return written, args, {k: v for k, v in kwargs.items() if k not in names}
+        if self.kind == "in-place":
+            return [bind(func, args, kwargs)[arguments[0].name]], self._as_before(e, func, args), kwargs
+        return tensors(out), args, kwargs
+
+    @staticmethod
+    def _as_before(e, func, args):
+        """``args`` with ``self`` as the rule expects it: before an in-place view op reshaped it."""
+        before = SHAPE_BEFORE.get(func.overloadpacket)
+        if before is None:
+            return args
+        x = args[0]
+        earlier = torch.empty(before(list(x.shape), args), dtype=x.dtype, device="meta")
+        e.set(earlier, e.get(x))
+        if e.is_weight(x):
+            e.weights[earlier] = True
+        return (earlier, *args[1:])
+
+    def _returned(self, stand_ins: list[torch.Tensor]):
+        """The stand-ins as the functional op returns: one tensor, a list, or a tuple."""
+        returns = self.functional._schema.returns
+        if len(returns) == 1 and str(returns[0].type) == "Tensor":
+            return stand_ins[0]
+        return list(stand_ins) if len(returns) == 1 else tuple(stand_ins)
 
 
 def bind(func, args, kwargs) -> dict:
@@ -133,6 +259,8 @@ def merge(e, inputs: list[torch.Tensor], shape: torch.Size) -> tuple[Axis, ...]:
     return tuple(result)
 
 
+# Element-wise ops that lack PyTorch's pointwise tag (the tagged ones need no entry).
+@rule(aten.hardswish, aten.log_sigmoid_forward, aten.special_ndtr, aten.masked_fill, aten.rsub, aten.true_divide)
 def pointwise(e, func, args, kwargs, out):
     outs = tensors(out)
     if not outs:
@@ -143,7 +271,7 @@ def pointwise(e, func, args, kwargs, out):
             e.set(o, labels)
 
 
-@rule(aten.clone, aten.alias, aten.detach, aten.lift_fresh, aten._to_copy, aten.lift_fresh_copy,
+@rule(aten.clone, aten.alias, aten.detach, aten.lift, aten.lift_fresh, aten._to_copy, aten.lift_fresh_copy,
       aten.native_dropout)
 def identity(e, func, args, kwargs, out):
     labels = e.get(args[0])
@@ -373,7 +501,7 @@ def unbind(e, func, args, kwargs, out):
         remap(e, o, others, {d: d - (d > dim) for d in range(x.ndim) if d != dim})
 
 
-@rule(aten.split, aten.split_with_sizes)
+@rule(aten.split, aten.split_with_sizes, aten.unsafe_split, aten.unsafe_split_with_sizes)
 def split(e, func, args, kwargs, out):
     b = bind(func, args, kwargs)
     x = b["self"]
@@ -479,6 +607,37 @@ def pad(e, func, args, kwargs, out):
         else:
             labels.append(Axis(ax.dims, ids))
     e.set(out, tuple(labels))
+
+
+@rule(aten.pixel_shuffle, aten.pixel_unshuffle)
+def pixel_shuffle(e, func, args, kwargs, out):
+    """Channels trade with r x r blocks of pixels. pixel_shuffle: output channel c is input
+    channels c*r*r .. c*r*r+r*r-1, so those go together; pixel_unshuffle: input channel c becomes
+    output channels c*r*r .. c*r*r+r*r-1, which carry its id. Whole blocks keep the mapping exact."""
+    x, r = args[0], args[1]
+    channel = x.ndim - 3
+    ax, others = _on_dim(e.get(x), channel)
+    labels = []
+    for other in others:
+        if set(other.dims) & {channel + 1, channel + 2}:
+            e.block(other.ids, f"{func.overloadpacket.__name__} of a channel-labelled spatial dim")
+        else:
+            labels.append(other)
+    if ax is not None and ax.dims != (channel,):
+        e.block(ax.ids, f"{func.overloadpacket.__name__} of joint channel dims")
+    elif ax is not None:
+        labels.append(Axis((channel,), _pixel_blocks(e, ax.ids, r * r, func.overloadpacket is aten.pixel_shuffle)))
+    e.set(out, tuple(labels))
+
+
+def _pixel_blocks(e, ids: torch.Tensor, block: int, shuffle: bool) -> torch.Tensor:
+    """The output channel ids of a pixel (un)shuffle with ``block`` = r*r sub-pixels."""
+    if not shuffle:
+        return ids.repeat_interleave(block)
+    grid = ids.reshape(-1, block)
+    for k in range(1, block):
+        e.union(grid[:, 0], grid[:, k])
+    return grid[:, 0].contiguous()
 
 
 # -- reductions ------------------------------------------------------------------------------
@@ -820,12 +979,13 @@ def attention(e, func, args, kwargs, out):
             e.set(extra, heads)
 
 
-@rule(aten.copy_)
+@rule(aten.copy_, aten.copy)
 def copy_(e, func, args, kwargs, out):
     e.set(out, merge(e, [args[0], args[1]], args[0].shape))
 
 
-@rule(aten.empty_like, aten.zeros_like, aten.ones_like, aten.full_like, aten.rand_like, aten.randn_like)
+@rule(aten.empty_like, aten.zeros_like, aten.ones_like, aten.full_like, aten.rand_like, aten.randn_like,
+      aten.fill, aten.zero)
 def like(e, func, args, kwargs, out):
     """A fresh tensor shaped like the input follows the input's channels; its values are not read."""
     e.set(out, e.get(args[0]))
