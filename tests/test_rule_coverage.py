@@ -285,3 +285,27 @@ def test_hard_swish_block_prunes_exactly():
     assert model.stem[0].out_channels < 16 and model.expand[0].out_channels < 48
     assert model.depthwise[0].groups == model.expand[0].out_channels == model.excite.out_channels
     assert model.head[0].out_channels < 32
+
+
+# -- channel shuffle and GLU -------------------------------------------------------------------
+
+class ShuffledGroups(nn.Module):
+    """ShuffleNet-like: grouped 1x1, nn.ChannelShuffle, 1x1, and a GLU gate."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.g1 = nn.Conv2d(16, 16, 1, groups=4)
+        self.shuffle = nn.ChannelShuffle(4)
+        self.g2 = nn.Conv2d(16, 32, 1)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = self.g2(self.shuffle(torch.relu(self.g1(torch.relu(self.a(x))))))
+        return self.out(nn.functional.glu(y, 1))
+
+
+def test_channel_shuffle_and_glu_prune_exactly():
+    model = _exact(ShuffledGroups(), torch.randn(2, 3, 6, 6))
+    assert model.g1.out_channels < 16 and model.g1.groups == 4
+    assert model.out.in_channels < 16 and model.g2.out_channels == 2 * model.out.in_channels

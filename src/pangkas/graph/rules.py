@@ -640,6 +640,41 @@ def _pixel_blocks(e, ids: torch.Tensor, block: int, shuffle: bool) -> torch.Tens
     return grid[:, 0].contiguous()
 
 
+@rule(aten.channel_shuffle, aten.native_channel_shuffle)
+def channel_shuffle(e, func, args, kwargs, out):
+    """Channels viewed as (groups, n), transposed, flattened: offset j of every group goes
+    together (so each group keeps the same offsets and the shuffle stays a shuffle)."""
+    x, groups = args[0], args[1]
+    ax, others = _on_dim(e.get(x), 1)
+    if ax is not None and ax.dims != (1,):
+        e.block(ax.ids, "channel shuffle of joint channel dims")
+        ax = None
+    if ax is None:
+        e.set(out, tuple(others))
+        return
+    grid = ax.ids.reshape(groups, -1)
+    for g in range(1, groups):
+        e.union(grid[0], grid[g])
+    e.set(out, tuple(others) + (Axis((1,), grid.t().reshape(-1)),))
+
+
+@rule(aten.glu)
+def glu(e, func, args, kwargs, out):
+    """``a * sigmoid(b)`` of the two halves along ``dim``: position i of both halves goes together."""
+    x = args[0]
+    dim = norm_dim(args[1] if len(args) > 1 else -1, x.ndim)
+    ax, others = _on_dim(e.get(x), dim)
+    if ax is not None and ax.dims != (dim,):
+        e.block(ax.ids, "glu over joint channel dims")
+        ax = None
+    if ax is None:
+        e.set(out, tuple(others))
+        return
+    first, second = ax.ids.chunk(2)
+    e.union(first, second)
+    e.set(out, tuple(others) + (Axis((dim,), first.contiguous()),))
+
+
 # -- reductions ------------------------------------------------------------------------------
 
 def _reduce(e, x, out, dims, keepdim, what: str, approximate: bool):
