@@ -242,6 +242,10 @@ def _sensitivity(model, x, monkeypatch):
     pangkas.sensitivity(model, lambda m: _output_sum(m, x), example_inputs=x, ratios=(0.5,))
 
 
+def _weight_sensitivity(model, x, monkeypatch):
+    pangkas.sensitivity(model, lambda m: _output_sum(m, x), kind="weights", ratios=(0.5,))
+
+
 def _apply_refused(model, x, monkeypatch):
     plan = pangkas.plan_channels(model, x, ratio=0.5)
 
@@ -287,37 +291,42 @@ def _leaves_model(build, name, operation, monkeypatch):
     model, x = build(name)
     _lived_in(model)
     before = snapshot(model)
-    OPERATIONS[operation](model, x, monkeypatch)
+    operation(model, x, monkeypatch)
     assert changes(model, before) == []
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
 @pytest.mark.parametrize("name", [*nets.NETS, "sequence", *SHARED])
 def test_own_nets_are_left_as_they_were(name, operation, monkeypatch):
-    _leaves_model(_own_net, name, operation, monkeypatch)
+    _leaves_model(_own_net, name, OPERATIONS[operation], monkeypatch)
+
+
+@pytest.mark.parametrize("name", [*nets.NETS, "sequence", *SHARED])
+def test_weight_sensitivity_leaves_own_nets_as_they_were(name, monkeypatch):
+    _leaves_model(_own_net, name, _weight_sensitivity, monkeypatch)
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
 @pytest.mark.parametrize("name", TORCHVISION_DEFAULT)
 def test_torchvision_models_are_left_as_they_were(name, operation, monkeypatch):
-    _leaves_model(_torchvision, name, operation, monkeypatch)
+    _leaves_model(_torchvision, name, OPERATIONS[operation], monkeypatch)
 
 
 @pytest.mark.parametrize("operation", [op for op in OPERATIONS if op != "sensitivity"])  # slow: a forward per group
 @pytest.mark.parametrize("name", TIMM_DEFAULT)
 def test_timm_models_are_left_as_they_were(name, operation, monkeypatch):
-    _leaves_model(_timm, name, operation, monkeypatch)
+    _leaves_model(_timm, name, OPERATIONS[operation], monkeypatch)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("operation", OPERATIONS)
 @pytest.mark.parametrize("name", _torchvision_names())
 def test_every_torchvision_classifier_is_left_as_it_was(name, operation, monkeypatch):
-    _leaves_model(_torchvision, name, operation, monkeypatch)
+    _leaves_model(_torchvision, name, OPERATIONS[operation], monkeypatch)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("operation", OPERATIONS)
 @pytest.mark.parametrize("name", TIMM_SLOW)
 def test_timm_families_are_left_as_they_were(name, operation, monkeypatch):
-    _leaves_model(_timm, name, operation, monkeypatch)
+    _leaves_model(_timm, name, OPERATIONS[operation], monkeypatch)
