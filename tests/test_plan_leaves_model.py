@@ -105,6 +105,25 @@ SHARED = {  # name: (build, example inputs, the shared module's two names)
 }
 
 
+class Caching(nn.Module):
+    """Fills a per-device cache in eval mode and notes the last input's shape, as timm's LeViT
+    and EfficientViT attention do: pangkas's runs must not leave entries (meta tensors) behind."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.scale = nn.Parameter(torch.ones(8))
+        self.cache = {}
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        self.last_shape = x.shape
+        key = str(x.device)
+        if self.training or key not in self.cache:
+            self.cache[key] = self.scale.view(1, -1, 1, 1) * 2
+        return self.head(self.conv(x) * self.cache[key])
+
+
 def _devices(model):
     return {n: t.device.type for n, t in [*model.named_parameters(remove_duplicate=False),
                                            *model.named_buffers(remove_duplicate=False)]}
@@ -171,6 +190,8 @@ def _own_net(name):
     if name in SHARED:
         build, x, _ = SHARED[name]
         return build(), x
+    if name == "caching":
+        return Caching(), torch.randn(IMAGES)
     if name == "sequence":
         return nets.Sequence(), torch.randint(0, 50, (2, 7))
     cls, shape = nets.NETS[name]
@@ -288,20 +309,25 @@ OPERATIONS = {"plan_channels": _plan_channels, "plan_layers": _plan_layers, "sen
 
 
 def _leaves_model(build, name, operation, monkeypatch):
+    """Run ``operation``; the model must be as it was, whether the operation worked or refused."""
     model, x = build(name)
     _lived_in(model)
     before = snapshot(model)
-    operation(model, x, monkeypatch)
+    try:
+        operation(model, x, monkeypatch)
+    except pangkas.OperationFailed as failed:  # a pruning gap (tested elsewhere): the model must still be whole
+        assert changes(model, before) == []
+        pytest.xfail(f"left as it was, but the operation failed: {failed}")
     assert changes(model, before) == []
 
 
 @pytest.mark.parametrize("operation", OPERATIONS)
-@pytest.mark.parametrize("name", [*nets.NETS, "sequence", *SHARED])
+@pytest.mark.parametrize("name", [*nets.NETS, "sequence", "caching", *SHARED])
 def test_own_nets_are_left_as_they_were(name, operation, monkeypatch):
     _leaves_model(_own_net, name, OPERATIONS[operation], monkeypatch)
 
 
-@pytest.mark.parametrize("name", [*nets.NETS, "sequence", *SHARED])
+@pytest.mark.parametrize("name", [*nets.NETS, "sequence", "caching", *SHARED])
 def test_weight_sensitivity_leaves_own_nets_as_they_were(name, monkeypatch):
     _leaves_model(_own_net, name, _weight_sensitivity, monkeypatch)
 
