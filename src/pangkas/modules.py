@@ -83,11 +83,53 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[None]:
-    """Run ``model`` in eval mode and put every module's train/eval flag back afterwards."""
+    """Run ``model`` in eval mode and put every module's train/eval flag and plain attributes
+    back afterwards (see :func:`attributes_kept`)."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
+    with attributes_kept(model):
+        model.eval()
+        try:
+            yield
+        finally:
+            for module, training in modes.items():
+                module.training = training
+
+
+_TORCH_OWN = frozenset(vars(nn.Module()))  # registries, hooks, the train flag: kept by their own code
+
+
+@contextlib.contextmanager
+def attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Put every module's own attributes back as they were, and the contents of those that are
+    dicts or lists: forwards fill caches (timm's ``attention_bias_cache`` keeps biases per
+    device, and ``eval()`` replaces it), which must not keep what pangkas's runs put there
+    (meta tensors, or tensors of a cut that was undone)."""
+    saved = [(m, _own(m), [(v, type(v)(v)) for v in _own(m).values() if type(v) in (dict, list)])
+             for m in model.modules()]
     try:
         yield
     finally:
-        for module, training in modes.items():
-            module.training = training
+        for module, attributes, contents in saved:
+            for name in _own(module).keys() - attributes.keys():
+                delattr(module, name)
+            for name, value in attributes.items():
+                if vars(module).get(name, _MISSING) is not value:
+                    vars(module)[name] = value
+            for container, items in contents:
+                if not _same_items(container, items):
+                    container.clear()
+                    container.extend(items) if isinstance(container, list) else container.update(items)
+
+
+_MISSING = object()
+
+
+def _own(module: nn.Module) -> dict:
+    return {n: v for n, v in vars(module).items() if n not in _TORCH_OWN}
+
+
+def _same_items(container, items) -> bool:
+    """Same length and the very same objects (tensors have no plain ==)."""
+    if isinstance(container, dict):
+        return container.keys() == items.keys() and all(container[k] is items[k] for k in items)
+    return len(container) == len(items) and all(a is b for a, b in zip(container, items))

@@ -11,13 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
@@ -316,7 +315,7 @@ def _module_names(model: nn.Module, stack: list[str]):
 
 
 def _state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Parameters and buffers by their plain (functional_call) names, shared tensors once."""
+    """Parameters and buffers by their state-dict names, shared tensors once (under their first name)."""
     state, seen = {}, set()
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(
             model.named_buffers(remove_duplicate=False)):
@@ -324,6 +323,26 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(id(t))
             state[name] = t
     return state
+
+
+@contextlib.contextmanager
+def _swapped_state(model: nn.Module, replacements: dict[int, torch.Tensor]) -> Iterator[None]:
+    """Hold ``replacements[id(t)]`` in place of every parameter/buffer ``t`` while the model runs,
+    and the originals again afterwards, whatever happens. Each module's slot is swapped once:
+    ``torch.func.functional_call`` swaps by name, so a module reachable under two names (``self.b =
+    self.a``) was swapped twice and restored with the copy from the first swap."""
+    swapped = []
+    try:
+        for module in model.modules():  # each module object once
+            for table in (module._parameters, module._buffers):
+                for key, t in list(table.items()):
+                    if t is not None:
+                        swapped.append((table, key, t))
+                        table[key] = replacements[id(t)]
+        yield
+    finally:
+        for table, key, t in reversed(swapped):
+            table[key] = t
 
 
 class TraceFailed(PangkasError):
@@ -376,7 +395,8 @@ def _run(model, example_inputs, fake_mode: FakeTensorMode | None, adapter, keep_
     else:
         convert = lambda t: fake_mode.from_tensor(t, static_shapes=True)  # noqa: E731
         mode = fake_mode
-    state = {n: convert(t) for n, t in _state(model).items()}
+    originals = _state(model)
+    state = {n: convert(t) for n, t in originals.items()}
     ids = {n: [engine.fresh((size,)) for size in t.shape] for n, t in state.items()}
     for name, t in state.items():
         engine.set(t, tuple(Axis((d,), i) for d, i in enumerate(ids[name])))
@@ -387,8 +407,9 @@ def _run(model, example_inputs, fake_mode: FakeTensorMode | None, adapter, keep_
     tracer = _Tracer(engine, stack, records)
     try:
         with evaluating(model), mode, _traced_forms(model, traced_as), _module_names(model, stack), \
-                torch.enable_grad(), _attention_scale(engine), tracer:
-            output = functional_call(model, state, _as_args(inputs), _as_kwargs(inputs))
+                torch.enable_grad(), _attention_scale(engine), \
+                _swapped_state(model, {id(originals[n]): state[n] for n in state}), tracer:
+            output = model(*_as_args(inputs), **_as_kwargs(inputs))
     except RuleError:
         raise  # strict mode: a rule's bug, not the model's
     except Exception as exc:
