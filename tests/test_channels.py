@@ -9,6 +9,7 @@ from torch import nn
 
 import pangkas
 from pangkas import selection
+from pangkas.graph import rules
 from pangkas.oracle import oracle_error, randomize, silence_removed
 
 import nets
@@ -603,3 +604,18 @@ def test_global_ties_are_broken_the_same_way_every_time():
         chosen.add(tuple(tuple(g.removed.tolist()) for g in plan.selection.groups))
         del junk
     assert len(chosen) == 1
+
+
+def test_rule_gaps_name_the_ops_without_a_rule_and_what_they_kept(monkeypatch):
+    x = torch.randn(nets.IMAGES)
+    plan = pangkas.plan_channels(nets.Unknown(), x, ratio=0.5)
+    assert plan.rule_gaps() == {"_fft_r2c": 8}  # b's 8 channels; flip and sum have rules that block
+    assert plan.blocked()["no coupling rule for this op (_fft_r2c)"] == 8  # blocked() is unchanged
+    assert not pangkas.plan_channels(nets.Chain(), x, ratio=0.5).rule_gaps()
+
+    def broken(e, func, args, kwargs, out):
+        raise RuntimeError("cannot follow (this call)")
+    monkeypatch.setitem(rules.RULES, torch.ops.aten.flip, broken)
+    with rules.strict(False):
+        plan = pangkas.plan_channels(nets.Unknown(), x, ratio=0.5)
+    assert plan.rule_gaps() == {"_fft_r2c": 8, "flip": 8}
