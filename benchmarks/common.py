@@ -71,7 +71,7 @@ def prune_and_check(model, x) -> dict:
     error64 = oracle_error(model, x, make_plan, dtype=torch.float64)[0] if error > ZOO_TOLERANCE else None
     return {"params": (plan.params_before, plan.params_after), "macs": (plan.macs_before, plan.macs_after),
             "seconds": seconds, "error": error, "error64": error64, "retries": len(plan.retried),
-            "gaps": plan.rule_gaps()}
+            "gaps": plan.rule_gaps(), "gap_channels": plan.kept_by_rule_gaps(), "kept": plan.blocked()}
 
 
 def exact(r: dict) -> bool:
@@ -91,7 +91,7 @@ def result_row(name: str, r: dict) -> tuple:
     error = f"{r['error']:.1e}" + (f" (fp64 {r['error64']:.1e})" if r["error64"] is not None else "")
     return (name, status(r), f"{human_count(p0)} -> {human_count(p1)}", f"{p1 / p0:.2f}",
             f"{human_count(m0)} -> {human_count(m1)}", f"{m1 / m0:.2f}", f"{r['seconds']:.2f}", error,
-            gaps_cell(r["gaps"]), r["retries"])
+            gaps_cell(r["gap_channels"], r["gaps"]), r["retries"])
 
 
 def failure_row(name: str, exc: Exception) -> tuple:
@@ -99,9 +99,16 @@ def failure_row(name: str, exc: Exception) -> tuple:
     return (name, f"FAIL: {type(exc).__name__}: {message}") + ("",) * (len(ZOO_COLUMNS) - 2)
 
 
-def gaps_cell(gaps: Counter) -> str:
+def why_kept_row(name: str, r: dict, reasons: int = 3) -> tuple:
+    """Where a model keeps channels: its MACs ratio, every rule gap, and the top reasons of all."""
+    gaps = ", ".join(f"{op} {n}" for op, n in r["gaps"].most_common()) or "-"
+    kept = "; ".join(f"{' '.join(why.split())[:90]} [{n}]" for why, n in r["kept"].most_common(reasons))
+    return name, f"{r['macs'][1] / r['macs'][0]:.2f}", gaps, kept.replace("|", "/")
+
+
+def gaps_cell(channels: int, gaps: Counter) -> str:
     """Channels kept by rule gaps, and the op that kept most."""
     if not gaps:
         return "0"
     op, n = gaps.most_common(1)[0]
-    return f"{sum(gaps.values())} ({op} {n})"
+    return f"{channels} ({op} {n})"

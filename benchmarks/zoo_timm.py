@@ -21,7 +21,7 @@ import torch
 
 from blocks import BLOCKS
 from common import (ZOO_COLUMNS, ZOO_RATIO, ZOO_TOLERANCE, arguments, environment, exact, failure_row,
-                    prune_and_check, publish, result_row)
+                    prune_and_check, publish, result_row, why_kept_row)
 from pangkas.oracle import randomize
 from pangkas.tables import render_table
 
@@ -106,7 +106,11 @@ def main() -> None:
         gc.collect()
     table = render_table(f"channel pruning, ratio {ZOO_RATIO} local L1, timm {timm.__version__} and block nets",
                          ZOO_COLUMNS, rows, markdown=True)
-    publish(args.out, "Prunability beyond torchvision: timm and building blocks", summary(names, results), table,
+    kept = [why_kept_row(n, r) for n, r in results.items() if r["gaps"] or r["macs"][1] > 0.6 * r["macs"][0]]
+    why = render_table("where channels are kept: models with rule gaps or MACs > 0.6 of dense",
+                       ("model", "MACs after/before", "rule gaps (op channels)", "top reasons kept [channels]"),
+                       kept, markdown=True)
+    publish(args.out, "Prunability beyond torchvision: timm and building blocks", summary(names, results), table, why,
             f"Measured with {environment()}. Random weights (randomised). Inputs 1x3x{SMALL}x{SMALL} "
             "where a model takes any size; models built for a fixed size are built smaller where timm "
             "allows (`img_size`), else run at their own size (see BUILT_FOR and LARGER in the script). "

@@ -619,3 +619,17 @@ def test_rule_gaps_name_the_ops_without_a_rule_and_what_they_kept(monkeypatch):
     with rules.strict(False):
         plan = pangkas.plan_channels(nets.Unknown(), x, ratio=0.5)
     assert plan.rule_gaps() == {"_fft_r2c": 8, "flip": 8}
+
+
+def test_kept_by_rule_gaps_counts_a_channel_two_gaps_froze_once():
+    class TwoGaps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nets.cbr(3, 8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):  # each conv channel meets two ops without a rule
+            h = self.conv(x)
+            return self.head((h.cumprod(1) + torch.fft.rfft(h, dim=1).abs().sum(1, keepdim=True)).mean((2, 3)))
+    plan = pangkas.plan_channels(TwoGaps(), torch.randn(nets.IMAGES), ratio=0.5)
+    assert sum(plan.rule_gaps().values()) == 16 and plan.kept_by_rule_gaps() == 8

@@ -102,9 +102,14 @@ class Plan:
 
     def rule_gaps(self) -> Counter:
         """Channels (counted as in :meth:`blocked`) kept because an op has no coupling rule
-        or its rule failed on this call: op -> how many channels it froze. Empty when every op
-        the model runs was followed."""
+        or its rule failed on this call: op -> how many channels it froze (a channel two such ops
+        froze counts for both; :meth:`kept_by_rule_gaps` counts it once). Empty when every op the
+        model runs was followed."""
         return self._frozen_by(_rule_gap_op)
+
+    def kept_by_rule_gaps(self) -> int:
+        """How many channels (as in :meth:`rule_gaps`, each once) rule gaps keep."""
+        return sum(self._frozen_by(lambda why: "gap" if _rule_gap_op(why) else None).values())
 
     def _frozen_by(self, key) -> Counter:
         """Channels of conv/linear/embedding outputs frozen per ``key(why)`` of every block
