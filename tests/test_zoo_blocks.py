@@ -38,7 +38,8 @@ class Stemmed(nn.Module):
 
 
 def res2net():
-    return Stemmed(Bottle2neck(64, 16, scale=4, base_width=26, norm_layer=nn.BatchNorm2d), 64, 64)  # 4 pieces of width 6
+    # 4 pieces of width 6
+    return Stemmed(Bottle2neck(64, 16, scale=4, base_width=26, norm_layer=nn.BatchNorm2d), 64, 64)
 
 
 def selective_kernel():
