@@ -68,7 +68,7 @@ def prune_and_check(model, x) -> dict:
     seconds = time.perf_counter() - start
     del work
     error, _ = oracle_error(model, x, make_plan)
-    error64 = oracle_error(model, x, make_plan, dtype=torch.float64)[0] if error > ZOO_TOLERANCE else None
+    error64 = None if error <= ZOO_TOLERANCE else oracle_error(model, x, make_plan, dtype=torch.float64)[0]  # NaN too
     return {"params": (plan.params_before, plan.params_after), "macs": (plan.macs_before, plan.macs_after),
             "seconds": seconds, "error": error, "error64": error64, "retries": len(plan.retried),
             "gaps": plan.rule_gaps(), "gap_channels": plan.kept_by_rule_gaps(), "kept": plan.blocked()}
@@ -102,8 +102,15 @@ def failure_row(name: str, exc: Exception) -> tuple:
 def why_kept_row(name: str, r: dict, reasons: int = 3) -> tuple:
     """Where a model keeps channels: its MACs ratio, every rule gap, and the top reasons of all."""
     gaps = ", ".join(f"{op} {n}" for op, n in r["gaps"].most_common()) or "-"
-    kept = "; ".join(f"{' '.join(why.split())[:90]} [{n}]" for why, n in r["kept"].most_common(reasons))
+    kept = "; ".join(f"{_short(why)} [{n}]" for why, n in r["kept"].most_common(reasons))
     return name, f"{r['macs'][1] / r['macs'][0]:.2f}", gaps, kept.replace("|", "/")
+
+
+def _short(why: str) -> str:
+    """A reason kept, in a table cell: the surgery check's boilerplate cut so the cause shows."""
+    why = " ".join(why.split()).replace("the pruned model fails here (the model does not run on the example inputs: ",
+                                        "fails: (")
+    return why if len(why) <= 120 else why[:117] + "..."
 
 
 def gaps_cell(channels: int, gaps: Counter) -> str:

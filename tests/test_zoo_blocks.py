@@ -12,7 +12,8 @@ import pangkas
 from pangkas.oracle import oracle_error, randomize
 
 timm = pytest.importorskip("timm")
-from timm.layers import SelectiveKernel  # noqa: E402
+from timm.layers import MixedConv2d, SelectiveKernel  # noqa: E402
+from timm.models.cspnet import CrossStage  # noqa: E402
 from timm.models.res2net import Bottle2neck  # noqa: E402
 
 # Loaded by path: benchmarks/ is a folder of scripts, not a package to put on sys.path.
@@ -46,6 +47,16 @@ def selective_kernel():
     return Stemmed(SelectiveKernel(32, 32), 32, 32)  # input split over a 3x3 and a dilated 3x3 path
 
 
+def cross_stage():
+    stage = CrossStage(32, 32, stride=1, dilation=1, depth=1, block_ratio=0.5, act_layer=nn.ReLU,
+                       norm_layer=nn.BatchNorm2d)
+    return Stemmed(stage, 32, 32)  # splits 32 into 16 + 16
+
+
+def mixed_conv():
+    return Stemmed(MixedConv2d(16, 16, kernel_size=[3, 5], depthwise=True), 16, 16)  # a 3x3 and a 5x5 on 8 each
+
+
 def prune_exactly(model, x):
     model = randomize(model).eval()
     error, plan = oracle_error(model, x, lambda m: pangkas.plan_channels(m, x, ratio=0.5))
@@ -67,6 +78,20 @@ def test_selective_kernel_split_input_is_pruned_exactly():
     assert body.in_channels == 16 and [p.conv.in_channels for p in body.paths] == [8, 8]
     assert body.out_channels == 16 and body.attn.fc_select.out_channels == 32
     assert plan.macs_after <= 0.35 * plan.macs_before and not plan.retried
+
+
+def test_cross_stage_split_by_expand_chs_is_pruned_exactly():
+    plan = prune_exactly(cross_stage(), torch.randn(2, 3, 16, 16))
+    body = plan.model.body
+    assert body.expand_chs == 16 and body.conv_exp.conv.out_channels == 16
+    assert plan.macs_after <= 0.35 * plan.macs_before and not plan.retried
+
+
+def test_mixed_conv_split_into_equal_pieces_is_pruned_exactly():
+    plan = prune_exactly(mixed_conv(), torch.randn(2, 3, 16, 16))
+    body = plan.model.body
+    assert body.splits == [4, 4] and body.in_channels == body.out_channels == 8
+    assert plan.macs_after <= 0.55 * plan.macs_before and not plan.retried  # depthwise: linear in width
 
 
 def test_a_reverted_cut_restores_the_split_sizes():

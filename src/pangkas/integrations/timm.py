@@ -1,10 +1,12 @@
 """timm modules that split their input by a size held in a plain attribute.
 
 Res2Net's bottlenecks (``timm.models.res2net.Bottle2neck``, DLA's ``DlaBottle2neck``) split by
-``self.width`` and the selective-kernel conv (``timm.layers.SelectiveKernel``) by
-``self.in_channels // self.num_paths``. The trace sees only equal pieces, which pruning keeps
-equal (each piece loses the same offsets); these attributes must follow the pieces' new size,
-read from the convolutions each piece feeds. Nothing of timm is imported here.
+``self.width``, the selective-kernel conv (``timm.layers.SelectiveKernel``) by
+``self.in_channels // self.num_paths``, CSPNet's cross stages by ``self.expand_chs // 2`` and the
+mixed conv (``timm.layers.MixedConv2d``) by ``self.splits``. The trace sees only the pieces; equal
+ones pruning keeps equal (each loses the same offsets; unequal ones keep their channels). These
+attributes must follow the pieces' new size, read from the convolutions that produce or take
+them. Nothing of timm is imported here.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from .integration import Integration
 
 RES2NET = ("timm.models.res2net.Bottle2neck", "timm.models.dla.DlaBottle2neck")
 SELECTIVE_KERNEL = "timm.layers.selective_kernel.SelectiveKernel"
+CROSS_STAGE = ("timm.models.cspnet.CrossStage", "timm.models.cspnet.CrossStage3")
+MIXED_CONV = "timm.layers.mixed_conv2d.MixedConv2d"
 
 
 def _qualname(m: nn.Module) -> str:
@@ -31,6 +35,12 @@ def _sizes(m: nn.Module) -> dict[str, int] | None:
         convs = [path.conv for path in m.paths]
         fed = sum(c.in_channels for c in convs) if m.split_input else convs[0].in_channels
         return {"in_channels": fed, "out_channels": convs[0].out_channels}
+    if name in CROSS_STAGE:
+        return {"expand_chs": m.conv_exp.conv.out_channels}
+    if name == MIXED_CONV:
+        splits = [conv.in_channels for conv in m.values()]
+        return {"splits": splits, "in_channels": sum(splits),
+                "out_channels": sum(conv.out_channels for conv in m.values())}
     return None
 
 
