@@ -11,21 +11,16 @@ grows with depth (ResNet-18/50/101/152).
 
 from __future__ import annotations
 
-import copy
 import gc
-import time
 import warnings
 
 import torch
 import torchvision
 
-from common import arguments, environment, publish
-from pangkas import plan_channels
-from pangkas.oracle import oracle_error, randomize
-from pangkas.tables import human_count, render_table
-
-RATIO = 0.5
-TOLERANCE = 1e-5
+from common import (ZOO_COLUMNS, ZOO_RATIO, ZOO_TOLERANCE, arguments, environment, exact, failure_row,
+                    prune_and_check, publish, result_row)
+from pangkas.oracle import randomize
+from pangkas.tables import render_table
 
 
 def size_for(name: str) -> int:
@@ -35,15 +30,7 @@ def size_for(name: str) -> int:
 def run(name: str) -> dict:
     model = randomize(torchvision.models.get_model(name, weights=None).eval())
     x = torch.randn(1, 3, size_for(name), size_for(name))
-    work = copy.deepcopy(model)
-    start = time.perf_counter()
-    plan = plan_channels(work, x, ratio=RATIO)
-    plan.apply()
-    seconds = time.perf_counter() - start
-    del work
-    error, _ = oracle_error(model, x, lambda m: plan_channels(m, x, ratio=RATIO))
-    return {"params": (plan.params_before, plan.params_after), "macs": (plan.macs_before, plan.macs_after),
-            "seconds": seconds, "error": error, "retries": len(plan.retried)}
+    return prune_and_check(model, x)
 
 
 def main() -> None:
@@ -57,29 +44,24 @@ def main() -> None:
         torch.manual_seed(0)
         try:
             r = run(name)
-            ok = r["error"] <= TOLERANCE and r["macs"][1] < r["macs"][0]
-            status = "pass" if ok else f"FAIL: oracle error {r['error']:.1e}"
+            ok = exact(r) and r["macs"][1] < r["macs"][0]
             passed += ok
             total_time += r["seconds"]
             results[name] = r
-            rows.append((name, status, f"{human_count(r['params'][0])} -> {human_count(r['params'][1])}",
-                         f"{human_count(r['macs'][0])} -> {human_count(r['macs'][1])}",
-                         f"{r['macs'][1] / r['macs'][0]:.2f}", f"{r['seconds']:.2f}", f"{r['error']:.1e}",
-                         r["retries"]))
+            rows.append(result_row(name, r))
         except Exception as exc:  # a failure is a result here: record it and go on
-            rows.append((name, f"FAIL: {type(exc).__name__}: {str(exc)[:120]}", "", "", "", "", "", ""))
+            rows.append(failure_row(name, exc))
         print(rows[-1], flush=True)
         gc.collect()
     table = render_table(
-        f"channel pruning, ratio {RATIO} local L1, every torchvision classifier",
-        ("model", "result", "params", "MACs", "MACs after/before", "plan+apply s", "oracle error",
-         "surgery retries"), rows, markdown=True)
+        f"channel pruning, ratio {ZOO_RATIO} local L1, every torchvision classifier", ZOO_COLUMNS, rows,
+        markdown=True)
     depth = [(n, f"{results[n]['seconds']:.2f}") for n in ("resnet18", "resnet50", "resnet101", "resnet152")
              if n in results]
     depth_table = render_table("plan + apply time vs depth", ("model", "seconds"), depth, markdown=True)
     slowest = max(results.items(), key=lambda kv: kv[1]["seconds"]) if results else ("-", {"seconds": 0})
     publish(args.out, "Prunability of the torchvision zoo",
-            f"**{passed}/{len(names)} models pruned with the oracle holding** (error <= {TOLERANCE:g}); "
+            f"**{passed}/{len(names)} models pruned with the oracle holding** (error <= {ZOO_TOLERANCE:g}); "
             f"plan + apply for all of them took {total_time:.0f} s in total, the slowest "
             f"{slowest[0]} {slowest[1]['seconds']:.1f} s.",
             table, depth_table,

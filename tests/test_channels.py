@@ -9,6 +9,7 @@ from torch import nn
 
 import pangkas
 from pangkas import selection
+from pangkas.graph import rules
 from pangkas.oracle import oracle_error, randomize, silence_removed
 
 import nets
@@ -618,3 +619,32 @@ def test_global_ties_are_broken_the_same_way_every_time():
         chosen.add(tuple(tuple(g.removed.tolist()) for g in plan.selection.groups))
         del junk
     assert len(chosen) == 1
+
+
+def test_rule_gaps_name_the_ops_without_a_rule_and_what_they_kept(monkeypatch):
+    x = torch.randn(nets.IMAGES)
+    plan = pangkas.plan_channels(nets.Unknown(), x, ratio=0.5)
+    assert plan.rule_gaps() == {"_fft_r2c": 8}  # b's 8 channels; flip and sum have rules that block
+    assert plan.blocked()["no coupling rule for this op (_fft_r2c)"] == 8  # blocked() is unchanged
+    assert not pangkas.plan_channels(nets.Chain(), x, ratio=0.5).rule_gaps()
+
+    def broken(e, func, args, kwargs, out):
+        raise RuntimeError("cannot follow (this call)")
+    monkeypatch.setitem(rules.RULES, torch.ops.aten.flip, broken)
+    with rules.strict(False):
+        plan = pangkas.plan_channels(nets.Unknown(), x, ratio=0.5)
+    assert plan.rule_gaps() == {"_fft_r2c": 8, "flip": 8}
+
+
+def test_kept_by_rule_gaps_counts_a_channel_two_gaps_froze_once():
+    class TwoGaps(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nets.cbr(3, 8)
+            self.head = nn.Linear(8, 4)
+
+        def forward(self, x):  # each conv channel meets two ops without a rule
+            h = self.conv(x)
+            return self.head((h.cumprod(1) + torch.fft.rfft(h, dim=1).abs().sum(1, keepdim=True)).mean((2, 3)))
+    plan = pangkas.plan_channels(TwoGaps(), torch.randn(nets.IMAGES), ratio=0.5)
+    assert sum(plan.rule_gaps().values()) == 16 and plan.kept_by_rule_gaps() == 8

@@ -108,7 +108,7 @@ def test_names_are_unique():
         pangkas.integrations.register(Integration("huggingface"))
     with pytest.raises(pangkas.PangkasError, match="another name"):
         pangkas.integrations.active([Integration("swin")])
-    assert pangkas.integrations.names() == ("huggingface", "multihead_attention", "recurrent", "swin")
+    assert pangkas.integrations.names() == ("huggingface", "multihead_attention", "recurrent", "swin", "timm")
     assert [i.name for i in pangkas.integrations.registered()] == list(pangkas.integrations.names())
 
 

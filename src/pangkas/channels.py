@@ -100,6 +100,23 @@ class Plan:
     def blocked(self) -> Counter:
         """Why channels are kept: reason -> how many channels (of conv/linear/embedding outputs)
         it froze; one channel may be frozen for several reasons."""
+        # The same rule in many modules is one reason: "(native_layer_norm in a.b)" -> "(native_layer_norm)"
+        return self._frozen_by(lambda why: re.sub(r" in [^()]*\)$", ")", why))
+
+    def rule_gaps(self) -> Counter:
+        """Channels (counted as in :meth:`blocked`) kept because an op has no coupling rule
+        or its rule failed on this call: op -> how many channels it froze (a channel two such ops
+        froze counts for both; :meth:`kept_by_rule_gaps` counts it once). Empty when every op the
+        model runs was followed."""
+        return self._frozen_by(_rule_gap_op)
+
+    def kept_by_rule_gaps(self) -> int:
+        """How many channels (as in :meth:`rule_gaps`, each once) rule gaps keep."""
+        return sum(self._frozen_by(lambda why: "gap" if _rule_gap_op(why) else None).values())
+
+    def _frozen_by(self, key) -> Counter:
+        """Channels of conv/linear/embedding outputs frozen per ``key(why)`` of every block
+        (blocks whose key is None are skipped)."""
         coupling = self.coupling
         joined = components(coupling.num_ids, *coupling.unions)  # classes before any block
         produced = torch.zeros(coupling.num_ids, dtype=torch.bool)
@@ -109,14 +126,13 @@ class Plan:
         if not self.options.allow_approximate:
             blocks += [(ids, f"approximate: {why}") for ids, why in coupling.approximations]
         for ids, why in blocks:
-            # The same rule in many modules is one reason: "(native_layer_norm in a.b)" -> "(native_layer_norm)"
-            frozen.setdefault(re.sub(r" in [^()]*\)$", ")", why), []).append(joined[ids])
+            if (reason := key(why)) is not None:
+                frozen.setdefault(reason, []).append(joined[ids])
         reasons = Counter()
-        for why, parts in frozen.items():
-            classes = torch.cat(parts).unique()
-            n = int(produced[classes].sum())
+        for reason, parts in frozen.items():
+            n = int(produced[torch.cat(parts).unique()].sum())
             if n:
-                reasons[why] = n
+                reasons[reason] = n
         return reasons
 
     def __str__(self) -> str:
@@ -311,3 +327,12 @@ def _count_params(model: nn.Module, coupling: Coupling, removed: torch.Tensor | 
                 n *= int((~removed[dim_ids]).sum())
             total += n
     return total
+
+
+_RULE_GAP = re.compile(r"^(?:no coupling rule for this op|rule failed: .*) \((\w+)(?: in [^()]*)?\)$", re.S)
+
+
+def _rule_gap_op(why: str) -> str | None:
+    """The op of a block the tracer made because it could not follow that op, else None."""
+    found = _RULE_GAP.match(why)
+    return found.group(1) if found else None

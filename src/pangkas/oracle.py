@@ -13,8 +13,10 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 from .channels import Plan
+from .errors import PangkasError
 from .inputs import call_model
 from .outputs import tensors
 from .surgery import owners
@@ -86,13 +88,30 @@ def _flat(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def oracle_error(model: nn.Module, example_inputs, make_plan: Callable[[nn.Module], Plan]) -> tuple[float, Plan]:
+def oracle_error(model: nn.Module, example_inputs, make_plan: Callable[[nn.Module], Plan],
+                 dtype: torch.dtype | None = None) -> tuple[float, Plan]:
     """Relative output error of pruning a copy of ``model`` after silencing the removed channels
-    (``make_plan(copy)`` builds the plan). Returns (error, the applied plan)."""
+    (``make_plan(copy)`` builds the plan). Returns (error, the applied plan).
+
+    ``dtype`` (e.g. ``torch.float64``) runs the silenced reference and the pruned model in that
+    dtype: planning and surgery stay in the model's own dtype, and fp32 weights convert to fp64
+    exactly, so only the rounding of the two runs changes. An ill-conditioned network whose fp32
+    runs disagree by more than the tolerance can still be certified this way."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise PangkasError(f"oracle dtype must be a floating-point dtype, got {dtype}")
     model = copy.deepcopy(model).eval()
     plan = make_plan(model)
     silence_removed(plan)
-    reference = _flat(call_model(model, example_inputs)).double()
+    reference = _run_as(model, example_inputs, dtype)
     plan.apply()
-    pruned = _flat(call_model(model, example_inputs)).double()
+    pruned = _run_as(model, example_inputs, dtype)
     return float((pruned - reference).norm() / reference.norm().clamp_min(1e-12)), plan
+
+
+def _run_as(model: nn.Module, example_inputs, dtype: torch.dtype | None) -> torch.Tensor:
+    """The model's flattened output (fp64), computed in ``dtype`` on a copy if given (the plan's
+    surgery and checks expect the model in its own dtype)."""
+    if dtype is None:
+        return _flat(call_model(model, example_inputs)).double()
+    floating = lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t  # noqa: E731
+    return _flat(call_model(copy.deepcopy(model).to(dtype), tree_map(floating, example_inputs))).double()

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 
 from ..errors import PangkasError
 from ..registry import Registry
-from . import huggingface, multihead_attention, recurrent, swin
+from . import huggingface, multihead_attention, recurrent, swin, timm
 from .integration import Integration, Integrations
 
 __all__ = ["Integration", "Integrations", "active", "names", "register", "registered", "unregister"]
@@ -55,5 +55,5 @@ def active(extra: Iterable[Integration] | None = None) -> Integrations:
     return Integrations(members)
 
 
-for _family in (huggingface, multihead_attention, recurrent, swin):
+for _family in (huggingface, multihead_attention, recurrent, swin, timm):
     register(_family.INTEGRATION)
