@@ -110,3 +110,25 @@ def test_block_nets_prune_exactly(name):
     model, x = blocks.BLOCKS[name]()
     plan = prune_exactly(model, x)
     assert plan.macs_after <= 0.6 * plan.macs_before
+
+
+# -- timm attention: whole heads ---------------------------------------------------------------
+
+def test_timm_vision_transformer_loses_whole_heads_exactly():
+    model = randomize(timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    error, plan = oracle_error(model, x, lambda m: pangkas.plan_channels(m, x, ratio=0.5))
+    assert error <= EXACT and not plan.retried
+    attn = plan.model.blocks[0].attn
+    assert (attn.num_heads, attn.head_dim, attn.attn_dim) == (1, 64, 64)  # 3 heads of 64: 2 go
+    assert attn.qkv.out_features == 3 * 64 and attn.proj.in_features == 64
+    assert plan.macs_after <= 0.6 * plan.macs_before
+
+
+def test_timm_attention_deriving_head_dim_from_the_width_keeps_its_heads():
+    """convit computes head_dim as C // num_heads from its input: fewer heads cannot run there."""
+    model = randomize(timm.create_model("convit_tiny", img_size=32, depth=2, local_up_to_layer=1)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    error, plan = oracle_error(model, x, lambda m: pangkas.plan_channels(m, x, ratio=0.5))
+    assert error <= EXACT
+    assert plan.model.blocks[1].attn.num_heads == 4 and plan.model.blocks[1].attn.qkv.out_features == 3 * 192

@@ -102,7 +102,9 @@ def oracle_error(model: nn.Module, example_inputs, make_plan: Callable[[nn.Modul
     model = copy.deepcopy(model).eval()
     plan = make_plan(model)
     silence_removed(plan)
-    reference = _run_as(model, example_inputs, dtype)
+    # On a copy: a forward may rebuild a buffer (convit's rel_indices), which would make the plan
+    # refuse the model as changed since planning.
+    reference = _run_as(copy.deepcopy(model), example_inputs, dtype)
     plan.apply()
     pruned = _run_as(model, example_inputs, dtype)
     return float((pruned - reference).norm() / reference.norm().clamp_min(1e-12)), plan

@@ -980,18 +980,19 @@ def attention(e, func, args, kwargs, out):
     seq = nd - 2
     layout = list(range(nd - 2)) + [nd - 1]
     sizes = [q.shape[d] for d in layout]
-    arrays = []
+    arrays, head_dims = [], []
     for t in (q, k):
         for ax in e.get(t):
             if seq in ax.dims:
                 e.block(ax.ids, "attention over a channel-labelled sequence dim")
             else:
                 arrays.append(_to_layout(ax, layout, sizes))
+                head_dims.append(nd - 1 in ax.dims)
     for ids in arrays[1:]:
         e.union(arrays[0], ids)
     if len(arrays) == 1:
         e.block(arrays[0], "attention with unlabelled query or key")
-    elif arrays and b.get("scale") is None:
+    elif any(head_dims) and b.get("scale") is None:  # whole heads (batch dims) keep head_dim
         e.approximate(arrays[0], "attention scale 1/sqrt(head_dim) follows head_dim")
     labels = []
     for ax in e.get(v):

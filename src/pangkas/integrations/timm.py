@@ -6,13 +6,19 @@ Res2Net's bottlenecks (``timm.models.res2net.Bottle2neck``, DLA's ``DlaBottle2ne
 mixed conv (``timm.layers.MixedConv2d``) by ``self.splits``. The trace sees only the pieces; equal
 ones pruning keeps equal (each loses the same offsets; unequal ones keep their channels). These
 attributes must follow the pieces' new size, read from the convolutions that produce or take
-them. Nothing of timm is imported here.
+them.
+
+timm's attention modules (a fused ``qkv`` Linear viewed as ``(3, num_heads, head_dim)``) lose whole
+heads: head_dim, hence the attention scale, stays, so it is exact; ``num_heads`` (and
+``attn_dim``) follow the cut. Code that derives head_dim from the input width instead
+(``C // num_heads``) fails the surgery check and keeps its heads. Nothing of timm is imported here.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from ..graph.adapter import Heads
 from ..surgery import Undo
 from .integration import Integration
 
@@ -54,4 +60,39 @@ def _fix_split_sizes(model: nn.Module, undo: Undo) -> None:
                 setattr(m, k, v)
 
 
-INTEGRATION = Integration(name="timm", fixers=(_fix_split_sizes,))
+def _head_dim(m: nn.Module) -> int | None:
+    """A timm attention module's head size: its ``head_dim``, else from its ``scale``."""
+    if isinstance(getattr(m, "head_dim", None), int):
+        return m.head_dim
+    scale = getattr(m, "scale", None)
+    return round(scale ** -2) if isinstance(scale, float) and scale > 0 else None
+
+
+def _heads(m: nn.Module) -> Heads | None:
+    """Head counts of a timm attention module with a fused qkv projection, from its current sizes."""
+    qkv, head_dim = getattr(m, "qkv", None), _head_dim(m)
+    if not (type(m).__module__.startswith("timm.") and isinstance(qkv, nn.Linear)
+            and isinstance(getattr(m, "num_heads", None), int) and head_dim):
+        return None
+    heads, rest = divmod(qkv.out_features, 3 * head_dim)
+    return Heads(heads, heads, head_dim) if heads and not rest else None
+
+
+def _attention(model: nn.Module) -> dict[str, Heads]:
+    return {name: h for name, m in model.named_modules() if (h := _heads(m)) is not None}
+
+
+def _fix_heads(model: nn.Module, undo: Undo) -> None:
+    """Surgery fixer: timm attention modules learn their new head count (and attention width)."""
+    for m in model.modules():
+        h = _heads(m)
+        if h is None or h.heads == m.num_heads:
+            continue
+        widths = [n for n in ("attn_dim", "all_head_dim") if getattr(m, n, None) == m.num_heads * h.head_dim]
+        undo.remember(m, ("num_heads", *widths))
+        for n in widths:
+            setattr(m, n, h.heads * h.head_dim)
+        m.num_heads = h.heads
+
+
+INTEGRATION = Integration(name="timm", attention=_attention, fixers=(_fix_split_sizes, _fix_heads))
