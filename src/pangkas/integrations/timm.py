@@ -8,10 +8,9 @@ ones pruning keeps equal (each loses the same offsets; unequal ones keep their c
 attributes must follow the pieces' new size, read from the convolutions that produce or take
 them.
 
-timm's attention modules (a fused ``qkv`` Linear viewed as ``(3, num_heads, head_dim)``) lose whole
-heads: head_dim, hence the attention scale, stays, so it is exact; ``num_heads`` (and
-``attn_dim``) follow the cut. Code that derives head_dim from the input width instead
-(``C // num_heads``) fails the surgery check and keeps its heads. Nothing of timm is imported here.
+timm's attention modules listed in ``HEADED`` (a fused ``qkv`` Linear viewed as
+``(3, num_heads, head_dim)``) lose whole heads: head_dim, hence the attention scale, stays, so it is exact; ``num_heads`` (and
+``attn_dim``) follow the cut. Nothing of timm is imported here.
 """
 
 from __future__ import annotations
@@ -26,6 +25,9 @@ RES2NET = ("timm.models.res2net.Bottle2neck", "timm.models.dla.DlaBottle2neck")
 SELECTIVE_KERNEL = "timm.layers.selective_kernel.SelectiveKernel"
 CROSS_STAGE = ("timm.models.cspnet.CrossStage", "timm.models.cspnet.CrossStage3")
 MIXED_CONV = "timm.layers.mixed_conv2d.MixedConv2d"
+# Attention classes whose forward sizes follow num_heads (checked: ViT/DeiT/PiT, Swin); others,
+# whose code sizes heads otherwise (EfficientFormer, CrossViT), keep theirs rather than retry.
+HEADED = ("timm.layers.attention.Attention", "timm.models.swin_transformer.WindowAttention")
 
 
 def _qualname(m: nn.Module) -> str:
@@ -71,7 +73,7 @@ def _head_dim(m: nn.Module) -> int | None:
 def _heads(m: nn.Module) -> Heads | None:
     """Head counts of a timm attention module with a fused qkv projection, from its current sizes."""
     qkv, head_dim = getattr(m, "qkv", None), _head_dim(m)
-    if not (type(m).__module__.startswith("timm.") and isinstance(qkv, nn.Linear)
+    if not (_qualname(m) in HEADED and isinstance(qkv, nn.Linear)
             and isinstance(getattr(m, "num_heads", None), int) and head_dim):
         return None
     heads, rest = divmod(qkv.out_features, 3 * head_dim)
