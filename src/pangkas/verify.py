@@ -138,9 +138,18 @@ def first_difference(expected: Sequence[OpRecord], records: Sequence[OpRecord],
 
 
 def where_it_fails(expected: Sequence[OpRecord], failed: TraceFailed) -> Problem:
-    """The op of the original trace at which the pruned model's forward raised."""
-    index = min(len(failed.records), len(expected) - 1)
-    return expected[index], f"the pruned model fails here ({failed})"
+    """The op of the original trace at which the pruned model's forward raised: the one after
+    the ops it ran, step by step, except that a copy pruning made unnecessary (or necessary) is
+    skipped: counting alone would blame the wrong op after it."""
+    i = j = 0
+    ran = failed.records
+    while i < len(expected) - 1 and j < len(ran):
+        old, new = expected[i], ran[j]
+        if old.name != new.name and _COPY in (old.name, new.name):
+            i, j = (i + 1, j) if old.name == _COPY else (i, j + 1)
+        else:  # the same op, or one the device runs under another name: step together
+            i, j = i + 1, j + 1
+    return expected[i], f"the pruned model fails here ({failed})"
 
 
 def check_unchanged(model: nn.Module, coupling: Coupling) -> None:
