@@ -200,8 +200,10 @@ def _own_net(name):
 
 def _torchvision(name):
     torchvision = pytest.importorskip("torchvision")
-    kwargs = {"image_size": SIZE} if name.startswith("vit") else {}
-    return _runnable(name, torchvision.models.get_model(name, weights=None, **kwargs), (299 if "inception" in name else 224))
+    vit_size = 28 if name.endswith("_14") else SIZE  # a ViT's image side is a multiple of its patch
+    kwargs = {"image_size": vit_size} if name.startswith("vit") else {}
+    own_size = 299 if "inception" in name else vit_size if name.startswith("vit") else 224
+    return _runnable(name, torchvision.models.get_model(name, weights=None, **kwargs), own_size)
 
 
 def _timm(name):
