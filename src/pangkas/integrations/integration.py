@@ -65,6 +65,11 @@ class Integration:
         object.__setattr__(self, "fixers", tuple(self.fixers))
 
 
+def qualname(m: nn.Module) -> str:
+    """``m``'s class as ``"module.QualName"``, the form integrations name optional classes by."""
+    return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
 def _lookup(table: dict, cls: type):
     return table.get(cls) or table.get(f"{cls.__module__}.{cls.__qualname__}")
 
