@@ -87,10 +87,11 @@ def test_cross_stage_split_by_expand_chs_is_pruned_exactly():
     assert plan.macs_after <= 0.35 * plan.macs_before and not plan.retried
 
 
-def test_mixed_conv_split_into_equal_pieces_is_pruned_exactly():
+def test_mixed_conv_pieces_are_pruned_exactly_each_its_own():
     plan = prune_exactly(mixed_conv(), torch.randn(2, 3, 16, 16))
     body = plan.model.body
-    assert body.splits == [4, 4] and body.in_channels == body.out_channels == 8
+    assert body.splits == [conv.in_channels for conv in body.values()] and sum(body.splits) == 8
+    assert body.in_channels == body.out_channels == 8
     assert plan.macs_after <= 0.55 * plan.macs_before and not plan.retried  # depthwise: linear in width
 
 

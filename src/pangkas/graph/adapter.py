@@ -1,8 +1,11 @@
-"""What the coupling rules may ask about a model's modules beyond its ops: attention heads.
+"""What the coupling rules may ask about a model's modules beyond its ops: attention heads, and
+splits whose sizes the model recomputes.
 
 A rule that sees a projection viewed as ``(heads, head_dim)`` cannot tell from the shapes alone
-which dim is the unit; the model family knows. ``graph.rules`` asks an :class:`Adapter`; the
-integrations describe their attention modules as :class:`Heads` and :class:`HeadAdapter` answers.
+which dim is the unit; the model family knows. Nor can it tell a split at constant sizes from one
+at sizes held in attributes that surgery updates. ``graph.rules`` asks an :class:`Adapter`; the
+integrations describe their attention modules as :class:`Heads` and the modules whose splits
+follow the cut by name, and :class:`HeadAdapter` answers.
 """
 
 from __future__ import annotations
@@ -32,12 +35,18 @@ class Adapter(Protocol):
     def slices_follow(self, module_name: str) -> bool:
         """Whether slices inside ``module_name`` have bounds that follow the pruned sizes."""
 
+    def splits_follow(self, module_name: str) -> bool:
+        """Whether a split run by ``module_name`` itself cuts at sizes that follow the pruned
+        pieces (attributes an integration recomputes), so that each piece may lose its own."""
+
 
 class HeadAdapter:
-    """Whole attention heads as the unit, for the attention modules found (by module name)."""
+    """Whole attention heads as the unit, for the attention modules found (by module name);
+    ``following``: the modules whose splits follow the cut."""
 
-    def __init__(self, modules: dict[str, Heads]):
+    def __init__(self, modules: dict[str, Heads], following: frozenset[str] = frozenset()):
         self.modules = modules
+        self.following = following
 
     def _owner(self, module_name: str) -> str | None:
         return next((name for name in self.modules
@@ -59,3 +68,7 @@ class HeadAdapter:
         which the integration's surgery fixer updates (the shape check confirms it)."""
         owner = self._owner(module_name)
         return owner is not None and self.modules[owner].fused
+
+    def splits_follow(self, module_name: str) -> bool:
+        """Only the module's own code: a submodule's splits are its own family's business."""
+        return module_name in self.following

@@ -514,15 +514,18 @@ def split(e, func, args, kwargs, out):
         return
     pos = ax.dims.index(dim)
     sizes = [o.shape[dim] for o in pieces]
-    if len(set(sizes)) != 1:
-        e.block(ax.ids, "split into unequal pieces")
-        for o in pieces:
-            e.set(o, tuple(others))
-        return
-    # Equal pieces (chunk): each loses the same offsets, so the cuts stay where the code puts them.
-    chunks = ax.ids.split(sizes[0], pos)
-    for c in chunks[1:]:
-        e.union(chunks[0], c)
+    chunks = ax.ids.split(sizes, pos)
+    # Sizes held in attributes an integration recomputes from the cut (``e.adapter``): each piece
+    # loses channels of its own. Constant sizes: equal pieces (chunk) lose the same offsets, so
+    # the cuts stay where the code puts them; unequal ones cannot follow a cut.
+    if not (e.adapter and e.adapter.splits_follow(e.module)):
+        if len(set(sizes)) != 1:
+            e.block(ax.ids, "split into unequal pieces")
+            for o in pieces:
+                e.set(o, tuple(others))
+            return
+        for c in chunks[1:]:
+            e.union(chunks[0], c)
     for o, c in zip(pieces, chunks):
         e.set(o, tuple(others) + (Axis(ax.dims, c),))
 

@@ -26,12 +26,18 @@ def _no_attention(model: nn.Module) -> dict[str, Heads]:
     return {}
 
 
+def _no_splits(model: nn.Module) -> list[str]:
+    return []
+
+
 @dataclass(frozen=True, eq=False)
 class Integration:
     """One model family's knowledge (see the module docstring); give it to a call
     (``integrations=[...]``) or to :func:`pangkas.integrations.register`.
 
-    ``attention(model)``: its attention modules by name, with their head counts. ``traced_as``:
+    ``attention(model)``: its attention modules by name, with their head counts. ``splits(model)``:
+    the names of modules that split a tensor at sizes held in attributes a fixer recomputes from
+    the cut (each piece may then lose channels of its own). ``traced_as``:
     class (or ``"module.QualName"``) -> the subclass the tracer runs instead (for a name: a
     function that makes it). ``updaters``: class (or name) -> ``fn(module, original_sizes)``,
     also for subclasses; it may set the size attributes ``surgery.attributes.SIZE_ATTRIBUTES``
@@ -41,6 +47,7 @@ class Integration:
 
     name: str
     attention: Callable[[nn.Module], dict[str, Heads]] = _no_attention
+    splits: Callable[[nn.Module], Iterable[str]] = _no_splits
     traced_as: Mapping[type | str, type | Callable[[], type]] = field(default_factory=dict)
     updaters: Mapping[type | str, Updater] = field(default_factory=dict)
     fixers: Sequence[Fixer] = ()
@@ -58,10 +65,10 @@ class Integration:
             if isinstance(cls, type) and not (isinstance(form, type) and issubclass(form, cls)):
                 raise PangkasError(f"integration {self.name!r}: {cls.__name__} must be traced as a "
                                    f"subclass of itself (same parameters, same maths), got {form!r}")
-        if not callable(self.attention) or not isinstance(self.fixers, (list, tuple)) or not all(
+        if not callable(self.attention) or not callable(self.splits) or not isinstance(self.fixers, (list, tuple)) or not all(
                 callable(f) for f in self.fixers):
-            raise PangkasError(f"integration {self.name!r}: attention must be a function and fixers "
-                               "a list of functions")
+            raise PangkasError(f"integration {self.name!r}: attention and splits must be functions "
+                               "and fixers a list of functions")
         object.__setattr__(self, "fixers", tuple(self.fixers))
 
 
@@ -87,11 +94,14 @@ class Integrations:
             self._updaters.update(member.updaters)
 
     def adapter(self, model: nn.Module) -> HeadAdapter | None:
-        """The tracer's adapter for ``model``'s attention modules, if any member knows some."""
+        """The tracer's adapter for ``model``'s attention modules and modules whose splits
+        follow the cut, if any member knows some."""
         modules: dict[str, Heads] = {}
+        following: set[str] = set()
         for member in self.members:
             modules.update(member.attention(model))
-        return HeadAdapter(modules) if modules else None
+            following.update(member.splits(model))
+        return HeadAdapter(modules, frozenset(following)) if modules or following else None
 
     def traced_as(self, cls: type) -> type | None:
         """The subclass the tracer runs in place of exactly ``cls`` (not of its subclasses)."""

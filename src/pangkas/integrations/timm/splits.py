@@ -2,10 +2,13 @@
 
 Res2Net's bottlenecks (``timm.models.res2net.Bottle2neck``, DLA's ``DlaBottle2neck``) split by
 ``self.width``, the selective-kernel conv (``timm.layers.SelectiveKernel``) by
-``self.in_channels // self.num_paths``, CSPNet's cross stages by ``self.expand_chs // 2`` and the
-mixed conv (``timm.layers.MixedConv2d``) by ``self.splits``. The trace sees only the pieces; equal
-ones pruning keeps equal (each loses the same offsets; unequal ones keep their channels). These
-attributes must follow the pieces' new size, read from the convolutions that produce or take
+``self.in_channels // self.num_paths`` and CSPNet's cross stages by ``self.expand_chs // 2``: one
+size for every piece, so pruning keeps the pieces equal (each loses the same offsets). MambaOut's
+gated conv block (``split_indices``: gate, identity, conv), CoaT's convolutional position
+encoding (``channel_splits``, one piece per window size) and the mixed conv
+(``timm.layers.MixedConv2d``, ``splits``) split by a list of sizes: their pieces, equal or not,
+lose channels of their own (``following_modules`` tells the tracer). Either way the attributes
+must follow the pieces' new sizes, read from the convolutions and linears that produce or take
 them. Nothing of timm is imported here.
 """
 
@@ -20,6 +23,10 @@ RES2NET = ("timm.models.res2net.Bottle2neck", "timm.models.dla.DlaBottle2neck")
 SELECTIVE_KERNEL = "timm.layers.selective_kernel.SelectiveKernel"
 CROSS_STAGE = ("timm.models.cspnet.CrossStage", "timm.models.cspnet.CrossStage3")
 MIXED_CONV = "timm.layers.mixed_conv2d.MixedConv2d"
+GATED_CONV = "timm.models.mambaout.GatedConvBlock"
+CONV_POSITION = "timm.models.coat.ConvRelPosEnc"
+# Classes whose forward splits by a list of sizes, all of which _sizes recomputes.
+FOLLOWING = (MIXED_CONV, GATED_CONV, CONV_POSITION)
 
 
 def _sizes(m: nn.Module) -> dict[str, int] | None:
@@ -37,7 +44,17 @@ def _sizes(m: nn.Module) -> dict[str, int] | None:
         splits = [conv.in_channels for conv in m.values()]
         return {"splits": splits, "in_channels": sum(splits),
                 "out_channels": sum(conv.out_channels for conv in m.values())}
+    if name == GATED_CONV:  # gate * cat(identity, conv): the gate is as wide as the other two
+        hidden, conv = m.fc2.in_features, m.conv.in_channels
+        return {"split_indices": (hidden, hidden - conv, conv)}
+    if name == CONV_POSITION:
+        return {"channel_splits": [conv.in_channels for conv in m.conv_list]}
     return None
+
+
+def following_modules(model: nn.Module) -> list[str]:
+    """The modules whose splits follow the cut (their sizes are recomputed by the fixer)."""
+    return [name for name, m in model.named_modules() if qualname(m) in FOLLOWING]
 
 
 def fix_split_sizes(model: nn.Module, undo: Undo) -> None:
