@@ -65,8 +65,8 @@ class Integration:
             if isinstance(cls, type) and not (isinstance(form, type) and issubclass(form, cls)):
                 raise PangkasError(f"integration {self.name!r}: {cls.__name__} must be traced as a "
                                    f"subclass of itself (same parameters, same maths), got {form!r}")
-        if not callable(self.attention) or not callable(self.splits) or not isinstance(self.fixers, (list, tuple)) or not all(
-                callable(f) for f in self.fixers):
+        if not (callable(self.attention) and callable(self.splits) and isinstance(self.fixers, (list, tuple))
+                and all(callable(f) for f in self.fixers)):
             raise PangkasError(f"integration {self.name!r}: attention and splits must be functions "
                                "and fixers a list of functions")
         object.__setattr__(self, "fixers", tuple(self.fixers))

@@ -1,4 +1,4 @@
-"""timm modules that split their input by a size held in a plain attribute.
+"""timm modules that split their input by sizes held in plain attributes.
 
 Res2Net's bottlenecks (``timm.models.res2net.Bottle2neck``, DLA's ``DlaBottle2neck``) split by
 ``self.width``, the selective-kernel conv (``timm.layers.SelectiveKernel``) by
