@@ -3,7 +3,8 @@
 Zero the input weights of every consumer of the channels a plan removes: those channels can then
 no longer affect the output. Record the output, apply the plan, and compare. Exact pruning gives
 the same output up to float rounding. Where a removed channel has no consuming weight (the
-query/key head dims of attention meet each other, not a weight), its producing slices are zeroed.
+query/key head dims of attention meet each other, not a weight), or an op reads its value into
+other channels (GRN's mean response: ``Coupling.at_source``), its producing slices are zeroed too.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ def silence_removed(plan: Plan, removed: torch.Tensor | None = None) -> list[tup
     has_consumer[classes[consumed.nonzero().flatten()]] = True
     for rows in gathered.values():  # a grouped conv reads each row's channels per block
         has_consumer[classes[rows]] = True
+    at_source = torch.zeros(coupling.num_ids, dtype=torch.bool)
+    at_source[classes[coupling.at_source]] = True
     where = owners(plan.model)
     saved = []
     for name, dims in coupling.tensor_ids.items():
@@ -52,7 +55,7 @@ def silence_removed(plan: Plan, removed: torch.Tensor | None = None) -> list[tup
                 shape[dim] = zero.shape[1]
                 zero_mask = zero.reshape(shape).expand_as(tensor)
             else:
-                zero = removed[ids] & (consumed[ids] | ~has_consumer[classes[ids]])
+                zero = removed[ids] & (consumed[ids] | ~has_consumer[classes[ids]] | at_source[classes[ids]])
                 zero_mask = None
             if zero.any():
                 if not saved or saved[-1][0] is not tensor:
