@@ -5,28 +5,28 @@ ConvNeXt-V2's global response norm.
 ``ScaledStdConv2dSame``: NFNets, ResNetV2-BiT) normalises every filter of the weight over its
 ``fan_in = in/groups * kh * kw`` taps before convolving (timm: ``F.batch_norm`` on the weight seen
 as ``(1, out, fan_in)``), then multiplies by ``gain * scale`` (scaled variants). Filters are
-standardised alone, so removing output channels is exact as it is. Removing an input channel
-drops its taps from every filter's mean and variance. The exact pruned filter is standardised with
-the statistics of the whole original filter: sums over the kept taps plus the constant sum and
-sum of squares of the removed taps (``removed_moments``, a buffer of (out, 2) made by the cut),
-over the original ``fan_in``. The pruned conv then computes what the dense one computes with
-those inputs silenced, whatever the removed taps held (on the oracle's path it zeroed them, so
-the moments are 0); gain, scale and eps are unchanged, and the kept taps train as before.
+standardised alone, so removing output channels is exact as it is. An input channel's taps count
+in every filter's mean and variance, and its standardised taps are ``-mean / std``, not 0, even
+where its weights are 0: only a silenced (zero) input channel is without effect. The pruned filter
+is therefore standardised with the statistics of the whole original filter: sums over its kept
+taps plus the sum and sum of squares of its removed taps (``removed_moments``, an (out, 2) buffer
+the cut adds and later cuts add to), over the original ``fan_in``. It computes what the dense conv
+computes with those inputs silenced; gain, scale and eps are unchanged, the kept taps train.
 
 **Global response norm** (``GlobalResponseNorm``) divides each channel's spatial L2 norm ``Gx``
-by the mean of ``Gx`` over channels. Its exact form divides the *sum* over channels by the
-original channel count (``original_channels``), so a channel that is zero at the GRN's input
-(``Gx = 0``) changes nothing when removed. A removed channel is zero there only if it is silenced
-where it is made, so the rule says the op reads its channels across (``Engine.read_across``):
-the oracle then silences them at their producer too. weight/bias go with their channel.
+by the mean of ``Gx`` over channels. Its prunable form divides the *sum* over channels by the
+original channel count (``original_channels``): a channel that is zero at its input (``Gx = 0``)
+changes nothing when removed. weight/bias go with their channel.
 
-Both are custom ops with their own coupling rule rather than plain ops, because their sums run
-across the very dim that is pruned: the reduction rules must block such sums in general, and only
-these modules know how a removed channel's share is kept. The ops' gradients are those of their
-plain maths (recomputed in backward), so a pruned model trains. The cut modules keep their
-prunable subclass; ``fan_in`` and ``original_channels`` come back from the architecture when a
-saved model is loaded (the fixers run again), ``removed_moments`` from the file. Nothing of timm is
-imported until a model uses it.
+Both hold for channels that are zero where these modules read them, so their rules mark them
+read across (``Engine.read_across``): the oracle silences them at their source, not only at their
+consumers. Both are custom ops with their own coupling rule (``pangkas::standardised_weight``,
+``pangkas::response_norm``) rather than plain ops: their sums run across the very dim that is
+pruned, which the reduction rules must block in general; only these modules know how a removed
+channel's share is kept. Their gradients are those of their plain maths (recomputed in backward),
+so a pruned model trains. Cut modules keep their prunable subclass (their fixers below); on
+loading a saved model the fixers run again and take ``fan_in`` and ``original_channels`` from the
+architecture, ``removed_moments`` comes from the file. Nothing of timm is imported here.
 """
 
 from __future__ import annotations
