@@ -67,8 +67,8 @@ class Coupling:
     records: tuple[OpRecord, ...]
     on_meta: bool = True  # traced on meta tensors (else under FakeTensorMode on the model's device)
     partitions: tuple[Partition, ...] = ()  # rows that must keep equal counts (grouped convs)
-    # ids an op reads across channels (GRN's mean response): the oracle silences their classes at
-    # their source, as no pruned model can reproduce a removed channel's value there
+    # ids an op reads into other channels' results (GRN's mean response, a weight-standardised
+    # conv's input): exact to remove only where zero, so the oracle silences them at their source
     at_source: torch.Tensor = torch.zeros(0, dtype=torch.long)
 
     def classes(self, allow_approximate: bool = False, blocks=(), ties=()) -> torch.Tensor:
