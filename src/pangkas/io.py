@@ -304,10 +304,13 @@ def _load_into(model: torch.nn.Module, path: Path, header: dict, state: dict, ma
     undos = []
     try:
         undos += _replay(model, header.get("edits", []), path)
-        shrunk = _check_fits(model, state, path, allow_smaller=header.get("reshaped", False))
+        reshaped = header.get("reshaped", False)
+        shrunk = _check_fits(model, state, path, allow_smaller=reshaped)
         if shrunk:
             known = active_integrations(integrations)  # a family's module is cut the way it was pruned
             undos.append(shrink(model, _keep_leading(model, shrunk), known.updater_for, known.fix))
+        if reshaped:  # the cut's fixers may add buffers (a weight-standardised conv's removed moments)
+            _check_fits(model, state, path, allow_smaller=False)
         _restore(model, state, masks)
     except BaseException as exc:
         for undo in reversed(undos):
@@ -354,10 +357,11 @@ def _keep_leading(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) ->
 def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path,
                 allow_smaller: bool) -> dict:
     """Raise unless ``state`` fits ``model``; for a file of a pruned model (``allow_smaller``)
-    returns the keys whose tensors are smaller in the file, with their file shapes."""
+    returns the keys whose tensors are smaller in the file, with their file shapes (its keys the
+    model lacks are left to the check after the cut, which may add them)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = [] if allow_smaller else sorted(set(state) - set(expected))
     shrunk, wrong = {}, []
     for k in expected.keys() & state.keys():
         got, want = tuple(state[k].shape), expected[k]

@@ -67,6 +67,9 @@ class Coupling:
     records: tuple[OpRecord, ...]
     on_meta: bool = True  # traced on meta tensors (else under FakeTensorMode on the model's device)
     partitions: tuple[Partition, ...] = ()  # rows that must keep equal counts (grouped convs)
+    # ids an op reads into other channels' results (GRN's mean response, a weight-standardised
+    # conv's input): exact to remove only where zero, so the oracle silences them at their source
+    at_source: torch.Tensor = torch.zeros(0, dtype=torch.long)
 
     def classes(self, allow_approximate: bool = False, blocks=(), ties=()) -> torch.Tensor:
         """Each id's class representative; classes that must stay (the trace's blocks, ``blocks``
@@ -92,6 +95,7 @@ class Engine:
         self.consumed: list[torch.Tensor] = []
         self.produced: list[torch.Tensor] = []
         self.partitions: list[Partition] = []
+        self.at_source: list[torch.Tensor] = []
         self.weights = WeakIdKeyDictionary()  # parameters and tensors computed from them alone
         self.where = ""  # "op in module", for reasons
         self.module = ""  # the module running the current op
@@ -148,6 +152,11 @@ class Engine:
 
     def produce(self, ids: torch.Tensor) -> None:
         self.produced.append(ids.reshape(-1))
+
+    def read_across(self, ids: torch.Tensor) -> None:
+        """Channels whose values an op reads into other channels' results; exact to remove only
+        if they are zero there (their producer silenced too: see ``Coupling.at_source``)."""
+        self.at_source.append(ids.reshape(-1))
 
 
 class _Tracer(TorchDispatchMode):
@@ -451,4 +460,5 @@ def trace(model: nn.Module, example_inputs, adapter: Adapter | None = None, keep
         records=tuple(records),
         on_meta=engine.on_meta,
         partitions=tuple(engine.partitions),
+        at_source=torch.cat(engine.at_source) if engine.at_source else empty,
     )

@@ -19,6 +19,7 @@ class Undo:
     tensors: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     attributes: list[tuple[object, dict]] = field(default_factory=list)
     added: list[tuple[object, str]] = field(default_factory=list)  # attributes to delete again
+    kept: dict[int, list] = field(default_factory=dict)  # id(cut tensor) -> its kept positions per dim
 
     def remember(self, owner: object, names) -> None:
         """Record ``owner``'s current values of ``names`` (those it has) before changing them."""
@@ -70,6 +71,17 @@ def _cut_per_block(cut: torch.Tensor, dim: int, index: torch.Tensor, rows: int,
     return cut.gather(dim, chosen.reshape(shape).expand(sizes))
 
 
+def cut(data: torch.Tensor, per_dim: list[torch.Tensor | None]) -> torch.Tensor:
+    """``data`` at the positions ``per_dim`` keeps (see ``shrink``)."""
+    result = data
+    for dim, index in enumerate(per_dim):
+        if index is not None and index.ndim == 2:
+            result = _cut_per_block(result, dim, index.to(result.device), data.shape[0], per_dim[0])
+        elif index is not None:
+            result = result.index_select(dim, index.to(result.device))
+    return result
+
+
 @torch.no_grad()
 def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]],
            updater_for: Callable[[type], Updater | None] | None = None,
@@ -95,14 +107,9 @@ def shrink(model: nn.Module, keep: dict[str, list[torch.Tensor | None]],
                     touched[id(m)] = m
                     undo.attributes.append((m, snapshot(m)))
             data = tensor.data
-            cut = data
-            for dim, index in enumerate(per_dim):
-                if index is not None and index.ndim == 2:
-                    cut = _cut_per_block(cut, dim, index.to(cut.device), data.shape[0], per_dim[0])
-                elif index is not None:
-                    cut = cut.index_select(dim, index.to(cut.device))
             undo.tensors.append((tensor, data))
-            tensor.data = cut.contiguous()
+            undo.kept[id(tensor)] = per_dim
+            tensor.data = cut(data, per_dim).contiguous()
         for module, original in list(undo.attributes):
             update(module, original, updater_for)
         if fix is not None:
