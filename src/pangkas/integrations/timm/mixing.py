@@ -35,6 +35,8 @@ from __future__ import annotations
 import functools
 import importlib
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +91,7 @@ def _talking_heads_forward(self, x):
 
 
 def _class_attn_forward(self, x):
-    q = _heads_of(self.q(x[:, :1]), self.num_heads)
+    q = _heads_of(self.q(x[:, 0]).unsqueeze(1), self.num_heads)
     k, v = _heads_of(self.k(x), self.num_heads), _heads_of(self.v(x), self.num_heads)
     if self.fused_attn:
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
@@ -115,22 +117,35 @@ def _scaled_head_dim(m: nn.Module) -> int:
     return round(m.scale ** -2)
 
 
-# "module.Class" -> (methods of the subclass, heads from the module's tensors, head_dim, input width)
-FAMILY = {
-    f"{CONVIT}.GPSA": ({"forward": _gpsa_forward, "get_attention": _gpsa_attention},
-                       lambda m: m.gating_param.shape[0], _scaled_head_dim, lambda m: m.qk.in_features),
-    f"{CONVIT}.MHSA": ({"forward": _mhsa_forward},
-                       lambda m: m.qkv.out_features // (3 * _scaled_head_dim(m)), _scaled_head_dim,
-                       lambda m: m.qkv.in_features),
-    f"{CAIT}.TalkingHeadAttn": ({"forward": _talking_heads_forward},
-                                lambda m: m.proj_l.in_features, _scaled_head_dim, lambda m: m.qkv.in_features),
-    f"{CAIT}.ClassAttn": ({"forward": _class_attn_forward},
-                          lambda m: m.q.out_features // _scaled_head_dim(m), _scaled_head_dim,
-                          lambda m: m.q.in_features),
-    f"{XCIT}.XCA": ({"forward": _xca_forward},
-                    lambda m: m.temperature.shape[0], lambda m: m.qkv.out_features // (3 * m.temperature.shape[0]),
-                    lambda m: m.qkv.in_features),
+@dataclass(frozen=True)
+class Kind:
+    """One family class: its subclass's methods, and from a module's current tensors its head
+    count, head size and input width."""
+
+    methods: dict
+    heads: Callable[[nn.Module], int]
+    head_dim: Callable[[nn.Module], int]
+    width: Callable[[nn.Module], int]
+
+
+FAMILY = {  # "module.Class" -> Kind
+    f"{CONVIT}.GPSA": Kind({"forward": _gpsa_forward, "get_attention": _gpsa_attention},
+                           lambda m: m.gating_param.shape[0], _scaled_head_dim, lambda m: m.qk.in_features),
+    f"{CONVIT}.MHSA": Kind({"forward": _mhsa_forward}, lambda m: m.qkv.out_features // (3 * _scaled_head_dim(m)),
+                           _scaled_head_dim, lambda m: m.qkv.in_features),
+    f"{CAIT}.TalkingHeadAttn": Kind({"forward": _talking_heads_forward}, lambda m: m.proj_l.in_features,
+                                    _scaled_head_dim, lambda m: m.qkv.in_features),
+    f"{CAIT}.ClassAttn": Kind({"forward": _class_attn_forward}, lambda m: m.q.out_features // _scaled_head_dim(m),
+                              _scaled_head_dim, lambda m: m.q.in_features),
+    f"{XCIT}.XCA": Kind({"forward": _xca_forward}, lambda m: m.temperature.shape[0],
+                        lambda m: m.qkv.out_features // (3 * m.temperature.shape[0]), lambda m: m.qkv.in_features),
 }
+
+
+def kind(m: nn.Module) -> Kind | None:
+    """``m``'s family class (also once it became its subclass), or None."""
+    base = _base(m)
+    return FAMILY[base] if base else None
 
 
 def _base(m: nn.Module) -> str | None:
@@ -144,7 +159,7 @@ def _subclass(name: str) -> type:
     if name not in _CLASSES:
         module, _, cls = name.rpartition(".")
         base = getattr(sys.modules[module], cls)
-        _CLASSES[name] = type(f"HeadPrunable{cls}", (base,), {**FAMILY[name][0], "__module__": __name__})
+        _CLASSES[name] = type(f"HeadPrunable{cls}", (base,), {**FAMILY[name].methods, "__module__": __name__})
     return _CLASSES[name]
 
 
@@ -159,10 +174,9 @@ def __getattr__(attr: str):  # unpickling a pruned model: make its class
 def attention_modules(model: nn.Module) -> dict[str, Heads]:
     found = {}
     for name, m in model.named_modules():
-        base = _base(m)
-        if base is not None:
-            _, heads, head_dim, _ = FAMILY[base]
-            found[name] = Heads(heads(m), heads(m), head_dim(m))
+        k = kind(m)
+        if k is not None:
+            found[name] = Heads(k.heads(m), k.heads(m), k.head_dim(m))
     return found
 
 
@@ -170,15 +184,12 @@ def fix_mixing_heads(model: nn.Module, undo: Undo) -> None:
     """Surgery fixer: a module that lost heads (or whose input width no longer spans its heads)
     counts its heads and takes its subclass."""
     for m in model.modules():
-        base = _base(m)
-        if base is None:
-            continue
-        _, heads, head_dim, width = FAMILY[base]
-        if heads(m) == m.num_heads and width(m) == m.num_heads * head_dim(m):
+        k = kind(m)
+        if k is None or (k.heads(m) == m.num_heads and k.width(m) == m.num_heads * k.head_dim(m)):
             continue
         undo.remember(m, ("__class__", "num_heads"))
-        m.num_heads = heads(m)
-        m.__class__ = _subclass(base)
+        m.num_heads = k.heads(m)
+        m.__class__ = _subclass(_base(m))
 
 
 TRACED_AS = {name: functools.partial(_subclass, name) for name in FAMILY}
