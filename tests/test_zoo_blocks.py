@@ -126,10 +126,13 @@ def test_timm_vision_transformer_loses_whole_heads_exactly():
     assert plan.macs_after <= 0.6 * plan.macs_before
 
 
-def test_timm_attention_deriving_head_dim_from_the_width_keeps_its_heads():
-    """convit computes head_dim as C // num_heads from its input: fewer heads cannot run there."""
+def test_timm_attention_deriving_head_dim_from_the_width_loses_heads_through_its_subclass():
+    """convit computes head_dim as C // num_heads from its input: fewer heads run only through the
+    subclass of integrations/timm/mixing.py (tests/test_timm_mixing.py covers the family)."""
     model = randomize(timm.create_model("convit_tiny", img_size=32, depth=2, local_up_to_layer=1)).eval()
     x = torch.randn(1, 3, 32, 32)
     error, plan = oracle_error(model, x, lambda m: pangkas.plan_channels(m, x, ratio=0.5))
     assert error <= EXACT
-    assert plan.model.blocks[1].attn.num_heads == 4 and plan.model.blocks[1].attn.qkv.out_features == 3 * 192
+    attn = plan.model.blocks[1].attn
+    assert type(attn).__name__ == "HeadPrunableMHSA"
+    assert attn.num_heads == 2 and attn.qkv.out_features == 3 * 2 * 48
