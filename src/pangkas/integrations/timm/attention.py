@@ -135,53 +135,72 @@ def _family(m: nn.Module) -> str | None:
 
 
 def _head_dim(m: nn.Module) -> int:
-    """Fixed per head: from the scale BEiT keeps, else EVA's and PVT-v2's ``head_dim``."""
+    """Fixed while heads go: EVA's and PVT-v2's ``head_dim``, else from the scale BEiT keeps."""
     return m.head_dim if isinstance(getattr(m, "head_dim", None), int) else round(m.scale ** -2)
 
 
 def _sizes(m: nn.Module) -> tuple[Heads, int] | None:
-    """(the module's head counts, its input width), from its projections' current sizes."""
+    """(the module's head counts, its input width), from its projections' current sizes. A single
+    head stays single; only its size may change (see ``attention_modules``)."""
     family = _family(m)
     if family is None:
         return None
-    head_dim = _head_dim(m)
     if family == PVT_V2:
-        return Heads(m.q.out_features // head_dim, m.kv.out_features // (2 * head_dim), head_dim), m.q.in_features
-    if m.qkv is not None:
-        heads = m.qkv.out_features // (3 * head_dim)
-        return Heads(heads, heads, head_dim), m.qkv.in_features
-    heads = m.q_proj.out_features // head_dim
-    return Heads(heads, m.k_proj.out_features // head_dim, head_dim), m.q_proj.in_features
+        q, kv, width = m.q.out_features, m.kv.out_features // 2, m.q.in_features
+    elif m.qkv is not None:
+        q = kv = m.qkv.out_features // 3
+        width = m.qkv.in_features
+    else:
+        q, kv, width = m.q_proj.out_features, m.k_proj.out_features, m.q_proj.in_features
+    head_dim = q if m.num_heads == 1 else _head_dim(m)
+    return Heads(q // head_dim, kv // head_dim, head_dim), width
 
 
 def attention_modules(model: nn.Module) -> dict[str, Heads]:
-    """These families' attention modules in ``model``, with their current head counts."""
+    """These families' attention modules with several heads, by name. A single head cannot go:
+    left to the rules, its dims count as approximate (they change the scores), so they go only
+    where approximation is allowed (the fixer then sets its ``head_dim``; the scale stays)."""
     if not any(base.rpartition(".")[0] in sys.modules for base in FORWARDS):
         return {}
-    return {name: sizes[0] for name, m in model.named_modules() if (sizes := _sizes(m)) is not None}
+    return {name: sizes[0] for name, m in model.named_modules()
+            if (sizes := _sizes(m)) is not None and sizes[0].heads > 1}
 
 
 def _runs_as_timm(m: nn.Module, heads: Heads, width: int) -> bool:
-    """Whether timm's own forward still fits ``m``: its heads span its input width."""
+    """Whether timm's own forward still fits ``m``: its heads span its input width (and the
+    reduced keys/values keep it), and its head size is the one its scale was made for."""
     reduced = getattr(m, "sr", None)
-    return heads.heads * heads.head_dim == width and (reduced is None or reduced.out_channels == width)
+    return (heads.heads * heads.head_dim == width and round(m.scale ** -2) == heads.head_dim
+            and (reduced is None or reduced.out_channels == width))
+
+
+def _fit_k_bias(m: nn.Module, undo: Undo) -> None:
+    """BEiT's and EVA's key bias is a zero buffer kept out of the state dict, so loading a pruned
+    model cannot say its size: it follows the query bias (a pruning cut it already)."""
+    k_bias, q_bias = getattr(m, "k_bias", None), getattr(m, "q_bias", None)
+    if k_bias is not None and q_bias is not None and k_bias.shape != q_bias.shape:
+        undo.tensors.append((k_bias, k_bias.data))
+        k_bias.data = k_bias.data[:q_bias.shape[0]].clone()
 
 
 def fix_heads(model: nn.Module, undo: Undo) -> None:
-    """Surgery fixer: a module that lost heads counts them, and one whose heads no longer span
-    its input width takes the head-prunable subclass (timm's forward reshapes to that width)."""
+    """Surgery fixer: a module's size attributes follow its projections (head count; a single
+    head's size; PVT-v2's input width), and one that timm's forward no longer fits takes the
+    head-prunable subclass."""
     for m in model.modules():
-        sizes = _sizes(m)
-        if sizes is None:
+        found = _sizes(m)
+        if found is None:
             continue
-        heads, width = sizes
+        heads, width = found
+        _fit_k_bias(m, undo)
         needs_subclass = not _runs_as_timm(m, heads, width) and type(m).__module__ != __name__
-        if heads.heads == m.num_heads and getattr(m, "dim", width) == width and not needs_subclass:
+        wanted = {"num_heads": heads.heads, "dim": width, "head_dim": heads.head_dim}
+        wanted = {k: v for k, v in wanted.items() if isinstance(getattr(m, k, None), int)}  # those it has
+        if all(getattr(m, k) == v for k, v in wanted.items()) and not needs_subclass:
             continue
-        undo.remember(m, ("__class__", "num_heads", "dim"))
-        m.num_heads = heads.heads
-        if isinstance(getattr(m, "dim", None), int):  # PVT-v2 keeps its input width
-            m.dim = width
+        undo.remember(m, ("__class__", *wanted))
+        for k, v in wanted.items():
+            setattr(m, k, v)
         if needs_subclass:
             m.__class__ = _subclass(_family(m))
 
