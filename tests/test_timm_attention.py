@@ -39,9 +39,14 @@ def pvt_v2(linear=False):  # q and kv apart, keys/values from a reduced map; hea
                              depths=(1, 1, 1, 1), linear=linear, num_classes=10), 64
 
 
+def twins():  # PVT's attention as Twins-PCPVT has it (head_dim only in its scale): heads 1, 2, 4, 4
+    return timm.create_model("twins_pcpvt_small", embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 4),
+                             depths=(1, 1, 1, 1), num_classes=10), 64
+
+
 MODELS = {"beit": beit, "beit_shared_bias": beit_shared_bias, "eva": eva,
           "eva_separate_projections": eva_separate_projections, "pvt_v2": pvt_v2,
-          "pvt_v2_linear": lambda: pvt_v2(linear=True)}
+          "pvt_v2_linear": lambda: pvt_v2(linear=True), "twins": twins}
 
 
 def build(name):
@@ -117,6 +122,14 @@ def test_pvt_v2_separate_query_and_key_value_projections_lose_whole_heads():
     assert type(pruned[0]).__name__ == "Attention"  # nothing cut: timm's own forward
     assert all(type(m).__name__ == "HeadPrunablePvtV2Attention" for m in pruned[1:])
     assert all(m.dim == m.q.in_features for m in pruned)
+
+
+def test_twins_global_sub_sampled_attention_loses_whole_heads():
+    plan, x = prune("twins")
+    pruned = attentions(plan.model)
+    assert [m.num_heads for m in pruned] == [1, 1, 2, 2]
+    assert [m.q.out_features for m in pruned] == [16, 16, 32, 64] and [m.scale for m in pruned] == [16 ** -0.5] * 3 + [32 ** -0.5]
+    assert plan.model(x).shape == (2, 10)
 
 
 def test_a_single_head_keeps_its_dims_exactly():

@@ -1,16 +1,17 @@
 """timm attention modules whose forward sizes things from the input width: whole heads as units.
 
-BEiT's ``Attention``, EVA's ``EvaAttention`` and PVT-v2's ``Attention`` end with
-``reshape(B, N, C)``, ``C`` being the input width, so fewer heads cannot run through them. The
-tracer follows them as ``HeadPrunable`` subclasses (same parameters, same maths) whose forward
-takes the head count from ``num_heads`` and the output width from the projections; head_dim stays,
-so the attention scale (``self.scale``, passed explicitly) stays and removing whole heads is exact.
-Per-head parameters go with their head: BEiT's relative-position bias table (a column per head),
-the q/v biases (rows of the fused projection), EVA's gate; EVA's rotary embedding rotates pairs
-inside a head, which whole heads keep. PVT-v2 projects queries (``q``) and keys/values (``kv``,
-from a spatially reduced input) separately, both viewed by ``num_heads``. A module that loses
-heads (or whose input width no longer matches its heads) takes the subclass and learns its new
-``num_heads``. Nothing of timm is imported here until a model already uses it.
+BEiT's ``Attention``, EVA's ``EvaAttention``, PVT-v2's ``Attention`` and Twins'
+``GlobalSubSampleAttn`` (PVT's spatial-reduction attention too) end with ``reshape(B, N, C)``,
+``C`` being the input width, so fewer heads cannot run through them. The tracer follows them as
+``HeadPrunable`` subclasses (same parameters, same maths) whose forward takes the head count from
+``num_heads`` and the output width from the projections; head_dim stays, so the attention scale
+(``self.scale``, passed explicitly) stays and removing whole heads is exact. Per-head parameters
+go with their head: BEiT's relative-position bias table (a column per head), the q/v biases (rows
+of the fused projection), EVA's gate; EVA's rotary embedding rotates pairs inside a head, which
+whole heads keep. PVT-v2 and Twins project queries (``q``) and keys/values (``kv``, from a
+spatially reduced input) apart, both viewed by ``num_heads``. A module that loses heads (or that
+timm's forward no longer fits) takes the subclass and learns its new sizes. Nothing of timm is
+imported here until a model already uses it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from ...surgery import Undo
 from ..integration import qualname
 
 BEIT, EVA, PVT_V2 = "timm.models.beit.Attention", "timm.models.eva.EvaAttention", "timm.models.pvt_v2.Attention"
-NAMES = {BEIT: "HeadPrunableBeitAttention", EVA: "HeadPrunableEvaAttention", PVT_V2: "HeadPrunablePvtV2Attention"}
+TWINS = "timm.models.twins.GlobalSubSampleAttn"  # PVT's spatial-reduction attention, as Twins-PCPVT has it
+NAMES = {BEIT: "HeadPrunableBeitAttention", EVA: "HeadPrunableEvaAttention", PVT_V2: "HeadPrunablePvtV2Attention",
+         TWINS: "HeadPrunableGlobalSubSampleAttn"}
 _CLASSES: dict[str, type] = {}
 
 
@@ -88,19 +91,21 @@ def _eva_forward(self, x, rope=None, attn_mask=None, is_causal=False):
 
 
 def _pvt_v2_forward(self, x, feat_size):
+    """PVT-v2's (and Twins' global sub-sampled) attention; Twins has no ``pool``/``act``."""
     batch, tokens, width = x.shape
     q = self.q(x).reshape(batch, tokens, self.num_heads, -1).permute(0, 2, 1, 3)
     if self.sr is not None:  # spatial reduction: keys and values from a pooled or strided map
+        pool, act = getattr(self, "pool", None), getattr(self, "act", None)
         x = x.permute(0, 2, 1).reshape(batch, width, *feat_size)
-        x = self.sr(self.pool(x) if self.pool is not None else x).flatten(2).transpose(1, 2)
+        x = self.sr(pool(x) if pool is not None else x).flatten(2).transpose(1, 2)
         x = self.norm(x)
-        x = self.act(x) if self.act is not None else x
+        x = act(x) if act is not None else x
     k, v = self.kv(x).unflatten(-1, (2, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
     x = _attend(self, q, k, v).transpose(1, 2).reshape(batch, tokens, -1)
     return self.proj_drop(self.proj(x))
 
 
-FORWARDS = {BEIT: _beit_forward, EVA: _eva_forward, PVT_V2: _pvt_v2_forward}
+FORWARDS = {BEIT: _beit_forward, EVA: _eva_forward, PVT_V2: _pvt_v2_forward, TWINS: _pvt_v2_forward}
 
 
 def _subclass(base_name: str) -> type:
@@ -135,7 +140,7 @@ def _family(m: nn.Module) -> str | None:
 
 
 def _head_dim(m: nn.Module) -> int:
-    """Fixed while heads go: EVA's and PVT-v2's ``head_dim``, else from the scale BEiT keeps."""
+    """Fixed while heads go: EVA's and PVT-v2's ``head_dim``, else from the scale BEiT and Twins keep."""
     return m.head_dim if isinstance(getattr(m, "head_dim", None), int) else round(m.scale ** -2)
 
 
@@ -145,7 +150,7 @@ def _sizes(m: nn.Module) -> tuple[Heads, int] | None:
     family = _family(m)
     if family is None:
         return None
-    if family == PVT_V2:
+    if family in (PVT_V2, TWINS):
         q, kv, width = m.q.out_features, m.kv.out_features // 2, m.q.in_features
     elif m.qkv is not None:
         q = kv = m.qkv.out_features // 3
