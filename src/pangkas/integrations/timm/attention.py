@@ -81,7 +81,7 @@ def _eva_forward(self, x, rope=None, attn_mask=None, is_causal=False):
     q, k = self.q_norm(q), self.k_norm(k)
     if rope is not None:  # rotates pairs within each head's dims: whole heads keep them
         npt, half = self.num_prefix_tokens, getattr(self, "rotate_half", False)
-        q, k = (torch.cat([t[:, :, :npt, :], apply_rot_embed_cat(t[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+        q, k = (torch.cat([t[:, :, :npt], apply_rot_embed_cat(t[:, :, npt:], rope, half=half)], dim=2).type_as(v)
                 for t in (q, k))
     x = _attend(self, q, k, v, mask=attn_mask, is_causal=is_causal).transpose(1, 2).reshape(batch, tokens, -1)
     x = self.norm(x)
