@@ -120,10 +120,9 @@ def test_pvt_v2_separate_query_and_key_value_projections_lose_whole_heads():
     pruned = attentions(plan.model)
     assert [m.num_heads for m in pruned] == [1, 1, 2, 2]  # 1 head stays; 2 -> 1; 4 -> 2
     assert [m.head_dim for m in pruned] == [16, 16, 16, 32]
-    assert all(m.q.out_features == m.num_heads * m.head_dim and m.kv.out_features == 2 * m.q.out_features
-               for m in pruned)
-    assert type(pruned[0]).__name__ == "Attention"  # nothing cut: timm's own forward
-    assert all(type(m).__name__ == "HeadPrunablePvtV2Attention" for m in pruned[1:])
+    assert all(m.q.out_features == m.num_heads * m.head_dim for m in pruned)
+    assert all(m.kv.out_features == 2 * m.q.out_features for m in pruned[1:])
+    assert all(type(m).__name__ == "HeadPrunablePvtV2Attention" for m in pruned)
     assert all(m.dim == m.q.in_features for m in pruned)
 
 
@@ -136,12 +135,15 @@ def test_twins_global_sub_sampled_attention_loses_whole_heads():
     assert plan.model(x).shape == (2, 10)
 
 
-def test_a_single_head_keeps_its_dims_exactly():
-    """A head cannot be split: its q/k dims change the scores (PVT-v2's first stage, 1 head)."""
-    plan, _ = prune("pvt_v2")
+def test_a_single_head_loses_value_dims_and_keeps_query_key_dims():
+    """PVT-v2's first stage has one head: its values' dims reach only the output projection
+    (exact to remove); its queries' and keys' dims change the scores (kept)."""
+    plan, x = prune("pvt_v2")
     first = attentions(plan.model)[0]
-    assert first.q.out_features == 16 and first.kv.out_features == 32 and first.proj.in_features == 16
+    assert (first.num_heads, first.head_dim, first.scale) == (1, 16, 16 ** -0.5)
+    assert first.q.out_features == 16 and first.kv.out_features == 16 + 8 and first.proj.in_features == 8
     assert any("attention scores over head dims" in why for why in plan.blocked())
+    assert plan.model(x).shape == (2, 10)
 
 
 def test_pruned_models_round_trip_saves_and_pickles(tmp_path):
@@ -170,11 +172,13 @@ def test_a_reverted_cut_restores_class_and_sizes():
     torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
 
 
-def test_input_width_cut_without_losing_heads_still_runs():
-    """Approximate pruning may narrow the input width while heads stay: timm's own forward would
-    reshape to the new width, so the module takes the subclass."""
-    model, x = build("beit")
+@pytest.mark.parametrize("name", ["beit", "pvt_v2"])
+def test_approximate_cuts_still_run(name):
+    """Approximate pruning may narrow the input width while heads stay, or a single head's
+    query/key dims: timm's own forward would reshape to the new width or derive another scale,
+    so those modules take the subclass."""
+    model, x = build(name)
     pangkas.prune_channels(model, x, ratio=0.4, scope="global", allow_approximate=True)
-    narrowed = [m for m in attentions(model) if m.qkv.in_features != m.qkv.out_features // 3]
-    assert narrowed and all(type(m).__name__ == "HeadPrunableBeitAttention" for m in narrowed)
+    changed = [m for m in attentions(model) if not attention._runs_as_timm(m, *attention._sizes(m))]
+    assert changed and all(type(m).__module__ == attention.__name__ for m in changed)
     assert model(x).shape == (2, 10)

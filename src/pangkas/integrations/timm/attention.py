@@ -9,7 +9,10 @@ BEiT's ``Attention``, EVA's ``EvaAttention``, PVT-v2's ``Attention`` and Twins'
 go with their head: BEiT's relative-position bias table (a column per head), the q/v biases (rows
 of the fused projection), EVA's gate; EVA's rotary embedding rotates pairs inside a head, which
 whole heads keep. PVT-v2 and Twins project queries (``q``) and keys/values (``kv``, from a
-spatially reduced input) apart, both viewed by ``num_heads``. A module that loses heads (or that
+spatially reduced input) apart; the subclass takes the keys as the first ``q.out_features``
+outputs of ``kv`` and the values as the rest, so a single head (PVT-v2's first stage), which
+cannot go, may still lose value dims: they reach only the output projection (exact), while its
+query/key dims change the scores and stay. A module that loses heads or value dims (or that
 timm's forward no longer fits) takes the subclass and learns its new sizes. Nothing of timm is
 imported here until a model already uses it.
 """
@@ -90,17 +93,24 @@ def _eva_forward(self, x, rope=None, attn_mask=None, is_causal=False):
     return self.proj_drop(self.proj(x))
 
 
+def _by_head(t, heads: int):
+    """(..., tokens, heads * size) -> (..., heads, tokens, size)."""
+    return t.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
 def _pvt_v2_forward(self, x, feat_size):
-    """PVT-v2's (and Twins' global sub-sampled) attention; Twins has no ``pool``/``act``."""
+    """PVT-v2's (and Twins' global sub-sampled) attention; Twins has no ``pool``/``act``. Keys are
+    the first ``q.out_features`` outputs of ``kv`` (a bound that follows the cut), values the rest."""
     batch, tokens, width = x.shape
-    q = self.q(x).reshape(batch, tokens, self.num_heads, -1).permute(0, 2, 1, 3)
+    q = _by_head(self.q(x), self.num_heads)
     if self.sr is not None:  # spatial reduction: keys and values from a pooled or strided map
         pool, act = getattr(self, "pool", None), getattr(self, "act", None)
         x = x.permute(0, 2, 1).reshape(batch, width, *feat_size)
         x = self.sr(pool(x) if pool is not None else x).flatten(2).transpose(1, 2)
         x = self.norm(x)
         x = act(x) if act is not None else x
-    k, v = self.kv(x).unflatten(-1, (2, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    kv, keys = self.kv(x), self.q.out_features
+    k, v = _by_head(kv[..., :keys], self.num_heads), _by_head(kv[..., keys:], self.num_heads)
     x = _attend(self, q, k, v).transpose(1, 2).reshape(batch, tokens, -1)
     return self.proj_drop(self.proj(x))
 
@@ -140,7 +150,7 @@ def _family(m: nn.Module) -> str | None:
 
 
 def _head_dim(m: nn.Module) -> int:
-    """Fixed while heads go: EVA's and PVT-v2's ``head_dim``, else from the scale BEiT and Twins keep."""
+    """Fixed while heads go: EVA's and PVT-v2's ``head_dim``, else from BEiT's and Twins' scale."""
     return m.head_dim if isinstance(getattr(m, "head_dim", None), int) else round(m.scale ** -2)
 
 
@@ -150,9 +160,11 @@ def _sizes(m: nn.Module) -> tuple[Heads, int] | None:
     family = _family(m)
     if family is None:
         return None
-    if family in (PVT_V2, TWINS):
-        q, kv, width = m.q.out_features, m.kv.out_features // 2, m.q.in_features
-    elif m.qkv is not None:
+    if family in (PVT_V2, TWINS):  # keys as wide as queries; values may be narrower
+        head_dim = m.q.out_features if m.num_heads == 1 else _head_dim(m)
+        heads = m.q.out_features // head_dim
+        return Heads(heads, heads, head_dim, fused=True), m.q.in_features
+    if m.qkv is not None:
         q = kv = m.qkv.out_features // 3
         width = m.qkv.in_features
     else:
@@ -162,21 +174,24 @@ def _sizes(m: nn.Module) -> tuple[Heads, int] | None:
 
 
 def attention_modules(model: nn.Module) -> dict[str, Heads]:
-    """These families' attention modules with several heads, by name. A single head cannot go:
-    left to the rules, its dims count as approximate (they change the scores), so they go only
+    """These families' attention modules by name: those with several heads, and PVT-v2's and
+    Twins' with one too (their key/value slices must follow the cut). A single BEiT or EVA head is
+    left to the rules: its dims count as approximate (they change the scores), so they go only
     where approximation is allowed (the fixer then sets its ``head_dim``; the scale stays)."""
     if not any(base.rpartition(".")[0] in sys.modules for base in FORWARDS):
         return {}
     return {name: sizes[0] for name, m in model.named_modules()
-            if (sizes := _sizes(m)) is not None and sizes[0].heads > 1}
+            if (sizes := _sizes(m)) is not None and (sizes[0].heads > 1 or sizes[0].fused)}
 
 
 def _runs_as_timm(m: nn.Module, heads: Heads, width: int) -> bool:
     """Whether timm's own forward still fits ``m``: its heads span its input width (and the
-    reduced keys/values keep it), and its head size is the one its scale was made for."""
-    reduced = getattr(m, "sr", None)
+    reduced input and the keys and values keep it), and its head size is the one its scale was
+    made for."""
+    reduced, kv = getattr(m, "sr", None), getattr(m, "kv", None)
     return (heads.heads * heads.head_dim == width and round(m.scale ** -2) == heads.head_dim
-            and (reduced is None or reduced.out_channels == width))
+            and (reduced is None or reduced.out_channels == width)
+            and (kv is None or kv.out_features == 2 * width))
 
 
 def _fit_k_bias(m: nn.Module, undo: Undo) -> None:
