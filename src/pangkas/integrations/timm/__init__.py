@@ -2,8 +2,8 @@
 
 ``splits``: split sizes held in attributes (Res2Net, selective kernel, CSP stages, mixed conv,
 MambaOut, CoaT); ``heads``: attention modules that lose whole heads; ``mixing``: gated,
-head-mixing and cross-covariance attentions (ConViT, CaiT, XCiT) traced as head-prunable
-subclasses; ``norms``: weight-standardised convs and global response norms, traced (and once
+head-mixing, factorised and cross-covariance attentions (ConViT, CaiT, CoaT, XCiT, EdgeNeXt)
+traced as head-prunable subclasses; ``norms``: weight-standardised convs and global response norms, traced (and once
 cut, run) as exact prunable subclasses. Nothing of timm is imported here.
 """
 

@@ -134,12 +134,14 @@ def _scaled_head_dim(m: nn.Module) -> int:
 @dataclass(frozen=True)
 class Kind:
     """One family class: its subclass's methods, and from a module's current tensors its head
-    count, head size and input width."""
+    count, head size and input width; ``shared``: a submodule the module gets its heads viewed
+    by that may be registered (hence traced) under another name."""
 
     methods: dict
     heads: Callable[[nn.Module], int]
     head_dim: Callable[[nn.Module], int]
     width: Callable[[nn.Module], int]
+    shared: Callable[[nn.Module], nn.Module | None] = lambda m: None
 
 
 FAMILY = {  # "module.Class" -> Kind
@@ -158,7 +160,7 @@ FAMILY = {  # "module.Class" -> Kind
                                             lambda m: m.qkv.in_features),
     f"{COAT}.FactorAttnConvRelPosEnc": Kind({"forward": _factor_attn_forward},
                                             lambda m: m.qkv.out_features // (3 * _scaled_head_dim(m)),
-                                            _scaled_head_dim, lambda m: m.qkv.in_features),
+                                            _scaled_head_dim, lambda m: m.qkv.in_features, lambda m: m.crpe),
 }
 
 
@@ -192,11 +194,17 @@ def __getattr__(attr: str):  # unpickling a pruned model: make its class
 
 
 def attention_modules(model: nn.Module) -> dict[str, Heads]:
+    """The family's modules by name, with their head counts; a shared submodule (CoaT's ``crpe``,
+    traced under the name it is first registered by, outside the attention) with its user's, so
+    that its views keep the same whole heads."""
+    names = {id(m): name for name, m in model.named_modules()}
     found = {}
     for name, m in model.named_modules():
         k = kind(m)
         if k is not None:
             found[name] = Heads(k.heads(m), k.heads(m), k.head_dim(m))
+            if (shared := k.shared(m)) is not None and id(shared) in names:
+                found.setdefault(names[id(shared)], found[name])
     return found
 
 
