@@ -1,4 +1,4 @@
-"""timm attentions whose heads are gated, mixed or attend over channels: whole heads as units.
+"""timm attentions whose heads are gated, mixed, factorised or attend over channels: whole heads as units.
 
 timm's code for these classes sizes its heads as ``C // num_heads`` with ``C`` the *input* width,
 so fewer heads cannot run through it. The tracer follows each as a subclass (same parameters,
@@ -22,7 +22,13 @@ is exact:
 - XCiT ``XCA``: per head ``A_h = softmax(t_h q^_h k^_h^T)`` over the head's channels (``q^``, ``k^``:
   q, k normalised along tokens; ``t_h = temperature[h]``), ``out_h = A_h v_h``: head ``h``'s rows
   and ``temperature[h]`` go together. Dims *within* a head are not free: the softmax runs across
-  k's (and v's) channels of the head.
+  k's (and v's) channels of the head. EdgeNeXt's ``CrossCovarianceAttn`` is the same maths
+  (timm's code without a fused path), with the same per-head ``temperature``.
+- CoaT ``FactorAttnConvRelPosEnc``: per head ``out_h = s q_h (softmax_N(k_h)^T v_h) + q_h * conv(v_h)``
+  (softmax along tokens, ``conv`` its ``crpe``: depthwise, so per channel). Every product stays
+  within head ``h``; ``s`` is a constant attribute. The ``crpe`` a stage's blocks share splits v
+  by its ``channel_splits`` (windows over groups of heads), which follow the cut (``splits``), so
+  those blocks lose the same heads.
 
 Dims within heads where the maths would allow them (GPSA/MHSA/TalkingHeadAttn q-k pairs with
 their constant scale, any v dim; XCA's q dims, each the row of ``A_h`` one output channel reads)
@@ -46,6 +52,7 @@ from ...graph.adapter import Heads
 from ...surgery import Undo
 
 CONVIT, CAIT, XCIT = "timm.models.convit", "timm.models.cait", "timm.models.xcit"
+EDGENEXT, COAT = "timm.models.edgenext", "timm.models.coat"
 _CLASSES: dict[str, type] = {}
 
 
@@ -104,11 +111,18 @@ def _xca_forward(self, x):
     # (B, heads, head_dim, N): attention runs over each head's channels
     q, k, v = _heads_of(self.qkv(x), self.num_heads, 3).transpose(-2, -1).unbind(0)
     q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    if self.fused_attn:
+    if getattr(self, "fused_attn", False):  # EdgeNeXt's has no fused path
         out = F.scaled_dot_product_attention(q * self.temperature, k, v, scale=1.0)
     else:
         out = self.attn_drop(((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)) @ v
     return self.proj_drop(self.proj(out.permute(0, 3, 1, 2).flatten(2)))
+
+
+def _factor_attn_forward(self, x, size):
+    q, k, v = _heads_of(self.qkv(x), self.num_heads, 3).unbind(0)
+    factor_att = q @ (k.softmax(dim=2).transpose(-1, -2) @ v)  # softmax along tokens
+    out = self.scale * factor_att + self.crpe(q, v, size=size)
+    return self.proj_drop(self.proj(out.transpose(1, 2).flatten(2)))
 
 
 # -- which classes, their head counts ------------------------------------------------------------
@@ -120,12 +134,14 @@ def _scaled_head_dim(m: nn.Module) -> int:
 @dataclass(frozen=True)
 class Kind:
     """One family class: its subclass's methods, and from a module's current tensors its head
-    count, head size and input width."""
+    count, head size and input width; ``shared``: a submodule the module gets its heads viewed
+    by that may be registered (hence traced) under another name."""
 
     methods: dict
     heads: Callable[[nn.Module], int]
     head_dim: Callable[[nn.Module], int]
     width: Callable[[nn.Module], int]
+    shared: Callable[[nn.Module], nn.Module | None] = lambda m: None
 
 
 FAMILY = {  # "module.Class" -> Kind
@@ -139,6 +155,12 @@ FAMILY = {  # "module.Class" -> Kind
                               _scaled_head_dim, lambda m: m.q.in_features),
     f"{XCIT}.XCA": Kind({"forward": _xca_forward}, lambda m: m.temperature.shape[0],
                         lambda m: m.qkv.out_features // (3 * m.temperature.shape[0]), lambda m: m.qkv.in_features),
+    f"{EDGENEXT}.CrossCovarianceAttn": Kind({"forward": _xca_forward}, lambda m: m.temperature.shape[0],
+                                            lambda m: m.qkv.out_features // (3 * m.temperature.shape[0]),
+                                            lambda m: m.qkv.in_features),
+    f"{COAT}.FactorAttnConvRelPosEnc": Kind({"forward": _factor_attn_forward},
+                                            lambda m: m.qkv.out_features // (3 * _scaled_head_dim(m)),
+                                            _scaled_head_dim, lambda m: m.qkv.in_features, lambda m: m.crpe),
 }
 
 
@@ -172,11 +194,17 @@ def __getattr__(attr: str):  # unpickling a pruned model: make its class
 
 
 def attention_modules(model: nn.Module) -> dict[str, Heads]:
+    """The family's modules by name, with their head counts; a shared submodule (CoaT's ``crpe``,
+    traced under the name it is first registered by, outside the attention) with its user's, so
+    that its views keep the same whole heads."""
+    names = {id(m): name for name, m in model.named_modules()}
     found = {}
     for name, m in model.named_modules():
         k = kind(m)
         if k is not None:
             found[name] = Heads(k.heads(m), k.heads(m), k.head_dim(m))
+            if (shared := k.shared(m)) is not None and id(shared) in names:
+                found.setdefault(names[id(shared)], found[name])
     return found
 
 
