@@ -59,6 +59,7 @@ class Plan:
         self.retried: list[str] = []
         self.applied = False
         self.reconstruct_on: list | None = None  # calibration batches, when apply() reconstructs
+        self.data_aware = False  # whether importance read the data (else the plan says it is data-free)
         self.params_before = _count_params(model, coupling, None)
         self.macs_before = count_flops(coupling.records) // 2
         self._choose(blocks)
@@ -145,7 +146,8 @@ class Plan:
                 rows.append((shown or "(unnamed)", len(g.classes), g.kept,
                              f"{g.removed.float().mean():.0%}" + (" ~" if g.approximate else "")))
         title = (f"channel plan: ratio={self.options.ratio} ({self.options.scope}), "
-                 f"importance={getattr(self.options.importance, '__name__', self.options.importance)}")
+                 f"importance={getattr(self.options.importance, '__name__', self.options.importance)}"
+                 + ("" if self.data_aware else " (data-free: give data= to choose by activations)"))
         text = render_table(title, ("group (producers)", "channels", "kept", "removed"), rows)
         text += (f"\nparams {human_count(self.params_before)} -> {human_count(self.params_after)}, "
                  f"MACs {human_count(self.macs_before)} -> {human_count(self.macs_after)}, "
@@ -175,7 +177,8 @@ class Plan:
         """:meth:`apply`, and a function that reverts it for a caller whose next step fails. It
         holds the uncut tensors: drop it as soon as that step is done."""
         if self.reconstruct_on is None:
-            return ChannelReport(self), verify.apply(self)
+            revert = verify.apply(self)
+            return ChannelReport(self), revert
         for _ in range(verify.MAX_RETRIES):
             retries = len(self.retried)
             put_back = reconstruct(self, self.reconstruct_on)
@@ -235,7 +238,7 @@ def plan_channels(
     example_inputs,
     *,
     ratio: float,
-    importance="l1",
+    importance=None,
     scope: str = "local",
     ratios: dict | None = None,
     include: Selector = None,
@@ -252,7 +255,8 @@ def plan_channels(
     """Plan the removal of ``ratio`` of the channels of every coupled group (``scope="local"``)
     or of all channels ranked together (``scope="global"``, scores normalised per group).
 
-    ``importance``: ``"l1"`` (default), ``"l2"``, ``"fpgm"``, ``"bn_scale"`` (|BatchNorm gamma|;
+    ``importance``: by default ``"wanda"`` when ``data`` is given (activation-aware) and
+    ``"l1"`` without (data-free; the plan says so), or ``"l1"``, ``"l2"``, ``"fpgm"``, ``"bn_scale"`` (|BatchNorm gamma|;
     l1 where a group has none), ``"taylor"`` (|w * grad| over ``data`` with
     ``loss_fn(output, batch)``), ``"wanda"`` (|w| x input activation norm over ``data``),
     ``"random"``, any name given to ``pangkas.importance.register``, a
@@ -271,6 +275,8 @@ def plan_channels(
     re-fit their kept weights by least squares on ``data`` to keep their outputs (see
     ``pangkas.reconstruct``); without it the kept weights are left as they are.
     """
+    if importance is None:
+        importance = "l1" if data is None else "wanda"
     _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_fn)
     if reconstruct not in (True, False):
         raise PangkasError(f"reconstruct must be True or False, got {reconstruct!r}")
@@ -287,6 +293,7 @@ def plan_channels(
     scores = _scores(model, coupling, importance, data, loss_fn)
     plan = Plan(model, example_inputs, coupling, options, scores, known, blocks)
     plan.reconstruct_on = data if reconstruct else None
+    plan.data_aware = resolve_importance(importance, data, loss_fn).needs_data
     verify.rehearse(plan)
     return plan
 
