@@ -461,3 +461,41 @@ def test_a_target_cheaper_layers_go_first_per_unit_of_cost():
 def test_bad_amounts_are_refused(kwargs, message):
     with pytest.raises(pangkas.PangkasError, match=message):
         pangkas.plan_layers(Stack(), data(), **kwargs)
+
+
+def test_replace_linear_beats_removal_alone(tiny_llama):
+    """Removing layers with replace='linear' folds a fitted map into the layer before: the model
+    keeps its architecture and stays closer to the dense one than removal alone."""
+    dense, ids = tiny_llama
+    batches = [{"input_ids": ids[i * 24:(i + 1) * 24].view(2, 12)} for i in range(4)]
+    with torch.no_grad():
+        reference = dense(**batches[0]).logits
+    errors = {}
+    for replace in (None, "linear"):
+        model = copy.deepcopy(dense)
+        plan = pangkas.plan_layers(model, batches, n=1, importance=lambda m, c, d: {c[-1].name: 0.0},
+                                   replace=replace)
+        assert plan.chosen == ["model.layers.2"]
+        plan.apply()
+        with torch.no_grad():
+            errors[replace] = float((model(**batches[0]).logits - reference).norm() / reference.norm())
+        assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert errors["linear"] < 0.9 * errors[None], errors
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dense.get_submodule("").state_dict()[n])]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_replace_linear_refuses_what_it_cannot_fold(tiny_llama):
+    dense, ids = tiny_llama
+    batches = [{"input_ids": ids[:24].view(2, 12)}]
+    with pytest.raises(pangkas.PangkasError, match="first of model.layers"):
+        pangkas.plan_layers(dense, batches, n=1, importance=lambda m, c, d: {c[0].name: 0.0}, replace="linear")
+    with pytest.raises(pangkas.PangkasError, match="replace must be"):
+        pangkas.plan_layers(dense, batches, n=1, replace="mlp")
+    model = bert()  # post-norm: the last projection is normalised with the residual
+    state = copy.deepcopy(model.state_dict())
+    plan = pangkas.plan_layers(model, tokens(), n=1, importance=lambda m, c, d: {c[-1].name: 0.0}, replace="linear")
+    with pytest.raises(pangkas.PangkasError, match="residual"):
+        plan.apply()
+    assert len(model.encoder.layer) == 4
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -29,6 +29,7 @@ from .markers import EDITS
 from .measure import count_macs
 from .modules import ModuleFilter, Selector, evaluating
 from .outputs import first_tensor, tensors
+from .reconstruct import fit_linear_replacement
 from .repeats import is_stack
 from .reports import Report
 from .surgery.blocks import remove_blocks
@@ -136,6 +137,8 @@ class LayerPlan:
     macs_before: int
     params_before: int
     applied: bool = False
+    replace: str | None = None
+    data: list | None = None  # calibration batches (replace="linear" fits on them)
 
     @property
     def macs_after(self) -> int:
@@ -164,18 +167,22 @@ class LayerPlan:
         if self.applied:
             raise PangkasError("this plan was already applied; make a new plan for further pruning")
         before = _output_shapes(self.model, self.example_inputs)
+        unfold = self._fold_replacements()
         tuples = {c.name: c.tuple_length for c in self.candidates}
         undo = remove_blocks(self.model, self.chosen, tuples)
         try:
             after = _output_shapes(self.model, self.example_inputs)
         except PangkasError as exc:
             undo.restore()
+            unfold()
             raise OperationFailed(f"the model no longer runs without {self.chosen}; it is unchanged. {exc}") from exc
         except BaseException:  # an interrupt: put the blocks back and let it through
             undo.restore()
+            unfold()
             raise
         if after != before:
             undo.restore()
+            unfold()
             raise OperationFailed(f"removing {self.chosen} changes the output shapes {before} -> {after}; "
                                "the model is unchanged")
         edits = list(getattr(self.model, EDITS, []))
@@ -183,6 +190,44 @@ class LayerPlan:
         setattr(self.model, EDITS, edits)
         self.applied = True
         return LayerReport(self)
+
+
+    def runs(self) -> list[tuple[str, str]]:
+        """Each run of consecutive chosen blocks as (the block before it, its last block)."""
+        where = {c.name: c for c in self.candidates}
+        out = []
+        for name in sorted(self.chosen, key=lambda n: (where[n].container or "", where[n].index or 0)):
+            c = where[name]
+            if c.container is None or c.index is None:
+                raise PangkasError(f"replace='linear' needs blocks in a layer list; {name} is not")
+            if out and out[-1][2] == c.container and out[-1][3] == c.index - 1:
+                out[-1] = (out[-1][0], name, c.container, c.index)
+            elif c.index == 0:
+                raise PangkasError(f"replace='linear' folds a map into the block before the removed ones; "
+                                   f"{name} is the first of {c.container}")
+            else:
+                out.append((f"{c.container}.{c.index - 1}", name, c.container, c.index))
+        return [(before, last) for before, last, _, _ in out]
+
+    def _fold_replacements(self) -> Callable[[], None]:
+        """Fit the linear maps of ``replace="linear"`` (each on the dense model), then fold them all
+        in; returns what undoes them."""
+        if self.replace is None:
+            return lambda: None
+        maps = [fit_linear_replacement(self.model, before, last, self.data) for before, last in self.runs()]
+        folded: list[Callable[[], None]] = []
+
+        def unfold() -> None:
+            for undo in reversed(folded):
+                undo()
+
+        try:
+            for replacement in maps:
+                folded.append(replacement.fold())
+        except BaseException:
+            unfold()
+            raise
+        return unfold
 
 
 @dataclass
@@ -299,6 +344,7 @@ def plan_layers(
     granularity: str = "layers",
     target_macs: float | None = None,
     target_params: float | None = None,
+    replace: str | None = None,
 ) -> LayerPlan:
     """Choose ``n`` blocks (or ``ratio`` of the candidates) to remove, or as many as it takes to
     keep at most ``target_macs`` / ``target_params`` (fractions of the model's) - then the lowest
@@ -308,6 +354,11 @@ def plan_layers(
     ``granularity``: ``"layers"`` (default): where the model has a layer list (Hugging Face
     encoder/decoder layers, a ViT's blocks), only whole layers are candidates, so ``n`` counts
     layers; ``"any"``: their attention/MLP sublayers and other residual blocks too.
+
+    ``replace="linear"``: when applied, each run of removed consecutive layers is replaced by a
+    linear map fitted on ``data`` (least squares, from what the run received to what it gave) and
+    folded into the output projection of the layer before it (pre-norm transformers: the MLP's
+    down projection), so the model keeps its architecture (ReplaceMe, LLM-Streamline).
 
     ``importance``: ``"block_influence"`` (1 - cos(in, out), lowest goes), ``"angular"`` (the
     contiguous run of ``n`` blocks whose ends are closest), ``"loss"`` (``loss_fn(output, batch)``
@@ -326,6 +377,8 @@ def plan_layers(
     if not batches:
         raise PangkasError("data is empty: layer pruning needs at least one batch to find and score blocks")
     _one_amount(n, ratio, target_macs, target_params)
+    if replace not in (None, "linear"):
+        raise PangkasError(f"replace must be None or 'linear', got {replace!r}")
     found = _granular(_selected(model, layer_candidates(model, batches[0]), include, exclude, candidates), granularity)
     params, macs = sum(p.numel() for p in model.parameters()), count_macs(model, batches[0])
     if target_macs is None and target_params is None:
@@ -334,7 +387,11 @@ def plan_layers(
         scores, _ = _choose(model, found, batches, criterion, 1, loss_fn, metric_fn)
         cost, target, total = ("macs", target_macs, macs) if target_macs is not None else ("params", target_params, params)
         chosen = _within_budget(scores, found, cost, target, total)
-    return LayerPlan(model, batches[0], found, criterion.name, scores, chosen, macs, params)
+    plan = LayerPlan(model, batches[0], found, criterion.name, scores, chosen, macs, params, replace=replace,
+                     data=batches if replace else None)
+    if replace:
+        plan.runs()  # refuse now what cannot be replaced
+    return plan
 
 
 def _selected(model, found: list[Candidate], include: Selector, exclude: Selector,

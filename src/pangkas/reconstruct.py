@@ -21,6 +21,7 @@ a large model costs about one forward pass of the data per consumer inside a blo
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -30,6 +31,7 @@ from .blockwise import LAYERS, blocks_of, first_block_inputs, next_inputs
 from .errors import PangkasError
 from .inputs import call_model
 from .modules import evaluating
+from .outputs import first_tensor
 from .progress import track
 from .silence import restore, silence_removed
 
@@ -148,3 +150,103 @@ def _refit(module, stats: InputStatistics, kept: torch.Tensor, weight: torch.Ten
     flat = module.weight.detach().reshape(module.weight.shape[0], -1).clone()
     flat[:, columns[:fitted.shape[1]]] = fitted
     module.weight.copy_(flat.view(module.weight.shape))
+
+
+# -- removed blocks: a fitted linear map in their place (replace="linear") ---------------------
+
+@dataclass
+class LinearReplacement:
+    """A fitted map ``t`` for ``proj``'s output (see :func:`fit_linear_replacement`)."""
+
+    proj: nn.Linear
+    t: torch.Tensor
+
+    @torch.no_grad()
+    def fold(self) -> Callable[[], None]:
+        """Fold ``t`` into the projection (``M -> M t``); returns what restores it."""
+        proj = self.proj
+        saved = [(p, p.detach().clone()) for p in (proj.weight, proj.bias) if p is not None]
+        proj.weight.copy_((self.t.T @ proj.weight.double()).to(proj.weight.dtype))
+        if proj.bias is not None:
+            proj.bias.copy_((proj.bias.double() @ self.t).to(proj.bias.dtype))
+        return lambda: restore(saved)
+
+
+@torch.no_grad()
+def fit_linear_replacement(model: nn.Module, before: str, last: str, batches: list,
+                           damp: float = DAMP) -> LinearReplacement:
+    """A linear map standing in for the blocks after ``before`` up to ``last`` (about to be
+    removed), for ``before``'s output projection (its last Linear writing the hidden width),
+    ReplaceMe-style: with ``M`` the projection's output and ``Y`` the rest of ``before``'s output
+    (``before`` adds ``M`` to its residual stream), ``T`` minimises ``||Y + M T - L||^2`` for ``L``
+    the output of ``last``, on ``batches``. Refuses a block whose output is not ``Y + M`` (checked
+    by folding ``T`` in and out again)."""
+    block, end = model.get_submodule(before), model.get_submodule(last)
+    proj = _output_projection(model, block, batches[0])
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [proj.register_forward_hook(lambda m, a, out: seen.__setitem__("m", out)),
+             block.register_forward_hook(lambda m, a, out: seen.__setitem__("z", first_tensor(out))),
+             end.register_forward_hook(lambda m, a, out: seen.__setitem__("l", first_tensor(out)))]
+    width = proj.out_features
+    mtm = torch.zeros(width, width, dtype=torch.float64)
+    mtr = torch.zeros(width, width, dtype=torch.float64)
+    try:
+        with evaluating(model):
+            for batch in track(batches, f"fitting a linear map for the blocks after {before}"):
+                call_model(model, batch)
+                m = seen["m"].reshape(-1, width).double()
+                target = (seen["l"] - seen["z"]).reshape(-1, width).double() + m  # L - Y
+                mtm += m.T @ m
+                mtr += m.T @ target
+            probe = {k: v.clone() for k, v in seen.items()}
+    finally:
+        for h in hooks:
+            h.remove()
+    mtm += damp * mtm.diagonal().mean().clamp_min(1e-12) * torch.eye(width, dtype=mtm.dtype)
+    replacement = LinearReplacement(proj, torch.cholesky_solve(mtr, torch.linalg.cholesky(mtm)))
+    unfold = replacement.fold()
+    try:
+        _check_residual(model, block, batches[-1], probe, replacement.t, before)
+    finally:
+        unfold()
+    return replacement
+
+
+def _output_projection(model: nn.Module, block: nn.Module, batch) -> nn.Linear:
+    """The last Linear ``block`` calls whose width is the block's output width."""
+    called: list[nn.Linear] = []
+    out: dict = {}
+    hooks = [m.register_forward_hook(lambda m, a, o: called.append(m)) for m in block.modules()
+             if isinstance(m, nn.Linear)]
+    hooks.append(block.register_forward_hook(lambda m, a, o: out.__setitem__("y", first_tensor(o))))
+    try:
+        with evaluating(model):
+            call_model(model, batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    width = out["y"].shape[-1] if "y" in out else None
+    found = [m for m in called if m.out_features == width]
+    if not found:
+        raise PangkasError("replace='linear' needs the block before the removed ones to end with a Linear "
+                           "writing its output width (a transformer MLP's down projection)")
+    return found[-1]
+
+
+def _check_residual(model, block, batch, probe, t, before) -> None:
+    """Refuse when ``block``'s output did not change by ``M (T - I)`` (relative to that change):
+    it does not add the projection's output to its residual stream (post-norm blocks)."""
+    seen: dict = {}
+    hook = block.register_forward_hook(lambda m, a, out: seen.__setitem__("z", first_tensor(out)))
+    try:
+        with evaluating(model):
+            call_model(model, batch)
+    finally:
+        hook.remove()
+    m = probe["m"].double()
+    change = (m.reshape(-1, m.shape[-1]) @ t).reshape(m.shape) - m
+    error = float((seen["z"].double() - probe["z"].double() - change).norm() / change.norm().clamp_min(1e-12))
+    if error > 1e-3:
+        raise PangkasError(f"replace='linear': {before} does not add its output projection to a residual "
+                           f"stream (post-norm?), so a map folded into it cannot stand in for the removed "
+                           f"blocks (mismatch {error:.2g}); remove them without replace=")
