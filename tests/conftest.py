@@ -59,3 +59,14 @@ def images():
 
 def mlp():
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+
+
+@pytest.fixture
+def tiny_llama():
+    """A random LLaMA causal LM (GQA: 4 heads in 2 KV groups) and 96 token ids for it."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval(), torch.randint(0, 64, (96,))

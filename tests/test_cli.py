@@ -171,7 +171,7 @@ def test_prune_layers_text_data_for_hugging_face(capsys, tmp_path):
     code, out, err = run(capsys, "prune", "layers", str(tmp_path / "bert"), "--ratio", "0.34",
                          "--data", str(texts), "-o", str(tmp_path / "b.safetensors"))
     assert code == 0, err
-    assert "removes 2 of 6 blocks" in out  # 3 layers and their 3 attention sublayers
+    assert "removes 1 of 3 blocks" in out  # whole layers (not their attention sublayers)
 
 
 @pytest.mark.parametrize("extra,message", [(["--n", "9"], "only"), (["--n", "1", "--data", "nope.bin"], "no such data")])

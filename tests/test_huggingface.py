@@ -221,7 +221,7 @@ def test_plan_transformer_is_what_prune_transformer_applies():
         want = pangkas.prune_transformer(pruned, x, heads=0.5, ffn=0.5)
     assert warned[0].filename == __file__  # the warning points at the caller
     plan = pangkas.plan_transformer(model, x, heads=0.5, ffn=0.5)
-    assert str(plan).startswith("transformer plan: heads=0.5, ffn=0.5\nchannel plan")
+    assert str(plan).startswith("transformer plan: heads=0.5 (removes 0.5), ffn=0.5 (removes 0.5)\nchannel plan")
     assert plan.channels_removed == want.channels_removed and plan.params_after == want.params_after
     assert model.config.num_attention_heads == 4 and not plan.applied  # nothing changes before apply
     with pytest.warns(UserWarning, match="pangkas.save_pretrained") as warned:
@@ -285,7 +285,8 @@ def test_tied_lm_head_stays_tied():
 
 
 BAD = [
-    (dict(heads=1.0), "ratios"),
+    (dict(heads=1.0), "remove 2 of the 2 key/value groups"),
+    (dict(heads=0.2), "remove 0 of the 2 key/value groups"),
     (dict(ffn=-0.5), "ratios"),
     (dict(), "at least one"),
 ]
@@ -303,8 +304,28 @@ def test_bad_input(kwargs, message):
 def test_single_kv_head_cannot_lose_heads():
     config = transformers.LlamaConfig(**dict(GQA, num_key_value_heads=1))
     model = transformers.AutoModel.from_config(config).eval()
-    with pytest.raises(pangkas.PangkasError, match="grouped-query"):
+    with pytest.raises(pangkas.PangkasError, match="one key/value group"):
         pangkas.prune_transformer(model, inputs("llama"), heads=0.5)
+
+
+@pytest.mark.parametrize("heads, groups_removed", [(0.2, 1), (0.25, 1), (0.45, 1), (0.55, 2), (0.7, 2)])
+def test_heads_round_to_the_nearest_whole_group_and_say_so(heads, groups_removed):
+    config = transformers.LlamaConfig(**dict(GQA, hidden_size=48, num_attention_heads=6, num_key_value_heads=3,
+                                             head_dim=8))
+    model = transformers.AutoModel.from_config(config).eval()
+    plan = pangkas.plan_transformer(model, inputs("llama"), heads=heads, ffn=0.25)
+    assert plan.removed == {"heads": pytest.approx(groups_removed / 3), "ffn": 0.25}
+    assert f"heads={heads} (removes {groups_removed / 3:.3g})" in str(plan)
+    plan.apply()
+    assert all(a.k_proj.out_features == (3 - groups_removed) * 8 for a in (l.self_attn for l in model.layers))
+
+
+def test_mha_heads_round_to_whole_heads():
+    model = build("bert")
+    plan = pangkas.plan_transformer(model, inputs("bert"), heads=0.3)  # 4 heads: 1.2 -> 1
+    assert plan.removed == {"heads": 0.25}
+    with pytest.raises(pangkas.PangkasError, match="remove 0 of the 4 heads"):
+        pangkas.plan_transformer(model, inputs("bert"), heads=0.1)
 
 
 def test_not_a_transformers_model():

@@ -408,3 +408,94 @@ def test_a_criterion_that_chooses_wrongly_is_refused_and_the_model_kept(answer, 
         pangkas.prune_layers(model, data(), n=2, importance=Wrong())
     assert len(model.blocks) == 6 and isinstance(model.embed, nn.Linear)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_n_counts_whole_layers_where_the_model_has_a_layer_list():
+    """A BERT (post-norm) has attention and MLP sublayers among the candidates; by default n
+    counts whole layers, and granularity='any' lets sublayers compete."""
+    model = bert()
+    everything = pangkas.plan_layers(model, tokens(), n=2, granularity="any")
+    plan = pangkas.plan_layers(model, tokens(), n=2)
+    assert {c.name for c in plan.candidates} == {f"encoder.layer.{i}" for i in range(4)}
+    assert len(everything.candidates) > len(plan.candidates)
+    plan.apply()
+    assert model.config.num_hidden_layers == 2 and len(model.encoder.layer) == 2
+
+
+def test_a_cnn_keeps_its_residual_blocks_as_candidates():
+    model = torchvision.models.resnet18(weights=None).eval()
+    plan = pangkas.plan_layers(model, images(), n=1)
+    assert [c.name for c in plan.candidates] == [c.name for c in layer_candidates(model, images()[0])]
+    assert plan.candidates and all(c.kinds == ("residual",) for c in plan.candidates)
+
+
+@pytest.mark.parametrize("target", ["target_macs", "target_params"])
+def test_a_target_removes_blocks_until_it_is_met(target):
+    model = llama()
+    plan = pangkas.plan_layers(model, tokens(), **{target: 0.6})
+    before, after = ((plan.macs_before, plan.macs_after) if target == "target_macs"
+                     else (plan.params_before, plan.params_after))
+    assert after <= 0.6 * before
+    one_less = after + next(getattr(c, target.split("_")[1]) for c in plan.candidates if c.name == plan.chosen[-1])
+    assert one_less > 0.6 * before  # it stops as soon as the target is met
+    scores = plan.scores
+    # equal-cost layers: the lowest scores go
+    assert sorted(plan.chosen) == sorted(sorted(scores, key=scores.get)[:len(plan.chosen)])
+
+
+def test_a_target_cheaper_layers_go_first_per_unit_of_cost():
+    from pangkas.layers import _within_budget
+    from pangkas.layer_importance import Candidate
+    found = [Candidate(name, ("residual",), None, None, (1,), params, macs, 0)
+             for name, params, macs in (("a", 10, 100), ("b", 10, 10), ("c", 10, 300))]
+    # damage per MAC saved: a 0.002, c 0.003, b 0.025; by score alone b would go before c
+    assert _within_budget({"a": 0.2, "b": 0.25, "c": 0.9}, found, "macs", 0.85, 1000) == ["a", "c"]
+    with pytest.raises(pangkas.PangkasError, match="cannot be met"):
+        _within_budget({"a": 0.2, "b": 0.25, "c": 0.9}, found, "macs", 0.1, 1000)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(n=1, target_macs=0.5), "exactly one"), (dict(), "exactly one"), (dict(target_macs=1.5), r"\(0, 1\)"),
+    (dict(n=1, granularity="heads"), "granularity"),
+])
+def test_bad_amounts_are_refused(kwargs, message):
+    with pytest.raises(pangkas.PangkasError, match=message):
+        pangkas.plan_layers(Stack(), data(), **kwargs)
+
+
+def test_replace_linear_beats_removal_alone(tiny_llama):
+    """Removing layers with replace='linear' folds a fitted map into the layer before: the model
+    keeps its architecture and stays closer to the dense one than removal alone."""
+    dense, ids = tiny_llama
+    batches = [{"input_ids": ids[i * 24:(i + 1) * 24].view(2, 12)} for i in range(4)]
+    with torch.no_grad():
+        reference = dense(**batches[0]).logits
+    errors = {}
+    for replace in (None, "linear"):
+        model = copy.deepcopy(dense)
+        plan = pangkas.plan_layers(model, batches, n=1, importance=lambda m, c, d: {c[-1].name: 0.0},
+                                   replace=replace)
+        assert plan.chosen == ["model.layers.2"]
+        plan.apply()
+        with torch.no_grad():
+            errors[replace] = float((model(**batches[0]).logits - reference).norm() / reference.norm())
+        assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert errors["linear"] < 0.9 * errors[None], errors
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, dense.get_submodule("").state_dict()[n])]
+    assert changed == ["model.layers.1.mlp.down_proj.weight"]
+
+
+def test_replace_linear_refuses_what_it_cannot_fold(tiny_llama):
+    dense, ids = tiny_llama
+    batches = [{"input_ids": ids[:24].view(2, 12)}]
+    with pytest.raises(pangkas.PangkasError, match="first of model.layers"):
+        pangkas.plan_layers(dense, batches, n=1, importance=lambda m, c, d: {c[0].name: 0.0}, replace="linear")
+    with pytest.raises(pangkas.PangkasError, match="replace must be"):
+        pangkas.plan_layers(dense, batches, n=1, replace="mlp")
+    model = bert()  # post-norm: the last projection is normalised with the residual
+    state = copy.deepcopy(model.state_dict())
+    plan = pangkas.plan_layers(model, tokens(), n=1, importance=lambda m, c, d: {c[-1].name: 0.0}, replace="linear")
+    with pytest.raises(pangkas.PangkasError, match="residual"):
+        plan.apply()
+    assert len(model.encoder.layer) == 4
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -8,6 +8,7 @@ from torch import nn
 
 import pangkas
 from pangkas.weights.masks import get_mask
+from pangkas.weights.sparsegpt import SparseGPT
 
 
 def skewed_inputs(n=512, features=64):
@@ -20,13 +21,32 @@ def relative_error(model, reference, x):
         return float((model(x) - reference).pow(2).mean() / reference.pow(2).mean())
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["wanda", SparseGPT(per_row=True)])
 def test_each_row_loses_the_same_share(method):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 32))
     x = skewed_inputs()
     pangkas.prune_weights(model, sparsity=0.5, importance=method, data=list(x.split(64)))
     assert ((model[0].weight == 0).sum(1) == 32).all()
+
+
+def test_sparsegpt_chooses_with_one_threshold_per_block():
+    """The paper's rule: each block of 128 inputs loses exactly its share, rows adaptively; the
+    first block's mask is the lowest w^2 / [H^-1]_jj^2 across the whole block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 32, bias=False))
+    x = skewed_inputs(features=256)
+    w = model[0].weight.detach().clone()
+    pangkas.prune_weights(model, sparsity=0.5, importance="sparsegpt", data=list(x.split(64)))
+    zero = model[0].weight == 0
+    assert (zero.reshape(32, 2, 128).sum((0, 2)) == 32 * 64).all()
+    assert zero.sum(1).unique().numel() > 1  # rows differ: adaptive, not the same share per row
+    h = x.T @ x / len(x)
+    h += 0.01 * h.diag().mean() * torch.eye(256)
+    hinv = torch.linalg.cholesky(torch.linalg.inv(h.double()), upper=True).float()
+    score = (w[:, :128] / hinv.diag()[:128]).pow(2)
+    expected = score <= score.flatten().kthvalue(32 * 64).values
+    assert (zero[:, :128] == expected).float().mean() > 0.999  # float rounding may swap a tie
 
 
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
@@ -109,3 +129,20 @@ def test_unsupported_layer_is_named():
     model = nn.Sequential(nn.Conv1d(3, 4, 3), nn.Flatten(), nn.Linear(8, 2))
     with pytest.raises(pangkas.PangkasError, match="Conv1d"):
         pangkas.prune_weights(model, sparsity=0.5, importance="wanda", data=[torch.randn(2, 3, 4)])
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_calibration_never_uses_a_key_value_cache(tiny_llama, method):
+    """README-style batches leave transformers' use_cache on: the masks must be those of a run
+    without a cache (a decoder layer run twice on captured arguments would see its own keys)."""
+    model, ids = tiny_llama
+    assert model.config.use_cache
+    batches = [{"input_ids": ids[i * 24:(i + 1) * 24].view(2, 12)} for i in range(4)]
+    masks = {}
+    for cached in (True, False):
+        pruned = copy.deepcopy(model)
+        data = batches if cached else [{**b, "use_cache": False} for b in batches]
+        pangkas.prune_weights(pruned, pattern="2:4", importance=method, include="model.layers", data=data)
+        masks[cached] = [m.weight == 0 for m in pruned.modules() if isinstance(m, nn.Linear)]
+        assert pruned.config.use_cache  # restored
+    assert all(torch.equal(a, b) for a, b in zip(masks[True], masks[False]))

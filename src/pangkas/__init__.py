@@ -1,5 +1,6 @@
 """pangkas: prune PyTorch models so they are really smaller and faster."""
 
+from . import evaluate
 from .channels import ChannelReport, Plan, plan_channels, prune_channels
 from .errors import OperationFailed, PangkasError
 from .integrations.hf_directory import save_pretrained
@@ -24,5 +25,5 @@ __all__ = [
     "TransformerPlan", "plan_transformer", "prune_transformer", "WeightPlan", "plan_weights", "Report",
     "RecoveryReport", "recover", "Sensitivity", "sensitivity", "GradualPruning", "iterative",
     "Measurement", "OperationFailed", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
-    "compare", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",
+    "compare", "evaluate", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",
 ]

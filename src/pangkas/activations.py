@@ -24,16 +24,20 @@ def input_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 class InputStatistics:
     """Running statistics of one layer's inputs: per-feature sums of squares (Wanda's
-    ``||X_j||^2``) or, with ``gram=True``, ``X^T X`` (SparseGPT's Hessian, up to ``rows``)."""
+    ``||X_j||^2``) or, with ``gram=True``, ``X^T X`` (SparseGPT's Hessian, up to ``rows``);
+    ``constant=True`` appends a feature that is always 1 (what a bias multiplies)."""
 
-    def __init__(self, gram: bool = False):
+    def __init__(self, gram: bool = False, constant: bool = False):
         self.with_gram = gram
+        self.constant = constant
         self.squares: torch.Tensor | None = None
         self.gram: torch.Tensor | None = None
         self.rows = 0
 
     def add(self, module: nn.Module, x: torch.Tensor) -> None:
         rows = input_rows(module, x.detach())
+        if self.constant:
+            rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], 1)
         if self.with_gram:
             part = rows.T @ rows
             self.gram = part if self.gram is None else self.gram + part
@@ -53,7 +57,7 @@ class InputStatistics:
 
     def reordered(self, order: torch.Tensor) -> InputStatistics:
         """The same statistics with input features in ``order``."""
-        other = InputStatistics(self.with_gram)
+        other = InputStatistics(self.with_gram, self.constant)
         other.rows = self.rows
         if self.squares is not None:
             other.squares = self.squares[order]
@@ -63,9 +67,10 @@ class InputStatistics:
 
 
 @contextmanager
-def recording(layers: dict[str, nn.Module], gram: bool = False) -> Iterator[dict[str, InputStatistics]]:
+def recording(layers: dict[str, nn.Module], gram: bool = False,
+              constant: bool = False) -> Iterator[dict[str, InputStatistics]]:
     """Statistics of every layer's inputs, by name, for the forward passes run inside the block."""
-    stats = {name: InputStatistics(gram) for name in layers}
+    stats = {name: InputStatistics(gram, constant) for name in layers}
     hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: stats[name].add(mod, args[0]))
              for name, module in layers.items()]
     try:

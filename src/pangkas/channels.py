@@ -20,7 +20,7 @@ from torch import nn
 
 from . import verify
 from .deprecation import renamed
-from .errors import PangkasError
+from .errors import OperationFailed, PangkasError
 from .graph.labels import components
 from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
 from .importance import Slice
@@ -28,6 +28,7 @@ from .importance import resolve as resolve_importance
 from .integrations import Integrations
 from .integrations import active as active_integrations
 from .modules import Selector
+from .reconstruct import reconstruct
 from .reports import Report
 from .selection import (Block, Group, Options, Selection, blocks_outside, module_of, planned_shape, select,
                         select_rectangular)
@@ -57,6 +58,8 @@ class Plan:
         self.blocks: list[Block] = []
         self.retried: list[str] = []
         self.applied = False
+        self.reconstruct_on: list | None = None  # calibration batches, when apply() reconstructs
+        self.data_aware = False  # whether importance read the data (else the plan says it is data-free)
         self.params_before = _count_params(model, coupling, None)
         self.macs_before = count_flops(coupling.records) // 2
         self._choose(blocks)
@@ -143,7 +146,8 @@ class Plan:
                 rows.append((shown or "(unnamed)", len(g.classes), g.kept,
                              f"{g.removed.float().mean():.0%}" + (" ~" if g.approximate else "")))
         title = (f"channel plan: ratio={self.options.ratio} ({self.options.scope}), "
-                 f"importance={getattr(self.options.importance, '__name__', self.options.importance)}")
+                 f"importance={getattr(self.options.importance, '__name__', self.options.importance)}"
+                 + ("" if self.data_aware else " (data-free: give data= to choose by activations)"))
         text = render_table(title, ("group (producers)", "channels", "kept", "removed"), rows)
         text += (f"\nparams {human_count(self.params_before)} -> {human_count(self.params_after)}, "
                  f"MACs {human_count(self.macs_before)} -> {human_count(self.macs_after)}, "
@@ -172,8 +176,22 @@ class Plan:
     def _apply(self):
         """:meth:`apply`, and a function that reverts it for a caller whose next step fails. It
         holds the uncut tensors: drop it as soon as that step is done."""
-        revert = verify.apply(self)
-        return ChannelReport(self), revert
+        if self.reconstruct_on is None:
+            revert = verify.apply(self)
+            return ChannelReport(self), revert
+        for _ in range(verify.MAX_RETRIES):
+            retries = len(self.retried)
+            put_back = reconstruct(self, self.reconstruct_on)
+            try:
+                revert = verify.apply(self)
+            except BaseException:
+                put_back()
+                raise
+            if len(self.retried) == retries:
+                return ChannelReport(self), lambda: (revert(), put_back())
+            revert()  # the surgery check kept more channels: fit again for what really goes
+            put_back()
+        raise OperationFailed("channel surgery kept changing what it removes; the model is unchanged")
 
     def _verify(self, model: nn.Module) -> verify.Problem | None:
         """Re-trace ``model`` (cut) on the example inputs: where it departs from this plan, or None."""
@@ -220,7 +238,7 @@ def plan_channels(
     example_inputs,
     *,
     ratio: float,
-    importance="l1",
+    importance=None,
     scope: str = "local",
     ratios: dict | None = None,
     include: Selector = None,
@@ -232,11 +250,13 @@ def plan_channels(
     allow_approximate: bool = False,
     prune_outputs: bool = False,
     integrations: list | None = None,
+    reconstruct: bool = False,
 ) -> Plan:
     """Plan the removal of ``ratio`` of the channels of every coupled group (``scope="local"``)
     or of all channels ranked together (``scope="global"``, scores normalised per group).
 
-    ``importance``: ``"l1"`` (default), ``"l2"``, ``"fpgm"``, ``"bn_scale"`` (|BatchNorm gamma|;
+    ``importance``: by default ``"wanda"`` when ``data`` is given (activation-aware) and
+    ``"l1"`` without (data-free; the plan says so), or ``"l1"``, ``"l2"``, ``"fpgm"``, ``"bn_scale"`` (|BatchNorm gamma|;
     l1 where a group has none), ``"taylor"`` (|w * grad| over ``data`` with
     ``loss_fn(output, batch)``), ``"wanda"`` (|w| x input activation norm over ``data``),
     ``"random"``, any name given to ``pangkas.importance.register``, a
@@ -251,8 +271,19 @@ def plan_channels(
     (LayerNorm, GroupNorm) or an attention scale tied to head_dim are kept unless
     ``allow_approximate=True``: removing them cannot be exact. ``integrations``: model families
     (``pangkas.integrations.Integration``) to know in this call, besides the registered ones.
+    ``reconstruct=True`` (needs ``data``): when applied, the layers that read removed channels
+    re-fit their kept weights by least squares on ``data`` to keep their outputs (see
+    ``pangkas.reconstruct``); without it the kept weights are left as they are.
     """
+    if importance is None:
+        importance = "l1" if data is None else "wanda"
     _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_fn)
+    if reconstruct not in (True, False):
+        raise PangkasError(f"reconstruct must be True or False, got {reconstruct!r}")
+    if reconstruct:
+        if data is None:
+            raise PangkasError("reconstruct=True needs calibration batches: give data=")
+        data = list(data)  # read twice: importance, then the fit
     known = active_integrations(integrations)
     coupling = trace(model, example_inputs, adapter=known.adapter(model), keep_outputs=not prune_outputs,
                      traced_as=known.traced_as)
@@ -261,6 +292,8 @@ def plan_channels(
                       1.0 if max_ratio is None else max_ratio, allow_approximate)
     scores = _scores(model, coupling, importance, data, loss_fn)
     plan = Plan(model, example_inputs, coupling, options, scores, known, blocks)
+    plan.reconstruct_on = data if reconstruct else None
+    plan.data_aware = resolve_importance(importance, data, loss_fn).needs_data
     verify.rehearse(plan)
     return plan
 

@@ -2,10 +2,17 @@
 
 A batch is a tensor (``model(batch)``), a tuple or list (``model(*batch)``) or a dict
 (``model(**batch)``, the Hugging Face way).
+
+pangkas never generates, so a model that keeps a key/value cache (``config.use_cache``, on by
+default in Hugging Face causal LMs) runs without one: a cache would only cost time, and where a
+layer is run twice on the same captured arguments (statistics, then the next block's inputs) the
+second call would read the keys the first one cached.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -14,7 +21,29 @@ from torch import nn
 from .errors import PangkasError
 
 
+@contextmanager
+def without_cache(model: nn.Module) -> Iterator[None]:
+    """``model.config.use_cache`` off while inside (restored after)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
 def call_model(model: nn.Module, batch: Any) -> Any:
+    """``model`` called on ``batch`` (see the module docstring), without a key/value cache."""
+    if isinstance(batch, dict) and batch.get("use_cache"):
+        batch = {**batch, "use_cache": False}
+    with without_cache(model):
+        return _call(model, batch)
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return model(batch)
     if isinstance(batch, (tuple, list)):

@@ -21,7 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from .deprecation import renamed
 from .errors import OperationFailed, PangkasError
 from .inputs import call_model
-from .layer_importance import Candidate, LayerImportance, checked, input_tensor
+from .layer_importance import Candidate, LayerImportance, checked, input_tensor, nested
 from .layer_importance import angular, block_influence, greedy, magnitude, runs  # noqa: F401 (their old home)
 from .layer_importance import resolve as resolve_importance
 from .macs import op_flops
@@ -29,6 +29,7 @@ from .markers import EDITS
 from .measure import count_macs
 from .modules import ModuleFilter, Selector, evaluating
 from .outputs import first_tensor, tensors
+from .reconstruct import fit_linear_replacement
 from .repeats import is_stack
 from .reports import Report
 from .surgery.blocks import remove_blocks
@@ -136,6 +137,8 @@ class LayerPlan:
     macs_before: int
     params_before: int
     applied: bool = False
+    replace: str | None = None
+    data: list | None = None  # calibration batches (replace="linear" fits on them)
 
     @property
     def macs_after(self) -> int:
@@ -164,18 +167,22 @@ class LayerPlan:
         if self.applied:
             raise PangkasError("this plan was already applied; make a new plan for further pruning")
         before = _output_shapes(self.model, self.example_inputs)
+        unfold = self._fold_replacements()
         tuples = {c.name: c.tuple_length for c in self.candidates}
         undo = remove_blocks(self.model, self.chosen, tuples)
         try:
             after = _output_shapes(self.model, self.example_inputs)
         except PangkasError as exc:
             undo.restore()
+            unfold()
             raise OperationFailed(f"the model no longer runs without {self.chosen}; it is unchanged. {exc}") from exc
         except BaseException:  # an interrupt: put the blocks back and let it through
             undo.restore()
+            unfold()
             raise
         if after != before:
             undo.restore()
+            unfold()
             raise OperationFailed(f"removing {self.chosen} changes the output shapes {before} -> {after}; "
                                "the model is unchanged")
         edits = list(getattr(self.model, EDITS, []))
@@ -183,6 +190,44 @@ class LayerPlan:
         setattr(self.model, EDITS, edits)
         self.applied = True
         return LayerReport(self)
+
+
+    def runs(self) -> list[tuple[str, str]]:
+        """Each run of consecutive chosen blocks as (the block before it, its last block)."""
+        where = {c.name: c for c in self.candidates}
+        out = []
+        for name in sorted(self.chosen, key=lambda n: (where[n].container or "", where[n].index or 0)):
+            c = where[name]
+            if c.container is None or c.index is None:
+                raise PangkasError(f"replace='linear' needs blocks in a layer list; {name} is not")
+            if out and out[-1][2] == c.container and out[-1][3] == c.index - 1:
+                out[-1] = (out[-1][0], name, c.container, c.index)
+            elif c.index == 0:
+                raise PangkasError(f"replace='linear' folds a map into the block before the removed ones; "
+                                   f"{name} is the first of {c.container}")
+            else:
+                out.append((f"{c.container}.{c.index - 1}", name, c.container, c.index))
+        return [(before, last) for before, last, _, _ in out]
+
+    def _fold_replacements(self) -> Callable[[], None]:
+        """Fit the linear maps of ``replace="linear"`` (each on the dense model), then fold them all
+        in; returns what undoes them."""
+        if self.replace is None:
+            return lambda: None
+        maps = [fit_linear_replacement(self.model, before, last, self.data) for before, last in self.runs()]
+        folded: list[Callable[[], None]] = []
+
+        def unfold() -> None:
+            for undo in reversed(folded):
+                undo()
+
+        try:
+            for replacement in maps:
+                folded.append(replacement.fold())
+        except BaseException:
+            unfold()
+            raise
+        return unfold
 
 
 @dataclass
@@ -219,8 +264,6 @@ def _output_shapes(model, example_inputs) -> list[tuple[int, ...]]:
 
 
 def _count(n, ratio, available: int) -> int:
-    if (n is None) == (ratio is None):
-        raise PangkasError("give exactly one of n= (blocks to remove) or ratio= (fraction of candidates)")
     if ratio is not None:
         if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio < 1:
             raise PangkasError(f"ratio must be in (0, 1), got {ratio!r}")
@@ -231,6 +274,48 @@ def _count(n, ratio, available: int) -> int:
         raise PangkasError(f"n={n} but the model has only {available} removable blocks; "
                            "see pangkas.layer_candidates")
     return n
+
+
+def _one_amount(n, ratio, target_macs, target_params) -> None:
+    given = [k for k, v in {"n": n, "ratio": ratio, "target_macs": target_macs, "target_params": target_params}.items()
+             if v is not None]
+    if len(given) != 1:
+        raise PangkasError("give exactly one of n= (blocks to remove), ratio= (fraction of candidates), "
+                           f"target_macs= or target_params= (fraction of the model's to keep); got {given or 'none'}")
+    for name, value in (("target_macs", target_macs), ("target_params", target_params)):
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1):
+            raise PangkasError(f"{name} must be in (0, 1) (the fraction of the dense model's to keep), got {value!r}")
+
+
+def _granular(found: list[Candidate], granularity: str) -> list[Candidate]:
+    """Whole layers where the model has a layer list (``"layers"``), or every candidate (``"any"``:
+    sublayers such as attention or MLP blocks too)."""
+    if granularity not in ("layers", "any"):
+        raise PangkasError(f"granularity must be 'layers' (whole layers of a layer list) or 'any' (sublayers "
+                           f"too), got {granularity!r}")
+    layers = [c for c in found if "layer list" in c.kinds]
+    return layers if granularity == "layers" and layers else found
+
+
+def _within_budget(scores: dict, found: list[Candidate], cost: str, target: float, total: int) -> list[str]:
+    """The lowest-scoring blocks per unit of ``cost`` ("macs" or "params"), taken until what stays
+    is at most ``target`` of ``total`` (scores of the blocks left are not re-measured)."""
+    spend = {c.name: getattr(c, cost) for c in found}
+    shift = max(0.0, -min(scores.values()))  # scores are damage: lower goes first; keep them >= 0
+    order = sorted((c.name for c in found if c.name in scores and spend[c.name] > 0),
+                   key=lambda n: (scores[n] + shift) / spend[n])
+    chosen, left = [], total
+    for name in order:
+        if left <= target * total:
+            break
+        if any(nested(name, other) or nested(other, name) for other in chosen):
+            continue  # a sublayer of a block already going (granularity="any")
+        chosen.append(name)
+        left -= spend[name]
+    if left > target * total:
+        raise PangkasError(f"removing every candidate block leaves {left / total:.3g} of the model's {cost}; "
+                           f"the target {target} cannot be met by layer pruning")
+    return chosen
 
 
 def _batches(data) -> list:
@@ -256,9 +341,24 @@ def plan_layers(
     loss_fn: Callable | None = None,
     metric_fn: Callable | None = None,
     candidates: list[str] | None = None,
+    granularity: str = "layers",
+    target_macs: float | None = None,
+    target_params: float | None = None,
+    replace: str | None = None,
 ) -> LayerPlan:
-    """Choose ``n`` blocks (or ``ratio`` of the candidates) to remove. ``data`` is an iterable of
-    batches the model accepts (its first batch finds the candidates; every batch scores them).
+    """Choose ``n`` blocks (or ``ratio`` of the candidates) to remove, or as many as it takes to
+    keep at most ``target_macs`` / ``target_params`` (fractions of the model's) - then the lowest
+    scores per MAC (per parameter) go first. ``data`` is an iterable of batches the model accepts
+    (its first batch finds the candidates; every batch scores them).
+
+    ``granularity``: ``"layers"`` (default): where the model has a layer list (Hugging Face
+    encoder/decoder layers, a ViT's blocks), only whole layers are candidates, so ``n`` counts
+    layers; ``"any"``: their attention/MLP sublayers and other residual blocks too.
+
+    ``replace="linear"``: when applied, each run of removed consecutive layers is replaced by a
+    linear map fitted on ``data`` (least squares, from what the run received to what it gave) and
+    folded into the output projection of the layer before it (pre-norm transformers: the MLP's
+    down projection), so the model keeps its architecture (ReplaceMe, LLM-Streamline).
 
     ``importance``: ``"block_influence"`` (1 - cos(in, out), lowest goes), ``"angular"`` (the
     contiguous run of ``n`` blocks whose ends are closest), ``"loss"`` (``loss_fn(output, batch)``
@@ -276,11 +376,22 @@ def plan_layers(
     batches = _batches(data)
     if not batches:
         raise PangkasError("data is empty: layer pruning needs at least one batch to find and score blocks")
-    found = _selected(model, layer_candidates(model, batches[0]), include, exclude, candidates)
-    count = _count(n, ratio, len(found))
-    scores, chosen = _choose(model, found, batches, criterion, count, loss_fn, metric_fn)
-    params = sum(p.numel() for p in model.parameters())
-    return LayerPlan(model, batches[0], found, criterion.name, scores, chosen, count_macs(model, batches[0]), params)
+    _one_amount(n, ratio, target_macs, target_params)
+    if replace not in (None, "linear"):
+        raise PangkasError(f"replace must be None or 'linear', got {replace!r}")
+    found = _granular(_selected(model, layer_candidates(model, batches[0]), include, exclude, candidates), granularity)
+    params, macs = sum(p.numel() for p in model.parameters()), count_macs(model, batches[0])
+    if target_macs is None and target_params is None:
+        scores, chosen = _choose(model, found, batches, criterion, _count(n, ratio, len(found)), loss_fn, metric_fn)
+    else:
+        scores, _ = _choose(model, found, batches, criterion, 1, loss_fn, metric_fn)
+        cost, target, total = ("macs", target_macs, macs) if target_macs is not None else ("params", target_params, params)
+        chosen = _within_budget(scores, found, cost, target, total)
+    plan = LayerPlan(model, batches[0], found, criterion.name, scores, chosen, macs, params, replace=replace,
+                     data=batches if replace else None)
+    if replace:
+        plan.runs()  # refuse now what cannot be replaced
+    return plan
 
 
 def _selected(model, found: list[Candidate], include: Selector, exclude: Selector,

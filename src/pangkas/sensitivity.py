@@ -133,7 +133,7 @@ def sensitivity(model: nn.Module, eval_fn: Callable[[nn.Module], float], *, kind
 
 def _channel_sweep(model, eval_fn, example_inputs, ratios, options):
     from .channels import plan_channels
-    from .oracle import silence_removed
+    from .silence import restore, silence_removed
 
     plan = plan_channels(model, example_inputs, ratio=0.0, **options)
     classes = plan.selection.classes
@@ -150,8 +150,7 @@ def _channel_sweep(model, eval_fn, example_inputs, ratios, options):
             try:
                 values.append(float(eval_fn(model)))
             finally:
-                for tensor, data in saved:
-                    tensor.copy_(data)
+                restore(saved)
         metrics[name], sizes[name] = values, len(group.classes)
     return metrics, sizes
 

@@ -21,9 +21,26 @@ class TransformerPlan:
     ``plan.channels`` is the channel plan it wraps; its attributes read through (``keep()``,
     ``params_after``, ``selection``, ...)."""
 
-    def __init__(self, channels: Plan, amounts: dict[str, float]):
+    def __init__(self, channels: Plan, amounts: dict[str, float], units: dict[str, list[str]]):
         self.channels = channels
         self.amounts = amounts  # the fractions asked for, by unit
+        self.units = units  # by unit: the modules whose outputs count it
+
+    @property
+    def removed(self) -> dict[str, float]:
+        """The fraction of each unit the plan really removes (whole KV groups, rounding)."""
+        keep = self.channels.keep()
+        out = {}
+        for unit, names in self.units.items():
+            gone = total = 0
+            for name in names:
+                dim = huggingface.output_dim(self.channels.model.get_submodule(name))
+                width = self.channels.model.get_submodule(name).weight.shape[dim]
+                kept = keep.get(f"{name}.weight", [None] * 2)[dim]
+                gone += 0 if kept is None else width - len(kept)
+                total += width
+            out[unit] = gone / total if total else 0.0
+        return out
 
     def __getattr__(self, name: str):
         if name == "channels":  # not set yet (copying, unpickling): no recursion
@@ -31,7 +48,8 @@ class TransformerPlan:
         return getattr(self.channels, name)
 
     def __str__(self) -> str:
-        asked = ", ".join(f"{unit}={amount}" for unit, amount in self.amounts.items())
+        removed = self.removed
+        asked = ", ".join(f"{unit}={amount} (removes {removed[unit]:.3g})" for unit, amount in self.amounts.items())
         return f"transformer plan: {asked}\n{self.channels}"
 
     def apply(self) -> ChannelReport:
@@ -53,16 +71,21 @@ class TransformerPlan:
 
 def plan_transformer(model: nn.Module, example_inputs, *, heads: float | None = None,
                      ffn: float | None = None, hidden: float | None = None, **options) -> TransformerPlan:
-    """Plan removing ``heads`` of the attention heads (whole KV groups with GQA), ``ffn`` of the
-    MLP neurons and ``hidden`` of the hidden size (approximate: LayerNorm/RMSNorm statistics
-    change) of a Hugging Face model; each is a fraction of its unit. Other options
-    (``importance=``, ``data=``, ``integrations=``, ...) go to ``plan_channels``."""
-    if heads is None and ffn is None and hidden is None:
+    """Plan removing ``heads`` of the attention heads, ``ffn`` of the MLP neurons and ``hidden``
+    of the hidden size (approximate: LayerNorm/RMSNorm statistics change) of a Hugging Face model;
+    each is a fraction of its unit. Heads go whole (whole key/value groups with GQA), so ``heads``
+    is rounded per layer to the nearest whole number of them (refused if that is none or all);
+    ``plan.removed`` says what is really removed. Other options (``importance=``, ``data=``,
+    ``integrations=``, ...) go to ``plan_channels``."""
+    asked = {unit: amount for unit, amount in {"heads": heads, "ffn": ffn, "hidden": hidden}.items()
+             if amount is not None}
+    if not asked:
         raise PangkasError("give at least one of heads=, ffn=, hidden=")
-    plan = plan_channels(model, example_inputs, ratio=0.0, ratios=huggingface.ratios(model, heads, ffn, hidden),
-                         allow_approximate=hidden is not None, **options)
-    asked = {"heads": heads, "ffn": ffn, "hidden": hidden}
-    return TransformerPlan(plan, {unit: amount for unit, amount in asked.items() if amount is not None})
+    per_unit = {unit: huggingface.ratios(model, **{unit: amount}) for unit, amount in asked.items()}
+    ratios = {name: r for unit_ratios in per_unit.values() for name, r in unit_ratios.items()}
+    plan = plan_channels(model, example_inputs, ratio=0.0, ratios=ratios, allow_approximate=hidden is not None,
+                         **options)
+    return TransformerPlan(plan, asked, {unit: list(r) for unit, r in per_unit.items()})
 
 
 def prune_transformer(model: nn.Module, example_inputs, *, heads: float | None = None,

@@ -12,6 +12,8 @@ saves what a config cannot say. ``INTEGRATION`` hands both to the engine.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -33,6 +35,12 @@ HEAD_ATTRIBUTES = HEADS + ("num_key_value_heads", "all_head_size", "split_size",
 
 def _int_attr(owner, names) -> int | None:
     return next((v for n in names if isinstance(v := getattr(owner, n, None), int)), None)
+
+
+def output_dim(module: nn.Module) -> int:
+    """The dim of ``module.weight`` that indexes its outputs (Linear: 0; GPT-2's Conv1D and
+    embeddings: 1, the hidden size)."""
+    return 1 if type(module).__name__ == "Conv1D" or isinstance(module, nn.Embedding) else 0
 
 
 def _out_width(module: nn.Module) -> int | None:
@@ -151,12 +159,9 @@ def ratios(model: nn.Module, heads: float | None = None, ffn: float | None = Non
                 "(q_proj/query, GPT-2's c_attn, Phi-3's qkv_proj) and a head_dim; prune ffn= and "
                 "hidden= only, or teach pangkas/integrations/huggingface.py its layout")
         for name, h in modules.items():
-            if heads > 0 and h.kv_heads < 2:
-                raise PangkasError(f"{name} has {h.kv_heads} key/value head(s): removing "
-                                   "heads would break grouped-query attention; use heads=0")
             children = dict(model.get_submodule(name).named_children())
             query = next((n for n in QUERY + ("c_attn", "qkv_proj") if n in children))
-            out[f"{name}.{query}"] = heads
+            out[f"{name}.{query}"] = _whole_units(name, h, heads)
     if ffn is not None:
         for name, _ in model.named_modules():
             if name.endswith(FFN):
@@ -166,6 +171,23 @@ def ratios(model: nn.Module, heads: float | None = None, ffn: float | None = Non
         names = {id(m): n for n, m in model.named_modules()}
         out[names[id(embeddings)]] = hidden
     return out
+
+
+def _whole_units(name: str, h: Heads, heads: float) -> float:
+    """``heads`` rounded to the nearest whole number of the units that can go (key/value groups,
+    or heads without GQA); one that rounds to none or all is refused."""
+    if heads == 0:
+        return 0.0
+    units, what = (h.kv_heads, "key/value groups") if h.kv_heads < h.heads else (h.heads, "heads")
+    if units < 2:
+        raise PangkasError(f"{name} has one key/value group: removing heads would break its attention; "
+                           "use heads=0")
+    count = math.floor(heads * units + 0.5)
+    if not 0 < count < units:
+        raise PangkasError(f"heads={heads} would remove {count} of the {units} {what} of {name} (whole "
+                           f"{what} go, in steps of {1 / units:.3g}); give heads= between {1 / units:.3g} "
+                           f"and {(units - 1) / units:.3g}")
+    return count / units
 
 
 def config_warning(model: nn.Module) -> str | None:

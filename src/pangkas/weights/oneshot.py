@@ -18,20 +18,13 @@ import torch
 from torch import nn
 
 from ..activations import InputStatistics, recording
+from ..blockwise import LAYERS, blocks_of, first_block_inputs, next_inputs
 from ..errors import PangkasError
 from ..inputs import call_model
 from ..modules import evaluating
 from ..progress import track
-from ..repeats import is_stack
 from .criteria import CalibratedImportance, finite
 from .masks import underlying_parameter
-
-LAYERS = (nn.Linear, nn.Conv2d)
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the first block's inputs are captured."""
-
 
 def _weight2d(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().float().reshape(module.weight.shape[0], -1)
@@ -44,19 +37,6 @@ def _channels_last(module: nn.Module) -> torch.Tensor:
         return torch.arange(module.weight.shape[1])
     c, kh, kw = module.weight.shape[1:]
     return torch.arange(c * kh * kw).reshape(c, kh, kw).permute(1, 2, 0).flatten()
-
-
-def blocks_of(model: nn.Module) -> list[str]:
-    """The model's repeated blocks in order: the longest ModuleList/Sequential of same-class
-    modules that contain prunable layers (HF layers, ViT encoder layers, ResNet stages' blocks)."""
-    best: list[str] = []
-    for name, module in model.named_modules():
-        if is_stack(module):
-            children = list(module.named_children())
-            if any(isinstance(m, LAYERS) for _, c in children for m in c.modules()):
-                if len(children) > len(best):
-                    best = [f"{name}.{c}" if name else c for c, _ in children]
-    return best
 
 
 @torch.no_grad()
@@ -123,24 +103,7 @@ def calibrated_masks(model: nn.Module, targets: dict[str, nn.Module], data: Iter
 
 @torch.no_grad()
 def _blockwise(model, blocks, targets, batches, criterion, sparsity, n_m, masks_of) -> dict:
-    first = model.get_submodule(blocks[0])
-    captured: list[tuple[tuple, dict]] = []
-
-    def grab(module, args, kwargs):
-        captured.append((args, kwargs))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in batches:
-            try:
-                call_model(model, batch)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    if len(captured) != len(batches):
-        raise PangkasError(f"could not capture the inputs of {blocks[0]} for every batch")
+    captured = first_block_inputs(model, blocks[0], batches)
     results, saved = {}, []
     try:
         for block_name in track(blocks, f"{criterion.name}: pruning block by block"):
@@ -153,16 +116,8 @@ def _blockwise(model, blocks, targets, batches, criterion, sparsity, n_m, masks_
                 param = underlying_parameter(targets[name])
                 saved.append((param, param.detach().clone()))
                 param.data = torch.where(keep, weight if weight is not None else param.detach(), 0.0)
-            captured = [_next_inputs(block(*a, **k), a, k) for a, k in captured]
+            captured = next_inputs(block, captured)
     finally:
         for param, data in reversed(saved):
             param.data = data
     return results
-
-
-def _next_inputs(output, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """The next block's call: this block's hidden-state output in place of its input."""
-    hidden = output[0] if isinstance(output, (tuple, list)) else output
-    if args:
-        return (hidden, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": hidden}

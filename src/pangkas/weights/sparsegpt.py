@@ -1,6 +1,10 @@
 """``importance="sparsegpt"`` one-shot (Frantar & Alistarh 2023): row-wise OBS with the inverse
 Hessian of ``X^T X``; the mask is chosen in column blocks and the kept weights are updated to
-absorb the error of the removed ones."""
+absorb the error of the removed ones.
+
+As in the paper, an unstructured mask is chosen with one threshold across each block (rows may
+keep different shares: adaptive per-row sparsity); ``SparseGPT(per_row=True)`` gives every row the
+same share of each block instead. N:M masks are chosen per group of M inputs either way."""
 
 from __future__ import annotations
 
@@ -8,19 +12,31 @@ import torch
 
 from ..activations import InputStatistics
 from .criteria import CalibratedImportance, finite, row_masks
+from .sparsity import extend_mask, prune_count
 
 
 class SparseGPT(CalibratedImportance):
     name = "sparsegpt"
     gram = True
 
+    def __init__(self, per_row: bool = False):
+        self.per_row = per_row
+
     def prune_rows(self, weight: torch.Tensor, inputs: InputStatistics, old, sparsity, n_m):
-        return sparsegpt(weight, inputs.gram / inputs.rows, old, sparsity, n_m)
+        return sparsegpt(weight, inputs.gram / inputs.rows, old, sparsity, n_m, per_row=self.per_row)
+
+
+def _block_mask(score: torch.Tensor, old: torch.Tensor | None, sparsity: float, per_row: bool) -> torch.Tensor:
+    """Keep-mask of one column block: one threshold across it, or the same share per row."""
+    if per_row:
+        return row_masks(score, old, sparsity, None)
+    keep = extend_mask(score.flatten(), None if old is None else old.flatten(), prune_count(score.numel(), sparsity))
+    return keep.view(score.shape)
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | None,
               sparsity: float | None, n_m: tuple[int, int] | None, block: int = 128,
-              damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+              damp: float = 0.01, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(new weight, keep mask) of one layer's (rows, inputs) weight, SparseGPT's algorithm."""
     w = weight.clone()
     h = hessian.clone()
@@ -37,7 +53,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | N
         err = torch.zeros_like(w1)
         if n_m is None:
             score = finite(w1.pow(2) / torch.diag(hinv1).pow(2)[None, :], "SparseGPT scores")
-            prune = ~row_masks(score, None if old is None else old[:, start:end], sparsity, None)
+            prune = ~_block_mask(score, None if old is None else old[:, start:end], sparsity, per_row)
         else:
             prune = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(end - start):
