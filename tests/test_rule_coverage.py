@@ -83,7 +83,12 @@ def test_untagged_ops_that_share_an_existing_rule_reach_it(op):
 
 
 def test_an_in_place_squeeze_keeps_its_channels():
-    assert find_rule(aten.squeeze_.dim) is None and find_rule(aten.as_strided_.default) is None
+    assert find_rule(aten.squeeze_.dim) is None
+
+
+def test_in_place_as_strided_has_its_own_rule_not_a_derived_one():
+    # Derived forms rebuild self contiguous; as_strided_ must see self's real strides before.
+    assert find_rule(aten.as_strided_.default) is RULES[aten.as_strided]
 
 
 # -- small nets, checked by the oracle ---------------------------------------------------------

@@ -429,6 +429,27 @@ def expand(e, func, args, kwargs, out):
     remap(e, out, labels, {d: d + offset for d in range(x.ndim)})
 
 
+@rule(aten.as_strided, aten.as_strided_)
+def as_strided(e, func, args, kwargs, out):
+    """A view with explicit sizes and strides may gather any elements: followed only when it moves
+    none (same sizes and offset, same strides on every dim longer than 1), which is what ATen's
+    adaptive_avg_pool2d does to a channels-last mean (``as_strided_``). Anything else keeps its
+    channels. The in-place form is listed here: only the tracer knows self's layout before it."""
+    b = bind(func, args, kwargs)
+    x = b["self"]
+    shape, strides, offset = e.layout_before if func.overloadpacket is aten.as_strided_ else (
+        tuple(x.shape), tuple(x.stride()), x.storage_offset())
+    size, stride, new_offset = list(b["size"]), list(b["stride"]), b.get("storage_offset")
+    labels = e.get(x)
+    if (size == list(shape) and new_offset in (None, offset)
+            and all(n == 1 or a == c for n, a, c in zip(size, stride, strides))):
+        e.set(out, labels)
+        return
+    for ax in labels:
+        e.block(ax.ids, "as_strided that moves elements (strides no rule can follow)")
+    e.set(out, ())
+
+
 def _on_dim(labels, dim):
     """(the axis holding ``dim`` or None, the other axes)."""
     hit = [ax for ax in labels if dim in ax.dims]
@@ -592,6 +613,17 @@ def roll(e, func, args, kwargs, out):
     e.set(out, tuple(ax for ax in labels if not set(ax.dims) & moved))
 
 
+@rule(aten.unfold)
+def unfold(e, func, args, kwargs, out):
+    """Sliding windows along one dim, the window appended as a new last dim: other dims keep their
+    positions (each channel is windowed alone); windows along a channel dim would shift."""
+    x, dim = args[0], norm_dim(args[1], max(args[0].ndim, 1))
+    ax, others = _on_dim(e.get(x), dim)
+    if ax is not None:
+        e.block(ax.ids, "unfold along a channel dim")
+    e.set(out, tuple(others))
+
+
 @rule(aten.constant_pad_nd)
 def pad(e, func, args, kwargs, out):
     x, amounts = args[0], list(args[1])
@@ -630,6 +662,29 @@ def pixel_shuffle(e, func, args, kwargs, out):
         e.block(ax.ids, f"{func.overloadpacket.__name__} of joint channel dims")
     elif ax is not None:
         labels.append(Axis((channel,), _pixel_blocks(e, ax.ids, r * r, func.overloadpacket is aten.pixel_shuffle)))
+    e.set(out, tuple(labels))
+
+
+@rule(aten.im2col, aten.col2im)
+def im2col(e, func, args, kwargs, out):
+    """F.unfold (im2col): channel c becomes rows c*k .. c*k+k-1 (k kernel taps), which carry its id;
+    F.fold (col2im): those rows sum into channel c, so they go together. Labelled spatial dims block."""
+    x = args[0]
+    taps = args[1 if func.overloadpacket is aten.im2col else 2]
+    k = taps[0] * taps[1]
+    folding = func.overloadpacket is aten.col2im
+    channel, out_channel = (x.ndim - 2, out.ndim - 3) if folding else (x.ndim - 3, out.ndim - 2)
+    ax, others = _on_dim(e.get(x), channel)
+    labels = []
+    for other in others:
+        if max(other.dims) > channel:
+            e.block(other.ids, f"{func.overloadpacket.__name__} of a channel-labelled spatial dim")
+        else:
+            labels.append(other)
+    if ax is not None and ax.dims != (channel,):
+        e.block(ax.ids, f"{func.overloadpacket.__name__} of joint channel dims")
+    elif ax is not None:
+        labels.append(Axis((out_channel,), _pixel_blocks(e, ax.ids, k, folding)))
     e.set(out, tuple(labels))
 
 

@@ -100,6 +100,7 @@ class Engine:
         self.where = ""  # "op in module", for reasons
         self.module = ""  # the module running the current op
         self.adapter = None  # knowledge of a library's modules (see graph.adapter.Adapter)
+        self.layout_before = None  # (shape, stride, offset) of self before an in-place view op
 
     def fresh(self, shape) -> torch.Tensor:
         n = int(torch.Size(shape).numel())
@@ -159,6 +160,10 @@ class Engine:
         self.at_source.append(ids.reshape(-1))
 
 
+def _layout(t: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...], int]:
+    return tuple(t.shape), tuple(t.stride()), t.storage_offset()
+
+
 class _Tracer(TorchDispatchMode):
     def __init__(self, engine: Engine, module_stack: list[str], records: list[OpRecord]):
         super().__init__()
@@ -168,6 +173,9 @@ class _Tracer(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # An in-place view op (as_strided_) rewrites self's layout: its rule needs the one before.
+        self.engine.layout_before = (_layout(args[0]) if torch.Tag.inplace_view in func.tags
+                                     and isinstance(args[0], torch.Tensor) else None)
         out = _meta_batch_norm(func, args) or func(*args, **kwargs)
         if func.overloadpacket in IGNORED:
             return out
