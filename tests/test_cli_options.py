@@ -228,3 +228,46 @@ def test_old_flags_still_work_and_say_their_new_name(capsys, tmp_path, digits, k
     assert code == 0 and f"warning: {old[2]} is now {new[2]}" in err
     a, b = (pangkas.load(tmp_path / f"{n}.safetensors", digits_cnn()).state_dict() for n in ("old", "new"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reconstruct_refits_what_reads_the_removed_channels(capsys, tmp_path, digits):
+    original, weights = digits
+    data = tmp_path / "calib.safetensors"
+    from safetensors.torch import save_file
+    x = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    save_file({"x": x}, data)
+    files = {}
+    for flag in ([], ["--reconstruct"]):
+        out = tmp_path / f"c{len(flag)}.safetensors"
+        code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.5", "--importance", "l1",
+                                    "--data", data, *flag, "-o", out)
+        assert code == 0, err
+        files[bool(flag)] = pangkas.load(out, digits_cnn())
+    plain, refit = files[False], files[True]
+    assert channel_counts(plain) == channel_counts(refit)
+    with torch.no_grad():
+        want = original.eval()(x)
+        errors = {k: float((m.eval()(x) - want).norm() / want.norm()) for k, m in files.items()}
+    assert errors[True] < errors[False], errors
+
+
+def test_reconstruct_needs_data(capsys, tmp_path, digits):
+    _, weights = digits
+    code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.5", "--reconstruct",
+                                "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "--reconstruct needs calibration data" in err and "Traceback" not in err
+
+
+def test_layers_target_macs_and_replace(capsys, tmp_path):
+    torchvision = pytest.importorskip("torchvision")
+    out = tmp_path / "shallow.safetensors"
+    code, text, err = run(capsys, "prune", "layers", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+                          "--target-macs", "0.8", "-o", out)
+    assert code == 0, err
+    pruned = pangkas.load(out, torchvision.models.resnet18(weights=None))
+    dense = torchvision.models.resnet18(weights=None)
+    x = torch.randn(1, 3, 32, 32)
+    assert pangkas.measure(pruned, x, latency=False).macs <= 0.8 * pangkas.measure(dense, x, latency=False).macs
+    code, _, err = run(capsys, "prune", "layers", "torchvision:resnet18", "--input-shape", "1,3,32,32",
+                       "--n", "1", "--replace", "linear", "-o", tmp_path / "r.safetensors")
+    assert code == 2 and "replace='linear'" in err and "Traceback" not in err

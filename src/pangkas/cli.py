@@ -135,8 +135,12 @@ def build_parser() -> argparse.ArgumentParser:
     channels.add_argument("--heads", type=_fraction, help="Hugging Face: fraction of attention heads to remove")
     channels.add_argument("--ffn", type=_fraction, help="Hugging Face: fraction of MLP neurons to remove")
     channels.add_argument("--hidden", type=_fraction, help="Hugging Face: fraction of the hidden size (approximate)")
-    channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "wanda", "random"), default="l1")
-    channels.add_argument("--data", help="calibration data for --importance wanda (as for prune layers)")
+    channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "wanda", "random"),
+                          help="default: wanda with --data, else l1")
+    channels.add_argument("--data", help="calibration data for --importance wanda and --reconstruct (as for "
+                          "prune layers)")
+    channels.add_argument("--reconstruct", action="store_true",
+                          help="re-fit the layers that read removed channels on --data (least squares)")
     channels.add_argument("--batch-size", type=_positive, default=8)
     channels.add_argument("--scope", choices=("local", "global"), default="local")
     channels.add_argument("--round-to", type=_round_to, default=1,
@@ -150,8 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     layers = kinds.add_parser("layers", help="remove whole blocks (shallower and faster)")
     _model_args(layers)
     count = layers.add_mutually_exclusive_group(required=True)
-    count.add_argument("--n", type=_positive, help="number of blocks to remove")
+    count.add_argument("--n", type=_positive, help="number of blocks (whole layers of a layer list) to remove")
     count.add_argument("--ratio", type=_fraction, help="fraction of the removable blocks to remove")
+    count.add_argument("--target-macs", type=_fraction, help="remove blocks until at most this fraction of "
+                       "the MACs is left")
+    count.add_argument("--target-params", type=_fraction, help="remove blocks until at most this fraction of "
+                       "the parameters is left")
+    layers.add_argument("--granularity", choices=("layers", "any"), default="layers",
+                        help="layers: whole layers of a layer list; any: their sublayers too")
+    layers.add_argument("--replace", choices=("linear",),
+                        help="fold a least-squares linear map in place of the removed layers (pre-norm models)")
     layers.add_argument("--importance", choices=("block_influence", "angular", "magnitude"),
                         default="block_influence")
     _renamed_flag(layers, "--criterion", "--importance", choices=("block_influence", "angular", "magnitude"))
@@ -285,12 +297,13 @@ def _prune_channels(source, args):
     from .transformer import prune_transformer
 
     common = dict(importance=args.importance, scope=args.scope, round_to=args.round_to,
-                  include=args.include, exclude=args.exclude)
-    if args.importance == "wanda":
+                  include=args.include, exclude=args.exclude, reconstruct=args.reconstruct)
+    if args.data is None and (args.importance == "wanda" or args.reconstruct):
+        raise PangkasError(f"{'--reconstruct' if args.reconstruct else '--importance wanda'} needs calibration "
+                           "data: give --data")
+    if args.data is not None:
         from .sources import calibration_batches
 
-        if args.data is None:
-            raise PangkasError("--importance wanda measures activations: give --data")
         common["data"] = calibration_batches(source, args.data, args.batch_size)
     if any(v is not None for v in (args.heads, args.ffn, args.hidden)):
         if args.ratio is not None:
@@ -320,7 +333,9 @@ def _prune_layers(source, args):
         say("no --data: scoring blocks on random inputs, which says little about real data")
     batches = calibration_batches(source, args.data, args.batch_size)
     return lambda: prune_layers(source.model, batches, n=args.n, ratio=args.ratio, importance=args.importance,
-                                include=args.include, exclude=args.exclude)
+                                include=args.include, exclude=args.exclude, granularity=args.granularity,
+                                target_macs=args.target_macs, target_params=args.target_params,
+                                replace=args.replace)
 
 
 PRUNERS = {"weights": _prune_weights, "channels": _prune_channels, "layers": _prune_layers}
