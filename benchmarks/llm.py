@@ -55,7 +55,7 @@ def weights(importance, **rule):
                                                   **({} if importance == "magnitude" else {"data": calib}))
 
 
-def transformer(reconstruct=False, importance="wanda", **units):
+def transformer(reconstruct=False, importance=None, **units):
     return lambda m, calib: pangkas.prune_transformer(m, calib[0], importance=importance, data=calib,
                                                       reconstruct=reconstruct, **units)
 
@@ -151,8 +151,9 @@ def main():
         return
     notes = (f"Measured with {environment()}. One-shot weight rows prune the decoder layers' Linear "
              "layers (masks: the parameter count does not change); structural rows remove heads (whole "
-             "key/value groups), FFN neurons or hidden size with `importance=\"wanda\"` unless named, "
-             "`+ reconstruct` re-fits the layers that read what was removed (`reconstruct=True`); layer rows "
+             "key/value groups), FFN neurons or hidden size with the default importance for data: "
+             "`wanda` without reconstruction, and with `+ reconstruct` (`reconstruct=True`: the layers that read "
+             "what was removed are re-fitted) `obs`, the error that re-fit leaves; layer rows "
              "remove whole decoder layers chosen by block influence, `+ linear map` with `replace=\"linear\"` "
              "(a least-squares map folded into the layer before). Peak MiB added: the highest resident "
              "memory during pruning above the memory before it (model and data loaded).")

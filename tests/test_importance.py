@@ -84,7 +84,7 @@ def test_criterion_object_and_callable_without_registering():
 
 
 def test_builtins_are_registered_in_order():
-    assert importance.names()[:7] == ("l1", "l2", "fpgm", "bn_scale", "taylor", "wanda", "random")
+    assert importance.names()[:8] == ("l1", "l2", "fpgm", "bn_scale", "taylor", "wanda", "obs", "random")
 
 
 def test_duplicate_registration_is_refused(registry):

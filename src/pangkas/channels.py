@@ -255,11 +255,13 @@ def plan_channels(
     """Plan the removal of ``ratio`` of the channels of every coupled group (``scope="local"``)
     or of all channels ranked together (``scope="global"``, scores normalised per group).
 
-    ``importance``: by default ``"wanda"`` when ``data`` is given (activation-aware) and
-    ``"l1"`` without (data-free; the plan says so), or ``"l1"``, ``"l2"``, ``"fpgm"``, ``"bn_scale"`` (|BatchNorm gamma|;
-    l1 where a group has none), ``"taylor"`` (|w * grad| over ``data`` with
+    ``importance``: by default activation-aware when ``data`` is given (``"obs"`` with
+    ``reconstruct=True``: the error the re-fit leaves; else ``"wanda"``) and ``"l1"`` without
+    (data-free; the plan says so), or ``"l1"``, ``"l2"``, ``"fpgm"``, ``"bn_scale"``
+    (|BatchNorm gamma|; l1 where a group has none), ``"taylor"`` (|w * grad| over ``data`` with
     ``loss_fn(output, batch)``), ``"wanda"`` (|w| x input activation norm over ``data``),
-    ``"random"``, any name given to ``pangkas.importance.register``, a
+    ``"obs"`` (the output error a channel's removal leaves once its readers are re-fitted, on
+    ``data``), ``"random"``, any name given to ``pangkas.importance.register``, a
     ``pangkas.importance.Importance`` object, or ``fn(tensor, dim) -> scores``. ``ratios`` maps
     module globs or types to their own ratio; ``include`` / ``exclude`` (module-name globs or
     types) say which modules may lose channels: a channel goes only if every tensor it touches may
@@ -276,7 +278,7 @@ def plan_channels(
     ``pangkas.reconstruct``); without it the kept weights are left as they are.
     """
     if importance is None:
-        importance = "l1" if data is None else "wanda"
+        importance = "l1" if data is None else "obs" if reconstruct else "wanda"
     _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_fn)
     if reconstruct not in (True, False):
         raise PangkasError(f"reconstruct must be True or False, got {reconstruct!r}")

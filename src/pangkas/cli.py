@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     channels.add_argument("--heads", type=_fraction, help="Hugging Face: fraction of attention heads to remove")
     channels.add_argument("--ffn", type=_fraction, help="Hugging Face: fraction of MLP neurons to remove")
     channels.add_argument("--hidden", type=_fraction, help="Hugging Face: fraction of the hidden size (approximate)")
-    channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "wanda", "random"),
-                          help="default: wanda with --data, else l1")
+    channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "wanda", "obs", "random"),
+                          help="default: with --data, obs if --reconstruct else wanda; without, l1")
     channels.add_argument("--data", help="calibration data for --importance wanda and --reconstruct (as for "
                           "prune layers)")
     channels.add_argument("--reconstruct", action="store_true",
@@ -298,9 +298,9 @@ def _prune_channels(source, args):
 
     common = dict(importance=args.importance, scope=args.scope, round_to=args.round_to,
                   include=args.include, exclude=args.exclude, reconstruct=args.reconstruct)
-    if args.data is None and (args.importance == "wanda" or args.reconstruct):
-        raise PangkasError(f"{'--reconstruct' if args.reconstruct else '--importance wanda'} needs calibration "
-                           "data: give --data")
+    if args.data is None and (args.importance in ("wanda", "obs") or args.reconstruct):
+        needs = "--reconstruct" if args.reconstruct else f"--importance {args.importance}"
+        raise PangkasError(f"{needs} needs calibration data: give --data")
     if args.data is not None:
         from .sources import calibration_batches
 

@@ -25,15 +25,17 @@ from .bn_scale import BNScale
 from .fpgm import FPGM, fpgm
 from .l1 import L1, l1
 from .l2 import L2, l2
+from .obs import OBS, inverse_hessians, removal_errors
 from .random import Random
 from .registry import names, register, resolve, unregister
 from .taylor import Taylor, gradients
 from .wanda import Wanda, input_norms
 
-for _builtin in (L1(), L2(), FPGM(), BNScale(), Taylor(), Wanda(), Random()):
+for _builtin in (L1(), L2(), FPGM(), BNScale(), Taylor(), Wanda(), OBS(), Random()):
     register(_builtin)
 
 __all__ = [
-    "BNScale", "FPGM", "FromFunction", "Importance", "L1", "L2", "Random", "Scores", "Slice", "Taylor", "Wanda",
-    "fpgm", "gradients", "input_norms", "l1", "l2", "names", "register", "resolve", "unregister",
+    "BNScale", "FPGM", "FromFunction", "Importance", "L1", "L2", "OBS", "Random", "Scores", "Slice", "Taylor",
+    "Wanda", "fpgm", "gradients", "input_norms", "inverse_hessians", "l1", "l2", "names", "register",
+    "removal_errors", "resolve", "unregister",
 ]
