@@ -4,7 +4,8 @@ all-MiniLM-L6-v2 (``minilm.py``: BERT, 6 layers, 12 heads, hidden 384, FFN 1536)
 after pruning. Cases: 25% and 50% of the heads and of the FFN neurons removed, and
 the hidden size cut from 384 to 320. Importance: magnitude (l1), Wanda (|w| x activation norm)
 and Taylor (|w x grad| of an unsupervised SimCSE-style loss: each sentence against a copy with
-15% of its tokens dropped), all on 100 calibration sentences. Measured: parameters, CPU latency
+15% of its tokens dropped), and structured OBS with reconstruction (``reconstruct=True``: the
+layers reading what was removed are re-fitted by least squares), all on 100 calibration sentences. Measured: parameters, CPU latency
 (batch 8 x 128 tokens, relative to the full model), and on 600 other sentences the mean cosine of
 mean-pooled embeddings to the full model's (for the hidden-size case, to the full model's
 embeddings restricted to the kept dims) and top-1 retrieval agreement (a sentence's nearest
@@ -34,7 +35,9 @@ from pangkas.tables import human_count, render_table
 CASES = (("heads 25% + FFN 25%", dict(heads=0.25, ffn=0.25)),
          ("heads 50% + FFN 50%", dict(heads=0.5, ffn=0.5)),
          ("hidden 384 -> 320", dict(hidden=64 / 384)))
-IMPORTANCE = ("l1", "wanda", "taylor")
+# (label, importance, reconstruct): the last re-fits the layers that read what was removed
+IMPORTANCE = (("l1", "l1", False), ("wanda", "wanda", False), ("taylor", "taylor", False),
+              ("obs + reconstruct", "obs", True))
 
 
 def contrastive_loss(model, batch):
@@ -79,9 +82,9 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for label, sizes in CASES:
-        for importance in IMPORTANCE:
+        for label_importance, importance, reconstruct in IMPORTANCE:
             pruned = copy.deepcopy(model)
-            options = {"data": calibration} if importance != "l1" else {}
+            options = {"data": calibration, "reconstruct": reconstruct} if importance != "l1" else {}
             if importance == "taylor":
                 options["loss_fn"] = lambda output, batch, m=pruned: contrastive_loss(m, batch)
             hidden_case = "hidden" in sizes
@@ -94,7 +97,7 @@ def main() -> None:
                 want = torch.nn.functional.normalize(reference[:, kept], dim=-1)
             cosine = float((got * want).sum(1).mean())
             t_full, t_pruned = time_alternating([model, pruned], timing, rounds=args.rounds)
-            rows.append((label, importance, human_count(sum(p.numel() for p in pruned.parameters())),
+            rows.append((label, label_importance, human_count(sum(p.numel() for p in pruned.parameters())),
                          f"{t_pruned / t_full:.2f}", f"{cosine:.3f}", f"{agreement(got, reference):.1%}",
                          reloaded(pruned, evaluation, got)))
             print(rows[-1], flush=True)

@@ -25,6 +25,8 @@ def test_demo_stages(quick_demo):
     assert [s.name for s in stages][0] == "dense"
     tuned = [s for s in stages if s.name.startswith("weights")]
     thin = next(s for s in stages if s.name == "channels 50%")
+    cut = next(s for s in stages if s.name == "pruned channels 50% no finetune")
+    assert cut.accuracy > 0.8 * stages[0].accuracy  # the re-fit keeps it working before any recovery
     assert thin.params < 0.3 * stages[0].params and thin.macs < 0.3 * stages[0].macs
     assert thin.latency_ratio > 0
     shallow = next(s for s in stages if s.name == "layers -1")

@@ -149,9 +149,15 @@ def _weight_stages(run: _Run, model: nn.Module) -> None:
         run.record("weights", f"weights {sparsity:.0%}", model, deploy=True)
 
 
+def _calibration(run: _Run) -> list:
+    """512 training images in batches: what channel pruning measures and re-fits on."""
+    return list(run.data.x_train[:512].split(128))
+
+
 def _channel_stages(run: _Run, model: nn.Module) -> None:
-    """Half of every layer's channels physically removed (L1), then recovered."""
-    prune_channels(model, run.data.x_test[:2], ratio=CHANNEL_RATIO)
+    """Half of every layer's channels physically removed, the layers reading them re-fitted on
+    training images (structured OBS + reconstruction: no fine-tuning needed), then recovered."""
+    prune_channels(model, run.data.x_test[:2], ratio=CHANNEL_RATIO, data=_calibration(run), reconstruct=True)
     run.record("channels", f"pruned channels {CHANNEL_RATIO:.0%} no finetune", model)
     run.distil(model, "recovering the thinner model")
     run.record("channels", f"channels {CHANNEL_RATIO:.0%}", model, deploy=True)
@@ -169,7 +175,7 @@ def _pipeline_stages(run: _Run, model: nn.Module) -> None:
     """All three, in the order that removes the most compute first: a block, half the channels,
     then half the remaining weights; one recovery at the end."""
     prune_layers(model, list(run.data.x_train.split(128)), n=LAYERS_REMOVED, importance="block_influence")
-    prune_channels(model, run.data.x_test[:2], ratio=CHANNEL_RATIO)
+    prune_channels(model, run.data.x_test[:2], ratio=CHANNEL_RATIO, data=_calibration(run), reconstruct=True)
     prune_weights(model, sparsity=0.5, scope="global")
     run.record("pipeline", "pipeline no finetune", model)
     run.distil(model, "recovering the pipeline's model")
