@@ -1,6 +1,5 @@
 """torchvision's Swin window attention: whole heads removed through a same-maths subclass."""
 
-import io
 
 import pytest
 import torch
@@ -8,6 +7,8 @@ import torch
 import pangkas
 from pangkas.integrations import swin
 from pangkas.oracle import oracle_error, randomize
+
+from helpers.round_trips import assert_pickles
 
 swin_transformer = pytest.importorskip("torchvision.models.swin_transformer")
 
@@ -52,11 +53,7 @@ def test_pruned_swin_round_trips_saves_and_pickles(tmp_path):
     pangkas.prune_channels(model, x, ratio=0.5)
     fresh = pangkas.load(pangkas.save(model, tmp_path / "swin.safetensors"), small_swin(v2=True))
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    again = torch.load(buffer, weights_only=False)
-    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    assert_pickles(model, x)
 
 
 @pytest.mark.parametrize("v2", [False, True])

@@ -2,7 +2,6 @@
 and EdgeNeXt's cross-covariance attention: whole heads removed exactly through same-maths
 subclasses, the pruned models run as themselves, save and load."""
 
-import io
 
 import pytest
 import torch
@@ -10,6 +9,8 @@ import torch
 import pangkas
 from pangkas.integrations.timm import mixing
 from pangkas.oracle import oracle_error, randomize
+
+from helpers.round_trips import assert_pickles
 
 timm = pytest.importorskip("timm")
 
@@ -85,11 +86,7 @@ def test_pruned_model_round_trips_saves_and_pickles(name, tmp_path):
     assert heads and max(heads) < 8 and [m.num_heads for m in attentions(fresh)] == heads
     assert all(type(m).__name__.startswith("HeadPrunable") for m in attentions(fresh))
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    again = torch.load(buffer, weights_only=False)
-    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    assert_pickles(model, x)
 
 
 @pytest.mark.parametrize("name", list(SMALL))

@@ -1,7 +1,6 @@
 """timm's gated, head-mixing and cross-covariance attentions (ConViT, CaiT, XCiT): whole heads,
 with their per-head parameters, removed exactly through same-maths subclasses."""
 
-import io
 
 import pytest
 import torch
@@ -9,6 +8,8 @@ import torch
 import pangkas
 from pangkas.integrations.timm import mixing
 from pangkas.oracle import oracle_error, randomize
+
+from helpers.round_trips import assert_pickles
 
 timm = pytest.importorskip("timm")
 
@@ -96,11 +97,7 @@ def test_pruned_model_round_trips_saves_and_pickles(name, tmp_path):
     fresh = pangkas.load(pangkas.save(model, tmp_path / "m.safetensors"), small(name)[0])
     assert all(type(m).__name__.startswith("HeadPrunable") for m in attentions(fresh))
     torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
-    buffer = io.BytesIO()
-    torch.save(model, buffer)
-    buffer.seek(0)
-    again = torch.load(buffer, weights_only=False)
-    torch.testing.assert_close(again(x), model(x), rtol=0, atol=0)
+    assert_pickles(model, x)
 
 
 @pytest.mark.parametrize("name", list(SMALL))

@@ -651,18 +651,7 @@ def pixel_shuffle(e, func, args, kwargs, out):
     output channels c*r*r .. c*r*r+r*r-1, which carry its id. Whole blocks keep the mapping exact."""
     x, r = args[0], args[1]
     channel = x.ndim - 3
-    ax, others = _on_dim(e.get(x), channel)
-    labels = []
-    for other in others:
-        if set(other.dims) & {channel + 1, channel + 2}:
-            e.block(other.ids, f"{func.overloadpacket.__name__} of a channel-labelled spatial dim")
-        else:
-            labels.append(other)
-    if ax is not None and ax.dims != (channel,):
-        e.block(ax.ids, f"{func.overloadpacket.__name__} of joint channel dims")
-    elif ax is not None:
-        labels.append(Axis((channel,), _pixel_blocks(e, ax.ids, r * r, func.overloadpacket is aten.pixel_shuffle)))
-    e.set(out, tuple(labels))
+    _regroup(e, func, x, out, channel, channel, r * r, func.overloadpacket is aten.pixel_shuffle)
 
 
 @rule(aten.im2col, aten.col2im)
@@ -674,6 +663,13 @@ def im2col(e, func, args, kwargs, out):
     k = taps[0] * taps[1]
     folding = func.overloadpacket is aten.col2im
     channel, out_channel = (x.ndim - 2, out.ndim - 3) if folding else (x.ndim - 3, out.ndim - 2)
+    _regroup(e, func, x, out, channel, out_channel, k, folding)
+
+
+def _regroup(e, func, x, out, channel: int, out_channel: int, size: int, merging: bool) -> None:
+    """Labels of an op that trades a channel dim with the spatial dims after it, ``size`` to one:
+    each channel becomes (or ``merging``: is made of) a block of ``size`` channels. Labelled
+    spatial dims and joint channel dims block."""
     ax, others = _on_dim(e.get(x), channel)
     labels = []
     for other in others:
@@ -684,7 +680,7 @@ def im2col(e, func, args, kwargs, out):
     if ax is not None and ax.dims != (channel,):
         e.block(ax.ids, f"{func.overloadpacket.__name__} of joint channel dims")
     elif ax is not None:
-        labels.append(Axis((out_channel,), _pixel_blocks(e, ax.ids, k, folding)))
+        labels.append(Axis((out_channel,), _pixel_blocks(e, ax.ids, size, merging)))
     e.set(out, tuple(labels))
 
 
