@@ -2,7 +2,6 @@
 and EdgeNeXt's cross-covariance attention: whole heads removed exactly through same-maths
 subclasses, the pruned models run as themselves, save and load."""
 
-
 import pytest
 import torch
 
