@@ -13,7 +13,15 @@ spatially reduced input) apart; the subclass takes the keys as the first ``q.out
 outputs of ``kv`` and the values as the rest, so a single head (PVT-v2's first stage), which
 cannot go, may still lose value dims: they reach only the output projection (exact), while its
 query/key dims change the scores and stay. A module that loses heads or value dims (or that
-timm's forward no longer fits) takes the subclass and learns its new sizes. Nothing of timm is
+timm's forward no longer fits) takes the subclass and learns its new sizes.
+
+maxxvit's ``AttentionCl`` (MaxViT) and ``Attention2d`` (CoAtNet) hold each head's q, k and v side
+by side in ``qkv`` (``head_first``; else all q, all k, all v) and add a relative-position bias to
+the scores, which timm's fused path passes as an attention mask (a mask the tracer does not
+follow). Their subclasses add it to the scores instead: head ``h`` takes its q/k/v rows, its
+bias column (``RelPosBias``'s table, ``RelPosMlp``'s last layer), and ``proj``'s columns. Head
+size stays, so timm's own forward, which views by ``num_heads`` and ``dim_head``, runs the pruned
+module once the fixer sets those and the bias module's ``bias_shape``. Nothing of timm is
 imported here until a model already uses it.
 """
 
