@@ -1,5 +1,6 @@
 """timm attention whose forward reshapes to the input width or adds a per-head bias (BEiT, EVA,
-PVT-v2, Twins, MaxViT and CoAtNet's maxxvit attention): whole heads removed exactly through same-maths subclasses (integrations/timm/attention.py)."""
+PVT-v2, Twins, MaxViT and CoAtNet's maxxvit attention): whole heads removed exactly through
+same-maths subclasses (integrations/timm/attention.py)."""
 
 import copy
 import io

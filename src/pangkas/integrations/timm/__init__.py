@@ -4,8 +4,9 @@
 MambaOut, CoaT); ``heads``: attention modules that lose whole heads; ``attention``: those whose
 forward sizes from the input width or whose bias is per head, traced (and where needed, run) as
 head-prunable subclasses (BEiT, EVA, PVT-v2, Twins, MaxViT/CoAtNet); ``mixing``: gated,
-head-mixing, factorised and cross-covariance attentions (ConViT, CaiT, CoaT, XCiT, EdgeNeXt), likewise; ``norms``: weight-standardised convs and global response norms, traced (and once
-cut, run) as exact prunable subclasses. Nothing of timm is imported here.
+head-mixing, factorised and cross-covariance attentions (ConViT, CaiT, CoaT, XCiT, EdgeNeXt),
+likewise; ``norms``: weight-standardised convs and global response norms, traced (and once cut,
+run) as exact prunable subclasses. Nothing of timm is imported here.
 """
 
 from __future__ import annotations
