@@ -1,5 +1,6 @@
-"""timm attention whose forward reshapes to the input width (BEiT, EVA, PVT-v2): whole heads
-removed exactly through same-maths subclasses (integrations/timm/attention.py)."""
+"""timm attention whose forward reshapes to the input width or adds a per-head bias (BEiT, EVA,
+PVT-v2, Twins, MaxViT and CoAtNet's maxxvit attention): whole heads removed exactly through
+same-maths subclasses (integrations/timm/attention.py)."""
 
 import copy
 import io
@@ -46,9 +47,19 @@ def twins():  # PVT's attention as Twins-PCPVT has it (head_dim only in its scal
                              depths=(1, 1, 1, 1), num_classes=10), 64
 
 
+def maxxvit(name, **options):  # 64x64 inputs, windows and grids of 2x2; heads of 8: 2, 4, 8, 8 (CoAtNet: 4, 8)
+    return timm.create_model(name, img_size=64, embed_dim=(16, 32, 64, 64), depths=(1, 1, 1, 1), stem_width=16,
+                             transformer_dim_head=8, num_classes=10, **options), 64
+
+
 MODELS = {"beit": beit, "beit_shared_bias": beit_shared_bias, "eva": eva,
           "eva_separate_projections": eva_separate_projections, "pvt_v2": pvt_v2,
-          "pvt_v2_linear": lambda: pvt_v2(linear=True), "twins": twins}
+          "pvt_v2_linear": lambda: pvt_v2(linear=True), "twins": twins,
+          # maxxvit: channels-last (MaxViT) and NCHW (CoAtNet) attention, RelPosBias per head
+          "maxvit": lambda: maxxvit("maxvit_nano_rw_256"), "coatnet": lambda: maxxvit("coatnet_nano_rw_224"),
+          "maxvit_rel_pos_mlp": lambda: maxxvit("maxvit_nano_rw_256", transformer_rel_pos_type="mlp"),
+          "coatnet_heads_last": lambda: maxxvit("coatnet_nano_rw_224", transformer_head_first=False)}
+MAXXVIT = ["maxvit", "coatnet", "maxvit_rel_pos_mlp"]
 
 
 def build(name):
@@ -61,19 +72,28 @@ def attentions(model):
     return [m for m in model.modules() if attention._family(m)]
 
 
+def maxxvit_attentions(model):  # by timm's classes, not by what the integration knows
+    from timm.models.maxxvit import Attention2d, AttentionCl
+
+    return [m for m in model.modules() if isinstance(m, (AttentionCl, Attention2d))]
+
+
 @pytest.mark.parametrize("name", list(MODELS))
 def test_subclass_computes_what_timm_computes(name):
     model, x = build(name)
     want = model(x)
+    assert attentions(model)
     for m in attentions(model):
         m.__class__ = attention._subclass(attention._family(m))
     torch.testing.assert_close(model(x), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_unfused_timm_attention_is_the_same_maths(fused):
+@pytest.mark.parametrize("name", ["beit", "maxvit", "coatnet", "coatnet_heads_last"])
+def test_unfused_timm_attention_is_the_same_maths(name, fused):
     """timm computes scores by hand where fused attention is off: the subclass matches that too."""
-    model, x = build("beit")
+    model, x = build(name)
+    assert attentions(model)
     for m in attentions(model):
         m.fused_attn = fused
     want = model(x)
@@ -113,6 +133,37 @@ def test_eva_loses_whole_heads_under_rotary_embeddings(name):
         assert m.proj.in_features == 32
         assert (m.q_bias if m.qkv is not None else m.q_proj.bias).shape == (32,)
         assert m.k_bias is None or m.k_bias.shape == (32,)
+
+
+@pytest.mark.parametrize("name", MAXXVIT)
+def test_maxxvit_loses_whole_heads_with_their_relative_position_bias(name):
+    """Each head's q, k, v (side by side in the projection), its bias column (RelPosBias) or MLP
+    output (RelPosMlp) and its output-projection columns go together; head size 8 stays, so timm's
+    own forward runs the pruned module once num_heads and the bias shape follow."""
+    plan, x = prune(name)
+    pruned = maxxvit_attentions(plan.model)
+    dense = [m.num_heads for m in maxxvit_attentions(build(name)[0])]
+    assert pruned and [m.num_heads for m in pruned] == [n // 2 for n in dense]
+    for m in pruned:
+        assert type(m).__module__ == "timm.models.maxxvit" and (m.dim_head, m.scale) == (8, 8 ** -0.5)
+        assert m.qkv.weight.shape[0] == 3 * 8 * m.num_heads and m.proj.weight.shape[1] == 8 * m.num_heads
+        bias = m.rel_pos.get_bias()
+        assert bias.shape[1] == m.rel_pos.bias_shape[-1] == m.num_heads
+    assert plan.model(x).shape == (2, 10)
+
+
+@pytest.mark.parametrize("name", ["maxvit", "coatnet"])
+def test_pruned_maxxvit_round_trips(name, tmp_path):
+    """load replays the cut; the fixer sets num_heads and the bias shape again."""
+    model, x = build(name)
+    original = copy.deepcopy(model)
+    dense = sum(m.num_heads for m in maxxvit_attentions(model))
+    pangkas.prune_channels(model, x, ratio=0.5)
+    fresh = pangkas.load(pangkas.save(model, tmp_path / "pruned.safetensors"), original)
+    heads = [m.num_heads for m in maxxvit_attentions(model)]
+    assert heads and sum(heads) < dense
+    assert [m.num_heads for m in maxxvit_attentions(fresh)] == heads
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
 
 
 def test_pvt_v2_separate_query_and_key_value_projections_lose_whole_heads():

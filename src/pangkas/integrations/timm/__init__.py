@@ -2,10 +2,11 @@
 
 ``splits``: split sizes held in attributes (Res2Net, selective kernel, CSP stages, mixed conv,
 MambaOut, CoaT); ``heads``: attention modules that lose whole heads; ``attention``: those whose
-forward sizes from the input width, traced and run as head-prunable subclasses (BEiT, EVA,
-PVT-v2, Twins); ``mixing``: gated, head-mixing, factorised and cross-covariance attentions
-(ConViT, CaiT, CoaT, XCiT, EdgeNeXt), likewise; ``norms``: weight-standardised convs and global response norms, traced (and once
-cut, run) as exact prunable subclasses. Nothing of timm is imported here.
+forward sizes from the input width or whose bias is per head, traced (and where needed, run) as
+head-prunable subclasses (BEiT, EVA, PVT-v2, Twins, MaxViT/CoAtNet); ``mixing``: gated,
+head-mixing, factorised and cross-covariance attentions (ConViT, CaiT, CoaT, XCiT, EdgeNeXt),
+likewise; ``norms``: weight-standardised convs and global response norms, traced (and once cut,
+run) as exact prunable subclasses. Nothing of timm is imported here.
 """
 
 from __future__ import annotations

@@ -13,7 +13,15 @@ spatially reduced input) apart; the subclass takes the keys as the first ``q.out
 outputs of ``kv`` and the values as the rest, so a single head (PVT-v2's first stage), which
 cannot go, may still lose value dims: they reach only the output projection (exact), while its
 query/key dims change the scores and stay. A module that loses heads or value dims (or that
-timm's forward no longer fits) takes the subclass and learns its new sizes. Nothing of timm is
+timm's forward no longer fits) takes the subclass and learns its new sizes.
+
+maxxvit's ``AttentionCl`` (MaxViT) and ``Attention2d`` (CoAtNet) hold each head's q, k and v side
+by side in ``qkv`` (``head_first``; else all q, all k, all v) and add a relative-position bias to
+the scores, which timm's fused path passes as an attention mask (a mask the tracer does not
+follow). Their subclasses add it to the scores instead: head ``h`` takes its q/k/v rows, its
+bias column (``RelPosBias``'s table, ``RelPosMlp``'s last layer), and ``proj``'s columns. Head
+size stays, so timm's own forward, which views by ``num_heads`` and ``dim_head``, runs the pruned
+module once the fixer sets those and the bias module's ``bias_shape``. Nothing of timm is
 imported here until a model already uses it.
 """
 
@@ -31,8 +39,13 @@ from ..integration import qualname
 
 BEIT, EVA, PVT_V2 = "timm.models.beit.Attention", "timm.models.eva.EvaAttention", "timm.models.pvt_v2.Attention"
 TWINS = "timm.models.twins.GlobalSubSampleAttn"  # PVT's spatial-reduction attention, as Twins-PCPVT has it
+MAXXVIT_CL, MAXXVIT_2D = "timm.models.maxxvit.AttentionCl", "timm.models.maxxvit.Attention2d"  # MaxViT, CoAtNet
 NAMES = {BEIT: "HeadPrunableBeitAttention", EVA: "HeadPrunableEvaAttention", PVT_V2: "HeadPrunablePvtV2Attention",
-         TWINS: "HeadPrunableGlobalSubSampleAttn"}
+         TWINS: "HeadPrunableGlobalSubSampleAttn", MAXXVIT_CL: "HeadPrunableAttentionCl",
+         MAXXVIT_2D: "HeadPrunableAttention2d"}
+# maxxvit's relative-position modules whose bias is per head along its last dim (``get_bias()``:
+# (1, heads, N, N)) and whose only head-count attributes are ``bias_shape`` (and ``num_heads``)
+REL_POS = ("timm.layers.pos_embed_rel.RelPosBias", "timm.layers.pos_embed_rel.RelPosMlp")
 _CLASSES: dict[str, type] = {}
 
 
@@ -115,7 +128,38 @@ def _pvt_v2_forward(self, x, feat_size):
     return self.proj_drop(self.proj(x))
 
 
-FORWARDS = {BEIT: _beit_forward, EVA: _eva_forward, PVT_V2: _pvt_v2_forward, TWINS: _pvt_v2_forward}
+def _maxxvit_bias(self, shared_rel_pos):
+    """The scores' per-head bias: the module's relative-position bias, else the one passed in."""
+    return self.rel_pos.get_bias() if self.rel_pos is not None else shared_rel_pos
+
+
+def _maxxvit_cl_forward(self, x, shared_rel_pos=None):
+    """maxxvit's channels-last attention over (B, ..., C) tokens. ``head_first``: the projection
+    holds each head's q, k and v side by side, else all q, then all k, then all v."""
+    restore = x.shape[:-1]
+    qkv = self.qkv(x).flatten(1, -2)
+    if self.head_first:
+        q, k, v = qkv.unflatten(-1, (self.num_heads, -1)).transpose(1, 2).chunk(3, dim=3)
+    else:
+        q, k, v = qkv.unflatten(-1, (3, self.num_heads, -1)).permute(2, 0, 3, 1, 4).unbind(0)
+    x = _attend(self, q, k, v, bias=_maxxvit_bias(self, shared_rel_pos))
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(restore + (-1,))))
+
+
+def _maxxvit_2d_forward(self, x, shared_rel_pos=None):
+    """maxxvit's attention over (B, C, H, W) maps, each head's dims along channels."""
+    batch, _, height, width = x.shape
+    qkv = self.qkv(x).flatten(2)
+    if self.head_first:
+        q, k, v = qkv.unflatten(1, (self.num_heads, -1)).chunk(3, dim=2)
+    else:
+        q, k, v = qkv.unflatten(1, (3, self.num_heads, -1)).unbind(1)
+    x = _attend(self, *(t.transpose(-1, -2) for t in (q, k, v)), bias=_maxxvit_bias(self, shared_rel_pos))
+    return self.proj_drop(self.proj(x.transpose(-1, -2).reshape(batch, -1, height, width)))
+
+
+FORWARDS = {BEIT: _beit_forward, EVA: _eva_forward, PVT_V2: _pvt_v2_forward, TWINS: _pvt_v2_forward,
+            MAXXVIT_CL: _maxxvit_cl_forward, MAXXVIT_2D: _maxxvit_2d_forward}
 
 
 def _subclass(base_name: str) -> type:
@@ -154,12 +198,26 @@ def _head_dim(m: nn.Module) -> int:
     return m.head_dim if isinstance(getattr(m, "head_dim", None), int) else round(m.scale ** -2)
 
 
+def _maxxvit_sizes(m: nn.Module) -> tuple[Heads, int] | None:
+    """maxxvit's head counts and input width. Its ``Heads.head_dim`` is the size the projection's
+    view into heads shows the tracer: q, k and v of a head together where they sit side by side
+    (``head_first``), one of them otherwise. A relative-position module not in ``REL_POS`` leaves
+    the module to the rules."""
+    if m.rel_pos is not None and qualname(m.rel_pos) not in REL_POS:
+        return None
+    out, width = m.qkv.weight.shape[:2]  # a Linear or a 1x1 Conv2d
+    size = out // 3 if m.num_heads == 1 else m.dim_head
+    return Heads(out // (3 * size), out // (3 * size), 3 * size if m.head_first else size), width
+
+
 def _sizes(m: nn.Module) -> tuple[Heads, int] | None:
     """(the module's head counts, its input width), from its projections' current sizes. A single
     head stays single; only its size may change (see ``attention_modules``)."""
     family = _family(m)
     if family is None:
         return None
+    if family in (MAXXVIT_CL, MAXXVIT_2D):
+        return _maxxvit_sizes(m)
     if family in (PVT_V2, TWINS):  # keys as wide as queries; values may be narrower
         head_dim = m.q.out_features if m.num_heads == 1 else _head_dim(m)
         heads = m.q.out_features // head_dim
@@ -187,7 +245,10 @@ def attention_modules(model: nn.Module) -> dict[str, Heads]:
 def _runs_as_timm(m: nn.Module, heads: Heads, width: int) -> bool:
     """Whether timm's own forward still fits ``m``: its heads span its input width (and the
     reduced input and the keys and values keep it), and its head size is the one its scale was
-    made for."""
+    made for. maxxvit's sizes follow ``num_heads`` and ``dim_head`` (which the fixer sets); only
+    its fused path's default scale follows the head size."""
+    if _family(m) in (MAXXVIT_CL, MAXXVIT_2D):
+        return round(m.scale ** -2) == heads.head_dim // (3 if m.head_first else 1)
     reduced, kv = getattr(m, "sr", None), getattr(m, "kv", None)
     return (heads.heads * heads.head_dim == width and round(m.scale ** -2) == heads.head_dim
             and (reduced is None or reduced.out_channels == width)
@@ -203,6 +264,25 @@ def _fit_k_bias(m: nn.Module, undo: Undo) -> None:
         k_bias.data = k_bias.data[:q_bias.shape[0]].clone()
 
 
+def _attributes(m: nn.Module, heads: Heads, width: int) -> dict[str, int]:
+    """The size attributes ``m`` has, with the values its projections now give."""
+    if _family(m) in (MAXXVIT_CL, MAXXVIT_2D):  # dim_head: one of q, k, v of a head
+        return {"num_heads": heads.heads, "dim_head": heads.head_dim // (3 if m.head_first else 1)}
+    wanted = {"num_heads": heads.heads, "dim": width, "head_dim": heads.head_dim}
+    return {k: v for k, v in wanted.items() if isinstance(getattr(m, k, None), int)}  # those it has
+
+
+def _fit_rel_pos(rel_pos: nn.Module | None, heads: int, undo: Undo) -> None:
+    """A maxxvit relative-position module whose table (or MLP) lost heads: its bias views and
+    counts follow."""
+    if rel_pos is None or qualname(rel_pos) not in REL_POS or rel_pos.bias_shape[-1] == heads:
+        return
+    undo.remember(rel_pos, ("bias_shape", "num_heads"))
+    rel_pos.bias_shape = (*rel_pos.bias_shape[:-1], heads)
+    if hasattr(rel_pos, "num_heads"):
+        rel_pos.num_heads = heads
+
+
 def fix_heads(model: nn.Module, undo: Undo) -> None:
     """Surgery fixer: a module's size attributes follow its projections (head count; a single
     head's size; PVT-v2's input width), and one that timm's forward no longer fits takes the
@@ -213,9 +293,9 @@ def fix_heads(model: nn.Module, undo: Undo) -> None:
             continue
         heads, width = found
         _fit_k_bias(m, undo)
+        wanted = _attributes(m, heads, width)
         needs_subclass = not _runs_as_timm(m, heads, width) and type(m).__module__ != __name__
-        wanted = {"num_heads": heads.heads, "dim": width, "head_dim": heads.head_dim}
-        wanted = {k: v for k, v in wanted.items() if isinstance(getattr(m, k, None), int)}  # those it has
+        _fit_rel_pos(getattr(m, "rel_pos", None), heads.heads, undo)
         if all(getattr(m, k) == v for k, v in wanted.items()) and not needs_subclass:
             continue
         undo.remember(m, ("__class__", *wanted))
