@@ -9,6 +9,8 @@ Classes of optional libraries are named ``"module.QualName"`` so that nothing im
 
 from __future__ import annotations
 
+import importlib
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -75,6 +77,43 @@ class Integration:
 def qualname(m: nn.Module) -> str:
     """``m``'s class as ``"module.QualName"``, the form integrations name optional classes by."""
     return f"{type(m).__module__}.{type(m).__qualname__}"
+
+
+class Subclasses:
+    """Same-maths subclasses of an optional library's classes, made the first time one is needed
+    (so the library is imported only by models that use it) and found by name when a pickled
+    model is loaded: the integration module's ``__getattr__`` returns :meth:`find`. ``names`` maps
+    each class (``"module.QualName"``) to its subclass's name; ``body(name, base)`` gives the
+    subclass's mixins (placed before ``base``) and namespace; the subclasses live in module ``home``."""
+
+    def __init__(self, home: str, names: Mapping[str, str], body: Callable[[str, type], tuple[tuple, dict]]):
+        self.home, self.names, self.body = home, dict(names), body
+        self._made: dict[str, type] = {}
+
+    def __call__(self, name: str) -> type:
+        """The subclass of the class ``name`` (whose module is already imported)."""
+        if name not in self._made:
+            module, _, cls_name = name.rpartition(".")
+            base = getattr(sys.modules[module], cls_name)
+            mixins, namespace = self.body(name, base)
+            self._made[name] = type(self.names[name], (*mixins, base), {**namespace, "__module__": self.home})
+        return self._made[name]
+
+    def find(self, attr: str) -> type:
+        """The subclass called ``attr`` (importing its library), for unpickling."""
+        for name, made in self.names.items():
+            if attr == made:
+                importlib.import_module(name.rpartition(".")[0])
+                return self(name)
+        raise AttributeError(f"module {self.home!r} has no attribute {attr!r}")
+
+    def base_of(self, cls: type) -> str | None:
+        """The class ``cls`` was made from (its name), if it is one of these subclasses."""
+        return next((name for name, made in self._made.items() if made is cls), None)
+
+    def traced_as(self) -> dict[str, Callable[[], type]]:
+        """An ``Integration.traced_as`` table: each class traced as its subclass."""
+        return {name: (lambda name=name: self(name)) for name in self.names}
 
 
 def _lookup(table: dict, cls: type):

@@ -10,8 +10,6 @@ torchvision is imported only when a model already uses it.
 
 from __future__ import annotations
 
-import functools
-import importlib
 import math
 import sys
 
@@ -21,10 +19,9 @@ from torch import nn
 
 from ..graph.adapter import Heads
 from ..surgery import Undo
-from .integration import Integration
+from .integration import Integration, Subclasses
 
 SWIN = "torchvision.models.swin_transformer"
-_CLASSES: dict[str, type] = {}
 
 
 def _window_attention(m: nn.Module, x: torch.Tensor, bias: torch.Tensor, logit_scale=None) -> torch.Tensor:
@@ -93,27 +90,21 @@ def _shift_mask(like, size, window, shift) -> torch.Tensor:
     return torch.zeros(differs.shape, dtype=like.dtype, device=like.device).masked_fill(differs, -100.0)
 
 
-def _subclass(name: str) -> type:
-    """The head-prunable subclass of torchvision's ``name``, made once (only once torchvision
-    is in use) and reachable as an attribute of this module, so pickles find it."""
-    if name not in _CLASSES:
-        base = getattr(sys.modules[SWIN], name)
-        v2 = name.endswith("V2")
+def _forward(name: str, base: type) -> tuple[tuple, dict]:
+    v2 = name.endswith("V2")
 
-        def forward(self, x):
-            return _window_attention(self, x, self.get_relative_position_bias(),
-                                     self.logit_scale if v2 else None)
+    def forward(self, x):
+        return _window_attention(self, x, self.get_relative_position_bias(), self.logit_scale if v2 else None)
 
-        cls = type(f"HeadPrunable{name}", (base,), {"forward": forward, "__module__": __name__})
-        _CLASSES[name] = cls
-    return _CLASSES[name]
+    return (), {"forward": forward}
+
+
+SUBCLASSES = Subclasses(__name__, {f"{SWIN}.{n}": f"HeadPrunable{n}"
+                                   for n in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")}, _forward)
 
 
 def __getattr__(attr: str):  # unpickling a pruned Swin: make its class
-    if attr in ("HeadPrunableShiftedWindowAttention", "HeadPrunableShiftedWindowAttentionV2"):
-        importlib.import_module(SWIN)
-        return _subclass(attr[len("HeadPrunable"):])
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    return SUBCLASSES.find(attr)
 
 
 def _heads(m: nn.Module) -> int:
@@ -146,13 +137,12 @@ def _fix_heads(model: nn.Module, undo: Undo) -> None:
         undo.remember(m, ("__class__", "num_heads"))
         m.num_heads = _heads(m)
         base = next(c for c in type(m).__mro__ if c.__module__ == SWIN)
-        m.__class__ = _subclass(base.__name__)
+        m.__class__ = SUBCLASSES(f"{SWIN}.{base.__name__}")
 
 
 INTEGRATION = Integration(
     name="swin",
     attention=attention_modules,
-    traced_as={f"{SWIN}.{name}": functools.partial(_subclass, name)
-               for name in ("ShiftedWindowAttention", "ShiftedWindowAttentionV2")},
+    traced_as=SUBCLASSES.traced_as(),
     fixers=(_fix_heads,),
 )

@@ -35,7 +35,7 @@ from torch import nn
 
 from ...graph.adapter import Heads
 from ...surgery import Undo
-from ..integration import qualname
+from ..integration import Subclasses, qualname
 
 BEIT, EVA, PVT_V2 = "timm.models.beit.Attention", "timm.models.eva.EvaAttention", "timm.models.pvt_v2.Attention"
 TWINS = "timm.models.twins.GlobalSubSampleAttn"  # PVT's spatial-reduction attention, as Twins-PCPVT has it
@@ -46,7 +46,6 @@ NAMES = {BEIT: "HeadPrunableBeitAttention", EVA: "HeadPrunableEvaAttention", PVT
 # maxxvit's relative-position modules whose bias is per head along its last dim (``get_bias()``:
 # (1, heads, N, N)) and whose only head-count attributes are ``bias_shape`` (and ``num_heads``)
 REL_POS = ("timm.layers.pos_embed_rel.RelPosBias", "timm.layers.pos_embed_rel.RelPosMlp")
-_CLASSES: dict[str, type] = {}
 
 
 def _attend(m: nn.Module, q, k, v, bias=None, mask=None, is_causal: bool = False):
@@ -162,26 +161,13 @@ FORWARDS = {BEIT: _beit_forward, EVA: _eva_forward, PVT_V2: _pvt_v2_forward, TWI
             MAXXVIT_CL: _maxxvit_cl_forward, MAXXVIT_2D: _maxxvit_2d_forward}
 
 
-def _subclass(base_name: str) -> type:
-    """The head-prunable subclass of timm's ``base_name`` (made once, once timm is in use),
-    reachable as an attribute of this module so that pickles find it."""
-    if base_name not in _CLASSES:
-        module, _, name = base_name.rpartition(".")
-        base = getattr(sys.modules[module], name)
-        _CLASSES[base_name] = type(NAMES[base_name], (base,), {
-            "forward": FORWARDS[base_name], "__module__": __name__,
-            "__doc__": f"{name} of {module} with removable heads (see pangkas.integrations.timm.attention)."})
-    return _CLASSES[base_name]
+SUBCLASSES = Subclasses(__name__, NAMES, lambda name, base: ((), {
+    "forward": FORWARDS[name],
+    "__doc__": f"{base.__name__} of {base.__module__} with removable heads (see pangkas.integrations.timm.attention)."}))
 
 
 def __getattr__(attr: str):  # unpickling a pruned model: make its class
-    import importlib
-
-    for base_name, name in NAMES.items():
-        if attr == name:
-            importlib.import_module(base_name.rpartition(".")[0])
-            return _subclass(base_name)
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    return SUBCLASSES.find(attr)
 
 
 def _family(m: nn.Module) -> str | None:
@@ -190,7 +176,7 @@ def _family(m: nn.Module) -> str | None:
     name = qualname(m)
     if name in FORWARDS:
         return name
-    return next((base for base, cls in _CLASSES.items() if type(m) is cls), None)
+    return SUBCLASSES.base_of(type(m))
 
 
 def _head_dim(m: nn.Module) -> int:
@@ -302,7 +288,7 @@ def fix_heads(model: nn.Module, undo: Undo) -> None:
         for k, v in wanted.items():
             setattr(m, k, v)
         if needs_subclass:
-            m.__class__ = _subclass(_family(m))
+            m.__class__ = SUBCLASSES(_family(m))
 
 
-TRACED_AS = {base: (lambda base=base: _subclass(base)) for base in FORWARDS}
+TRACED_AS = SUBCLASSES.traced_as()

@@ -38,9 +38,6 @@ timm is imported only when a model already uses it.
 
 from __future__ import annotations
 
-import functools
-import importlib
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -50,10 +47,10 @@ from torch import nn
 
 from ...graph.adapter import Heads
 from ...surgery import Undo
+from ..integration import Subclasses
 
 CONVIT, CAIT, XCIT = "timm.models.convit", "timm.models.cait", "timm.models.xcit"
 EDGENEXT, COAT = "timm.models.edgenext", "timm.models.coat"
-_CLASSES: dict[str, type] = {}
 
 
 # -- the forwards (timm's maths, head size from the projections) ----------------------------------
@@ -175,22 +172,12 @@ def _base(m: nn.Module) -> str | None:
     return next((name for c in type(m).__mro__ if (name := f"{c.__module__}.{c.__qualname__}") in FAMILY), None)
 
 
-def _subclass(name: str) -> type:
-    """The subclass of timm's ``name`` ("module.Class") with head sizes from its projections, made
-    once (only once timm is in use) and reachable as an attribute of this module, for pickles."""
-    if name not in _CLASSES:
-        module, _, cls = name.rpartition(".")
-        base = getattr(sys.modules[module], cls)
-        _CLASSES[name] = type(f"HeadPrunable{cls}", (base,), {**FAMILY[name].methods, "__module__": __name__})
-    return _CLASSES[name]
+SUBCLASSES = Subclasses(__name__, {name: f"HeadPrunable{name.rpartition('.')[2]}" for name in FAMILY},
+                        lambda name, base: ((), FAMILY[name].methods))
 
 
 def __getattr__(attr: str):  # unpickling a pruned model: make its class
-    for name in FAMILY:
-        if attr == f"HeadPrunable{name.rpartition('.')[2]}":
-            importlib.import_module(name.rpartition(".")[0])
-            return _subclass(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    return SUBCLASSES.find(attr)
 
 
 def attention_modules(model: nn.Module) -> dict[str, Heads]:
@@ -217,7 +204,7 @@ def fix_mixing_heads(model: nn.Module, undo: Undo) -> None:
             continue
         undo.remember(m, ("__class__", "num_heads"))
         m.num_heads = k.heads(m)
-        m.__class__ = _subclass(_base(m))
+        m.__class__ = SUBCLASSES(_base(m))
 
 
-TRACED_AS = {name: functools.partial(_subclass, name) for name in FAMILY}
+TRACED_AS = SUBCLASSES.traced_as()

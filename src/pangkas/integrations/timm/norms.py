@@ -31,7 +31,6 @@ architecture, ``removed_moments`` comes from the file. Nothing of timm is import
 
 from __future__ import annotations
 
-import importlib
 import sys
 
 import torch
@@ -41,12 +40,12 @@ from torch import Tensor, nn
 from ...graph.labels import Axis
 from ...graph.rules import _join, _on_dim, bind, rule
 from ...surgery import Undo, cut
+from ..integration import Subclasses
 
 STD_CONV = "timm.layers.std_conv"
 STD_CONVS = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
 GRN = "timm.layers.grn"
 MOMENTS = "removed_moments"
-_CLASSES: dict[str, type] = {}
 
 
 # -- the maths ---------------------------------------------------------------------------------
@@ -204,27 +203,17 @@ class _ResponseNorm:
 _MIXINS = {**{f"{STD_CONV}.{n}": _StandardisedConv for n in STD_CONVS}, f"{GRN}.GlobalResponseNorm": _ResponseNorm}
 
 
-def _subclass(name: str) -> type:
-    """The prunable subclass of timm's class ``name`` ("module.QualName"), made once timm is in
-    use and reachable as an attribute of this module, so pickles find it."""
-    if name not in _CLASSES:
-        module, _, cls_name = name.rpartition(".")
-        base = getattr(sys.modules[module], cls_name)
-        _CLASSES[name] = type(f"Prunable{cls_name}", (_MIXINS[name], base), {"__module__": __name__})
-    return _CLASSES[name]
+SUBCLASSES = Subclasses(__name__, {name: f"Prunable{name.rpartition('.')[2]}" for name in _MIXINS},
+                        lambda name, base: ((_MIXINS[name],), {}))
 
 
 def __getattr__(attr: str):  # unpickling a pruned model: make its class
-    for name in _MIXINS:
-        if attr == f"Prunable{name.rpartition('.')[2]}":
-            importlib.import_module(name.rpartition(".")[0])
-            return _subclass(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
+    return SUBCLASSES.find(attr)
 
 
 def traced_forms() -> dict:
     """timm class name -> the factory of the subclass the tracer runs instead."""
-    return {name: (lambda name=name: _subclass(name)) for name in _MIXINS}
+    return SUBCLASSES.traced_as()
 
 
 # -- surgery -----------------------------------------------------------------------------------
@@ -259,7 +248,7 @@ def _prunable(m: nn.Module, undo: Undo) -> None:
     """Make ``m`` its prunable subclass, recorded in ``undo``."""
     if not isinstance(m, _MIXINS[_timm_base(m)]):
         undo.remember(m, ("__class__",))
-        m.__class__ = _subclass(_timm_base(m))
+        m.__class__ = SUBCLASSES(_timm_base(m))
 
 
 def fix_standardised_convs(model: nn.Module, undo: Undo) -> None:
