@@ -229,7 +229,7 @@ def results_table(stages: list[Stage], seconds: float) -> str:
              "" if s.latency_ratio is None else f"{s.latency_ratio:.2f}x")
             for s in stages]
     return render_table(
-        f"digits CNN: weight pruning (global magnitude), channel pruning (L1), layer pruning "
+        f"digits CNN: weight pruning (global magnitude), channel pruning (OBS + reconstruction), layer pruning "
         f"(block influence) and all three, each recovered by distillation; {seconds:.0f} s, "
         f"{torch.get_num_threads()} threads",
         ("stage", "model sparsity", "test accuracy", "params", "non-zero", "MACs (450 test images)",
