@@ -116,7 +116,7 @@ def run_row(name, dense, calib, evaluation, dense_ppl):
         start = time.perf_counter()
         ROWS[name](model, calib)
         seconds = time.perf_counter() - start
-        peak = (rss_kib("VmHWM") - before) / 1024 if measured else None
+        peak = max(0, rss_kib("VmHWM") - before) / 1024 if measured else None
     value = perplexity(model, evaluation, window=WINDOW, batch_size=8)
     params = sum(p.numel() for p in model.parameters())
     ratio = value / dense_ppl if dense_ppl else 1.0
