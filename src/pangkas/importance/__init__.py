@@ -25,7 +25,7 @@ from .bn_scale import BNScale
 from .fpgm import FPGM, fpgm
 from .l1 import L1, l1
 from .l2 import L2, l2
-from .obs import OBS, inverse_hessians, removal_errors
+from .obs import OBS, input_grams, inverse_hessian, removal_errors
 from .random import Random
 from .registry import names, register, resolve, unregister
 from .taylor import Taylor, gradients
@@ -36,6 +36,6 @@ for _builtin in (L1(), L2(), FPGM(), BNScale(), Taylor(), Wanda(), OBS(), Random
 
 __all__ = [
     "BNScale", "FPGM", "FromFunction", "Importance", "L1", "L2", "OBS", "Random", "Scores", "Slice", "Taylor",
-    "Wanda", "fpgm", "gradients", "input_norms", "inverse_hessians", "l1", "l2", "names", "register",
+    "Wanda", "fpgm", "gradients", "input_norms", "input_grams", "inverse_hessian", "l1", "l2", "names", "register",
     "removal_errors", "resolve", "unregister",
 ]

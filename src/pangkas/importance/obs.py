@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..activations import recording
+from ..activations import InputStatistics, recording
 from ..errors import PangkasError
 from ..inputs import call_model
 from ..modules import evaluating
@@ -32,8 +32,9 @@ def _reader(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def inverse_hessians(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor]:
-    """``(X^T X + damp)^-1`` of every Linear's and ungrouped Conv2d's inputs on ``data``, by module."""
+def input_grams(model: nn.Module, data: Iterable) -> dict[str, InputStatistics]:
+    """``X^T X`` of every Linear's and ungrouped Conv2d's inputs on ``data``, by module (what
+    :func:`inverse_hessian` turns into the OBS scores of that module's input channels)."""
     layers = {name: m for name, m in model.named_modules() if _reader(m)}
     batches = 0
     with recording(layers, gram=True) as stats, evaluating(model):
@@ -42,14 +43,14 @@ def inverse_hessians(model: nn.Module, data: Iterable) -> dict[str, torch.Tensor
             batches += 1
     if not batches:
         raise PangkasError("data= yielded no batches")
-    out = {}
-    for name, s in stats.items():
-        if s.total is None:
-            continue
-        h = s.gram.double() / s.rows
-        h += DAMP * h.diagonal().mean().clamp_min(1e-12) * torch.eye(len(h), dtype=h.dtype)
-        out[name] = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return out
+    return {name: s for name, s in stats.items() if s.total is not None}
+
+
+def inverse_hessian(stats: InputStatistics) -> torch.Tensor:
+    """``(X^T X / rows + damp)^-1`` in float64."""
+    h = stats.gram.double() / stats.rows
+    h += DAMP * h.diagonal().mean().clamp_min(1e-12) * torch.eye(len(h), dtype=h.dtype)
+    return torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 
 def removal_errors(weight: torch.Tensor, hinv: torch.Tensor) -> torch.Tensor:
@@ -66,12 +67,12 @@ class OBS(Importance):
     name = "obs"
     needs_data = True
 
-    def measure(self, model, data, loss_fn) -> dict[str, torch.Tensor]:
-        return inverse_hessians(model, data)
+    def measure(self, model, data, loss_fn) -> dict[str, InputStatistics]:
+        return input_grams(model, data)  # inverted one layer at a time, when scored: less memory
 
     def score(self, piece: Slice, measured) -> torch.Tensor:
         if self._reads(piece, measured):
-            return removal_errors(piece.tensor, measured[piece.module_name])
+            return removal_errors(piece.tensor, inverse_hessian(measured[piece.module_name]))
         return l1(piece.tensor.float(), piece.dim)
 
     def scores(self, slices: Iterable[Slice], measured) -> Scores:
