@@ -70,8 +70,7 @@ def row_masks(scores: torch.Tensor, old: torch.Tensor | None, sparsity: float | 
     """Keep-mask of a (rows, inputs) score matrix: N:M along the inputs, or the same share per row."""
     if n_m is not None:
         return rules.extend_n_m(scores, old, *n_m, dim=1)
-    count = rules.prune_count(scores.shape[1], sparsity)
-    return torch.stack([rules.extend_mask(row, None if old is None else old[i], count) for i, row in enumerate(scores)])
+    return rules.extend_row_masks(scores, old, rules.prune_count(scores.shape[1], sparsity))
 
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | N
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(len(h))
+    h.diagonal().add_(damp * h.diagonal().mean())  # in place: an eye() matrix costs a pass over h
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     keep = torch.ones_like(w, dtype=torch.bool)
     columns = w.shape[1]
@@ -62,8 +62,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | N
                 span = slice(i, min(i + n_m[1], end - start))
                 score = finite(w1[:, span].pow(2) / torch.diag(hinv1)[span].pow(2)[None, :], "SparseGPT scores")
                 prune[:, span] = ~row_masks(score, None if old is None else old[:, start:end][:, span], None, n_m)
-            q = column.clone()
-            q[prune[:, i]] = 0
+            q = column.masked_fill(prune[:, i], 0.0)
             e = (column - q) / d
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             w1[:, i] = q
