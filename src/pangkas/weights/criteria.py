@@ -53,7 +53,8 @@ class CalibratedImportance(WeightImportance):
     def prune_rows(self, weight: torch.Tensor, inputs: InputStatistics, old: torch.Tensor | None,
                    sparsity: float | None, n_m: tuple[int, int] | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(updated weight or None, keep mask) of a (rows, inputs) float ``weight`` whose inputs
-        had the statistics ``inputs``; ``old`` is its current keep mask (stays pruned), if any."""
+        had the statistics ``inputs``; ``old`` is its current keep mask (stays pruned), if any.
+        ``weight`` may share the layer's memory: read it, never write into it."""
         raise NotImplementedError(f"{type(self).__name__} must implement prune_rows(...)")
 
 

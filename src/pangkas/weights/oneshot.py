@@ -61,7 +61,7 @@ def _layer_result(module, stats: InputStatistics, criterion: CalibratedImportanc
     """(new weight or None, keep mask) of one layer from its input statistics."""
     finite(stats.total, "the statistics of its inputs")
     perm = _channels_last(module)
-    w = _weight2d(module).clone()  # a criterion may write into it; never into the model
+    w = _weight2d(module)  # may share the parameter's memory: criteria must not write into it
     old = masks_of(module)
     old = None if old is None else old.reshape(w.shape[0], -1)
     if perm is not None:
@@ -116,7 +116,7 @@ def _blockwise(model, blocks, targets, batches, criterion, sparsity, n_m, masks_
             results.update(block_results)
             for name, (weight, keep) in block_results.items():  # feed the next block pruned outputs
                 param = underlying_parameter(targets[name])
-                saved.append((param, param.detach().clone()))
+                saved.append((param, param.data))  # untouched: .data gets a new tensor below
                 param.data = torch.where(keep, weight if weight is not None else param.detach(), 0.0)
             captured = next_inputs(block, captured)
     finally:

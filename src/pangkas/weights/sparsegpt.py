@@ -60,7 +60,8 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | N
             column, d = w1[:, i], hinv1[i, i]
             if n_m is not None and i % n_m[1] == 0:
                 span = slice(i, min(i + n_m[1], end - start))
-                score = finite(w1[:, span].pow(2) / torch.diag(hinv1)[span].pow(2)[None, :], "SparseGPT scores")
+                # Not checked for NaN/inf group by group (a sync each): the updated weights are, at the end.
+                score = w1[:, span].pow(2) / torch.diag(hinv1)[span].pow(2)[None, :]
                 prune[:, span] = ~row_masks(score, None if old is None else old[:, start:end][:, span], None, n_m)
             q = column.masked_fill(prune[:, i], 0.0)
             e = (column - q) / d
