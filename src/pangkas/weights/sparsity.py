@@ -70,7 +70,8 @@ def n_m_mask(scores: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     moved = scores.movedim(dim, -1)
     length = moved.shape[-1]
     pad = (-length) % m
-    padded = torch.nn.functional.pad(moved, (0, pad), value=float("-inf"))
+    # No pad when none is needed: SparseGPT calls this once per group of m columns.
+    padded = torch.nn.functional.pad(moved, (0, pad), value=float("-inf")) if pad else moved
     groups = padded.reshape(-1, m)
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
