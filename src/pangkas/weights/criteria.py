@@ -53,7 +53,8 @@ class CalibratedImportance(WeightImportance):
     def prune_rows(self, weight: torch.Tensor, inputs: InputStatistics, old: torch.Tensor | None,
                    sparsity: float | None, n_m: tuple[int, int] | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(updated weight or None, keep mask) of a (rows, inputs) float ``weight`` whose inputs
-        had the statistics ``inputs``; ``old`` is its current keep mask (stays pruned), if any."""
+        had the statistics ``inputs``; ``old`` is its current keep mask (stays pruned), if any.
+        ``weight`` may share the layer's memory: read it, never write into it."""
         raise NotImplementedError(f"{type(self).__name__} must implement prune_rows(...)")
 
 
@@ -70,8 +71,7 @@ def row_masks(scores: torch.Tensor, old: torch.Tensor | None, sparsity: float | 
     """Keep-mask of a (rows, inputs) score matrix: N:M along the inputs, or the same share per row."""
     if n_m is not None:
         return rules.extend_n_m(scores, old, *n_m, dim=1)
-    count = rules.prune_count(scores.shape[1], sparsity)
-    return torch.stack([rules.extend_mask(row, None if old is None else old[i], count) for i, row in enumerate(scores)])
+    return rules.extend_row_masks(scores, old, rules.prune_count(scores.shape[1], sparsity))
 
 
 def magnitude(weight: torch.Tensor) -> torch.Tensor:

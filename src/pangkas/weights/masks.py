@@ -114,7 +114,8 @@ def set_mask(module: nn.Module, mask: torch.Tensor, name: str = "weight") -> Non
     had_hooks = bool(_masked_names(module))
     if parametrize.is_parametrized(module):
         _own_class(module)
-    parametrize.register_parametrization(module, name, WeightMask(mask.to(tensor.device)))
+    # unsafe: skips torch's trial call (a pass over the weight); where() keeps shape and dtype.
+    parametrize.register_parametrization(module, name, WeightMask(mask.to(tensor.device)), unsafe=True)
     if not had_hooks:
         _add_hooks(module)
 

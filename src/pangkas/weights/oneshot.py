@@ -30,11 +30,11 @@ def _weight2d(module: nn.Module) -> torch.Tensor:
     return module.weight.detach().float().reshape(module.weight.shape[0], -1)
 
 
-def _channels_last(module: nn.Module) -> torch.Tensor:
+def _channels_last(module: nn.Module) -> torch.Tensor | None:
     """Column order putting input channels innermost (N:M groups run along input channels, as in
-    magnitude N:M); identity for Linear."""
+    magnitude N:M); None for Linear, whose columns already are (no copies of weight and Hessian)."""
     if isinstance(module, nn.Linear):
-        return torch.arange(module.weight.shape[1])
+        return None
     c, kh, kw = module.weight.shape[1:]
     return torch.arange(c * kh * kw).reshape(c, kh, kw).permute(1, 2, 0).flatten()
 
@@ -61,12 +61,14 @@ def _layer_result(module, stats: InputStatistics, criterion: CalibratedImportanc
     """(new weight or None, keep mask) of one layer from its input statistics."""
     finite(stats.total, "the statistics of its inputs")
     perm = _channels_last(module)
-    back = torch.argsort(perm)
-    w = _weight2d(module)[:, perm]
+    w = _weight2d(module)  # may share the parameter's memory: criteria must not write into it
     old = masks_of(module)
-    old = None if old is None else old.reshape(w.shape[0], -1)[:, perm]
+    old = None if old is None else old.reshape(w.shape[0], -1)
+    if perm is not None:
+        w, old, stats = w[:, perm], None if old is None else old[:, perm], stats.reordered(perm)
     shape = module.weight.shape
-    new, keep = criterion.prune_rows(w, stats.reordered(perm), old, sparsity, n_m)
+    new, keep = criterion.prune_rows(w, stats, old, sparsity, n_m)
+    back = slice(None) if perm is None else torch.argsort(perm)
     keep = keep[:, back].reshape(shape)
     if new is None:
         return None, keep
@@ -114,7 +116,7 @@ def _blockwise(model, blocks, targets, batches, criterion, sparsity, n_m, masks_
             results.update(block_results)
             for name, (weight, keep) in block_results.items():  # feed the next block pruned outputs
                 param = underlying_parameter(targets[name])
-                saved.append((param, param.detach().clone()))
+                saved.append((param, param.data))  # untouched: .data gets a new tensor below
                 param.data = torch.where(keep, weight if weight is not None else param.detach(), 0.0)
             captured = next_inputs(block, captured)
     finally:

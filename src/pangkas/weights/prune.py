@@ -146,8 +146,9 @@ class WeightPlan:
         self.applied = True
         layers = tuple(LayerSparsity(name, tuple(m.weight.shape), b, int(torch.count_nonzero(m.weight)))
                        for (name, m), b in zip(self.targets, before))
-        return WeightReport(self.rule, layers, params, nonzero_before, parameter_counts(self.model)[1],
-                            self.skipped)
+        # Only the targets changed: counting them again is enough (not a pass over the whole model).
+        nonzero_after = nonzero_before - sum(layer.nonzero_before - layer.nonzero_after for layer in layers)
+        return WeightReport(self.rule, layers, params, nonzero_before, nonzero_after, self.skipped)
 
 
 def parse_pattern(pattern: str) -> tuple[int, int]:

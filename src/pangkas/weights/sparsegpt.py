@@ -34,6 +34,18 @@ def _block_mask(score: torch.Tensor, old: torch.Tensor | None, sparsity: float, 
     return keep.view(score.shape)
 
 
+def _group_prune(score: torch.Tensor, old: torch.Tensor | None, n: int) -> torch.Tensor:
+    """Prune-mask of one group of columns: all but each row's ``n`` best of those ``old`` keeps
+    (``row_masks``'s N:M rule, written for one group: it runs once per group of m columns)."""
+    if old is not None:
+        score = score.masked_fill(~old, float("-inf"))  # already pruned: lowest, so dropped first
+    prune = torch.zeros_like(score, dtype=torch.bool)
+    drop = score.shape[1] - n
+    if drop > 0:
+        prune.scatter_(1, torch.topk(score, drop, dim=1, largest=False).indices, True)
+    return prune if old is None else prune | ~old
+
+
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | None,
               sparsity: float | None, n_m: tuple[int, int] | None, block: int = 128,
               damp: float = 0.01, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +55,7 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | N
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(len(h))
+    h.diagonal().add_(damp * h.diagonal().mean())  # in place: an eye() matrix costs a pass over h
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     keep = torch.ones_like(w, dtype=torch.bool)
     columns = w.shape[1]
@@ -51,8 +63,9 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | N
         end = min(start + block, columns)
         w1, hinv1 = w[:, start:end].clone(), hinv[start:end, start:end]
         err = torch.zeros_like(w1)
+        diag2 = torch.diag(hinv1).pow(2)[None, :]
         if n_m is None:
-            score = finite(w1.pow(2) / torch.diag(hinv1).pow(2)[None, :], "SparseGPT scores")
+            score = finite(w1.pow(2) / diag2, "SparseGPT scores")
             prune = ~_block_mask(score, None if old is None else old[:, start:end], sparsity, per_row)
         else:
             prune = torch.zeros_like(w1, dtype=torch.bool)
@@ -60,10 +73,11 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | N
             column, d = w1[:, i], hinv1[i, i]
             if n_m is not None and i % n_m[1] == 0:
                 span = slice(i, min(i + n_m[1], end - start))
-                score = finite(w1[:, span].pow(2) / torch.diag(hinv1)[span].pow(2)[None, :], "SparseGPT scores")
-                prune[:, span] = ~row_masks(score, None if old is None else old[:, start:end][:, span], None, n_m)
-            q = column.clone()
-            q[prune[:, i]] = 0
+                # Not checked for NaN/inf group by group (a sync each): the updated weights are, at the end.
+                score = w1[:, span].pow(2) / diag2[:, span]
+                prune[:, span] = _group_prune(score, None if old is None else old[:, start + i:start + span.stop],
+                                              n_m[0])
+            q = column.masked_fill(prune[:, i], 0.0)
             e = (column - q) / d
             w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
             w1[:, i] = q

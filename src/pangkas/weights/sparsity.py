@@ -35,6 +35,19 @@ def extend_mask(scores: torch.Tensor, old: torch.Tensor | None, n_prune: int) ->
     return keep
 
 
+def extend_row_masks(scores: torch.Tensor, old: torch.Tensor | None, n_prune: int) -> torch.Tensor:
+    """:func:`extend_mask` of every row of a 2-D ``scores`` at once (one ``topk`` for the matrix,
+    not one per row: Wanda's rows number in the thousands per layer)."""
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if old is not None:
+        # -inf ranks the already pruned first, so a row's n_prune lowest include all of them
+        # when it has fewer; when it has more, ``& old`` keeps exactly old's (as extend_mask).
+        scores = scores.masked_fill(~old, float("-inf"))
+    if n_prune > 0:
+        keep.scatter_(1, torch.topk(scores, n_prune, dim=1, largest=False, sorted=False).indices, False)
+    return keep if old is None else keep & old
+
+
 def global_masks(scores: list[torch.Tensor], old_masks: list, sparsity: float) -> list[torch.Tensor]:
     """One cut across all tensors: every kept score is >= every newly pruned score."""
     flat = torch.cat([s.flatten().cpu() for s in scores])
@@ -57,7 +70,8 @@ def n_m_mask(scores: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
     moved = scores.movedim(dim, -1)
     length = moved.shape[-1]
     pad = (-length) % m
-    padded = torch.nn.functional.pad(moved, (0, pad), value=float("-inf"))
+    # No pad when none is needed: SparseGPT calls this once per group of m columns.
+    padded = torch.nn.functional.pad(moved, (0, pad), value=float("-inf")) if pad else moved
     groups = padded.reshape(-1, m)
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(1, torch.topk(groups, n, dim=1).indices, True)
