@@ -80,6 +80,16 @@ def recording(layers: dict[str, nn.Module], gram: bool = False,
             hook.remove()
 
 
+DAMP = 0.01  # ridge term, relative to the mean of the diagonal (SparseGPT's choice)
+
+
+def damped_(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
+    """``gram`` with ``damp`` times its mean diagonal added to the diagonal, in place: a ridge term
+    that keeps a rank-deficient least-squares fit (dead or repeated inputs) solvable."""
+    gram.diagonal().add_(damp * gram.diagonal().mean().clamp_min(1e-12))
+    return gram
+
+
 def wanda_scores(weight: torch.Tensor, norms: torch.Tensor, input_dim: int) -> torch.Tensor:
     """Wanda (Sun et al. 2023): ``|W_ij| * ||X_j||``, a weight matters as much as what it reads;
     ``norms`` has one entry per index of the weight's ``input_dim``."""

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .activations import InputStatistics, recording
+from .activations import DAMP, InputStatistics, damped_, recording
 from .blockwise import LAYERS, blocks_of, first_block_inputs, next_inputs
 from .errors import PangkasError
 from .inputs import call_model
@@ -35,7 +35,6 @@ from .outputs import first_tensor
 from .progress import track
 from .silence import restore, silence_removed
 
-DAMP = 0.01  # ridge term, relative to the mean of diag(G_KK): keeps a rank-deficient fit stable
 
 
 def consumers(plan) -> dict[str, tuple[nn.Module, torch.Tensor]]:
@@ -77,23 +76,19 @@ def _fit_all(model, targets, batches, saved, damp) -> None:
     blocks = blocks_of(model)
     inside = lambda name: any(name.startswith(b + ".") for b in blocks)  # noqa: E731
     order = _call_order(model, targets, batches[0])
-    before_blocks = [n for n in order if not inside(n) and order.index(n) < _first_inside(order, inside)]
-    after_blocks = [n for n in order if not inside(n) and n not in before_blocks]
-    for name in before_blocks:
-        _fit_on(lambda: [call_model(model, b) for b in batches], {name: targets[name]}, saved, damp)
-    if any(inside(n) for n in order):
+    first = next((i for i, n in enumerate(order) if inside(n)), len(order))
+    whole_model = lambda: [call_model(model, b) for b in batches]  # noqa: E731
+    for name in order[:first]:  # before the blocks
+        _fit_on(whole_model, name, targets[name], saved, damp)
+    if first < len(order):
         calls = first_block_inputs(model, blocks[0], batches)
         for block_name in track(blocks, "reconstructing block by block"):
             block = model.get_submodule(block_name)
             for name in (n for n in order if n.startswith(block_name + ".")):
-                _fit_on(lambda: [block(*a, **k) for a, k in calls], {name: targets[name]}, saved, damp)
+                _fit_on(lambda: [block(*a, **k) for a, k in calls], name, targets[name], saved, damp)
             calls = next_inputs(block, calls)
-    for name in after_blocks:
-        _fit_on(lambda: [call_model(model, b) for b in batches], {name: targets[name]}, saved, damp)
-
-
-def _first_inside(order: list[str], inside) -> int:
-    return next((i for i, n in enumerate(order) if inside(n)), len(order))
+    for name in (n for n in order[first:] if not inside(n)):  # after the blocks
+        _fit_on(whole_model, name, targets[name], saved, damp)
 
 
 def _call_order(model, targets, batch) -> list[str]:
@@ -109,10 +104,10 @@ def _call_order(model, targets, batch) -> list[str]:
     return order
 
 
-def _fit_on(run, layer: dict, saved: list, damp) -> None:
+def _fit_on(run, name: str, target: tuple[nn.Module, torch.Tensor], saved: list, damp) -> None:
     """Gather the layer's input Gram while ``run()`` runs, then re-fit its kept weights (their
     values before any change are added to ``saved``)."""
-    (name, (module, kept)), = layer.items()
+    module, kept = target
     with recording({name: module}, gram=True, constant=module.bias is not None) as stats:
         run()
     if stats[name].total is None:
@@ -140,8 +135,7 @@ def _refit(module, stats: InputStatistics, kept: torch.Tensor, weight: torch.Ten
     removed = torch.ones(w.shape[1], dtype=torch.bool)
     removed[columns] = False
     g = stats.gram.double()
-    g_kk = g[columns][:, columns]
-    g_kk += damp * g_kk.diagonal().mean().clamp_min(1e-12) * torch.eye(len(columns), dtype=g.dtype)
+    g_kk = damped_(g[columns][:, columns], damp)
     correction = torch.cholesky_solve(g[columns][:, removed] @ w[:, removed].T, torch.linalg.cholesky(g_kk)).T
     fitted = (w[:, columns] + correction).to(module.weight.dtype)
     if module.bias is not None:
@@ -202,7 +196,7 @@ def fit_linear_replacement(model: nn.Module, before: str, last: str, batches: li
     finally:
         for h in hooks:
             h.remove()
-    mtm += damp * mtm.diagonal().mean().clamp_min(1e-12) * torch.eye(width, dtype=mtm.dtype)
+    damped_(mtm, damp)
     replacement = LinearReplacement(proj, torch.cholesky_solve(mtr, torch.linalg.cholesky(mtm)))
     unfold = replacement.fold()
     try:

@@ -16,14 +16,13 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..activations import InputStatistics, recording
+from ..activations import InputStatistics, damped_, recording
 from ..errors import PangkasError
 from ..inputs import call_model
 from ..modules import evaluating
 from .base import Importance, Scores, Slice
 from .l1 import l1
 
-DAMP = 0.01  # ridge term relative to the mean of diag(H), as in SparseGPT
 TIE_BREAK = 1e-3  # what a producing tensor's l1 weighs next to the readers' errors
 
 
@@ -47,9 +46,9 @@ def input_grams(model: nn.Module, data: Iterable) -> dict[str, InputStatistics]:
 
 
 def inverse_hessian(stats: InputStatistics) -> torch.Tensor:
-    """``(X^T X / rows + damp)^-1`` in float64."""
+    """``(X^T X / rows + ridge)^-1`` in float64."""
     h = stats.gram.double() / stats.rows
-    h += DAMP * h.diagonal().mean().clamp_min(1e-12) * torch.eye(len(h), dtype=h.dtype)
+    damped_(h)
     return torch.cholesky_inverse(torch.linalg.cholesky(h))
 
 

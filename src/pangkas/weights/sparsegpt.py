@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..activations import InputStatistics
+from ..activations import DAMP, InputStatistics, damped_
 from .criteria import CalibratedImportance, finite, row_masks
 from .sparsity import extend_mask, prune_count
 
@@ -48,14 +48,14 @@ def _group_prune(score: torch.Tensor, old: torch.Tensor | None, n: int) -> torch
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | None,
               sparsity: float | None, n_m: tuple[int, int] | None, block: int = 128,
-              damp: float = 0.01, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+              damp: float = DAMP, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(new weight, keep mask) of one layer's (rows, inputs) weight, SparseGPT's algorithm."""
     w = weight.clone()
     h = hessian.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h.diagonal().add_(damp * h.diagonal().mean())  # in place: an eye() matrix costs a pass over h
+    damped_(h, damp)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     keep = torch.ones_like(w, dtype=torch.bool)
     columns = w.shape[1]
