@@ -55,9 +55,9 @@ def weights(importance, **rule):
                                                   **({} if importance == "magnitude" else {"data": calib}))
 
 
-def transformer(reconstruct=False, importance=None, **units):
+def transformer(reconstruct=False, importance=None, allocation="uniform", **units):
     return lambda m, calib: pangkas.prune_transformer(m, calib[0], importance=importance, data=calib,
-                                                      reconstruct=reconstruct, **units)
+                                                      reconstruct=reconstruct, allocation=allocation, **units)
 
 
 def layers(n, replace=None):
@@ -81,10 +81,14 @@ ROWS = {
     "ffn 25%, l1": transformer(importance="l1", ffn=0.25),
     "ffn 25%": transformer(ffn=0.25),
     "ffn 25% + reconstruct": transformer(True, ffn=0.25),
+    "ffn 25% + reconstruct, by sensitivity": transformer(True, allocation="sensitivity", ffn=0.25),
     "1 of 3 KV groups": transformer(heads=ONE_GROUP),
     "1 of 3 KV groups + reconstruct": transformer(True, heads=ONE_GROUP),
+    "1 of 3 KV groups + reconstruct, by sensitivity": transformer(True, allocation="sensitivity", heads=ONE_GROUP),
     "KV group + ffn 25%": transformer(heads=ONE_GROUP, ffn=0.25),
     "KV group + ffn 25% + reconstruct": transformer(True, heads=ONE_GROUP, ffn=0.25),
+    "KV group + ffn 25% + reconstruct, by sensitivity": transformer(True, allocation="sensitivity",
+                                                                    heads=ONE_GROUP, ffn=0.25),
     "hidden 10%": transformer(hidden=0.1),
     "hidden 10% + reconstruct": transformer(True, hidden=0.1),
 }
@@ -155,7 +159,8 @@ def main():
              "`wanda` without reconstruction, and with `+ reconstruct` (`reconstruct=True`: the layers that read "
              "what was removed are re-fitted) `obs`, the error that re-fit leaves; layer rows "
              "remove whole decoder layers chosen by block influence, `+ linear map` with `replace=\"linear\"` "
-             "(a least-squares map folded into the layer before). Peak MiB added: the highest resident "
+             "(a least-squares map folded into the layer before); `by sensitivity`: `allocation=\"sensitivity\"`, "
+             "each layer's share of the cut from its measured effect on the outputs (same total). Peak MiB added: the highest resident "
              "memory during pruning above the memory before it (model and data loaded).")
     publish(args.out, "Pruning a real causal LM without retraining", table, notes, script="llm.py")
 

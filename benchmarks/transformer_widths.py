@@ -35,9 +35,11 @@ from pangkas.tables import human_count, render_table
 CASES = (("heads 25% + FFN 25%", dict(heads=0.25, ffn=0.25)),
          ("heads 50% + FFN 50%", dict(heads=0.5, ffn=0.5)),
          ("hidden 384 -> 320", dict(hidden=64 / 384)))
-# (label, importance, reconstruct): the last re-fits the layers that read what was removed
-IMPORTANCE = (("l1", "l1", False), ("wanda", "wanda", False), ("taylor", "taylor", False),
-              ("obs + reconstruct", "obs", True))
+# (label, importance, reconstruct, allocation): reconstruct re-fits the layers that read what was
+# removed; allocation "sensitivity" spreads the cut over the layers by their measured effect
+IMPORTANCE = (("l1", "l1", False, "uniform"), ("wanda", "wanda", False, "uniform"),
+              ("taylor", "taylor", False, "uniform"), ("obs + reconstruct", "obs", True, "uniform"),
+              ("obs + reconstruct, by sensitivity", "obs", True, "sensitivity"))
 
 
 def contrastive_loss(model, batch):
@@ -82,9 +84,12 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     rows = []
     for label, sizes in CASES:
-        for label_importance, importance, reconstruct in IMPORTANCE:
+        for label_importance, importance, reconstruct, allocation in IMPORTANCE:
+            if allocation != "uniform" and "hidden" in sizes:
+                continue  # one residual stream: nothing to spread
             pruned = copy.deepcopy(model)
-            options = {"data": calibration, "reconstruct": reconstruct} if importance != "l1" else {}
+            options = ({"data": calibration, "reconstruct": reconstruct, "allocation": allocation}
+                       if importance != "l1" else {})
             if importance == "taylor":
                 options["loss_fn"] = lambda output, batch, m=pruned: contrastive_loss(m, batch)
             hidden_case = "hidden" in sizes

@@ -258,6 +258,24 @@ def test_reconstruct_needs_data(capsys, tmp_path, digits):
     assert code == 2 and "--reconstruct needs calibration data" in err and "Traceback" not in err
 
 
+def test_allocation_by_sensitivity(capsys, tmp_path, digits):
+    _, weights = digits
+    code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.5", "--allocation", "sensitivity",
+                                "-o", tmp_path / "x.safetensors")
+    assert code == 2 and "--allocation sensitivity needs calibration data" in err and "Traceback" not in err
+    data = tmp_path / "calib.safetensors"
+    from safetensors.torch import save_file
+    save_file({"x": torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))}, data)
+    counts = {}
+    for how in ("uniform", "sensitivity"):
+        out = tmp_path / f"{how}.safetensors"
+        code, _, err = prune_digits(capsys, weights, "channels", "--ratio", "0.5", "--data", data,
+                                    "--allocation", how, "-o", out)
+        assert code == 0, err
+        counts[how] = channel_counts(pangkas.load(out, digits_cnn()))
+    assert counts["uniform"] != counts["sensitivity"]
+
+
 def test_layers_target_macs_and_replace(capsys, tmp_path):
     torchvision = pytest.importorskip("torchvision")
     out = tmp_path / "shallow.safetensors"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import verify
+from .allocation import check as check_allocation, reallocate
 from .deprecation import renamed
 from .errors import OperationFailed, PangkasError
 from .graph.labels import components
@@ -30,7 +31,8 @@ from .integrations import active as active_integrations
 from .modules import Selector
 from .reconstruct import reconstruct
 from .reports import Report
-from .selection import (Block, Group, Options, Selection, blocks_outside, module_of, planned_shape, select,
+from .selection import (Block, Group, Options, Selection, blocks_outside, count_params, module_of, planned_shape,
+                        ratio_source, select,
                         select_rectangular)
 from .tables import human_count, render_table
 from .widths import layer_timer
@@ -60,7 +62,7 @@ class Plan:
         self.applied = False
         self.reconstruct_on: list | None = None  # calibration batches, when apply() reconstructs
         self.data_aware = False  # whether importance read the data (else the plan says it is data-free)
-        self.params_before = _count_params(model, coupling, None)
+        self.params_before = count_params(model, coupling, None)
         self.macs_before = count_flops(coupling.records) // 2
         self._choose(blocks)
 
@@ -90,7 +92,7 @@ class Plan:
 
     @property
     def params_after(self) -> int:
-        return _count_params(self.model, self.coupling, self.selection.removed)
+        return count_params(self.model, self.coupling, self.selection.removed)
 
     @property
     def macs_after(self) -> int:
@@ -251,6 +253,7 @@ def plan_channels(
     prune_outputs: bool = False,
     integrations: list | None = None,
     reconstruct: bool = False,
+    allocation: str = "uniform",
 ) -> Plan:
     """Plan the removal of ``ratio`` of the channels of every coupled group (``scope="local"``)
     or of all channels ranked together (``scope="global"``, scores normalised per group).
@@ -276,16 +279,21 @@ def plan_channels(
     ``reconstruct=True`` (needs ``data``): when applied, the layers that read removed channels
     re-fit their kept weights by least squares on ``data`` to keep their outputs (see
     ``pangkas.reconstruct``); without it the kept weights are left as they are.
+    ``allocation="sensitivity"`` (needs ``data``): instead of one ratio everywhere, groups that
+    hurt the outputs less when cut lose more, for the same parameters removed per ratio entry
+    (measured on ``data``, see ``pangkas.allocation``); ``"uniform"`` (default) cuts each group alike.
     """
     if importance is None:
         importance = "l1" if data is None else "obs" if reconstruct else "wanda"
     _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_fn)
     if reconstruct not in (True, False):
         raise PangkasError(f"reconstruct must be True or False, got {reconstruct!r}")
+    check_allocation(allocation, data, scope)
     if reconstruct:
         if data is None:
             raise PangkasError("reconstruct=True needs calibration batches: give data=")
-        data = list(data)  # read twice: importance, then the fit
+    if reconstruct or allocation != "uniform":
+        data = list(data)  # read again: importance, then the fit or the allocation
     known = active_integrations(integrations)
     coupling = trace(model, example_inputs, adapter=known.adapter(model), keep_outputs=not prune_outputs,
                      traced_as=known.traced_as)
@@ -296,6 +304,8 @@ def plan_channels(
     plan = Plan(model, example_inputs, coupling, options, scores, known, blocks)
     plan.reconstruct_on = data if reconstruct else None
     plan.data_aware = resolve_importance(importance, data, loss_fn).needs_data
+    if allocation == "sensitivity":
+        reallocate(plan, lambda g: ratio_source(g, plan.options, model) or "ratio", data)
     verify.rehearse(plan)
     return plan
 
@@ -348,20 +358,6 @@ def _producer_timer(group: Group, model: nn.Module, coupling: Coupling):
                 if timer is not None:
                     return timer
     return None
-
-
-def _count_params(model: nn.Module, coupling: Coupling, removed: torch.Tensor | None) -> int:
-    total = 0
-    for name, p in model.named_parameters():
-        ids = coupling.tensor_ids.get(name)
-        if removed is None or ids is None:
-            total += p.numel()
-        else:
-            n = 1
-            for dim_ids in ids:
-                n *= int((~removed[dim_ids]).sum())
-            total += n
-    return total
 
 
 _RULE_GAP = re.compile(r"^(?:no coupling rule for this op|rule failed: .*) \((\w+)(?: in [^()]*)?\)$", re.S)

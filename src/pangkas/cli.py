@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "prune layers)")
     channels.add_argument("--reconstruct", action="store_true",
                           help="re-fit the layers that read removed channels on --data (least squares)")
+    channels.add_argument("--allocation", choices=("uniform", "sensitivity"), default="uniform",
+                          help="sensitivity: layers whose cut hurts less lose more, measured on --data")
     channels.add_argument("--batch-size", type=_positive, default=8)
     channels.add_argument("--scope", choices=("local", "global"), default="local")
     channels.add_argument("--round-to", type=_round_to, default=1,
@@ -297,9 +299,12 @@ def _prune_channels(source, args):
     from .transformer import prune_transformer
 
     common = dict(importance=args.importance, scope=args.scope, round_to=args.round_to,
-                  include=args.include, exclude=args.exclude, reconstruct=args.reconstruct)
-    if args.data is None and (args.importance in ("wanda", "obs") or args.reconstruct):
-        needs = "--reconstruct" if args.reconstruct else f"--importance {args.importance}"
+                  include=args.include, exclude=args.exclude, reconstruct=args.reconstruct,
+                  allocation=args.allocation)
+    if args.data is None and (args.importance in ("wanda", "obs") or args.reconstruct
+                              or args.allocation != "uniform"):
+        needs = ("--reconstruct" if args.reconstruct else f"--importance {args.importance}"
+                 if args.importance in ("wanda", "obs") else "--allocation sensitivity")
         raise PangkasError(f"{needs} needs calibration data: give --data")
     if args.data is not None:
         from .sources import calibration_batches

@@ -291,13 +291,19 @@ def _grouping(coupling: Coupling, classes: torch.Tensor) -> tuple[torch.Tensor, 
                       torch.cat(right) if right else empty), producers
 
 
-def _group_ratio(group: Group, options: Options, model: nn.Module) -> float:
-    for pattern, r in options.ratios.items():
+def ratio_source(group: Group, options: Options, model: nn.Module):
+    """The ``options.ratios`` key that gives ``group`` its ratio, or None (``options.ratio``)."""
+    for pattern in options.ratios:
         for name in group.modules:
             module = model.get_submodule(name) if name else model
             if matches(pattern, name, module):
-                return r
-    return options.ratio
+                return pattern
+    return None
+
+
+def _group_ratio(group: Group, options: Options, model: nn.Module) -> float:
+    source = ratio_source(group, options, model)
+    return options.ratio if source is None else options.ratios[source]
 
 
 def _choose(groups: list[Group], options: Options, model: nn.Module, timer_for: TimerFor | None) -> None:
@@ -356,3 +362,18 @@ def _remove_per_row(group: Group, keep: int, options: Options) -> None:
     for row in group.rows:
         order = torch.argsort(group.scores[row], stable=True)
         group.removed[row[order[: width - per_row]]] = True
+
+
+def count_params(model: nn.Module, coupling: Coupling, removed: torch.Tensor | None) -> int:
+    """Parameters of ``model`` left when the positions flagged in ``removed`` (None: none) go."""
+    total = 0
+    for name, p in model.named_parameters():
+        ids = coupling.tensor_ids.get(name)
+        if removed is None or ids is None:
+            total += p.numel()
+        else:
+            n = 1
+            for dim_ids in ids:
+                n *= int((~removed[dim_ids]).sum())
+            total += n
+    return total

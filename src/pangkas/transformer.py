@@ -10,9 +10,12 @@ import warnings
 
 from torch import nn
 
+from . import verify
+from .allocation import check as check_allocation, reallocate
 from .channels import ChannelReport, Plan, plan_channels
 from .errors import PangkasError
 from .integrations import huggingface
+from .selection import ratio_source
 
 
 class TransformerPlan:
@@ -70,21 +73,32 @@ class TransformerPlan:
 
 
 def plan_transformer(model: nn.Module, example_inputs, *, heads: float | None = None,
-                     ffn: float | None = None, hidden: float | None = None, **options) -> TransformerPlan:
+                     ffn: float | None = None, hidden: float | None = None, allocation: str = "uniform",
+                     **options) -> TransformerPlan:
     """Plan removing ``heads`` of the attention heads, ``ffn`` of the MLP neurons and ``hidden``
     of the hidden size (approximate: LayerNorm/RMSNorm statistics change) of a Hugging Face model;
     each is a fraction of its unit. Heads go whole (whole key/value groups with GQA), so ``heads``
     is rounded per layer to the nearest whole number of them (refused if that is none or all);
-    ``plan.removed`` says what is really removed. Other options (``importance=``, ``data=``,
-    ``integrations=``, ...) go to ``plan_channels``."""
+    ``plan.removed`` says what is really removed. ``allocation="sensitivity"`` (needs ``data``)
+    spreads each unit's removal over the layers by measured sensitivity (see
+    ``pangkas.allocation``): a layer whose cut hurts the outputs more keeps more, each unit's total
+    is unchanged; ``"uniform"`` (default) cuts every layer alike. Other options (``importance=``,
+    ``data=``, ``integrations=``, ...) go to ``plan_channels``."""
     asked = {unit: amount for unit, amount in {"heads": heads, "ffn": ffn, "hidden": hidden}.items()
              if amount is not None}
     if not asked:
         raise PangkasError("give at least one of heads=, ffn=, hidden=")
+    check_allocation(allocation, options.get("data"), options.get("scope", "local"))
+    if allocation != "uniform":
+        options["data"] = list(options["data"])  # read again by the allocation
     per_unit = {unit: huggingface.ratios(model, **{unit: amount}) for unit, amount in asked.items()}
     ratios = {name: r for unit_ratios in per_unit.values() for name, r in unit_ratios.items()}
     plan = plan_channels(model, example_inputs, ratio=0.0, ratios=ratios, allow_approximate=hidden is not None,
                          **options)
+    if allocation != "uniform":
+        unit_of = {name: unit for unit, names in per_unit.items() for name in names}
+        reallocate(plan, lambda g: unit_of.get(ratio_source(g, plan.options, model)), options["data"])
+        verify.rehearse(plan)
     return TransformerPlan(plan, asked, {unit: list(r) for unit, r in per_unit.items()})
 
 
