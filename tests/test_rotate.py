@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 SMALL = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-             intermediate_size=128)
+             intermediate_size=128, rms_norm_eps=0.05)  # an eps large enough that scaling it matters
 CONFIGS = {
     "llama": lambda: transformers.LlamaConfig(**SMALL),
     "llama-tied": lambda: transformers.LlamaConfig(**SMALL, tie_word_embeddings=True),
@@ -72,7 +72,7 @@ def test_slicing_is_the_full_model_with_trailing_directions_zeroed(name):
     q = plan.q.clone()
     q[:, plan.kept:] = 0
     original = {p: p.data for p in rotate.changed_tensors(parts)}
-    for p, value in rotate.rotated(parts, original, q).items():
+    for p, value in rotate.rotated(parts, original, q):
         p.data = value
     plan.apply()
     assert model.config.hidden_size == 48 and model.model.embed_tokens.weight.shape == (100, 48)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -168,53 +169,56 @@ def principal_directions(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 # -- the new weights -------------------------------------------------------------------------
 
-def rotated(parts: Parts, original: dict, q: torch.Tensor) -> dict:
-    """New values (by parameter) of every tensor ``parts`` hold, for ``q`` (``d x d'``, orthonormal
-    columns) from their ``original`` values (by parameter). Pure: the model is not touched."""
-    width, kept = q.shape
-    scale = math.sqrt(width / kept)  # 1 without slicing
-    new = {}
+def rotated(parts: Parts, original: dict, q: torch.Tensor) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
+    """The new value of every residual-stream tensor for the rotation ``q`` (``d x d``), computed
+    in float64 from its ``original`` value (by parameter), one at a time: norms folded into their
+    readers (and left as ones), embeddings ``E Q``, readers ``W Q``, writers ``Q^T W``."""
 
-    def as_before(p, value):
-        new[p] = value.to(original[p].dtype)
+    def cast(p, value):
+        return p, value.to(original[p].dtype)
 
-    def read(linear, norm_weight, factor=1.0):  # W -> W diag(w) Q
-        as_before(linear.weight, (original[linear.weight].double() * norm_weight) @ q * factor)
+    def read(linear, norm):  # W -> W diag(w) Q
+        return cast(linear.weight, (original[linear.weight].double() * original[norm.weight].double()) @ q)
 
-    def write(linear):  # W -> Q^T W, b -> Q^T b
-        as_before(linear.weight, q.T @ original[linear.weight].double())
-        if linear.bias is not None:
-            as_before(linear.bias, q.T @ original[linear.bias].double())
-
-    scaled = {id(proj) for _, proj in parts.per_head}  # read by a per-head norm with the config's eps
-    as_before(parts.embeddings.weight, original[parts.embeddings.weight].double() @ q)
+    yield cast(parts.embeddings.weight, original[parts.embeddings.weight].double() @ q)
     for block in parts.blocks:
         for norm, readers, writer in block:
-            w = original[norm.weight].double()
-            for r in readers:
-                read(r, w, scale if id(r) in scaled else 1.0)
-            write(writer)
-    read(parts.head, original[parts.final_norm.weight].double())
+            yield from (read(r, norm) for r in readers)
+            yield cast(writer.weight, q.T @ original[writer.weight].double())
+            if writer.bias is not None:
+                yield cast(writer.bias, q.T @ original[writer.bias].double())
+    yield read(parts.head, parts.final_norm)
     for norm in parts.norms:
-        new[norm.weight] = torch.full((kept,), scale, dtype=original[norm.weight].dtype)
-    for _, proj in parts.per_head:
-        if proj.bias is not None:
-            as_before(proj.bias, original[proj.bias].double() * scale)
+        yield norm.weight, torch.ones_like(original[norm.weight])
+
+
+def sliced(parts: Parts, kept: int) -> dict[nn.Parameter, torch.Tensor]:
+    """The new values (by parameter) of the residual-stream tensors when the rotated model keeps
+    its first ``kept`` directions, with the norm compensation (see the module docstring)."""
+    scale = math.sqrt(parts.embeddings.embedding_dim / kept)
+    new = {p: p.data.narrow(dim, 0, kept).contiguous() for p, dim in residual_dims(parts)}
+    for norm in parts.norms:
+        new[norm.weight] = torch.full((kept,), scale, dtype=norm.weight.dtype)
+    for _, proj in parts.per_head:  # read by a per-head norm, whose eps (the config's) is scaled too
+        for p in (proj.weight, proj.bias):
+            if p is not None:
+                new[p] = new.get(p, p.data) * scale
     return new
 
 
-def touched_tensors(parts: Parts) -> list[nn.Parameter]:
-    """The tensors with a dim of the residual stream's width (readers' biases have none)."""
-    linears = [m for block in parts.blocks for _, readers, writer in block for m in (*readers, writer)]
-    biases = [writer.bias for block in parts.blocks for _, _, writer in block if writer.bias is not None]
-    return [parts.embeddings.weight, parts.head.weight, *(m.weight for m in linears), *biases,
-            *(n.weight for n in parts.norms)]
+def residual_dims(parts: Parts) -> list[tuple[nn.Parameter, int]]:
+    """The tensors with a dim of the residual stream's width, with that dim (readers' biases have
+    none; norms are set, not cut)."""
+    readers = [r for block in parts.blocks for _, rs, _ in block for r in rs] + [parts.head]
+    writers = [w for block in parts.blocks for _, _, w in block]
+    return ([(parts.embeddings.weight, 1)] + [(r.weight, 1) for r in readers] + [(w.weight, 0) for w in writers]
+            + [(w.bias, 0) for w in writers if w.bias is not None])
 
 
 def changed_tensors(parts: Parts) -> list[nn.Parameter]:
-    """Every tensor :func:`rotated` gives a new value: those of the residual stream's width, and
-    the biases of projections a per-head norm reads (scaled with them)."""
-    return touched_tensors(parts) + [proj.bias for _, proj in parts.per_head if proj.bias is not None]
+    """Every tensor rotating and slicing gives a new value."""
+    per_head = [p for _, proj in parts.per_head for p in (proj.weight, proj.bias) if p is not None]
+    return [p for p, _ in residual_dims(parts)] + [n.weight for n in parts.norms] + per_head
 
 
 # -- plan, apply, report ---------------------------------------------------------------------
@@ -249,7 +253,8 @@ class RotationPlan:
 
     def _params_after(self) -> int:
         """Every tensor of the residual stream has one dim of width ``d``, which becomes ``d'``."""
-        touched = {id(p): p.numel() for p in touched_tensors(self.parts)}.values()  # a tied one once
+        tensors = [p for p, _ in residual_dims(self.parts)] + [n.weight for n in self.parts.norms]
+        touched = {id(p): p.numel() for p in tensors}.values()  # a tied one once
         return self.params_before - sum(n // self.width * (self.width - self.kept) for n in touched) \
             + self.params_added
 
@@ -294,14 +299,13 @@ def _apply(plan: RotationPlan, undo: Undo) -> None:
     original = {p: p.data for p in changed_tensors(parts)}
     for p, data in original.items():
         undo.tensors.append((p, data))
-    for p, value in rotated(parts, original, plan.q).items():  # all directions: must change nothing
+    for p, value in rotated(parts, original, plan.q):  # all directions: must change nothing
         p.data = value
     error = _relative_error(_logits(model, plan.example_inputs), expected)
     if not error <= TOLERANCE:
         raise PangkasError(f"rotating {type(model).__name__} changed its outputs (relative error {error:.2g}): its "
                            "layout is not the LLaMA one rotate=True assumes; prune hidden= without rotate=")
-    q = plan.q[:, :plan.kept]
-    for p, value in rotated(parts, original, q).items():
+    for p, value in sliced(parts, plan.kept).items():
         p.data = value
     _resize(model, parts, plan.width, plan.kept, undo)
     _logits(model, plan.example_inputs)  # the sliced model runs
