@@ -100,6 +100,16 @@ def test_round_trips_through_save_pretrained(name, tmp_path):
     assert torch.allclose(logits(loaded), logits(model), atol=1e-5)
 
 
+def test_the_width_left_is_a_multiple_of_the_heads_so_the_config_loads(tmp_path):
+    model = build("llama")
+    plan = pangkas.plan_transformer(model, X, hidden=0.1, data=DATA, rotate=True)  # 64 - 6.4: 56, not 58
+    assert plan.kept == 56 and "multiple of the 4 attention heads" in str(plan)
+    plan.apply()
+    model.save_pretrained(tmp_path / "m")  # plain save_pretrained
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert torch.allclose(logits(loaded), logits(model), atol=1e-5)
+
+
 def test_tied_embeddings_are_untied_and_counted():
     model = build("llama-tied")
     params = sum(p.numel() for p in model.parameters())

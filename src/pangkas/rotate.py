@@ -232,7 +232,8 @@ class RotationPlan:
         self.model, self.example_inputs, self.hidden = model, example_inputs, hidden
         self.q, self.eigenvalues = q, eigenvalues
         self.width = q.shape[0]
-        self.kept = self.width - round(hidden * self.width)
+        self.heads = getattr(model.config, "num_attention_heads", None) or 1
+        self.kept = kept_width(self.width, hidden, self.heads)
         self.parts = parts_of(model)
         self.untie = self.parts.tied
         self.params_before = sum(p.numel() for p in model.parameters())
@@ -260,7 +261,8 @@ class RotationPlan:
 
     def __str__(self) -> str:
         lines = [f"rotation plan: hidden {self.width} -> {self.kept} (hidden={self.hidden}, removes "
-                 f"{(self.width - self.kept) / self.width:.3g}), one orthogonal rotation of the residual stream "
+                 f"{(self.width - self.kept) / self.width:.3g}: a multiple of the {self.heads} attention heads, as "
+                 "the config requires), one orthogonal rotation of the residual stream "
                  f"(PCA on calibration data) keeps {self.energy_kept:.2%} of its energy",
                  f"params {human_count(self.params_before)} -> {human_count(self.params_after)}"]
         if self.untie:
@@ -374,13 +376,18 @@ class RotationReport(Report):
         return str(self.plan).replace("rotation plan", "rotated and sliced", 1)
 
 
+def kept_width(width: int, hidden: float, heads: int) -> int:
+    """The hidden size left: ``hidden`` of ``width`` removed, rounded to the nearest multiple of
+    ``heads`` (LLaMA-style configs refuse a hidden_size that is not one, so plain
+    ``from_pretrained`` could not load the result), at least one multiple."""
+    return max(heads, heads * math.floor((width - hidden * width) / heads + 0.5))
+
+
 def plan_rotation(model: nn.Module, example_inputs, hidden: float, data) -> RotationPlan:
     """The rotation and how much of it is kept (see the module docstring); the model is unchanged."""
     if not (isinstance(hidden, (int, float)) and 0 <= hidden < 1):
         raise PangkasError(f"hidden must be a fraction in [0, 1), got {hidden!r}")
     parts = parts_of(model)
     width = parts.embeddings.embedding_dim
-    if width - round(hidden * width) < 1:
-        raise PangkasError(f"hidden={hidden} leaves no dimension of {width}")
     values, vectors = principal_directions(residual_covariance(model, parts, data))
     return RotationPlan(model, example_inputs, hidden, vectors, values)
