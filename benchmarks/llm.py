@@ -60,6 +60,10 @@ def transformer(reconstruct=False, importance=None, allocation="uniform", **unit
                                                       reconstruct=reconstruct, allocation=allocation, **units)
 
 
+def rotated(hidden):
+    return lambda m, calib: pangkas.prune_transformer(m, calib[0], hidden=hidden, data=calib, rotate=True)
+
+
 def layers(n, replace=None):
     return lambda m, calib: pangkas.prune_layers(m, calib, n=n, replace=replace)
 
@@ -91,6 +95,8 @@ ROWS = {
                                                                     heads=ONE_GROUP, ffn=0.25),
     "hidden 10%": transformer(hidden=0.1),
     "hidden 10% + reconstruct": transformer(True, hidden=0.1),
+    "hidden 10%, rotated": rotated(0.1),
+    "hidden 25%, rotated": rotated(0.25),
 }
 
 

@@ -289,3 +289,38 @@ def test_layers_target_macs_and_replace(capsys, tmp_path):
     code, _, err = run(capsys, "prune", "layers", "torchvision:resnet18", "--input-shape", "1,3,32,32",
                        "--n", "1", "--replace", "linear", "-o", tmp_path / "r.safetensors")
     assert code == 2 and "replace='linear'" in err and "Traceback" not in err
+
+
+def test_rotate_prunes_hidden_size_by_rotation(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    save_file({"input_ids": torch.randint(0, 100, (8, 12))}, tmp_path / "calib.safetensors")
+    out = tmp_path / "thin"
+    code, stdout, err = run(capsys, "prune", "channels", tmp_path / "llama", "--hidden", "0.25", "--rotate",
+                            "--data", tmp_path / "calib.safetensors", "--input-shape", "1,12", "-o", out)
+    assert code == 0, err
+    assert "rotated and sliced" in stdout and "untied" in stdout
+    again = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # a plain directory
+    assert again.config.hidden_size == 24 and again.config.tie_word_embeddings is False
+    assert again(torch.randint(0, 100, (1, 12))).logits.shape == (1, 12, 100)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--rotate", "--hidden", "0.25"], "--rotate needs calibration data"),
+    (["--rotate", "--ffn", "0.25", "--data", "CALIB"], "hidden="),
+    (["--rotate", "--hidden", "0.25", "--data", "CALIB", "--importance", "l1"], "importance"),
+])
+def test_rotate_refuses_what_it_cannot_do(capsys, tmp_path, args, message):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    save_file({"input_ids": torch.randint(0, 100, (4, 12))}, tmp_path / "calib.safetensors")
+    args = [str(tmp_path / "calib.safetensors") if a == "CALIB" else a for a in args]
+    out = tmp_path / "thin"
+    code, _, err = run(capsys, "prune", "channels", tmp_path / "llama", *args, "--input-shape", "1,12", "-o", out)
+    assert code == 2 and message in err and not out.exists()

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     channels.add_argument("--heads", type=_fraction, help="Hugging Face: fraction of attention heads to remove")
     channels.add_argument("--ffn", type=_fraction, help="Hugging Face: fraction of MLP neurons to remove")
     channels.add_argument("--hidden", type=_fraction, help="Hugging Face: fraction of the hidden size (approximate)")
+    channels.add_argument("--rotate", action="store_true",
+                          help="with --hidden and --data (LLaMA, Mistral, Qwen2, Qwen3): rotate the residual stream "
+                          "onto its principal directions first, then drop the weakest (SliceGPT-style)")
     channels.add_argument("--importance", choices=("l1", "l2", "fpgm", "bn_scale", "wanda", "obs", "random"),
                           help="default: with --data, obs if --reconstruct else wanda; without, l1")
     channels.add_argument("--data", help="calibration data for --importance wanda and --reconstruct (as for "
@@ -301,10 +304,10 @@ def _prune_channels(source, args):
     common = dict(importance=args.importance, scope=args.scope, round_to=args.round_to,
                   include=args.include, exclude=args.exclude, reconstruct=args.reconstruct,
                   allocation=args.allocation)
-    if args.data is None and (args.importance in ("wanda", "obs") or args.reconstruct
-                              or args.allocation != "uniform"):
-        needs = ("--reconstruct" if args.reconstruct else f"--importance {args.importance}"
-                 if args.importance in ("wanda", "obs") else "--allocation sensitivity")
+    needs = ("--reconstruct" if args.reconstruct else "--rotate" if args.rotate
+             else f"--importance {args.importance}" if args.importance in ("wanda", "obs")
+             else "--allocation sensitivity" if args.allocation != "uniform" else None)
+    if args.data is None and needs:
         raise PangkasError(f"{needs} needs calibration data: give --data")
     if args.data is not None:
         from .sources import calibration_batches
@@ -318,12 +321,17 @@ def _prune_channels(source, args):
         if args.allow_approximate:
             raise PangkasError("--allow-approximate applies to --ratio; --hidden is approximate by itself")
 
+        if args.rotate:  # the rotation's principal directions are its importance: no channel options
+            common = {k: common.get(k) for k in ("data", "importance", "include", "exclude", "reconstruct")}
+
         def transformer():
             with warnings.catch_warnings():  # the CLI saves with pangkas.save_pretrained and says how to load
                 warnings.filterwarnings("ignore", message=".*config cannot say")
                 return prune_transformer(source.model, source.example_inputs, heads=args.heads,
-                                         ffn=args.ffn, hidden=args.hidden, **common)
+                                         ffn=args.ffn, hidden=args.hidden, rotate=args.rotate, **common)
         return transformer
+    if args.rotate:
+        raise PangkasError("--rotate prunes --hidden of a Hugging Face model: give --hidden (and --data)")
     if args.ratio is None:
         raise PangkasError("give --ratio (or, for a Hugging Face model, --heads/--ffn/--hidden)")
     return lambda: prune_channels(source.model, source.example_inputs, ratio=args.ratio,

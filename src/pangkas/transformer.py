@@ -15,6 +15,7 @@ from .allocation import check as check_allocation, reallocate
 from .channels import ChannelReport, Plan, plan_channels
 from .errors import PangkasError
 from .integrations import huggingface
+from .rotate import RotationPlan, RotationReport, plan_rotation
 from .selection import ratio_source
 
 
@@ -74,7 +75,7 @@ class TransformerPlan:
 
 def plan_transformer(model: nn.Module, example_inputs, *, heads: float | None = None,
                      ffn: float | None = None, hidden: float | None = None, allocation: str = "uniform",
-                     **options) -> TransformerPlan:
+                     rotate: bool = False, **options) -> TransformerPlan | RotationPlan:
     """Plan removing ``heads`` of the attention heads, ``ffn`` of the MLP neurons and ``hidden``
     of the hidden size (approximate: LayerNorm/RMSNorm statistics change) of a Hugging Face model;
     each is a fraction of its unit. Heads go whole (whole key/value groups with GQA), so ``heads``
@@ -83,7 +84,15 @@ def plan_transformer(model: nn.Module, example_inputs, *, heads: float | None = 
     spreads each unit's removal over the layers by measured sensitivity (see
     ``pangkas.allocation``): a layer whose cut hurts the outputs more keeps more, each unit's total
     is unchanged; ``"uniform"`` (default) cuts every layer alike. Other options (``importance=``,
-    ``data=``, ``integrations=``, ...) go to ``plan_channels``."""
+    ``data=``, ``integrations=``, ...) go to ``plan_channels``.
+
+    ``rotate=True`` (with ``hidden=`` and ``data=`` only; LLaMA, Mistral, Qwen2, Qwen3 causal LMs)
+    removes hidden size SliceGPT-style instead: the residual stream is rotated onto its principal
+    directions on ``data`` and the weakest are dropped (see ``pangkas.rotate``); a ``RotationPlan``."""
+    if rotate:
+        if allocation != "uniform":
+            raise PangkasError("rotate=True cuts one residual stream: allocation= does not apply")
+        return _plan_rotation(model, example_inputs, heads, ffn, hidden, options)
     asked = {unit: amount for unit, amount in {"heads": heads, "ffn": ffn, "hidden": hidden}.items()
              if amount is not None}
     if not asked:
@@ -102,10 +111,24 @@ def plan_transformer(model: nn.Module, example_inputs, *, heads: float | None = 
     return TransformerPlan(plan, asked, {unit: list(r) for unit, r in per_unit.items()})
 
 
+def _plan_rotation(model, example_inputs, heads, ffn, hidden, options) -> RotationPlan:
+    if heads is not None or ffn is not None:
+        raise PangkasError("rotate=True prunes hidden= only; prune heads=/ffn= in a second call")
+    if hidden is None:
+        raise PangkasError("rotate=True needs hidden= (the fraction of the hidden size to remove)")
+    extra = sorted(k for k, v in options.items() if k != "data" and v not in (None, False))
+    if extra:
+        raise PangkasError(f"rotate=True takes data= only, not {', '.join(extra)}= (the rotation's principal "
+                           "directions are its importance)")
+    return plan_rotation(model, example_inputs, hidden, options.get("data"))
+
+
 def prune_transformer(model: nn.Module, example_inputs, *, heads: float | None = None,
-                      ffn: float | None = None, hidden: float | None = None, **options) -> ChannelReport:
+                      ffn: float | None = None, hidden: float | None = None, rotate: bool = False,
+                      **options) -> ChannelReport | RotationReport:
     """``plan_transformer(...).apply()``: remove ``heads``, ``ffn`` and ``hidden`` (fractions of
     each unit) of a Hugging Face model, then update its config. Warns when the config cannot say
-    the new sizes (save with ``pangkas.save_pretrained`` then)."""
-    plan = plan_transformer(model, example_inputs, heads=heads, ffn=ffn, hidden=hidden, **options)
-    return plan._apply()
+    the new sizes (save with ``pangkas.save_pretrained`` then). ``rotate=True``: hidden size by
+    rotation (see ``plan_transformer``)."""
+    plan = plan_transformer(model, example_inputs, heads=heads, ffn=ffn, hidden=hidden, rotate=rotate, **options)
+    return plan.apply() if rotate else plan._apply()
