@@ -309,6 +309,7 @@ class LayerReport(Report):
 
     def details(self) -> dict:
         return {"importance": self.plan.importance, "removed": list(self.chosen),
+                "stand_ins": list(self.plan.stand_ins or []),
                 "scores": {str(k): float(v) for k, v in self.plan.scores.items()}}
 
     def __str__(self) -> str:
