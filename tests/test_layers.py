@@ -657,3 +657,21 @@ def test_replace_linear_scores_with_the_map_where_it_stands_in(tiny_llama):
     batches = [{"input_ids": ids[:24].view(2, 12)}]
     assert pangkas.plan_layers(dense, batches, n=1, replace="linear",
                                exclude="model.layers.0").importance == "block_influence"
+
+
+def test_padding_tokens_do_not_shape_the_fit():
+    from pangkas.activations import AffineFit
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 6, generator=g)
+    a, c = torch.randn(6, 6, generator=g), torch.randn(6, generator=g)
+    y = x @ a + c
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[:, 30:] = 0  # padding, where the hidden states are anything
+    y[:, 30:] = torch.randn(2, 10, 6, generator=g) * 10
+    keep = pangkas.layer_importance.real_tokens({"attention_mask": mask}, x)
+    for rows, exact in ((keep, True), (None, False)):
+        fit = AffineFit()
+        fit.add(x, y, rows)
+        b = fit.solve(damp=1e-12).float()
+        close = torch.allclose(b[:-1] + torch.eye(6), a, atol=1e-4) and torch.allclose(b[-1], c, atol=1e-4)
+        assert close == exact and (fit.unexplained(1e-12) < 1e-8) == exact
