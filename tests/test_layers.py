@@ -492,10 +492,191 @@ def test_replace_linear_refuses_what_it_cannot_fold(tiny_llama):
         pangkas.plan_layers(dense, batches, n=1, importance=lambda m, c, d: {c[0].name: 0.0}, replace="linear")
     with pytest.raises(pangkas.PangkasError, match="replace must be"):
         pangkas.plan_layers(dense, batches, n=1, replace="mlp")
-    model = bert()  # post-norm: the last projection is normalised with the residual
+
+
+# -- replace="linear" where nothing can be folded: a fitted stand-in module ----------------------
+
+class Chain(nn.Module):
+    """Layers that are affine maps (a layer list, not residual): what a run of them does, an
+    affine stand-in can do exactly."""
+
+    def __init__(self, width=16, depth=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Linear(8, width)
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Sequential(nn.GELU(), nn.Linear(width, 4))
+
+    def forward(self, x):
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def last_two(model, candidates, data):
+    return {c.name: 0.0 if i >= len(candidates) - 2 else 1.0 for i, c in enumerate(candidates)}
+
+
+def test_a_stand_in_for_affine_layers_is_exact():
+    from pangkas.reconstruct import fit_stand_in
+    model = Chain()
+    x = data()[0]
+    end = model.layers[1](model.layers[0](model.embed(x)))
+    stand_in = fit_stand_in(model, "layers.0", "layers.1", data(), damp=1e-10)
+    torch.testing.assert_close(stand_in(model.embed(x)), end, atol=1e-5, rtol=1e-5)
+    # through prune_layers (the first layers: nothing before them to fold into), with the default ridge
+    before = model(x)
+    pangkas.prune_layers(model, data(), n=2, replace="linear", include=nn.Linear,
+                         importance=lambda m, c, d: {n.name: float(i) for i, n in enumerate(c)})
+    assert [type(m).__name__ for m in model.layers] == ["LinearStandIn", "Linear", "Linear"]
+    with torch.no_grad():
+        assert float((model(x) - before).norm() / before.norm()) < 1e-2
+
+
+def test_bert_layers_get_a_stand_in_that_beats_removal():
+    dense, batch = bert(), tokens()[0]
+    with torch.no_grad():
+        reference = dense(**batch).last_hidden_state
+    errors = {}
+    for replace in (None, "linear"):
+        model = copy.deepcopy(dense)
+        plan = pangkas.plan_layers(model, tokens(4), n=2, importance=last_two, replace=replace)
+        report = plan.apply()
+        with torch.no_grad():
+            errors[replace] = float((model(**batch).last_hidden_state - reference).norm() / reference.norm())
+    layers = model.encoder.layer
+    assert [type(m).__name__ for m in layers] == ["BertLayer", "BertLayer", "LinearStandIn"]
+    assert model.config.num_hidden_layers == 3 and plan.stand_ins == ["encoder.layer.2"]
+    assert report.params_after == sum(p.numel() for p in model.parameters())
+    assert errors["linear"] < 0.5 * errors[None], errors
+    # a fresh stand-in (zero weights) is a Skip: the fit is what makes the difference
+    with torch.no_grad():
+        layers[2].linear.weight.zero_()
+        layers[2].linear.bias.zero_()
+        skipped = float((model(**batch).last_hidden_state - reference).norm() / reference.norm())
+    assert skipped == pytest.approx(errors[None], rel=1e-5)
+
+
+def test_stand_ins_round_trip_through_save_and_load(tmp_path):
+    model, batch = bert(), tokens()[0]
+    config = copy.deepcopy(model.config)
+    pangkas.prune_layers(model, tokens(), n=2, importance=lambda m, c, d: {c[1].name: 0.0, c[3].name: 0.0},
+                         replace="linear")  # two runs of one layer: two stand-ins
+    assert [type(m).__name__ for m in model.encoder.layer] == ["BertLayer", "LinearStandIn", "BertLayer",
+                                                               "LinearStandIn"]
+    path = pangkas.save(model, tmp_path / "bert.safetensors")
+    transformers = pytest.importorskip("transformers")
+    fresh = pangkas.load(path, transformers.BertModel(config).eval())
+    assert [type(m).__name__ for m in fresh.encoder.layer] == [type(m).__name__ for m in model.encoder.layer]
+    assert torch.equal(fresh(**batch).last_hidden_state, model(**batch).last_hidden_state)
+    with pytest.raises(pangkas.PangkasError, match=r"stand-ins.*pangkas.save\(model, path\).*pangkas.load"):
+        pangkas.save_pretrained(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_a_corrupt_stand_in_edit_is_refused_and_the_model_kept(tmp_path):
+    model = bert()
+    pangkas.prune_layers(model, tokens(), n=1, importance=lambda m, c, d: {c[-1].name: 0.0}, replace="linear")
+    edits = model._pangkas_edits
+    edits[0]["stand_ins"]["encoder.layer.3"]["width"] = 0
+    path = pangkas.save(model, tmp_path / "bad.safetensors")
+    fresh = bert()
+    state = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(pangkas.PangkasError, match="edits"):
+        pangkas.load(path, fresh)
+    assert len(fresh.encoder.layer) == 4 and all(torch.equal(v, state[k]) for k, v in fresh.state_dict().items())
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+# apply() runs the last block: 1 output shapes, 2 finding the projection to fold into, 3-4 fitting
+# that map, 5 checking it with the map folded in (refused: post-norm), 6-7 fitting the stand-in
+@pytest.mark.parametrize("when", [3, 5, 6, "applying"])
+def test_an_interrupt_while_standing_in_leaves_the_model_unchanged(when, monkeypatch):
+    model = bert()
     state = copy.deepcopy(model.state_dict())
-    plan = pangkas.plan_layers(model, tokens(), n=1, importance=lambda m, c, d: {c[-1].name: 0.0}, replace="linear")
-    with pytest.raises(pangkas.PangkasError, match="residual"):
+    plan = pangkas.plan_layers(model, tokens(), n=2, importance=last_two, replace="linear")
+    if when != "applying":
+        calls = []
+
+        def hook(module, args, output):
+            calls.append(1)
+            if len(calls) == when:
+                raise Interrupt
+
+        model.encoder.layer[3].register_forward_hook(hook)
+    else:  # after the stand-in is in place: the check that the model still runs
+        shapes = pangkas.layers._output_shapes
+
+        def interrupted(m, x):
+            if len(m.encoder.layer) < 4:
+                raise Interrupt
+            return shapes(m, x)
+
+        monkeypatch.setattr(pangkas.layers, "_output_shapes", interrupted)
+    with pytest.raises(Interrupt):
         plan.apply()
-    assert len(model.encoder.layer) == 4
+    assert [type(m).__name__ for m in model.encoder.layer] == ["BertLayer"] * 4
+    assert model.config.num_hidden_layers == 4 and not getattr(model, "_pangkas_edits", [])
+    assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_what_a_stand_in_cannot_replace_is_refused(tiny_llama):
+    dense, ids = tiny_llama
+    batches = [{"input_ids": ids[:24].view(2, 12)}]
+    with pytest.raises(pangkas.PangkasError, match="first of model.layers.*KV cache"):
+        pangkas.plan_layers(dense, batches, n=1, importance=lambda m, c, d: {c[0].name: 0.0}, replace="linear")
+    resnet = torchvision.models.resnet18(weights=None).eval()
+    with pytest.raises(pangkas.PangkasError, match="4-d feature maps"):
+        pangkas.plan_layers(resnet, images(32), n=1, importance=lambda m, c, d: {c[0].name: 0.0}, replace="linear")
+
+
+class AlmostLinear(Residual):
+    """A residual block whose branch is affine (no activation): a map can stand in exactly."""
+
+    def __init__(self, dim=16):
+        super().__init__(dim)
+        self.f = nn.Sequential(nn.Linear(dim, dim), nn.Linear(dim, dim))
+        with torch.no_grad():
+            self.f[0].weight.mul_(4)
+
+
+def test_linear_fit_ranks_the_block_a_map_can_replace_lowest():
+    torch.manual_seed(0)
+    model = Stack(silent=-1)
+    model.blocks[4] = AlmostLinear()  # changes its input a lot, but linearly
+    influence = block_influence(model, layer_candidates(model, data()[0]), data())
+    assert min(influence, key=influence.get) != "blocks.4"
+    plan = pangkas.plan_layers(model, data(), n=1, importance="linear_fit", include=Residual)
+    assert plan.chosen == ["blocks.4"] and plan.scores["blocks.4"] < 1e-3
+
+
+def test_replace_linear_scores_with_the_map_where_it_stands_in(tiny_llama):
+    assert pangkas.plan_layers(bert(), tokens(), n=1, replace="linear").importance == "linear_fit"
+    assert pangkas.plan_layers(bert(), tokens(), n=1).importance == "block_influence"
+    dense, ids = tiny_llama  # pre-norm: its maps are folded, chosen as before
+    batches = [{"input_ids": ids[:24].view(2, 12)}]
+    assert pangkas.plan_layers(dense, batches, n=1, replace="linear",
+                               exclude="model.layers.0").importance == "block_influence"
+
+
+def test_padding_tokens_do_not_shape_the_fit():
+    from pangkas.activations import AffineFit
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 40, 6, generator=g)
+    a, c = torch.randn(6, 6, generator=g), torch.randn(6, generator=g)
+    y = x @ a + c
+    mask = torch.ones(2, 40, dtype=torch.long)
+    mask[:, 30:] = 0  # padding, where the hidden states are anything
+    y[:, 30:] = torch.randn(2, 10, 6, generator=g) * 10
+    keep = pangkas.layer_importance.real_tokens({"attention_mask": mask}, x)
+    for rows, exact in ((keep, True), (None, False)):
+        fit = AffineFit()
+        fit.add(x, y, rows)
+        b = fit.solve(damp=1e-12).float()
+        close = torch.allclose(b[:-1] + torch.eye(6), a, atol=1e-4) and torch.allclose(b[-1], c, atol=1e-4)
+        assert close == exact and (fit.unexplained(1e-12) < 1e-8) == exact

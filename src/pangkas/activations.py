@@ -90,6 +90,47 @@ def damped_(gram: torch.Tensor, damp: float = DAMP) -> torch.Tensor:
     return gram
 
 
+class AffineFit:
+    """Streamed ridge least squares of an affine residual map, ``y ~ x + x W^T + b``, from the
+    rows ``x`` one layer (or run of layers) reads to the rows ``y`` it writes: float64 sums of
+    ``[x 1]^T [x 1]`` and ``[x 1]^T (y - x)``, never the activations themselves. The ridge pulls
+    ``W, b`` towards zero, so an ill-determined map stays close to doing nothing."""
+
+    def __init__(self):
+        self.gram: torch.Tensor | None = None
+        self.cross: torch.Tensor | None = None
+        self.y_squares = 0.0  # ||Y||^2, the yardstick of ``unexplained``
+        self.change_squares = 0.0  # ||Y - X||^2
+
+    def add(self, x: torch.Tensor, y: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """Rows of ``x`` and ``y`` (features last); ``keep`` (bool, one per row) drops padding."""
+        x, y = x.detach().reshape(-1, x.shape[-1]), y.detach().reshape(-1, y.shape[-1])
+        if keep is not None:
+            x, y = x[keep.reshape(-1)], y[keep.reshape(-1)]
+        x, y = x.double(), y.double()
+        ones = torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], 1)
+        change = y - x
+        gram, cross = ones.T @ ones, ones.T @ change
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+        self.y_squares += float(y.square().sum())
+        self.change_squares += float(change.square().sum())
+
+    def solve(self, damp: float = DAMP) -> torch.Tensor:
+        """``[W^T; b]`` ((width + 1) x width), the fitted correction."""
+        if self.gram is None:
+            raise ValueError("no rows were added")
+        gram = damped_(self.gram.clone(), damp)
+        return torch.cholesky_solve(self.cross, torch.linalg.cholesky(gram))
+
+    def unexplained(self, damp: float = DAMP) -> float:
+        """The fraction of ``||Y||^2`` the fitted map leaves: ``||Y - X - [X 1] B||^2 / ||Y||^2``,
+        from the sums alone."""
+        b = self.solve(damp)
+        left = self.change_squares - 2 * float((b * self.cross).sum()) + float((b * (self.gram @ b)).sum())
+        return max(left, 0.0) / max(self.y_squares, 1e-30)
+
+
 def wanda_scores(weight: torch.Tensor, norms: torch.Tensor, input_dim: int) -> torch.Tensor:
     """Wanda (Sun et al. 2023): ``|W_ij| * ||X_j||``, a weight matters as much as what it reads;
     ``norms`` has one entry per index of the weight's ``input_dim``."""

@@ -168,10 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     layers.add_argument("--granularity", choices=("layers", "any"), default="layers",
                         help="layers: whole layers of a layer list; any: their sublayers too")
     layers.add_argument("--replace", choices=("linear",),
-                        help="fold a least-squares linear map in place of the removed layers (pre-norm models)")
-    layers.add_argument("--importance", choices=("block_influence", "angular", "magnitude"),
-                        default="block_influence")
-    _renamed_flag(layers, "--criterion", "--importance", choices=("block_influence", "angular", "magnitude"))
+                        help="a least-squares linear map in place of the removed layers: folded into the layer "
+                        "before (pre-norm models), else a stand-in module (save to .safetensors then)")
+    layers.add_argument("--importance", choices=("block_influence", "angular", "magnitude", "linear_fit"),
+                        help="default: block_influence (linear_fit for --replace linear on post-norm layers)")
+    _renamed_flag(layers, "--criterion", "--importance", choices=("block_influence", "angular", "magnitude",
+                                                                  "linear_fit"))
     _selection_args(layers, "be removed (blocks)")
     layers.add_argument("--data", help="calibration data: a .safetensors file of input tensors (split "
                         "along dim 0), or for a Hugging Face model a .txt file, one text per line; "

@@ -25,7 +25,7 @@ from .markers import EDITS, RESHAPED
 from .markers import LOADED_FROM as _LOADED_FROM
 from .integrations import active as active_integrations
 from .surgery import shrink
-from .surgery.blocks import remove_blocks
+from .surgery.blocks import LinearStandIn, remove_blocks
 from .weights.masks import masked_modules, masks_by_key, plain_name, remove_mask, set_mask, state_key
 
 FORMAT = "pangkas-1"
@@ -148,7 +148,8 @@ def _check_header(header, stored: set[str]) -> None:
     if not isinstance(header.get("reshaped", False), bool):
         raise _corrupt('"reshaped" is not true or false')
     if not _edits_ok(header.get("edits", [])):
-        raise _corrupt('"edits" is not a list of {"remove_blocks": [names], "tuple_lengths": {name: int}}')
+        raise _corrupt('"edits" is not a list of {"remove_blocks": [names], "tuple_lengths": {name: int}, '
+                       '"stand_ins": {name: {"width": int}}}')
     named = [name for key, entry in entries.items() for name in _entry_tensors(key, entry, entries)]
     if sorted(named) != sorted(stored) or set(crcs) != stored:
         raise _corrupt(f"its entries and checksums do not account for exactly the stored tensors "
@@ -177,9 +178,12 @@ def _entry_tensors(key: str, entry, entries: dict) -> list[str]:
 def _edits_ok(edits) -> bool:
     def edit_ok(edit) -> bool:
         names, lengths = edit.get("remove_blocks"), edit.get("tuple_lengths") or {}
-        return (set(edit) <= {"remove_blocks", "tuple_lengths"} and isinstance(names, list)
+        stand_ins = edit.get("stand_ins") or {}
+        return (set(edit) <= {"remove_blocks", "tuple_lengths", "stand_ins"} and isinstance(names, list)
                 and all(isinstance(n, str) for n in names) and isinstance(lengths, dict)
-                and all(_is_int(n) and n >= 0 for n in lengths.values()))
+                and all(_is_int(n) and n >= 0 for n in lengths.values()) and isinstance(stand_ins, dict)
+                and all(n in names and isinstance(s, dict) and set(s) == {"width"} and _is_int(s["width"])
+                        and s["width"] > 0 for n, s in stand_ins.items()))
 
     return isinstance(edits, list) and all(isinstance(e, dict) and edit_ok(e) for e in edits)
 
@@ -323,8 +327,9 @@ def _load_into(model: torch.nn.Module, path: Path, header: dict, state: dict, ma
 
 
 def _replay(model: torch.nn.Module, edits: list[dict], path: Path) -> list:
-    """Re-apply the structural edits recorded in the file (blocks removed by layer pruning) to a
-    fresh instance, unless the model already carries them."""
+    """Re-apply the structural edits recorded in the file (blocks removed by layer pruning, the
+    stand-ins put in their place, whose weights the file then loads) to a fresh instance, unless
+    the model already carries them."""
     if not edits or getattr(model, EDITS, []) == edits:
         return []
     if getattr(model, EDITS, []):
@@ -332,7 +337,8 @@ def _replay(model: torch.nn.Module, edits: list[dict], path: Path) -> list:
     undos = []
     try:
         for edit in edits:
-            undos.append(remove_blocks(model, edit["remove_blocks"], edit.get("tuple_lengths")))
+            stand_ins = _stand_ins(model, edit)
+            undos.append(remove_blocks(model, edit["remove_blocks"], edit.get("tuple_lengths"), stand_ins))
     except BaseException as exc:
         for undo in reversed(undos):
             undo.restore()
@@ -341,6 +347,17 @@ def _replay(model: torch.nn.Module, edits: list[dict], path: Path) -> list:
         raise PangkasError(f"{path} removes blocks this model does not have ({exc}); "
                            "load it into an instance of the architecture it was pruned from") from exc
     return undos
+
+
+def _stand_ins(model: torch.nn.Module, edit: dict) -> dict[str, LinearStandIn]:
+    """Fresh stand-ins for an edit, each with the dtype and device of the block it replaces."""
+    found = {}
+    for name, spec in (edit.get("stand_ins") or {}).items():
+        reference = next(model.get_submodule(name).parameters(), None)
+        found[name] = LinearStandIn(spec["width"], int((edit.get("tuple_lengths") or {}).get(name, 0)),
+                                    dtype=None if reference is None else reference.dtype,
+                                    device=None if reference is None else reference.device)
+    return found
 
 
 def _keep_leading(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> dict:

@@ -5,11 +5,12 @@ whose forward adds its own input back (``x + f(x)``: ResNet, MobileNet, ConvNeXt
 Hugging Face pre-norm layers); any entry of a ``ModuleList`` of same-class layers (Hugging Face
 encoder/decoder layers, post-norm ones too); any ``Sequential`` member with parameters whose
 output has its input's shape. Removing one deletes it from its container, or puts a ``Skip`` in
-its place.
+its place; with ``replace="linear"`` a fitted linear map stands in for each run of removed blocks.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from .markers import EDITS
 from .measure import count_macs
 from .modules import ModuleFilter, Selector, evaluating
 from .outputs import first_tensor, tensors
-from .reconstruct import fit_linear_replacement
+from .reconstruct import fit_linear_replacement, fit_stand_in
 from .repeats import is_stack
 from .reports import Report
 from .surgery.blocks import remove_blocks
@@ -139,14 +140,33 @@ class LayerPlan:
     applied: bool = False
     replace: str | None = None
     data: list | None = None  # calibration batches (replace="linear" fits on them)
+    stand_ins: list[str] | None = None  # the runs (by first block) a LinearStandIn replaces; known after apply()
 
     @property
     def macs_after(self) -> int:
-        return self.macs_before - sum(c.macs for c in self.candidates if c.name in self.chosen)
+        removed = sum(c.macs for c in self.candidates if c.name in self.chosen)
+        return self.macs_before - removed + sum(self._stand_in_cost(n)[1] for n in self._stand_in_names())
 
     @property
     def params_after(self) -> int:
-        return self.params_before - sum(c.params for c in self.candidates if c.name in self.chosen)
+        removed = sum(c.params for c in self.candidates if c.name in self.chosen)
+        return self.params_before - removed + sum(self._stand_in_cost(n)[0] for n in self._stand_in_names())
+
+    def _stand_in_names(self) -> list[str]:
+        """The runs stand-ins replace: as applied, or as expected before (where no block before
+        the run adds to a residual stream a map could be folded into)."""
+        if self.stand_ins is not None:
+            return self.stand_ins
+        if self.replace is None:
+            return []
+        where = {c.name: c for c in self.candidates}
+        return [run[0] for run in self.runs() if self._before(run) is None or "residual" not in where[run[0]].kinds]
+
+    def _stand_in_cost(self, name: str) -> tuple[int, int]:
+        """(params, MACs on the example inputs) of a LinearStandIn where block ``name`` was."""
+        shape = next(c.shape for c in self.candidates if c.name == name)
+        width, rows = shape[-1], math.prod(shape[:-1])
+        return width * width + width, rows * width * width
 
     def __str__(self) -> str:
         rows = []
@@ -167,9 +187,13 @@ class LayerPlan:
         if self.applied:
             raise PangkasError("this plan was already applied; make a new plan for further pruning")
         before = _output_shapes(self.model, self.example_inputs)
-        unfold = self._fold_replacements()
+        unfold, stand_ins = self._replacements()
         tuples = {c.name: c.tuple_length for c in self.candidates}
-        undo = remove_blocks(self.model, self.chosen, tuples)
+        try:
+            undo = remove_blocks(self.model, self.chosen, tuples, stand_ins)
+        except BaseException:
+            unfold()
+            raise
         try:
             after = _output_shapes(self.model, self.example_inputs)
         except PangkasError as exc:
@@ -185,36 +209,73 @@ class LayerPlan:
             unfold()
             raise OperationFailed(f"removing {self.chosen} changes the output shapes {before} -> {after}; "
                                "the model is unchanged")
-        edits = list(getattr(self.model, EDITS, []))
-        edits.append({"remove_blocks": self.chosen, "tuple_lengths": {n: tuples[n] for n in self.chosen}})
-        setattr(self.model, EDITS, edits)
+        edit = {"remove_blocks": self.chosen, "tuple_lengths": {n: tuples[n] for n in self.chosen}}
+        if stand_ins:  # load recreates them (their weights are in the file) in place of the blocks
+            edit["stand_ins"] = {n: {"width": m.linear.in_features} for n, m in stand_ins.items()}
+        setattr(self.model, EDITS, [*getattr(self.model, EDITS, []), edit])
+        self.stand_ins = list(stand_ins)
         self.applied = True
         return LayerReport(self)
 
-
-    def runs(self) -> list[tuple[str, str]]:
-        """Each run of consecutive chosen blocks as (the block before it, its last block)."""
+    def runs(self) -> list[list[str]]:
+        """The chosen blocks as runs of consecutive blocks of one layer list, in order (a block
+        outside a container is a run of its own)."""
         where = {c.name: c for c in self.candidates}
-        out = []
-        for name in sorted(self.chosen, key=lambda n: (where[n].container or "", where[n].index or 0)):
-            c = where[name]
-            if c.container is None or c.index is None:
-                raise PangkasError(f"replace='linear' needs blocks in a layer list; {name} is not")
-            if out and out[-1][2] == c.container and out[-1][3] == c.index - 1:
-                out[-1] = (out[-1][0], name, c.container, c.index)
-            elif c.index == 0:
-                raise PangkasError(f"replace='linear' folds a map into the block before the removed ones; "
-                                   f"{name} is the first of {c.container}")
+        out: list[list[str]] = []
+        for name in sorted(self.chosen, key=lambda n: (where[n].container or n, where[n].index or 0)):
+            c, last = where[name], where[out[-1][-1]] if out else None
+            if last and c.container is not None and last.container == c.container and last.index == c.index - 1:
+                out[-1].append(name)
             else:
-                out.append((f"{c.container}.{c.index - 1}", name, c.container, c.index))
-        return [(before, last) for before, last, _, _ in out]
+                out.append([name])
+        return out
 
-    def _fold_replacements(self) -> Callable[[], None]:
-        """Fit the linear maps of ``replace="linear"`` (each on the dense model), then fold them all
-        in; returns what undoes them."""
+    def _before(self, run: list[str]) -> str | None:
+        """The block before ``run`` in its layer list (None: the run is first, or in no list)."""
+        c = next(c for c in self.candidates if c.name == run[0])
+        return f"{c.container}.{c.index - 1}" if c.container is not None and c.index else None
+
+    def check_replaceable(self) -> None:
+        """Refuse now the runs ``replace="linear"`` could neither fold nor stand in for."""
+        for run in self.runs():
+            if self._before(run) is None:
+                c = next(c for c in self.candidates if c.name == run[0])
+                where = f"the first of {c.container}" if c.container else "in no layer list"
+                self._check_stand_in(run, f"replace='linear' folds a map into the block before the removed "
+                                          f"ones; {run[0]} is {where}")
+
+    def _check_stand_in(self, run: list[str], why: str) -> None:
+        """PangkasError (saying ``why`` the map cannot be folded) if a LinearStandIn cannot take
+        ``run``'s place."""
+        shape = next(c.shape for c in self.candidates if c.name == run[0])
+        if len(shape) > 3:
+            raise PangkasError(f"{why}; nor can a linear stand-in, which maps hidden states with features "
+                               f"last (tokens), take the place of {run}: they pass {len(shape)}-d feature maps")
+        writes_cache = any(isinstance(getattr(m, "layer_idx", None), int) and getattr(m, "is_causal", False) is True
+                           for name in run for m in self.model.get_submodule(name).modules())
+        if writes_cache:
+            raise PangkasError(f"{why}; nor can a linear stand-in take the place of {run}: they write a causal "
+                               "decoder's KV cache, whose entries would then be missing; remove them without "
+                               "replace=, or choose others")
+
+    def _replacements(self) -> tuple[Callable[[], None], dict[str, nn.Module]]:
+        """For ``replace="linear"``, fit each run's map on the dense model: folded into the block
+        before where it adds to a residual stream, else a ``LinearStandIn``. Folds every foldable
+        map in; returns what undoes the folds, and the stand-ins by the first block of their run."""
         if self.replace is None:
-            return lambda: None
-        maps = [fit_linear_replacement(self.model, before, last, self.data) for before, last in self.runs()]
+            return (lambda: None), {}
+        tuples = {c.name: c.tuple_length for c in self.candidates}
+        maps, stand_ins = [], {}
+        for run in self.runs():
+            before = self._before(run)
+            try:
+                if before is None:
+                    raise PangkasError("no block before the run")  # checked by check_replaceable
+                maps.append(fit_linear_replacement(self.model, before, run[-1], self.data))
+            except PangkasError as refused:  # post-norm: the block before ends in a LayerNorm
+                self._check_stand_in(run, str(refused))
+                stand_ins[run[0]] = fit_stand_in(self.model, run[0], run[-1], self.data,
+                                                 tuple_length=tuples[run[0]])
         folded: list[Callable[[], None]] = []
 
         def unfold() -> None:
@@ -227,7 +288,7 @@ class LayerPlan:
         except BaseException:
             unfold()
             raise
-        return unfold
+        return unfold, stand_ins
 
 
 @dataclass
@@ -248,6 +309,7 @@ class LayerReport(Report):
 
     def details(self) -> dict:
         return {"importance": self.plan.importance, "removed": list(self.chosen),
+                "stand_ins": list(self.plan.stand_ins or []),
                 "scores": {str(k): float(v) for k, v in self.plan.scores.items()}}
 
     def __str__(self) -> str:
@@ -335,7 +397,7 @@ def plan_layers(
     *,
     n: int | None = None,
     ratio: float | None = None,
-    importance: str | LayerImportance | Callable = "block_influence",
+    importance: str | LayerImportance | Callable | None = None,
     include: Selector = None,
     exclude: Selector = None,
     loss_fn: Callable | None = None,
@@ -358,9 +420,14 @@ def plan_layers(
     ``replace="linear"``: when applied, each run of removed consecutive layers is replaced by a
     linear map fitted on ``data`` (least squares, from what the run received to what it gave) and
     folded into the output projection of the layer before it (pre-norm transformers: the MLP's
-    down projection), so the model keeps its architecture (ReplaceMe, LLM-Streamline).
+    down projection), so the model keeps its architecture (ReplaceMe, LLM-Streamline). Where it
+    cannot be folded (post-norm layers such as BERT's end in a LayerNorm; the first layer has
+    none before it), a ``LinearStandIn`` module (``x + W x + b``, fitted to the run's output)
+    takes the run's place; ``pangkas.save`` / ``pangkas.load`` keep it, ``save_pretrained`` cannot.
 
-    ``importance``: ``"block_influence"`` (1 - cos(in, out), lowest goes), ``"angular"`` (the
+    ``importance``: ``"block_influence"`` (the default: 1 - cos(in, out), lowest goes; with
+    ``replace="linear"`` on blocks that are not residual, i.e. that get stand-ins, the default is
+    ``"linear_fit"``: the share of a block's output no fitted linear map explains), ``"angular"`` (the
     contiguous run of ``n`` blocks whose ends are closest), ``"loss"`` (``loss_fn(output, batch)``
     rises least when the block alone is skipped; greedy, re-scored after each removal),
     ``"metric"`` (same with ``metric_fn``, higher is better), ``"magnitude"`` (mean |w|, a
@@ -372,7 +439,8 @@ def plan_layers(
     blocks: a type selects exactly its instances (``include=BertLayer``), a glob a block and what
     is inside it. ``candidates`` (deprecated: use ``include``) lists exact block names.
     """
-    criterion = resolve_importance(importance, loss_fn, metric_fn)
+    if importance is not None:
+        criterion = resolve_importance(importance, loss_fn, metric_fn)  # bad names are refused before any work
     batches = _batches(data)
     if not batches:
         raise PangkasError("data is empty: layer pruning needs at least one batch to find and score blocks")
@@ -380,6 +448,8 @@ def plan_layers(
     if replace not in (None, "linear"):
         raise PangkasError(f"replace must be None or 'linear', got {replace!r}")
     found = _granular(_selected(model, layer_candidates(model, batches[0]), include, exclude, candidates), granularity)
+    if importance is None:
+        criterion = resolve_importance(_default_importance(found, replace), loss_fn, metric_fn)
     params, macs = sum(p.numel() for p in model.parameters()), count_macs(model, batches[0])
     if target_macs is None and target_params is None:
         scores, chosen = _choose(model, found, batches, criterion, _count(n, ratio, len(found)), loss_fn, metric_fn)
@@ -390,8 +460,17 @@ def plan_layers(
     plan = LayerPlan(model, batches[0], found, criterion.name, scores, chosen, macs, params, replace=replace,
                      data=batches if replace else None)
     if replace:
-        plan.runs()  # refuse now what cannot be replaced
+        plan.check_replaceable()
     return plan
+
+
+def _default_importance(found: list[Candidate], replace: str | None) -> str:
+    """Block influence, unless the removed blocks will be stood in for by fitted maps (post-norm
+    layers with ``replace="linear"``): then how well a map can stand in for each block
+    (``"linear_fit"``; on MiniLM it picks the best of the 15 pairs, block influence a pair 0.03
+    worse). Residual blocks keep block influence, whose maps are folded into the block before."""
+    stood_in = replace == "linear" and found and not any("residual" in c.kinds for c in found)
+    return "linear_fit" if stood_in else "block_influence"
 
 
 def _selected(model, found: list[Candidate], include: Selector, exclude: Selector,

@@ -26,14 +26,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .activations import DAMP, InputStatistics, damped_, recording
+from .activations import DAMP, AffineFit, InputStatistics, damped_, recording
 from .blockwise import LAYERS, blocks_of, first_block_inputs, next_inputs
 from .errors import PangkasError
 from .inputs import call_model
+from .layer_importance.states import input_tensor, real_tokens
 from .modules import evaluating
 from .outputs import first_tensor
 from .progress import track
 from .silence import restore, silence_removed
+from .surgery.blocks import LinearStandIn
 
 
 
@@ -244,3 +246,49 @@ def _check_residual(model, block, batch, probe, t, before) -> None:
         raise PangkasError(f"replace='linear': {before} does not add its output projection to a residual "
                            f"stream (post-norm?), so a map folded into it cannot stand in for the removed "
                            f"blocks (mismatch {error:.2g}); remove them without replace=")
+
+
+# -- removed blocks where nothing can be folded: a stand-in module (replace="linear") ----------
+
+@torch.no_grad()
+def fit_stand_in(model: nn.Module, first: str, last: str, batches: list, *, tuple_length: int = 0,
+                 damp: float = DAMP) -> LinearStandIn:
+    """A ``LinearStandIn`` for the consecutive blocks ``first`` .. ``last`` (about to be removed):
+    ridge least squares on ``batches`` from what ``first`` reads to what ``last`` returns (the
+    input of the block after the run, which is what the rest of the model sees), padding tokens
+    left out. The model is only run, never changed.
+
+    Why this form, measured on the pretrained MiniLM (post-norm, 2 of 6 layers replaced, mean
+    cosine of sentence embeddings over the 15 pairs, calibration 100 sentences): fitting the
+    run's output directly beat fitting the last layer's LayerNorm input and renormalising
+    (best pair 0.899 against 0.891; the LayerNorm fit was far worse for pairs starting at 0);
+    ``x + W x + b`` with the ridge pulling towards identity beat plain ``W x + b`` by 0.002-0.005;
+    damp 0.01 beat 0.001 (0.899 against 0.892)."""
+    start, end = model.get_submodule(first), model.get_submodule(last)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [start.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("x", input_tensor(a, k)),
+                                             with_kwargs=True),
+             end.register_forward_hook(lambda m, a, out: seen.__setitem__("y", first_tensor(out)))]
+    fit = AffineFit()
+    try:
+        with evaluating(model):
+            for batch in track(batches, f"fitting a linear stand-in for {first}..{last}"):
+                seen.clear()
+                call_model(model, batch)
+                if "x" in seen and "y" in seen:
+                    fit.add(seen["x"], seen["y"], real_tokens(batch, seen["x"]))
+    finally:
+        for h in hooks:
+            h.remove()
+    if fit.gram is None:
+        raise PangkasError(f"replace='linear': the data never reaches {first}, so no stand-in can be fitted")
+    try:
+        solution = fit.solve(damp)
+    except torch.linalg.LinAlgError as exc:
+        raise PangkasError(f"replace='linear': the stand-in for {first}..{last} cannot be fitted ({exc}); "
+                           "try more calibration data") from exc
+    reference = next(start.parameters(), seen["x"])
+    stand_in = LinearStandIn(solution.shape[1], tuple_length, dtype=reference.dtype, device=reference.device)
+    stand_in.linear.weight.copy_(solution[:-1].T)
+    stand_in.linear.bias.copy_(solution[-1])
+    return stand_in

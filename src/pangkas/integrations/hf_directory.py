@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import PangkasError
 from ..files import check_directory_target, staged_directory
+from ..surgery.blocks import LinearStandIn
 from ..weights.masks import masked_modules
 from . import remote_code
 from .remote_code import BUILT_WITH, RECORD
@@ -180,6 +181,11 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, files_from: str 
         raise PangkasError(f"{type(model).__name__} is not a Hugging Face transformers model; use pangkas.save")
     if any(True for _ in masked_modules(model)):
         raise PangkasError("the model has weight masks; pangkas.finalize(model) first, or pangkas.save it")
+    stand_ins = [n for n, m in model.named_modules() if isinstance(m, LinearStandIn)]
+    if stand_ins:  # from_pretrained would build full layers there and leave them randomly initialised
+        raise PangkasError(f"{stand_ins[:3]} are linear stand-ins for removed layers (replace='linear'), which "
+                           "from_pretrained cannot rebuild; save with pangkas.save(model, path) and load with "
+                           "pangkas.load(path, model=a fresh instance of the original model)")
     target = dict(overwrite=overwrite, inputs=_input_directories(model, files_from),
                   overwrite_input=overwrite_input, copied_from=files_from)
     out = check_directory_target(directory, **target)

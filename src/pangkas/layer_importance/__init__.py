@@ -22,16 +22,18 @@ Built-ins are registered below.
 from .angular import Angular, angular, runs
 from .base import Candidate, FromFunction, LayerImportance, Scores, checked, lowest, nested
 from .block_influence import BlockInfluence, block_influence
+from .linear_fit import LinearFit, linear_fit
 from .magnitude import Magnitude, magnitude
 from .registry import names, register, resolve, unregister
 from .skipping import Loss, Metric, greedy, skipping
-from .states import cosine, hidden_states, input_tensor
+from .states import cosine, hidden_states, input_tensor, real_tokens
 
-for _builtin in (BlockInfluence(), Angular(), Loss(), Metric(), Magnitude()):
+for _builtin in (BlockInfluence(), Angular(), Loss(), Metric(), Magnitude(), LinearFit()):
     register(_builtin)
 
 __all__ = [
-    "Angular", "BlockInfluence", "Candidate", "FromFunction", "LayerImportance", "Loss", "Magnitude", "Metric",
-    "Scores", "angular", "block_influence", "checked", "cosine", "greedy", "hidden_states", "input_tensor",
-    "lowest", "magnitude", "names", "nested", "register", "resolve", "runs", "skipping", "unregister",
+    "Angular", "BlockInfluence", "Candidate", "FromFunction", "LayerImportance", "LinearFit", "Loss", "Magnitude",
+    "Metric", "Scores", "angular", "block_influence", "checked", "cosine", "greedy", "hidden_states", "input_tensor",
+    "linear_fit", "lowest", "magnitude", "names", "nested", "real_tokens", "register", "resolve", "runs",
+    "skipping", "unregister",
 ]

@@ -16,6 +16,15 @@ def input_tensor(args, kwargs) -> torch.Tensor | None:
     return first_tensor((args, kwargs.get("hidden_states"), kwargs))
 
 
+def real_tokens(batch, x: torch.Tensor) -> torch.Tensor | None:
+    """Which positions of hidden state ``x`` are real tokens (``attention_mask != 0`` in a dict
+    batch, as a bool per row of ``x``'s features-last rows), or None: all of them."""
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if isinstance(mask, torch.Tensor) and tuple(mask.shape) == tuple(x.shape[:-1]):
+        return mask.reshape(-1).to(device=x.device) != 0
+    return None
+
+
 def _features(t: torch.Tensor) -> int:
     """The dim holding features: channels for NCHW maps, the last dim otherwise."""
     return 1 if t.ndim == 4 else t.ndim - 1

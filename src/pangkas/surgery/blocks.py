@@ -1,5 +1,6 @@
 """Deleting whole blocks: from their container (ModuleList / Sequential, re-indexed) or, for a block
-that is an attribute of its parent, by putting a ``Skip`` in its place. Layer counters that
+that is an attribute of its parent, by putting a ``Skip`` in its place; or putting a fitted
+``LinearStandIn`` where a run of them was. Layer counters that
 depend on the position (Hugging Face ``config.num_hidden_layers``, ``config.layer_types``, each
 layer's ``layer_idx`` used by KV caches) follow. Every change can be undone.
 """
@@ -11,6 +12,20 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+
+def _hidden(args, kwargs) -> torch.Tensor | None:
+    """The hidden state a block is called with (positional, or ``hidden_states=`` in Hugging Face)."""
+    x = kwargs.get("hidden_states")
+    if x is None:
+        x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+    return x
+
+
+def _returned(y: torch.Tensor, tuple_length: int):
+    """``y`` in the calling convention of the block it stands for: a tensor, or a tuple with the
+    hidden state first and its optional extras (attention weights...) None."""
+    return (y,) + (None,) * (tuple_length - 1) if tuple_length else y
 
 
 class Skip(nn.Module):
@@ -25,10 +40,33 @@ class Skip(nn.Module):
         self.tuple_length = tuple_length
 
     def forward(self, *args, **kwargs):
-        x = kwargs.get("hidden_states")
-        if x is None:
-            x = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        return (x,) + (None,) * (self.tuple_length - 1) if self.tuple_length else x
+        return _returned(_hidden(args, kwargs), self.tuple_length)
+
+    def extra_repr(self) -> str:
+        return f"tuple_length={self.tuple_length}" if self.tuple_length else ""
+
+
+class LinearStandIn(nn.Module):
+    """Stands where a run of removed blocks was: returns ``x + linear(x)``, an affine map of its
+    input fitted to what the run returned (``replace="linear"`` where no map can be folded into a
+    neighbour, e.g. post-norm transformers). Written as identity plus a correction so that a fresh
+    one (weights zero) is a ``Skip`` and the ridge of its fit pulls towards doing nothing.
+
+    ``tuple_length`` as for ``Skip``. Its weights are ordinary parameters: ``pangkas.save`` stores
+    them and ``pangkas.load`` recreates the module from the file's edits.
+    """
+
+    def __init__(self, width: int, tuple_length: int = 0, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.tuple_length = tuple_length
+        self.linear = nn.Linear(width, width, dtype=dtype, device=device)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, *args, **kwargs):
+        x = _hidden(args, kwargs)
+        return _returned(x + self.linear(x), self.tuple_length)
 
     def extra_repr(self) -> str:
         return f"tuple_length={self.tuple_length}" if self.tuple_length else ""
@@ -51,23 +89,29 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
-def remove_blocks(model: nn.Module, names: list[str], tuple_lengths: dict[str, int] | None = None) -> BlockUndo:
+def remove_blocks(model: nn.Module, names: list[str], tuple_lengths: dict[str, int] | None = None,
+                  stand_ins: dict[str, nn.Module] | None = None) -> BlockUndo:
     """Delete the blocks ``names`` (dotted paths, as they are before this call); a block that is
-    not in a container becomes a ``Skip`` returning a tuple of ``tuple_lengths[name]`` if given."""
+    not in a container becomes a ``Skip`` returning a tuple of ``tuple_lengths[name]`` if given.
+    A block named in ``stand_ins`` is replaced by that module instead (it keeps its slot)."""
     undo = BlockUndo()
-    tuple_lengths = tuple_lengths or {}
+    tuple_lengths, stand_ins = tuple_lengths or {}, stand_ins or {}
     try:
-        by_container: dict[int, tuple[nn.Module, list[int]]] = {}
+        by_container: dict[int, tuple[nn.Module, list[int], dict[int, nn.Module]]] = {}
         for name in names:
             parent, child = _parent(model, name)
             if isinstance(parent, (nn.ModuleList, nn.Sequential)) and child.isdigit():
-                by_container.setdefault(id(parent), (parent, []))[1].append(int(child))
+                _, removed, replaced = by_container.setdefault(id(parent), (parent, [], {}))
+                if name in stand_ins:
+                    replaced[int(child)] = stand_ins[name]
+                else:
+                    removed.append(int(child))
             else:
                 undo.attributes.append((parent, child, getattr(parent, child)))
-                setattr(parent, child, Skip(int(tuple_lengths.get(name, 0))))
-        for container, indices in by_container.values():
+                setattr(parent, child, stand_ins[name] if name in stand_ins else Skip(int(tuple_lengths.get(name, 0))))
+        for container, indices, replaced in by_container.values():
             undo.containers.append((container, OrderedDict(container._modules)))
-            kept = [m for i, m in enumerate(container._modules.values()) if i not in set(indices)]
+            kept = [replaced.get(i, m) for i, m in enumerate(container._modules.values()) if i not in set(indices)]
             container._modules = OrderedDict((str(i), m) for i, m in enumerate(kept))
             _renumber(container)
             _fix_config(model, len(kept) + len(indices), sorted(indices), undo)
