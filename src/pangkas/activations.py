@@ -34,17 +34,22 @@ class InputStatistics:
         self.gram: torch.Tensor | None = None
         self.rows = 0
 
-    def add(self, module: nn.Module, x: torch.Tensor) -> None:
+    def add(self, module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Add what ``module`` reads in ``x``; returns that part and its row count (see :meth:`add_part`)."""
         rows = input_rows(module, x.detach())
         if self.constant:
             rows = torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)], 1)
+        part = rows.T @ rows if self.with_gram else rows.pow(2).sum(0)
+        self.add_part(part, rows.shape[0])
+        return part, rows.shape[0]
+
+    def add_part(self, part: torch.Tensor, rows: int) -> None:
+        """Add a part another layer computed from the same input (never written to: it is shared)."""
         if self.with_gram:
-            part = rows.T @ rows
-            self.gram = part if self.gram is None else self.gram + part
+            self.gram = part.clone() if self.gram is None else self.gram.add_(part)
         else:
-            part = rows.pow(2).sum(0)
-            self.squares = part if self.squares is None else self.squares + part
-        self.rows += rows.shape[0]
+            self.squares = part.clone() if self.squares is None else self.squares.add_(part)
+        self.rows += rows
 
     @property
     def total(self) -> torch.Tensor | None:
@@ -69,15 +74,34 @@ class InputStatistics:
 @contextmanager
 def recording(layers: dict[str, nn.Module], gram: bool = False,
               constant: bool = False) -> Iterator[dict[str, InputStatistics]]:
-    """Statistics of every layer's inputs, by name, for the forward passes run inside the block."""
+    """Statistics of every layer's inputs, by name, for the forward passes run inside the block.
+    Layers called one after the other on the same input tensor (a transformer's q/k/v, gate/up)
+    share one computation of its statistics."""
     stats = {name: InputStatistics(gram, constant) for name in layers}
-    hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: stats[name].add(mod, args[0]))
+    last: list = [None, None, None]  # the input tensor, how it was read (its version too), (part, rows)
+
+    def hook(module, args, name):
+        x, how = args[0], (_reading(module), args[0]._version)  # the version: not changed in place since
+        if last[0] is x and last[1] == how:
+            stats[name].add_part(*last[2])
+        else:
+            last[:] = x, how, stats[name].add(module, x)
+
+    hooks = [module.register_forward_pre_hook(lambda mod, args, name=name: hook(mod, args, name))
              for name, module in layers.items()]
     try:
         yield stats
     finally:
-        for hook in hooks:
-            hook.remove()
+        last.clear()  # no reference to the last activation outlives the recording
+        for hook_ in hooks:
+            hook_.remove()
+
+
+def _reading(module: nn.Module):
+    """What decides how ``input_rows`` reads an input: the patch geometry for Conv2d, else nothing."""
+    if isinstance(module, nn.Conv2d):
+        return module.kernel_size, module.dilation, module.padding, module.stride
+    return None
 
 
 DAMP = 0.01  # ridge term, relative to the mean of the diagonal (SparseGPT's choice)

@@ -58,6 +58,36 @@ def first_block_inputs(model: nn.Module, first: str, batches: list) -> list[Call
     return captured
 
 
+def read_by(block: nn.Module, layers: list[nn.Module], calls: list[Call]) -> None:
+    """Run ``block`` on ``calls`` for what ``layers`` read (their statistics are recorded by hooks
+    registered before this). When the first call shows each layer reading exactly once, later calls
+    stop as soon as the last of them has read: the rest of the block (a transformer's last
+    projection, its residual add) would only compute an output nobody uses."""
+    if not layers:
+        return  # nothing to record: the pass would be wasted
+    counts = {id(m): 0 for m in layers}
+    early = False
+
+    def seen(module, args):
+        counts[id(module)] += 1
+        if early and all(counts.values()):
+            raise _Stop
+
+    handles = [m.register_forward_pre_hook(seen) for m in layers]
+    try:
+        for i, (args, kwargs) in enumerate(calls):
+            counts.update(dict.fromkeys(counts, 0))
+            try:
+                block(*args, **kwargs)
+            except _Stop:
+                pass
+            if i == 0:
+                early = all(n == 1 for n in counts.values())
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def next_inputs(block: nn.Module, calls: list[Call]) -> list[Call]:
     """The next block's calls: ``block``'s hidden-state output in place of its input."""
     out = []

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..activations import InputStatistics, recording
-from ..blockwise import LAYERS, blocks_of, first_block_inputs, next_inputs
+from ..blockwise import LAYERS, blocks_of, first_block_inputs, next_inputs, read_by
 from ..errors import PangkasError
 from ..inputs import call_model
 from ..modules import evaluating
@@ -111,7 +111,7 @@ def _blockwise(model, blocks, targets, batches, criterion, sparsity, n_m, masks_
         for block_name in track(blocks, f"{criterion.name}: pruning block by block"):
             block = model.get_submodule(block_name)
             layers = {n: m for n, m in targets.items() if n.startswith(block_name + ".")}
-            block_results = _prune_layers(layers, lambda: [block(*a, **k) for a, k in captured],
+            block_results = _prune_layers(layers, lambda: read_by(block, list(layers.values()), captured),
                                           criterion, sparsity, n_m, masks_of)
             results.update(block_results)
             for name, (weight, keep) in block_results.items():  # feed the next block pruned outputs

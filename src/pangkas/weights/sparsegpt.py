@@ -50,39 +50,37 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, old: torch.Tensor | N
               sparsity: float | None, n_m: tuple[int, int] | None, block: int = 128,
               damp: float = DAMP, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(new weight, keep mask) of one layer's (rows, inputs) weight, SparseGPT's algorithm."""
-    w = weight.clone()
+    # The algorithm walks the inputs one at a time: it works on the transpose, where one input's
+    # weights are a contiguous row (twice as fast per step, and the same floats as on columns).
+    wt = weight.T.clone(memory_format=torch.contiguous_format)
     h = hessian.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    w[:, dead] = 0
+    wt[dead] = 0
     damped_(h, damp)
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    keep = torch.ones_like(w, dtype=torch.bool)
-    columns = w.shape[1]
+    drop = torch.zeros_like(wt, dtype=torch.bool)  # (inputs, rows), as wt
+    columns = wt.shape[0]
     for start in range(0, columns, block):
         end = min(start + block, columns)
-        w1, hinv1 = w[:, start:end].clone(), hinv[start:end, start:end]
+        w1, hinv1, drop1 = wt[start:end], hinv[start:end, start:end], drop[start:end]
         err = torch.zeros_like(w1)
         diag2 = torch.diag(hinv1).pow(2)[None, :]
         if n_m is None:
-            score = finite(w1.pow(2) / diag2, "SparseGPT scores")
-            prune = ~_block_mask(score, None if old is None else old[:, start:end], sparsity, per_row)
-        else:
-            prune = torch.zeros_like(w1, dtype=torch.bool)
+            score = finite(w1.T.pow(2) / diag2, "SparseGPT scores")
+            drop1.copy_(~_block_mask(score, None if old is None else old[:, start:end], sparsity, per_row).T)
         for i in range(end - start):
-            column, d = w1[:, i], hinv1[i, i]
             if n_m is not None and i % n_m[1] == 0:
                 span = slice(i, min(i + n_m[1], end - start))
                 # Not checked for NaN/inf group by group (a sync each): the updated weights are, at the end.
-                score = w1[:, span].pow(2) / diag2[:, span]
-                prune[:, span] = _group_prune(score, None if old is None else old[:, start + i:start + span.stop],
-                                              n_m[0])
-            q = column.masked_fill(prune[:, i], 0.0)
-            e = (column - q) / d
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
-            w1[:, i] = q
-            err[:, i] = e
-        w[:, start:end] = w1
-        keep[:, start:end] = ~prune
-        w[:, end:] -= err @ hinv[start:end, end:]
-    return w, keep
+                score = w1[span].T.pow(2) / diag2[:, span]
+                drop1[span] = _group_prune(score, None if old is None else old[:, start + i:start + span.stop],
+                                           n_m[0]).T
+            row = w1[i]
+            q = row.masked_fill(drop1[i], 0.0)
+            e = (row - q) / hinv1[i, i]
+            w1[i:] -= hinv1[i, i:, None] * e[None, :]
+            w1[i] = q
+            err[i] = e
+        wt[end:] -= hinv[start:end, end:].T @ err
+    return wt.T.contiguous(), ~drop.T.contiguous()
