@@ -169,6 +169,7 @@ def test_a_clear_difference_has_an_interval_excluding_one_and_containing_the_tru
     assert str(slower) == f"{slower.value:.2f}x ({slower.low:.2f}-{slower.high:.2f})"
     faster = ratios_from_samples(_synthetic_rounds(2.0, noise=0.05), baseline=1)[0]
     assert faster.low < 0.5 < faster.high
+    assert faster.meets(faster.high) and not faster.meets(faster.value)  # the upper end must be within
 
 
 def test_interval_widens_with_noise_and_is_deterministic():

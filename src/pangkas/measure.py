@@ -1,4 +1,5 @@
-"""Honest numbers: parameters, non-zeros, MACs, bytes, file sizes and CPU latency of a model."""
+"""Honest numbers: parameters, non-zeros, MACs, bytes, file sizes and CPU latency of a model, and
+latency ratios between models with confidence intervals."""
 
 from __future__ import annotations
 
@@ -138,7 +139,8 @@ def time_alternating(models: Sequence[nn.Module], example_inputs: Any, *, rounds
 @dataclass(frozen=True)
 class Ratio:
     """A latency ratio (model / baseline): the median of per-round ratios, with a ``confidence``
-    interval ``low``..``high`` for that median from ``rounds`` rounds."""
+    interval ``low``..``high`` for that median from ``rounds`` rounds. The baseline itself is
+    1.0 (1.0-1.0): no measurable difference."""
 
     value: float
     low: float
@@ -150,6 +152,10 @@ class Ratio:
     def measurable(self) -> bool:
         """False when the interval contains 1.0: no difference from the baseline can be told."""
         return not self.low <= 1.0 <= self.high
+
+    def meets(self, target: float) -> bool:
+        """Whether the ratio is at most ``target`` even at the interval's upper end."""
+        return self.high <= target
 
     def format(self, digits: int = 2) -> str:
         if not self.measurable:
@@ -208,7 +214,8 @@ def ratios_from_samples(samples: Sequence[Sequence[float]], *, baseline: int = 0
     if not all(math.isfinite(t) and t > 0 for row in samples for t in row):
         raise PangkasError("timings must be positive, finite seconds")
     rounds = len(samples)
-    # The widest-coverage pair that still reaches ``confidence`` is the narrowest honest interval.
+    # The innermost pair of order statistics whose coverage still reaches ``confidence``: the
+    # narrowest interval that keeps the promise.
     k = max(k for k in range(1, (rounds + 1) // 2 + 1) if _coverage(rounds, k) >= confidence)
     result = []
     for i in range(models):
