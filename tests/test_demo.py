@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -58,6 +60,15 @@ def test_demo_outputs_reload_with_the_reported_accuracy(quick_demo):
     assert accuracy(thin, data.x_test, data.y_test) == pytest.approx(by_name["channels 50%"].accuracy)
     table = (out / "results.md").read_text()
     assert all(s.name in table for s in stages)
+    assert "| latency vs dense (95% interval) |" in table
+    rows = {line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ")[-1] for line in table.splitlines()
+            if line.startswith("| ")}
+    assert rows["dense"] == "1.00x (baseline)"
+    for s in stages[1:]:
+        if s.latency is not None:  # deployed: a ratio with its interval, or no claim at all
+            assert s.latency.rounds == 6 and 0 < s.latency.low <= s.latency.value <= s.latency.high
+            assert rows[s.name] == str(s.latency)
+            assert re.fullmatch(r"no measurable difference|\d+\.\d\dx \(\d+\.\d\d-\d+\.\d\d\)", rows[s.name])
     for picture in ("weights.png", "pipeline.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pipeline = pangkas.load(out / "digits_cnn_pipeline.safetensors", digits_cnn())

@@ -1,11 +1,17 @@
 import copy
+import dataclasses
+import math
+import random
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
 import pangkas
-from pangkas.measure import count_macs, time_alternating
+from pangkas.measure import (Ratio, count_macs, latency_ratios, min_rounds, ratios_from_samples, time_alternating,
+                             time_rounds)
 from pangkas.weights.masks import get_mask
 
 from conftest import mlp
@@ -119,3 +125,125 @@ def test_time_alternating_orders_models_by_cost():
     small, big = nn.Linear(64, 64), nn.Sequential(*[nn.Linear(64, 64) for _ in range(30)])
     t_small, t_big = time_alternating([small, big], torch.randn(64, 64), rounds=3, min_run_time=0.05)
     assert t_big > t_small > 0
+
+
+def test_compare_shows_latency_ratios_only_with_their_intervals():
+    model = mlp()
+    before = dataclasses.replace(pangkas.measure(model, torch.randn(1, 32), latency=False), latency_ms=2.0)
+    after = dataclasses.replace(before, latency_ms=1.0)
+    row = next(line for line in pangkas.compare(before, after).splitlines() if "latency" in line)
+    assert [cell.strip() for cell in row.split("│")[2:5]] == ["2.000", "1.000", "-"]  # separate runs: no ratio
+    ratios = [Ratio(1.0, 1.0, 1.0, 6, 0.95), Ratio(0.5, 0.45, 0.55, 6, 0.95)]
+    row = next(line for line in pangkas.compare(before, after, latency=ratios).splitlines() if "latency" in line)
+    assert "0.50x (0.45-0.55)" in row
+    with pytest.raises(pangkas.PangkasError, match="latency ratios"):
+        pangkas.compare(before, after, latency=ratios[:1])
+
+
+def _synthetic_rounds(ratio: float, noise: float, rounds: int = 12, seed: int = 0) -> list[list[float]]:
+    """[round][baseline, model] seconds: a drift common to both within a round (factor up to 3,
+    what a busy machine does) and independent log-normal noise per timing."""
+    rng = random.Random(seed)
+    samples = []
+    for _ in range(rounds):
+        drift = 1e-3 * rng.uniform(1, 3)
+        samples.append([drift * math.exp(noise * rng.gauss(0, 1)),
+                        ratio * drift * math.exp(noise * rng.gauss(0, 1))])
+    return samples
+
+
+def test_identical_models_show_no_measurable_difference():
+    same = ratios_from_samples([[1e-3, 1e-3]] * 6)[1]
+    assert (same.value, same.low, same.high) == (1.0, 1.0, 1.0) and str(same) == "no measurable difference"
+    noisy = ratios_from_samples(_synthetic_rounds(1.0, noise=0.05))[1]
+    assert noisy.low < 1 < noisy.high and not noisy.measurable
+    assert str(noisy) == "no measurable difference"
+
+
+def test_a_clear_difference_has_an_interval_excluding_one_and_containing_the_truth():
+    baseline, slower = ratios_from_samples(_synthetic_rounds(2.0, noise=0.05))
+    assert str(baseline) == "no measurable difference"  # the baseline against itself
+    assert slower.measurable and 1 < slower.low <= slower.value <= slower.high
+    assert slower.low < 2.0 < slower.high
+    assert slower.high / slower.low < 1.2  # the threefold drift cancels within rounds
+    assert str(slower) == f"{slower.value:.2f}x ({slower.low:.2f}-{slower.high:.2f})"
+    faster = ratios_from_samples(_synthetic_rounds(2.0, noise=0.05), baseline=1)[0]
+    assert faster.low < 0.5 < faster.high
+    assert faster.meets(faster.high) and not faster.meets(faster.value)  # the upper end must be within
+
+
+def test_interval_widens_with_noise_and_is_deterministic():
+    widths = [(r.high - r.low) for r in (ratios_from_samples(_synthetic_rounds(0.5, noise))[1]
+                                         for noise in (0.01, 0.05, 0.2))]
+    assert widths[0] < widths[1] < widths[2]
+    samples = _synthetic_rounds(0.5, 0.1)
+    assert ratios_from_samples(samples) == ratios_from_samples(samples)
+    assert ratios_from_samples(samples[::-1]) == ratios_from_samples(samples)  # order of rounds is irrelevant
+
+
+def test_interval_is_the_order_statistic_interval_of_the_median():
+    assert [min_rounds(c) for c in (0.9, 0.95, 0.99)] == [5, 6, 8]  # 1 - 2 / 2**n reaches c
+    samples = [[1.0, float(r)] for r in range(12, 0, -1)]  # per-round ratios 12..1
+    # 12 rounds: the 3rd smallest and 3rd largest cover the median with 1 - 2 * 79 / 4096 = 96.1%
+    # (the 4th: 1 - 2 * 299 / 4096 = 85.4%, below 95%)
+    assert ratios_from_samples(samples)[1] == Ratio(6.5, 3.0, 10.0, 12, 0.95)
+    assert ratios_from_samples(samples, confidence=0.8)[1] == Ratio(6.5, 4.0, 9.0, 12, 0.8)
+    assert ratios_from_samples(samples[:6])[1] == Ratio(9.5, 7.0, 12.0, 6, 0.95)  # min..max
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: ratios_from_samples([[1.0, 1.0]] * 5), "at least 6 rounds"),
+    (lambda: ratios_from_samples([[1.0, 1.0]] * 7, confidence=0.99), "at least 8 rounds"),
+    (lambda: ratios_from_samples([[1.0, 1.0]] * 6, confidence=1.0), "confidence"),
+    (lambda: ratios_from_samples([[1.0, 1.0]] * 6, confidence=0), "confidence"),
+    (lambda: ratios_from_samples([[1.0, 1.0]] * 6, baseline=2), "baseline"),
+    (lambda: ratios_from_samples([[1.0, 1.0]] * 6, baseline=-1), "baseline"),
+    (lambda: ratios_from_samples([[1.0, 1.0]] * 5 + [[1.0]]), "every model"),
+    (lambda: ratios_from_samples([[1.0, 0.0]] * 6), "positive"),
+    (lambda: ratios_from_samples([[]] * 6), "at least one model"),
+    (lambda: latency_ratios([], torch.randn(1, 4)), "at least one model"),
+    (lambda: time_rounds([nn.Linear(4, 4)], torch.randn(1, 4), rounds=0), "rounds"),
+])
+def test_latency_ratio_arguments_are_checked(call, match):
+    with pytest.raises(pangkas.PangkasError, match=match):
+        call()
+
+
+class _Broken(nn.Module):
+    def forward(self, x):
+        raise AssertionError("timed although the arguments were bad")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rounds": 5}, "at least 6 rounds"), ({"rounds": 6.0}, "rounds"), ({"baseline": 2}, "baseline"),
+    ({"confidence": 1.5}, "confidence")])
+def test_latency_ratios_check_arguments_before_timing(kwargs, match):
+    with pytest.raises(pangkas.PangkasError, match=match):
+        latency_ratios([nn.Identity(), _Broken()], torch.randn(1, 4), **kwargs)
+
+
+def test_rounds_rotate_the_order_and_feed_the_ratios(monkeypatch):
+    calls, seconds = [], {0: 2e-3, 1: 1e-3, 2: 2e-3}
+
+    def fake_timer(model, inputs):
+        index = model.index
+        return SimpleNamespace(blocked_autorange=lambda min_run_time: (calls.append(index),
+                                                                      SimpleNamespace(median=seconds[index]))[1])
+
+    monkeypatch.setattr(sys.modules["pangkas.measure"], "_timer", fake_timer)  # pangkas.measure: the function
+    models = [nn.Identity() for _ in range(3)]
+    for i, model in enumerate(models):
+        model.index = i
+    ratios = latency_ratios(models, torch.randn(1, 4), rounds=6)
+    assert calls == [0, 1, 2, 1, 2, 0, 2, 0, 1] * 2  # every model each round, first place rotating
+    assert [r.value for r in ratios] == [1.0, 0.5, 1.0]
+    assert [str(r) for r in ratios] == ["no measurable difference", "0.50x (0.50-0.50)", "no measurable difference"]
+
+
+def test_latency_ratios_on_real_models():
+    small, big = nn.Linear(64, 64), nn.Sequential(*[nn.Linear(64, 64) for _ in range(8)])
+    big.train()
+    ratios = latency_ratios([small, big], torch.randn(16, 64), rounds=6, min_run_time=0.01)
+    assert ratios[0] == Ratio(1.0, 1.0, 1.0, 6, 0.95)
+    assert all(0 < r.low <= r.value <= r.high and r.rounds == 6 for r in ratios)
+    assert big.training  # timed in eval mode, left as it was

@@ -17,7 +17,7 @@ from torch import nn
 from .errors import PangkasError
 from .files import check_directory_target, staged_directory, write_figure
 from .io import save
-from .measure import measure, time_alternating
+from .measure import Ratio, latency_ratios, measure
 from .progress import track
 from .tables import human_count, render_table
 from .channels import prune_channels
@@ -105,7 +105,11 @@ class Stage:
     nonzero: int
     macs: int
     file_bytes: int
-    latency_ratio: float | None = None
+    latency: Ratio | None = None  # vs the dense model; only for the models that get deployed
+
+    @property
+    def latency_ratio(self) -> float | None:
+        return None if self.latency is None else self.latency.value
 
 
 def _stage(kind: str, name: str, model: nn.Module, data: Digits) -> Stage:
@@ -208,10 +212,11 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
     _channel_stages(run, variants["channels"])
     _layer_stages(run, variants["layers"])
     _pipeline_stages(run, variants["pipeline"])
-    times = time_alternating(list(run.deployable.values()), data.x_test, rounds=3 if quick else 7)
+    ratios = latency_ratios(list(run.deployable.values()), data.x_test, rounds=6 if quick else 12,
+                            min_run_time=0.05 if quick else 0.15)
     stages = run.stages
-    for index, seconds in zip(run.deployable, times):
-        stages[index] = replace(stages[index], latency_ratio=seconds / times[0])
+    for index, ratio in zip(run.deployable, ratios):
+        stages[index] = replace(stages[index], latency=ratio)
     names = {"weights": "pruned", "channels": "channels", "layers": "layers", "pipeline": "pipeline"}
     table = results_table(stages, time.perf_counter() - start)
     with staged_directory(out, overwrite=overwrite) as staging:
@@ -223,17 +228,23 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
     return stages
 
 
+def _latency_cell(stage: Stage, dense: Stage) -> str:
+    if stage.latency is None:
+        return ""
+    return "1.00x (baseline)" if stage is dense else str(stage.latency)
+
+
 def results_table(stages: list[Stage], seconds: float) -> str:
     rows = [(s.name, f"{s.sparsity:.1%}", f"{s.accuracy:.2%}", f"{s.params:,}", f"{s.nonzero:,}",
              human_count(s.macs), f"{s.file_bytes / 1024:.1f} KiB",
-             "" if s.latency_ratio is None else f"{s.latency_ratio:.2f}x")
+             _latency_cell(s, stages[0]))
             for s in stages]
     return render_table(
         f"digits CNN: weight pruning (global magnitude), channel pruning (OBS + reconstruction), layer pruning "
         f"(block influence) and all three, each recovered by distillation; {seconds:.0f} s, "
         f"{torch.get_num_threads()} threads",
         ("stage", "model sparsity", "test accuracy", "params", "non-zero", "MACs (450 test images)",
-         "file (pangkas.save)", "latency vs dense"),
+         "file (pangkas.save)", "latency vs dense (95% interval)"),
         rows, markdown=True,
     )
 
@@ -250,7 +261,8 @@ def _pyplot():
 
 
 def plot_pipeline(stages: list[Stage], path: Path) -> None:
-    """Each recovered model's accuracy, MACs and file size relative to the dense model."""
+    """Each recovered model's accuracy, MACs, file size and latency (with its 95% interval)
+    relative to the dense model."""
     plt = _pyplot()
     chosen = [s for s in stages if s.latency_ratio is not None]
     dense = chosen[0]
@@ -258,11 +270,13 @@ def plot_pipeline(stages: list[Stage], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9.5, 4))
     positions = range(len(chosen))
     width = 0.27
-    for offset, (label, values) in zip((-width, 0, width), (
-            ("MACs vs dense", [s.macs / dense.macs for s in chosen]),
-            ("file vs dense", [s.file_bytes / dense.file_bytes for s in chosen]),
-            ("latency vs dense", [s.latency_ratio for s in chosen]))):
-        ax.bar([p + offset for p in positions], values, width, label=label)
+    latency = [s.latency for s in chosen]
+    for offset, (label, values, error) in zip((-width, 0, width), (
+            ("MACs vs dense", [s.macs / dense.macs for s in chosen], None),
+            ("file vs dense", [s.file_bytes / dense.file_bytes for s in chosen], None),
+            ("latency vs dense (95% interval)", [r.value for r in latency],
+             [[r.value - r.low for r in latency], [r.high - r.value for r in latency]]))):
+        ax.bar([p + offset for p in positions], values, width, yerr=error, capsize=2 if error else 0, label=label)
     for p, s in zip(positions, chosen):
         ax.text(p, 1.02, f"{s.accuracy:.1%}", ha="center", fontsize=8)
     ax.set_xticks(list(positions), labels, rotation=20, ha="right", fontsize=8)
