@@ -7,6 +7,9 @@ from torch import nn
 # A coupling rule that raises fails the test instead of quietly keeping channels (strict mode,
 # pangkas.graph.rules.strict); set in the environment so CLI and torchrun subprocesses inherit it.
 os.environ.setdefault("PANGKAS_STRICT_RULES", "1")
+# round_to="auto" keeps its timings in memory, never in the user's cache (tests that check the
+# cache point it at a temporary directory).
+os.environ.setdefault("PANGKAS_CACHE_DIR", "")
 
 
 def pytest_addoption(parser):

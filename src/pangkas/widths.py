@@ -4,15 +4,17 @@ CPU kernels are faster at some widths than at others (vector lengths, blocking).
 target is to keep ``k`` channels, candidate widths are ``k`` and the multiples of 8 and 16 up to
 12.5% above it; the group's first producing convolution or Linear is timed at each width on its
 traced input shape, and the fastest wins (a wider one only if more than 3% faster). Timings are
-cached per layer shape for the life of the process.
+kept per machine and layer shape in memory and on disk (``latency_table``), so each is measured once.
 """
 
 from __future__ import annotations
 
-import functools
+import json
 
 import torch
 from torch import nn
+
+from . import latency_table
 
 MARGIN = 0.125
 MIN_GAIN = 0.03
@@ -24,8 +26,12 @@ def candidates(keep: int, size: int) -> list[int]:
     return sorted(w for w in widths if keep <= w <= size)
 
 
-@functools.lru_cache(maxsize=4096)
 def _seconds(kind: str, in_features: int, width: int, shape: tuple, conv: tuple) -> float:
+    key = json.dumps([kind, in_features, width, shape, conv])
+    return latency_table.table().seconds(key, lambda: _measure(kind, in_features, width, shape, conv))
+
+
+def _measure(kind: str, in_features: int, width: int, shape: tuple, conv: tuple) -> float:
     from .measure import time_forward
 
     if kind == "conv":
