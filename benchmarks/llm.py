@@ -166,7 +166,8 @@ def main():
              "what was removed are re-fitted) `obs`, the error that re-fit leaves; layer rows "
              "remove whole decoder layers chosen by block influence, `+ linear map` with `replace=\"linear\"` "
              "(a least-squares map folded into the layer before); `by sensitivity`: `allocation=\"sensitivity\"`, "
-             "each layer's share of the cut from its measured effect on the outputs (same total). Peak MiB added: the highest resident "
+             "each layer's share of the cut from its measured effect on the outputs (same total)"
+             "; `rotated`: `rotate=True`, the residual stream rotated onto its principal directions before the cut (SliceGPT-style, one rotation; SmolLM2's tied embeddings are untied, which the params count). Peak MiB added: the highest resident "
              "memory during pruning above the memory before it (model and data loaded).")
     publish(args.out, "Pruning a real causal LM without retraining", table, notes, script="llm.py")
 
