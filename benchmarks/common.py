@@ -12,24 +12,15 @@ from pathlib import Path
 import torch
 
 from pangkas import plan_channels
+from pangkas.latency_table import cpu_model
 from pangkas.oracle import oracle_error
 from pangkas.tables import human_count
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment() -> str:
-    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_name()}, "
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu_model()}, "
             f"Python {platform.python_version()}")
 
 

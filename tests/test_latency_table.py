@@ -59,7 +59,7 @@ def test_other_machine_or_torch_does_not_reuse(cache, monkeypatch, change):
     if change == "torch":
         monkeypatch.setattr(torch, "__version__", "0.0.1")
     elif change == "machine":
-        monkeypatch.setattr(latency_table, "_cpu_model", lambda: "Another CPU")
+        monkeypatch.setattr(latency_table, "cpu_model", lambda: "Another CPU")
     else:
         monkeypatch.setattr(torch, "get_num_threads", lambda: 977)
     widths._seconds(*LAYER)

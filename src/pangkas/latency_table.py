@@ -39,7 +39,8 @@ def cache_file() -> Path | None:
 
 
 @functools.cache  # read once: machine() is on the lookup fast path
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what platform says."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -52,7 +53,7 @@ def _cpu_model() -> str:
 
 def machine() -> str:
     """What a timing depends on besides the layer: CPU model, core count, threads, torch version."""
-    return (f"{_cpu_model()} | {os.cpu_count()} cores | {torch.get_num_threads()} threads | "
+    return (f"{cpu_model()} | {os.cpu_count()} cores | {torch.get_num_threads()} threads | "
             f"torch {torch.__version__}")
 
 
