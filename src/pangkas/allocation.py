@@ -26,7 +26,7 @@ from .modules import evaluating
 from .outputs import primary_tensor
 from .progress import track
 from .selection import Group, count_params
-from .silence import restore, silence_removed
+from .silence import lowest_removed, restore, silence_removed
 
 ALLOCATIONS = ("uniform", "sensitivity")
 BATCHES = 4  # calibration batches the distortion is measured on
@@ -73,7 +73,7 @@ class _Distortion:
 def reallocate(plan, pool_of: Callable[[Group], str | None], data) -> dict[str, float]:
     """Re-choose ``plan`` (a channel plan chosen uniformly) with per-group ratios from measured
     sensitivity, pooled by ``pool_of(group)`` (None: left as it is). Returns the new ratio of each
-    re-allocated group, by its first module."""
+    re-allocated group, by the module that carries it in ``plan.options.ratios``."""
     batches = [b for _, b in zip(range(BATCHES), data)]
     if not batches:
         raise PangkasError("data= yielded no batches")
@@ -86,20 +86,16 @@ def reallocate(plan, pool_of: Callable[[Group], str | None], data) -> dict[str, 
     if not measured:
         return {}
     distortion = _Distortion(plan.model, batches)
-    selection, coupling = plan.selection, plan.coupling
-    before = count_params(plan.model, coupling, None)
+    before = count_params(plan.model, plan.coupling, None)
     curves, cost = {}, {}
     for g in track(measured, "allocation: measuring each group's sensitivity"):
-        order = torch.argsort(g.scores, stable=True)
         asked = int(g.removed.sum())
         counts = sorted({min(len(g.classes) - 1, m * asked) for m in MULTIPLES})
         points = []
         for n in counts:
-            removed_class = torch.zeros(coupling.num_ids, dtype=torch.bool)
-            removed_class[g.classes[order[:n]]] = True
-            removed = removed_class[selection.classes]
+            removed = lowest_removed(plan, g, n)
             if n == counts[0]:
-                cost[id(g)] = (before - count_params(plan.model, coupling, removed)) / n
+                cost[id(g)] = (before - count_params(plan.model, plan.coupling, removed)) / n
             saved = silence_removed(plan, removed)
             try:
                 points.append((n / len(g.classes), distortion()))

@@ -133,20 +133,16 @@ def sensitivity(model: nn.Module, eval_fn: Callable[[nn.Module], float], *, kind
 
 def _channel_sweep(model, eval_fn, example_inputs, ratios, options):
     from .channels import plan_channels
-    from .silence import restore, silence_removed
+    from .silence import lowest_removed, restore, silence_removed
 
     plan = plan_channels(model, example_inputs, ratio=0.0, **options)
-    classes = plan.selection.classes
     metrics, sizes = {}, {}
     for group in track([g for g in plan.selection.groups if len(g.classes) > 1], "sensitivity: channel groups"):
         name = group.modules[0] if group.modules else f"group of {len(group.classes)}"
-        order = torch.argsort(group.scores, stable=True)
         values = []
         for r in ratios:
             n = min(round(r * len(group.classes)), len(group.classes) - 1)
-            removed_class = torch.zeros(plan.coupling.num_ids, dtype=torch.bool)
-            removed_class[group.classes[order[:n]]] = True
-            saved = silence_removed(plan, removed_class[classes])
+            saved = silence_removed(plan, lowest_removed(plan, group, n))
             try:
                 values.append(float(eval_fn(model)))
             finally:

@@ -73,6 +73,14 @@ def silence_removed(plan, removed: torch.Tensor | None = None,
     return saved
 
 
+def lowest_removed(plan, group, n: int) -> torch.Tensor:
+    """The positions (a bool per id) removing the ``n`` lowest-scoring classes of ``group`` alone
+    would remove, for :func:`silence_removed`."""
+    removed_class = torch.zeros(plan.coupling.num_ids, dtype=torch.bool)
+    removed_class[group.classes[torch.argsort(group.scores, stable=True)[:n]]] = True
+    return removed_class[plan.selection.classes]
+
+
 @torch.no_grad()
 def restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Undo :func:`silence_removed` (or any list of (tensor, old data) taken before changing them)."""
