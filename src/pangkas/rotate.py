@@ -39,6 +39,7 @@ from .errors import PangkasError
 from .inputs import call_model
 from .integrations import huggingface
 from .integrations.hf_directory import is_transformers
+from .layer_importance.states import real_tokens
 from .modules import evaluating
 from .outputs import primary_tensor
 from .progress import track
@@ -143,9 +144,9 @@ def residual_covariance(model: nn.Module, parts: Parts, data) -> torch.Tensor:
     current: dict = {}
 
     def add(module, args):
-        rows = args[0].detach().double()
-        mask = current.get("mask")
-        rows = rows[mask.bool()] if mask is not None and mask.shape == rows.shape[:-1] else rows.reshape(-1, width)
+        keep = real_tokens(current["batch"], args[0])
+        rows = args[0].detach().double().reshape(-1, width)
+        rows = rows if keep is None else rows[keep]
         rows = rows / rows.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1e-12)
         gram.add_((rows.T @ rows).cpu())
 
@@ -153,7 +154,7 @@ def residual_covariance(model: nn.Module, parts: Parts, data) -> torch.Tensor:
     try:
         with evaluating(model):
             for batch in track(batches, "rotation: residual-stream statistics"):
-                current["mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+                current["batch"] = batch
                 call_model(model, batch)
     finally:
         for hook in hooks:
