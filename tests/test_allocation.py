@@ -122,7 +122,7 @@ def test_an_interrupted_measurement_leaves_the_model_as_it_was(monkeypatch):
             raise KeyboardInterrupt
         return 1.0
 
-    monkeypatch.setattr(allocation._Distortion, "__call__", interrupted)
+    monkeypatch.setattr(allocation.Distortion, "__call__", interrupted)
     with pytest.raises(KeyboardInterrupt):
         pangkas.plan_channels(model, data[0], ratio=0.5, data=data, allocation="sensitivity")
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -680,3 +680,17 @@ def test_padding_tokens_do_not_shape_the_fit():
         b = fit.solve(damp=1e-12).float()
         close = torch.allclose(b[:-1] + torch.eye(6), a, atol=1e-4) and torch.allclose(b[-1], c, atol=1e-4)
         assert close == exact and (fit.unexplained(1e-12) < 1e-8) == exact
+
+
+def test_undoing_a_block_removal_puts_back_every_layer_index(tiny_llama):
+    """Layers after a removed one learn their new position (KV cache slots); undo restores it, or
+    a later forward would write two layers into one cache slot."""
+    from pangkas.surgery.blocks import remove_blocks
+
+    model, ids = tiny_llama
+    before = [layer.self_attn.layer_idx for layer in model.model.layers]
+    undo = remove_blocks(model, ["model.layers.0"])
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1]
+    undo.restore()
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == before == [0, 1, 2]
+    assert model.config.num_hidden_layers == 3

@@ -2,6 +2,7 @@
 
 from . import evaluate
 from .channels import ChannelReport, Plan, plan_channels, prune_channels
+from .compress import CompressReport, compress
 from .errors import OperationFailed, PangkasError
 from .integrations.hf_directory import save_pretrained
 from .io import load, save
@@ -25,5 +26,5 @@ __all__ = [
     "TransformerPlan", "plan_transformer", "prune_transformer", "WeightPlan", "plan_weights", "Report",
     "RecoveryReport", "recover", "Sensitivity", "sensitivity", "GradualPruning", "iterative",
     "Measurement", "OperationFailed", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
-    "compare", "evaluate", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",
+    "CompressReport", "compare", "compress", "evaluate", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",
 ]

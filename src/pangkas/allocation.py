@@ -17,15 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 
-import torch
-from torch import nn
-
+from .distortion import Distortion
 from .errors import PangkasError
-from .inputs import call_model
-from .modules import evaluating
-from .outputs import primary_tensor
 from .progress import track
-from .selection import Group, count_params
+from .selection import Group, count_params, ratio_key
 from .silence import lowest_removed, restore, silence_removed
 
 ALLOCATIONS = ("uniform", "sensitivity")
@@ -44,32 +39,6 @@ def check(allocation, data, scope: str) -> None:
                                "ratios): use one of them")
 
 
-class _Distortion:
-    """How far the model's outputs on ``batches`` are from what they were when this was made."""
-
-    def __init__(self, model: nn.Module, batches: list):
-        self.model, self.batches = model, batches
-        self.reference = [self._output(b) for b in batches]
-
-    @torch.no_grad()
-    def _output(self, batch) -> tuple[torch.Tensor, bool]:
-        with evaluating(self.model):
-            output = call_model(self.model, batch)
-        y = primary_tensor(output).float()
-        logits = isinstance(getattr(output, "logits", None), torch.Tensor)
-        return (torch.log_softmax(y, dim=-1) if logits else y), logits
-
-    def __call__(self) -> float:
-        total = 0.0
-        for batch, (y0, logits) in zip(self.batches, self.reference):
-            y, _ = self._output(batch)
-            if logits:  # KL(dense || now), per position
-                total += float((y0.exp() * (y0 - y)).sum(-1).mean())
-            else:
-                total += float((y - y0).pow(2).sum() / y0.pow(2).sum().clamp_min(1e-30))
-        return total / len(self.batches)
-
-
 def reallocate(plan, pool_of: Callable[[Group], str | None], data) -> dict[str, float]:
     """Re-choose ``plan`` (a channel plan chosen uniformly) with per-group ratios from measured
     sensitivity, pooled by ``pool_of(group)`` (None: left as it is). Returns the new ratio of each
@@ -85,7 +54,7 @@ def reallocate(plan, pool_of: Callable[[Group], str | None], data) -> dict[str, 
     measured = [g for groups in pools.values() if len(groups) > 1 for g in groups]
     if not measured:
         return {}
-    distortion = _Distortion(plan.model, batches)
+    distortion = Distortion(plan.model, batches)
     before = count_params(plan.model, plan.coupling, None)
     curves, cost = {}, {}
     for g in track(measured, "allocation: measuring each group's sensitivity"):
@@ -106,21 +75,11 @@ def reallocate(plan, pool_of: Callable[[Group], str | None], data) -> dict[str, 
     for groups in pools.values():
         if len(groups) > 1:
             counts = split(groups, curves, cost)
-            ratios.update({_key(g, plan.selection.groups): n / len(g.classes) for g, n in zip(groups, counts)})
+            ratios.update({ratio_key(g, plan.selection.groups): n / len(g.classes) for g, n in zip(groups, counts)})
     rest = {k: v for k, v in plan.options.ratios.items() if k not in ratios}
     plan.options = replace(plan.options, ratios={**ratios, **rest})
     plan._choose([])
     return ratios
-
-
-def _key(group: Group, groups: Sequence[Group]) -> str:
-    """A module name that gives ``group`` (and no other group) its ratio."""
-    others = {m for g in groups if g is not group for m in g.modules}
-    found = next((m for m in group.modules if m not in others), None)
-    if found is None:
-        raise PangkasError(f"the channels of {group.modules[0]} share every producing module with another "
-                           "group: they cannot get their own ratio; use allocation='uniform'")
-    return found
 
 
 def split(groups: Sequence[Group], curves: dict, cost: dict) -> list[int]:

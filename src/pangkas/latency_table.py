@@ -87,6 +87,20 @@ class LatencyTable:
                 self._write()
         return self.memory[here, key]
 
+    def many(self, keys: list[str], measure: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """Seconds for every key in ``keys``: from memory or the file when all are known, else all
+        from one ``measure()`` (a dict by key, e.g. a profile of one forward pass), recorded."""
+        here = machine()
+        if not self.loaded:
+            self.loaded = True
+            self._absorb(self._read())
+        if any((here, key) not in self.memory for key in keys):
+            measured = measure()
+            for key in keys:
+                self.memory[here, key] = max(float(measured[key]), 1e-12)  # the file keeps positive seconds
+            self._write()
+        return {key: self.memory[here, key] for key in keys}
+
     def _absorb(self, machines: dict) -> None:
         for name, entries in machines.items():
             for key, s in entries.items():

@@ -301,6 +301,16 @@ def ratio_source(group: Group, options: Options, model: nn.Module):
     return None
 
 
+def ratio_key(group: Group, groups: Sequence[Group]) -> str:
+    """A module name that gives ``group`` (and no other group) its ratio."""
+    others = {m for g in groups if g is not group for m in g.modules}
+    found = next((m for m in group.modules if m not in others), None)
+    if found is None:
+        raise PangkasError(f"the channels of {group.modules[0]} share every producing module with another "
+                           "group: they cannot get their own ratio; give the whole group one ratio")
+    return found
+
+
 def _group_ratio(group: Group, options: Options, model: nn.Module) -> float:
     source = ratio_source(group, options, model)
     return options.ratio if source is None else options.ratios[source]

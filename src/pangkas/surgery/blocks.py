@@ -113,7 +113,7 @@ def remove_blocks(model: nn.Module, names: list[str], tuple_lengths: dict[str, i
             undo.containers.append((container, OrderedDict(container._modules)))
             kept = [replaced.get(i, m) for i, m in enumerate(container._modules.values()) if i not in set(indices)]
             container._modules = OrderedDict((str(i), m) for i, m in enumerate(kept))
-            _renumber(container)
+            _renumber(container, undo)
             _fix_config(model, len(kept) + len(indices), sorted(indices), undo)
     except BaseException:  # an interrupt too: never leave blocks half removed
         undo.restore()
@@ -121,11 +121,12 @@ def remove_blocks(model: nn.Module, names: list[str], tuple_lengths: dict[str, i
     return undo
 
 
-def _renumber(container: nn.Module) -> None:
+def _renumber(container: nn.Module, undo: BlockUndo) -> None:
     """Layers that know their position (``layer_idx``, for KV caches) learn the new one."""
     for index, layer in enumerate(container.children()):
         for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
+            if isinstance(getattr(module, "layer_idx", None), int) and module.layer_idx != index:
+                undo.attributes.append((module, "layer_idx", module.layer_idx))
                 module.layer_idx = index
 
 

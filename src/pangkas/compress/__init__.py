@@ -1,0 +1,266 @@
+"""``pangkas.compress``: give a budget, get the most accurate model found that meets it.
+
+The pieces: ``budget`` (what is asked), ``space`` (what can be cut and what a combination costs),
+``latency_model`` (this machine's per-module time profile, cached on disk), ``search`` (greedy with
+lazy re-scoring on a distortion proxy), ``report`` (finalists, points, Pareto front, plot). Here:
+the search is run for depth and width together and, when both are allowed, for each alone; each
+end state (a finalist) is built for real, optionally re-fitted and recovered, measured (latency
+against the dense model, interleaved, with a confidence interval: met only if the interval's upper
+end is within the limit; if it misses, the search goes on from there) and scored; the best-scoring
+finalist that meets the budget is returned.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..channels import plan_channels
+from ..distortion import Distortion, Fidelity, _output
+from ..errors import PangkasError
+from ..layers import _batches, _granular, _selected, layer_candidates
+from ..measure import count_macs, file_sizes, latency_ratios, min_rounds
+from ..modules import Selector
+from ..progress import bar
+from ..recover import recover
+from .budget import KINDS, Budget, parse
+from .latency_model import LatencyModel
+from .report import CompressReport, Finalist, Point
+from .search import Scorer, Step, greedy
+from .space import Space, State
+
+__all__ = ["CompressReport", "Finalist", "Point", "compress"]
+
+MAX_CORRECTIONS = 3
+STRATEGIES = {"width+depth": ("width", "depth"), "width": ("width",), "depth": ("depth",)}
+
+
+def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, latency: float | None = None,
+             macs: float | None = None, params: float | None = None, file_size: float | None = None,
+             eval_fn: Callable[[nn.Module], float] | None = None, example_inputs=None, width: bool = True,
+             depth: bool = True, step: float = 0.125, importance=None, reconstruct: bool = True,
+             replace: str | None = None, recover_steps: int = 0, proxy_batches: int = 4,
+             include: Selector = None, exclude: Selector = None, integrations: list | None = None,
+             rounds: int = 10, confidence: float = 0.95, checkpoints: int = 4) -> tuple[nn.Module, CompressReport]:
+    """Search per-layer widths (channels, heads, FFN neurons) and blocks to remove for the most
+    accurate model that meets the budget; returns ``(compressed model, report)``. ``model`` is
+    left as it was (the compressed model is a new one), or returned itself when it already meets
+    the budget (the report says so).
+
+    Budget (one or more, as keywords or ``target={"latency": 0.5}``): ``latency`` (time relative
+    to ``model``'s on this machine at the shape of ``example_inputs``, default the first batch),
+    ``macs``, ``params``, ``file_size`` (relative when <= 1, else a count or bytes). A budget that
+    removing everything removable cannot reach is refused before the search, naming the best
+    reachable figures.
+
+    ``data``: calibration batches (as everywhere: tensors, tuples or dicts the model is called
+    with). ``eval_fn(model) -> float`` (higher is better) scores the finalists; by default the
+    last quarter of ``data`` is held back and the score is the mean cosine similarity of each
+    example's output to ``model``'s (``pangkas.distortion.Fidelity``). The search itself is
+    guided by the distortion of the outputs on ``proxy_batches`` calibration batches (KL of the
+    predictions for models with logits, else relative squared error).
+
+    ``width`` / ``depth``: whether channel groups / whole blocks (layers of a layer list,
+    residual blocks) may be cut; ``step``: the fraction of a group removed per search step.
+    ``importance`` ranks channels within a group (``plan_channels``' names; default ``"obs"``
+    with ``reconstruct``, else ``"wanda"``). ``reconstruct``: the layers reading removed channels
+    are re-fitted by least squares on ``data``; ``replace="linear"``: removed blocks are replaced by
+    fitted linear maps (see ``plan_layers``). ``recover_steps``: fine-tune each finalist this many
+    batches of ``data``, distilling from ``model``. ``include`` / ``exclude``: which modules may
+    lose channels and which blocks may go. Latency ratios come from ``rounds`` interleaved rounds
+    at ``confidence``; ``checkpoints`` states along each search are scored with ``eval_fn``
+    (the report's points).
+    """
+    started = time.perf_counter()
+    _check(width, depth, step, recover_steps, proxy_batches, replace, eval_fn, rounds, confidence, checkpoints)
+    batches = _batches(data)
+    if eval_fn is None:
+        if len(batches) < 2:
+            raise PangkasError("compress holds back part of data= to score the result: give at least 2 batches, "
+                               "or eval_fn=")
+        held = max(1, len(batches) // 4)
+        batches, held_back = batches[:-held], batches[-held:]
+        eval_fn = Fidelity(model, held_back)
+    elif not batches:
+        raise PangkasError("data is empty: compress needs calibration batches")
+    example = batches[0] if example_inputs is None else example_inputs
+    dense = _measured(model, example)
+    budget = parse(target, {"latency": latency, "macs": macs, "params": params, "file_size": file_size}, dense)
+    if budget.met({kind: 1.0 for kind in KINDS}):
+        report = CompressReport(budget, dense, float(eval_fn(model)), unchanged="the dense model already meets "
+                                "the budget; it is returned unchanged")
+        report.seconds = time.perf_counter() - started
+        return model, report
+
+    space = _space(model, example, batches, budget, width, depth, step, importance, reconstruct, include,
+                   exclude, integrations)
+    allowed = tuple(k for k, on in (("width", width), ("depth", depth)) if on)
+    _check_reachable(space, budget, allowed)
+    score = Scorer(space, Distortion(model, batches[:proxy_batches]))
+    report = CompressReport(budget, dense, float(eval_fn(model)))
+    start = Step(None, space.start(), 0.0, space.figures(space.start()))
+    built: list[tuple[Finalist, nn.Module]] = []
+    for name, kinds in STRATEGIES.items():
+        if not set(kinds) <= set(allowed):
+            continue
+        if not budget.met(space.figures(space.furthest(kinds))):
+            report.notes.append(f"{name} alone cannot reach the budget")
+            continue
+        steps = _search(space, budget, score, kinds, start, name, eval_fn, checkpoints, report)
+        if steps is None:
+            report.notes.append(f"{name}: the search ran out of moves")
+            continue
+        finalist, pruned = _finalize(model, space, budget, score, kinds, steps, name, example, batches, eval_fn,
+                                     reconstruct, replace, recover_steps, rounds, confidence, report)
+        built.append((finalist, pruned))
+    if not built:
+        raise PangkasError(f"no search reached {budget.describe()}")
+    report.finalists = [f for f, _ in built]
+    meeting = [(f, m) for f, m in built if f.met] or built
+    report.chosen, chosen = max(meeting, key=lambda fm: fm[0].score if math.isfinite(fm[0].score) else -math.inf)
+    report.measurements = score.measured
+    report.seconds = time.perf_counter() - started
+    if not report.chosen.met:
+        warnings.warn(f"compress: no finalist met {budget.describe()} when measured; returning the best-scoring "
+                      "one (see report.finalists)", stacklevel=2)
+    return chosen, report
+
+
+def _check(width, depth, step, recover_steps, proxy_batches, replace, eval_fn, rounds, confidence, checkpoints):
+    if width not in (True, False) or depth not in (True, False):
+        raise PangkasError("width= and depth= must be True or False")
+    if not (width or depth):
+        raise PangkasError("width=False and depth=False leave nothing to search: allow at least one")
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
+        raise PangkasError(f"step must be a fraction in (0, 1] (of a group's channels per search step), got {step!r}")
+    for name, value, low in (("recover_steps", recover_steps, 0), ("proxy_batches", proxy_batches, 1),
+                             ("checkpoints", checkpoints, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise PangkasError(f"{name} must be an integer >= {low}, got {value!r}")
+    if replace not in (None, "linear"):
+        raise PangkasError(f"replace must be None or 'linear', got {replace!r}")
+    if eval_fn is not None and not callable(eval_fn):
+        raise PangkasError("eval_fn must be a callable: eval_fn(model) -> score, higher is better")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < min_rounds(confidence):
+        raise PangkasError(f"rounds={rounds!r} cannot give a {confidence:.0%} interval: use at least "
+                           f"{min_rounds(confidence)}")
+
+
+def _measured(model: nn.Module, example) -> dict[str, int]:
+    """The dense model's absolute figures: parameters, MACs on ``example``, bytes of parameters."""
+    return {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model, example),
+            "file_size": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def _space(model, example, batches, budget: Budget, width, depth, step, importance, reconstruct, include,
+           exclude, integrations) -> Space:
+    if importance is None:
+        importance = "obs" if reconstruct else "wanda"
+    plan = plan_channels(model, example, ratio=0.0, importance=importance if width else "l1",
+                         data=batches if width else None, include=include, exclude=exclude,
+                         integrations=integrations)
+    blocks = []
+    if depth:
+        blocks = _granular(_selected(model, layer_candidates(model, example), include, exclude, None), "layers")
+    latency = LatencyModel(model, example) if "latency" in budget.limits else None
+    return Space(plan, blocks, step, latency)
+
+
+def _check_reachable(space: Space, budget: Budget, allowed: tuple[str, ...]) -> None:
+    furthest = space.figures(space.furthest(allowed))
+    if not budget.met(furthest):
+        best = ", ".join(f"{kind}={furthest[kind]:.3g}" for kind in budget.limits)
+        estimated = " (latency estimated)" if "latency" in budget.limits else ""
+        raise PangkasError(f"the budget {budget.describe()} cannot be met: removing everything removable "
+                           f"({' and '.join(allowed)}) reaches {best}{estimated} of the dense model")
+
+
+def _search(space, budget, score, kinds, start, name, eval_fn, checkpoints, report, done=0.0):
+    """Greedy from ``start`` with a progress bar; scores ``checkpoints`` states along the way."""
+    total = budget.gap(start.figures) or 1.0
+    marks = iter([(k + 1) / (checkpoints + 1) for k in range(checkpoints)])
+    mark = next(marks, None)
+    with bar(f"compress ({name})", total) as update:
+        def on_step(s: Step) -> None:
+            nonlocal mark
+            progress = 1 - budget.gap(s.figures) / total
+            update(total * progress, f"compress ({name}): {_figures(s.figures, budget)}, distortion {s.distortion:.3g}")
+            while mark is not None and progress >= mark:
+                with space.silenced(s.state):
+                    report.points.append(Point(name, s.figures, float(eval_fn(space.model))))
+                mark = next(marks, None)
+
+        return greedy(space, budget, score, kinds, start, on_step)
+
+
+def _figures(figures: dict[str, float], budget: Budget) -> str:
+    return ", ".join(f"{kind} {figures[kind]:.3f}" for kind in budget.limits)
+
+
+def _finalize(model, space, budget, score, kinds, steps, name, example, batches, eval_fn, reconstruct, replace,
+              recover_steps, rounds, confidence, report):
+    """Build the search's end state, measure it, and where its measured latency misses the limit,
+    search on with the limit lowered by the miss (at most ``MAX_CORRECTIONS`` times)."""
+    internal = budget
+    corrections = 0
+    while True:
+        last = steps[-1] if steps else Step(None, space.start(), 0.0, space.figures(space.start()))
+        pruned = _built(model, space, last.state, example, batches, reconstruct, replace, recover_steps)
+        figures, absolute, ratio = _measure(model, pruned, example, rounds, confidence)
+        met = budget.met({**figures, "latency": ratio.high})  # the interval's upper end must be within
+        latency_only = not met and budget.met({**figures, "latency": 0.0})
+        if met or not latency_only or "latency" not in budget.limits or corrections == MAX_CORRECTIONS:
+            break
+        corrections += 1
+        limits = dict(internal.limits)
+        limits["latency"] = internal.limits["latency"] * budget.limits["latency"] / ratio.high * 0.98
+        internal = Budget(limits, budget.asked)
+        more = _search(space, internal, score, kinds, last, f"{name}, correction {corrections}", eval_fn, 0, report)
+        if more is None:
+            report.notes.append(f"{name}: the measured latency missed and no further cut is possible")
+            break
+        steps = steps + more
+    value = float(eval_fn(pruned))
+    report.points.append(Point(name, figures, value, measured=True))
+    return Finalist(name, space.describe(last.state), figures, absolute, ratio, value, met,
+                    _split(space, last.state, budget), corrections), pruned
+
+
+def _built(model, space: Space, state: State, example, batches, reconstruct, replace, recover_steps) -> nn.Module:
+    pruned = space.build(state, example, reconstruct_on=batches if reconstruct else None,
+                         replace_blocks=replace, data=batches)
+    if recover_steps:
+        y, logits = _output(model, batches[0])
+        recover(pruned, list(itertools.islice(itertools.cycle(batches), recover_steps)), teacher=model,
+                objective="kd" if logits or y.ndim == 2 else "mse")
+        pruned.eval()
+    return pruned
+
+
+def _measure(model, pruned, example, rounds, confidence):
+    """The pruned model's figures (fractions of the dense model's; latency: the median ratio),
+    absolute figures, and latency ratio with its interval."""
+    absolute = {"params": sum(p.numel() for p in pruned.parameters()), "macs": count_macs(pruned, example),
+                "file_size": file_sizes(pruned)[1]}
+    dense = {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model, example),
+             "file_size": file_sizes(model)[1]}
+    figures = {kind: absolute[kind] / dense[kind] if dense[kind] else 1.0 for kind in absolute}
+    ratio = latency_ratios([model, pruned], example, rounds=rounds, confidence=confidence)[1]
+    figures["latency"] = ratio.value
+    return figures, absolute, ratio
+
+
+def _split(space: Space, state: State, budget: Budget) -> dict[str, float]:
+    """Shares of the estimated saving in the tightest budget kind due to width cuts and to blocks."""
+    kind = min(budget.limits, key=budget.limits.get)
+    state = space.effective(state)
+    width = max(0.0, 1 - space.figures(State(state.cuts))[kind])
+    depth = max(0.0, 1 - space.figures(State(space.start().cuts, state.blocks))[kind])
+    total = width + depth
+    return {"width": width / total if total > 0 else 0.0, "depth": depth / total if total > 0 else 0.0}

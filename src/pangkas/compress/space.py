@@ -1,0 +1,234 @@
+"""What the compress search can cut, what a combination of cuts costs, and how to try or build it.
+
+A ``State`` says how many channels go from each searchable channel group (the coupled groups of a
+channel plan: a layer's filters, a transformer layer's heads or FFN neurons) and which removable
+blocks go. Its figures (parameters, MACs, bytes, estimated latency) come from the trace, without
+touching the model; ``silenced`` makes the model compute exactly what that state's pruned model
+would (zeroed consumers, blocks skipped) so that its outputs can be judged, and ``build`` makes
+the real pruned copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from functools import partial
+
+import torch
+from torch import nn
+
+from .. import verify
+from ..channels import Plan
+from ..graph.trace import count_flops
+from ..layer_importance import Candidate
+from ..layers import LayerPlan
+from ..selection import module_of, planned_shape, ratio_key
+from ..silence import lowest_removed, restore, silence_removed
+from ..surgery.blocks import remove_blocks
+from .latency_model import LatencyModel
+
+
+@dataclass(frozen=True)
+class State:
+    """Channels removed per searchable group (in ``Space.groups`` order) and the removed blocks."""
+
+    cuts: tuple[int, ...]
+    blocks: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Move:
+    """One step of the search: ``"width"`` (one more step of group ``target``, an index) or
+    ``"depth"`` (remove block ``target``, a name)."""
+
+    kind: str
+    target: int | str
+
+
+def _inside(name: str, block: str) -> bool:
+    return name == block or name.startswith(block + ".")
+
+
+class Space:
+    """The cuts a search may combine on ``plan.model``: ``step`` of each group's channels at a
+    time (at least one channel), and the removable ``blocks``."""
+
+    def __init__(self, plan: Plan, blocks: list[Candidate], step: float, latency: LatencyModel | None):
+        self.plan, self.model = plan, plan.model
+        self.latency = latency
+        allowed = plan.options.allow_approximate
+        self.groups = [g for g in plan.selection.groups
+                       if len(g.classes) > 1 and g.rows is None and g.modules and (allowed or not g.approximate)]
+        self.keys = {}
+        for i, g in enumerate(self.groups):
+            try:
+                self.keys[i] = ratio_key(g, plan.selection.groups)
+            except ValueError:  # shares its producers with another group: cannot get its own count
+                pass
+        self.groups = [g for i, g in enumerate(self.groups) if i in self.keys]
+        self.keys = [self.keys[i] for i in sorted(self.keys)]
+        self.steps = [max(1, round(step * len(g.classes))) for g in self.groups]
+        self.blocks = {c.name: c for c in blocks}
+        self.home = [next((b for b in self.blocks if all(_inside(m, b) for m in g.modules)), None)
+                     for g in self.groups]  # the block a group lies in, if any
+        self._removed: dict[tuple[int, ...], torch.Tensor] = {}
+        self._lowest: dict[tuple[int, int], torch.Tensor] = {}
+        params, size, self._dense_work = self._totals(self.start())
+        self.dense = {"params": params, "file_size": size,
+                      "macs": sum(w[0] for w in self._dense_work.values()) / 2}
+
+    # -- states and moves ------------------------------------------------------------------
+
+    def start(self) -> State:
+        return State((0,) * len(self.groups))
+
+    def limit(self, i: int) -> int:
+        return len(self.groups[i].classes) - 1  # every group keeps a channel
+
+    def moves(self, state: State, kinds: tuple[str, ...]) -> list[Move]:
+        """Every move allowed from ``state`` of the given kinds."""
+        found = []
+        if "width" in kinds:
+            found += [Move("width", i) for i in range(len(self.groups)) if self.allowed(state, Move("width", i))]
+        if "depth" in kinds:
+            found += [Move("depth", b) for b in self.blocks if b not in state.blocks]
+        return found
+
+    def allowed(self, state: State, move: Move) -> bool:
+        if move.kind == "depth":
+            return move.target not in state.blocks
+        i = move.target
+        return state.cuts[i] < self.limit(i) and self.home[i] not in state.blocks
+
+    def after(self, state: State, move: Move) -> State:
+        if move.kind == "depth":
+            return State(state.cuts, state.blocks | {move.target})
+        i = move.target
+        cuts = list(state.cuts)
+        cuts[i] = min(self.limit(i), cuts[i] + self.steps[i])
+        return State(tuple(cuts), state.blocks)
+
+    def furthest(self, kinds: tuple[str, ...]) -> State:
+        """Everything the kinds allow removed at once."""
+        cuts = tuple(self.limit(i) for i in range(len(self.groups))) if "width" in kinds else self.start().cuts
+        return State(cuts, frozenset(self.blocks) if "depth" in kinds else frozenset())
+
+    def effective(self, state: State) -> State:
+        """``state`` without the cuts of groups inside removed blocks (they go with the block)."""
+        cuts = tuple(0 if self.home[i] in state.blocks else n for i, n in enumerate(state.cuts))
+        return State(cuts, state.blocks)
+
+    # -- figures ---------------------------------------------------------------------------
+
+    def removed(self, state: State) -> torch.Tensor:
+        """A bool per traced id: removed by the state's channel cuts."""
+        if state.cuts not in self._removed:
+            removed = torch.zeros(self.plan.coupling.num_ids, dtype=torch.bool)
+            for i, n in enumerate(state.cuts):
+                if n:
+                    if (i, n) not in self._lowest:
+                        self._lowest[i, n] = lowest_removed(self.plan, self.groups[i], n)
+                    removed |= self._lowest[i, n]
+            if len(self._removed) > 4096:
+                self._removed.clear()
+            self._removed[state.cuts] = removed
+        return self._removed[state.cuts]
+
+    def figures(self, state: State) -> dict[str, float]:
+        """``params``, ``file_size`` (bytes of the parameters), ``macs`` and ``latency`` (an
+        estimate) of ``state``, as fractions of the dense model's."""
+        params, size, work = self._totals(state)
+        macs = sum(w[0] for w in work.values()) / 2
+        return {"params": params / self.dense["params"], "file_size": size / self.dense["file_size"],
+                "macs": macs / self.dense["macs"] if self.dense["macs"] else 1.0,
+                "latency": self._latency(state, work)}
+
+    def _totals(self, state: State) -> tuple[int, int, dict[str, list[float]]]:
+        """Parameters, their bytes, and per module the [FLOPs, elements written] of its ops."""
+        removed = self.removed(state)
+        gone = lambda name: any(_inside(name, b) for b in state.blocks)  # noqa: E731
+        params = size = 0
+        for name, p in self.model.named_parameters():
+            if gone(module_of(name)):
+                continue
+            ids = self.plan.coupling.tensor_ids.get(name)
+            n = p.numel() if ids is None else math.prod(int((~removed[d]).sum()) for d in ids)
+            params += n
+            size += n * p.element_size()
+        work: dict[str, list[float]] = {}
+        shape_of = partial(planned_shape, removed=removed)
+        for record in self.plan.coupling.records:
+            if gone(record.module):
+                continue
+            entry = work.setdefault(record.module, [0.0, 0.0])
+            entry[0] += count_flops([record], shape_of)
+            entry[1] += math.prod(shape_of(record.outputs[0])) if record.outputs else 0
+        return params, size, work
+
+    def _latency(self, state: State, work: dict[str, list[float]]) -> float:
+        if self.latency is None:
+            return 1.0
+        scales = {}
+        for module, (flops0, written0) in self._dense_work.items():
+            flops, written = work.get(module, (0.0, 0.0))
+            scales[module] = flops / flops0 if flops0 else written / written0 if written0 else 1.0
+        for name in self.latency.shares:
+            if any(_inside(name, b) for b in state.blocks):
+                scales[name] = 0.0
+        return self.latency.ratio(scales)
+
+    # -- trying and building ---------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def silenced(self, state: State) -> Iterator[None]:
+        """The model computes what ``state``'s pruned model would, inside the block."""
+        state = self.effective(state)
+        saved = silence_removed(self.plan, self.removed(state)) if any(state.cuts) else []
+        try:
+            undo = remove_blocks(self.model, sorted(state.blocks), self._tuples()) if state.blocks else None
+            try:
+                yield
+            finally:
+                if undo is not None:
+                    undo.restore()
+        finally:
+            restore(saved)
+
+    def _tuples(self) -> dict[str, int]:
+        return {name: c.tuple_length for name, c in self.blocks.items()}
+
+    def build(self, state: State, example_inputs, reconstruct_on: list | None = None,
+              replace_blocks: str | None = None, data: list | None = None) -> nn.Module:
+        """A pruned copy of the model for ``state``: channels removed (their readers re-fitted on
+        ``reconstruct_on`` if given), then blocks (replaced by fitted linear maps with
+        ``replace_blocks="linear"``, fitted on ``data``)."""
+        state = self.effective(state)
+        model = copy.deepcopy(self.model)
+        if any(state.cuts):
+            plan = copy.copy(self.plan)
+            plan.model, plan.blocks, plan.retried = model, list(self.plan.blocks), []
+            ratios = {key: n / len(g.classes) for key, g, n in zip(self.keys, self.groups, state.cuts) if n}
+            plan.options = replace(plan.options, ratio=0.0, ratios=ratios, scope="local")
+            plan._choose([])
+            verify.rehearse(plan)  # on a weightless copy first, as plan_channels does
+            plan.reconstruct_on = reconstruct_on
+            plan._apply()
+        if state.blocks:
+            params = sum(p.numel() for p in model.parameters())
+            chosen = sorted(state.blocks)
+            layers = LayerPlan(model, example_inputs, list(self.blocks.values()), "compress", {}, chosen,
+                               0, params, replace=replace_blocks, data=data if replace_blocks else None)
+            if replace_blocks:
+                layers.check_replaceable()
+            layers.apply()
+        return model
+
+    def describe(self, state: State) -> dict:
+        """The state in the model's own names: kept/size per cut group, removed blocks."""
+        state = self.effective(state)
+        widths = {self.groups[i].modules[0]: f"{len(self.groups[i].classes) - n}/{len(self.groups[i].classes)}"
+                  for i, n in enumerate(state.cuts) if n}
+        return {"widths": widths, "blocks": sorted(state.blocks)}

@@ -1,0 +1,380 @@
+"""pangkas.compress: budgets, the search space's figures and exactness, the greedy search, refusals,
+interrupts and the latency check."""
+
+import importlib
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import pangkas
+from pangkas import PangkasError
+from pangkas.compress import budget as budget_module
+from pangkas.compress import latency_model
+from pangkas.compress.search import Scorer, Step, greedy
+from pangkas.compress.space import Move, Space, State
+from pangkas.distortion import Distortion
+from pangkas.layers import layer_candidates
+from pangkas.measure import Ratio, count_macs
+from pangkas.surgery.blocks import Skip
+
+compress_module = importlib.import_module("pangkas.compress")  # pangkas.compress is the function
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, 2 * c, 3, padding=1), nn.BatchNorm2d(2 * c)
+        self.conv2, self.bn2 = nn.Conv2d(2 * c, c, 3, padding=1), nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return x + self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+
+
+class ResNetLike(nn.Module):
+    """A stem, three residual blocks and a classifier: widths and depth to search."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c)
+        self.blocks = nn.Sequential(Block(c), Block(c), Block(c))
+        self.head = nn.Linear(c, 10)
+
+    def forward(self, x):
+        return self.head(self.blocks(torch.relu(self.bn(self.stem(x)))).mean((-1, -2)))
+
+
+def _trained_like(model):
+    """Non-trivial BatchNorm statistics, so that silenced and cut models differ if the maths is wrong."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return model.eval()
+
+
+@pytest.fixture
+def net():
+    return _trained_like(ResNetLike())
+
+
+@pytest.fixture
+def batches():
+    return [torch.randn(4, 3, 8, 8) for _ in range(4)]
+
+
+@pytest.fixture(autouse=True)
+def quick_latency(monkeypatch):
+    """Interleaved timing, but short: the tests check logic, not this machine's speed."""
+    real = compress_module.latency_ratios
+    monkeypatch.setattr(compress_module, "latency_ratios",
+                        lambda models, x, **kw: real(models, x, **kw, min_run_time=0.005))
+
+
+def _space(model, x, step=0.25, latency=False):
+    plan = pangkas.plan_channels(model, x, ratio=0.0)
+    return Space(plan, layer_candidates(model, x), step, latency_model.LatencyModel(model, x) if latency else None)
+
+
+def _state(space, rng):
+    cuts = tuple(int(rng.integers(0, space.limit(i) + 1)) for i in range(len(space.groups)))
+    blocks = frozenset(b for b in space.blocks if rng.random() < 0.4)
+    return State(cuts, blocks)
+
+
+# -- budgets ----------------------------------------------------------------------------------
+
+def test_budget_reads_relative_and_absolute_limits():
+    dense = {"params": 1000, "macs": 4000, "file_size": 8000}
+    b = budget_module.parse(None, {"latency": 0.5, "macs": 1000, "params": 0.75, "file_size": None}, dense)
+    assert b.limits == {"latency": 0.5, "macs": 0.25, "params": 0.75}
+    assert b.met({"latency": 0.5, "macs": 0.25, "params": 0.7, "file_size": 1.0})
+    assert not b.met({"latency": 0.51, "macs": 0.25, "params": 0.7, "file_size": 1.0})
+    assert b.binding({"latency": 0.6, "macs": 0.5, "params": 0.75}) == "macs"  # twice its limit
+    assert budget_module.parse({"file_size": 2000}, {}, dense).limits == {"file_size": 0.25}
+
+
+@pytest.mark.parametrize("target, keywords, match", [
+    (None, {}, "give a budget"),
+    ({"latency": 0.5}, {"macs": 0.5}, "not both"),
+    ({"speed": 0.5}, {}, "unknown budget"),
+    (None, {"latency": -1}, "positive number"),
+    (None, {"macs": float("nan")}, "positive number"),
+    (None, {"params": True}, "positive number"),
+    ([0.5], {}, "must be a dict"),
+])
+def test_bad_budgets_are_refused(target, keywords, match):
+    with pytest.raises(PangkasError, match=match):
+        budget_module.parse(target, keywords, {"params": 1, "macs": 1, "file_size": 1})
+
+
+# -- the space: figures and exactness ---------------------------------------------------------
+
+def test_silenced_state_computes_what_the_built_model_computes(net):
+    """The oracle of the search: what it judges (the silenced model) is the model it builds."""
+    import numpy as np
+
+    x = torch.randn(2, 3, 8, 8)
+    space = _space(net, x)
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        state = _state(space, rng)
+        with space.silenced(state), torch.no_grad():
+            silenced = net(x)
+        built = space.build(state, x)
+        with torch.no_grad():
+            torch.testing.assert_close(built(x), silenced, atol=1e-5, rtol=1e-4)
+        assert len(list(built.blocks)) == 3 - len(state.blocks)
+
+
+def test_estimated_params_and_macs_are_the_built_models(net):
+    import numpy as np
+
+    x = torch.randn(2, 3, 8, 8)
+    space = _space(net, x)
+    dense_params, dense_macs = sum(p.numel() for p in net.parameters()), count_macs(net, x)
+    rng = np.random.default_rng(1)
+    for _ in range(4):
+        state = _state(space, rng)
+        figures = space.figures(state)
+        built = space.build(state, x)
+        assert figures["params"] == pytest.approx(sum(p.numel() for p in built.parameters()) / dense_params)
+        assert figures["macs"] == pytest.approx(count_macs(built, x) / dense_macs, rel=1e-6)
+
+
+def test_silencing_leaves_the_model_as_it_was_even_when_interrupted(net):
+    x = torch.randn(2, 3, 8, 8)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    space = _space(net, x)
+    state = State(tuple(space.limit(i) for i in range(len(space.groups))), frozenset(["blocks.1"]))
+    with pytest.raises(KeyboardInterrupt):
+        with space.silenced(state):
+            assert isinstance(net.blocks[1], Block) and len(net.blocks) == 2
+            raise KeyboardInterrupt
+    assert len(net.blocks) == 3 and not any(isinstance(m, Skip) for m in net.modules())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_estimated_latency_follows_the_work_removed(net, tmp_path, monkeypatch):
+    monkeypatch.setenv("PANGKAS_CACHE_DIR", str(tmp_path))
+    x = torch.randn(1, 3, 16, 16)
+    space = _space(net, x, latency=True)
+    assert space.figures(space.start())["latency"] == pytest.approx(1.0)
+    one_block = space.figures(State(space.start().cuts, frozenset(["blocks.0"])))["latency"]
+    all_blocks = space.figures(State(space.start().cuts, frozenset(space.blocks)))["latency"]
+    assert 0 < all_blocks < one_block < 1
+
+
+def test_latency_profile_is_measured_once_per_machine_and_shape(net, tmp_path, monkeypatch):
+    monkeypatch.setenv("PANGKAS_CACHE_DIR", str(tmp_path))
+    from pangkas import latency_table
+
+    latency_table.forget()
+    calls = []
+    real = latency_model.profile
+    monkeypatch.setattr(latency_model, "profile", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(1, 3, 8, 8)
+    first = latency_model.LatencyModel(net, x).shares
+    latency_table.forget()  # a new process: only the file remains
+    assert latency_model.LatencyModel(net, x).shares == pytest.approx(first)
+    assert len(calls) == 1
+    latency_model.LatencyModel(net, torch.randn(2, 3, 8, 8))  # another shape: measured again
+    assert len(calls) == 2
+    data = json.loads((tmp_path / "latency" / "layers.json").read_text())
+    assert any("module time" in key for entries in data["machines"].values() for key in entries)
+    latency_table.forget()
+
+
+# -- the search -------------------------------------------------------------------------------
+
+class TwoBranches(nn.Module):
+    """Two parallel hidden layers summed; the second's contribution is scaled down 1000x."""
+
+    def __init__(self):
+        super().__init__()
+        self.a1, self.a2 = nn.Linear(16, 32), nn.Linear(32, 8)
+        self.b1, self.b2 = nn.Linear(16, 32), nn.Linear(32, 8)
+        with torch.no_grad():
+            self.b2.weight.mul_(1e-3)
+
+    def forward(self, x):
+        return self.a2(torch.relu(self.a1(x))) + self.b2(torch.relu(self.b1(x)))
+
+
+def test_greedy_cuts_what_hurts_least_per_budget_first():
+    model = TwoBranches().eval()
+    x = [torch.randn(16, 16)]
+    plan = pangkas.plan_channels(model, x[0], ratio=0.0, importance="l1")
+    space = Space(plan, [], 0.25, None)
+    budget = budget_module.parse(None, {"params": 0.75}, space.dense)
+    score = Scorer(space, Distortion(model, x))
+    start = Step(None, space.start(), 0.0, space.figures(space.start()))
+    steps = greedy(space, budget, score, ("width",), start)
+    assert budget.met(steps[-1].figures) and not budget.met(steps[-2].figures if len(steps) > 1 else start.figures)
+    cut = {space.groups[i].modules[0]: n for i, n in enumerate(steps[-1].state.cuts) if n}
+    assert set(cut) == {"b1"}  # the quiet branch went first and alone
+    assert [s.distortion for s in steps] == sorted(s.distortion for s in steps)
+
+
+def test_greedy_says_when_the_kinds_cannot_reach_the_budget():
+    model = TwoBranches().eval()
+    x = [torch.randn(16, 16)]
+    space = Space(pangkas.plan_channels(model, x[0], ratio=0.0), [], 0.5, None)
+    budget = budget_module.parse(None, {"params": 0.01}, space.dense)
+    start = Step(None, space.start(), 0.0, space.figures(space.start()))
+    assert greedy(space, budget, Scorer(space, Distortion(model, x)), ("width",), start) is None
+
+
+# -- compress end to end ------------------------------------------------------------------------
+
+def test_compress_meets_a_macs_budget_and_leaves_the_model(net, batches):
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    small, report = pangkas.compress(net, batches, macs=0.5, reconstruct=False)
+    assert small is not net
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    x = batches[0]
+    assert count_macs(small, x) <= 0.5 * count_macs(net, x)
+    assert report.met and report.chosen.figures["macs"] <= 0.5
+    assert {f.strategy for f in report.finalists} == {"width+depth", "width", "depth"}
+    assert report.chosen.score == max(f.score for f in report.finalists if f.met)
+    with torch.no_grad():  # the returned model is the chosen finalist, scored as reported
+        held = batches[-1]
+        cos = nn.functional.cosine_similarity(small(held), net(held), dim=1).mean()
+    assert float(cos) == pytest.approx(report.chosen.score, abs=1e-5)
+    assert sum(report.chosen.split.values()) == pytest.approx(1.0)
+    json.dumps(report.to_dict())  # plain data
+
+
+def test_compress_with_one_kind_of_cut(net, batches):
+    small, report = pangkas.compress(net, batches, params=0.6, depth=False, reconstruct=False)
+    assert [f.strategy for f in report.finalists] == ["width"]
+    assert len(small.blocks) == 3 and report.chosen.split["depth"] == 0
+    small, report = pangkas.compress(net, batches, params=0.8, width=False)
+    assert [f.strategy for f in report.finalists] == ["depth"]
+    assert len(small.blocks) < 3 and report.chosen.split["width"] == 0
+    assert sum(p.numel() for p in small.parameters()) <= 0.8 * sum(p.numel() for p in net.parameters())
+
+
+def test_a_budget_the_dense_model_meets_returns_it_unchanged(net, batches):
+    same, report = pangkas.compress(net, batches, macs=1.0, latency=1.5)
+    assert same is net and report.chosen is None and "unchanged" in str(report)
+    big = sum(p.numel() for p in net.parameters()) * 2
+    same, report = pangkas.compress(net, batches, params=big)  # absolute: more than it has
+    assert same is net and report.unchanged
+
+
+def test_an_unreachable_budget_is_refused_with_the_best_reachable(net, batches):
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(PangkasError, match=r"cannot be met: removing everything removable .* reaches macs=0\.\d+"):
+        pangkas.compress(net, batches, macs=0.001)
+    with pytest.raises(PangkasError, match="width"):
+        pangkas.compress(net, batches, params=0.002, depth=False)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(macs=0.5, width=False, depth=False), "nothing to search"),
+    (dict(macs=0.5, step=0), "step"),
+    (dict(macs=0.5, recover_steps=-1), "recover_steps"),
+    (dict(macs=0.5, replace="cubic"), "replace"),
+    (dict(macs=0.5, eval_fn="accuracy"), "eval_fn"),
+    (dict(macs=0.5, rounds=3), "rounds"),
+])
+def test_bad_options_are_refused(net, batches, kwargs, match):
+    with pytest.raises(PangkasError, match=match):
+        pangkas.compress(net, batches, **kwargs)
+
+
+def test_scoring_needs_held_back_data_or_an_eval_fn(net, batches):
+    with pytest.raises(PangkasError, match="at least 2 batches"):
+        pangkas.compress(net, batches[:1], macs=0.5)
+    with pytest.raises(PangkasError, match="single batch"):
+        pangkas.compress(net, batches[0], macs=0.5)
+    small, report = pangkas.compress(net, batches[:1], macs=0.6, eval_fn=lambda m: -1.0, reconstruct=False)
+    assert report.chosen.score == -1.0
+
+
+def test_an_interrupted_search_leaves_the_model(net, batches, monkeypatch):
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    calls = []
+
+    def interrupted(self):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return 0.0
+
+    monkeypatch.setattr(Distortion, "__call__", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pangkas.compress(net, batches, macs=0.5)
+    assert len(net.blocks) == 3 and not any(isinstance(m, Skip) for m in net.modules())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_a_measured_latency_that_misses_makes_the_search_go_on(net, batches, monkeypatch, tmp_path):
+    """Estimates are estimates: the finalist is timed, and if its interval's upper end is over the
+    limit the search continues with the limit lowered by the miss."""
+    monkeypatch.setenv("PANGKAS_CACHE_DIR", str(tmp_path))
+    timed = []
+
+    def pessimistic(models, x, **kw):  # the first finalist turns out slower than estimated
+        timed.append(models[1])
+        value = 0.7 if len(timed) == 1 else 0.5
+        return [Ratio(1.0, 1.0, 1.0, 10, 0.95), Ratio(value, value * 0.98, value * 1.02, 10, 0.95)]
+
+    monkeypatch.setattr(compress_module, "latency_ratios", pessimistic)
+    small, report = pangkas.compress(net, batches, latency=0.6, depth=False, reconstruct=False)
+    assert report.chosen.corrections == 1 and report.chosen.met
+    assert report.chosen.latency.high <= 0.6
+    assert len(timed) == 2 and small is timed[1]
+    macs = [count_macs(m, batches[0]) for m in timed]
+    assert macs[1] < macs[0]  # the search went on from the first finalist
+
+
+def test_recovery_brings_the_finalist_closer_to_the_dense_model(net, batches):
+    for m in net.modules():  # statistics of this data, as a model trained on it would have
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        net.train()
+        for b in batches:
+            net(b)
+    net.eval()
+    _, plain = pangkas.compress(net, batches, macs=0.4, reconstruct=False, depth=False)
+    _, recovered = pangkas.compress(net, batches, macs=0.4, reconstruct=False, depth=False, recover_steps=30)
+    assert recovered.chosen.cuts == plain.chosen.cuts
+    assert recovered.chosen.score > plain.chosen.score
+
+
+def test_report_front_and_plot(net, batches, tmp_path):
+    _, report = pangkas.compress(net, batches, macs=0.5, reconstruct=False, checkpoints=3)
+    assert any(not p.measured for p in report.points) and sum(p.measured for p in report.points) == 3
+    front = report.pareto()
+    for p in report.points:  # nothing on the front is beaten on both axes
+        for q in front:
+            assert not (p.figures["macs"] < q.figures["macs"] and p.score > q.score)
+    path = report.plot(tmp_path / "front.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(PangkasError, match="exists"):
+        report.plot(tmp_path / "front.png")
+
+
+def test_compress_a_transformer_cuts_heads_ffn_and_layers(tiny_llama):
+    model, ids = tiny_llama
+    batches = [ids[i:i + 24].view(2, 12) for i in range(0, 96, 24)]
+    small, report = pangkas.compress(model, batches, params=0.8, eval_fn=lambda m: 0.0)
+    after = sum(p.numel() for p in small.parameters())
+    assert after <= 0.8 * sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        assert math.isfinite(float(small(batches[0]).logits.abs().max()))
+    heads = [layer.self_attn.q_proj.out_features for layer in small.model.layers]
+    assert all(h % 8 == 0 for h in heads)  # whole heads (head_dim 8)
