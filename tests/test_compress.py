@@ -327,7 +327,7 @@ def test_a_measured_latency_that_misses_makes_the_search_go_on(net, batches, mon
 
     def pessimistic(models, x, **kw):  # the first finalist turns out slower than estimated
         timed.append(models[1])
-        value = 0.7 if len(timed) == 1 else 0.5
+        value = 0.7 if len(timed) == 1 else 0.58
         return [Ratio(1.0, 1.0, 1.0, 10, 0.95), Ratio(value, value * 0.98, value * 1.02, 10, 0.95)]
 
     monkeypatch.setattr(compress_module, "latency_ratios", pessimistic)
@@ -337,6 +337,24 @@ def test_a_measured_latency_that_misses_makes_the_search_go_on(net, batches, mon
     assert len(timed) == 2 and small is timed[1]
     macs = [count_macs(m, batches[0]) for m in timed]
     assert macs[1] < macs[0]  # the search went on from the first finalist
+
+
+def test_a_finalist_cut_more_than_needed_is_replaced_by_an_earlier_state(net, batches, monkeypatch, tmp_path):
+    """Timed well under the limit: the search's earlier (less cut) state predicted to meet is timed,
+    and kept when it meets."""
+    monkeypatch.setenv("PANGKAS_CACHE_DIR", str(tmp_path))
+    timed = []
+
+    def optimistic(models, x, **kw):  # the first finalist turns out much faster than estimated
+        timed.append(models[1])
+        value = 0.3 if len(timed) == 1 else 0.57
+        return [Ratio(1.0, 1.0, 1.0, 10, 0.95), Ratio(value, value * 0.98, value * 1.02, 10, 0.95)]
+
+    monkeypatch.setattr(compress_module, "latency_ratios", optimistic)
+    small, report = pangkas.compress(net, batches, latency=0.6, depth=False, reconstruct=False)
+    assert report.chosen.corrections == 1 and report.chosen.met and small is timed[1]
+    macs = [count_macs(m, batches[0]) for m in timed]
+    assert macs[1] > macs[0]  # less cut than the search's end
 
 
 def test_recovery_brings_the_finalist_closer_to_the_dense_model(net, batches):

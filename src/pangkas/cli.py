@@ -1,4 +1,4 @@
-"""The ``pangkas`` command: demo, measure, prune weights, channels or layers.
+"""The ``pangkas`` command: demo, measure, prune weights, channels or layers, compress to a budget.
 
 Every failure is one line on stderr: exit status 2 when pangkas rejected the input (arguments,
 option values, files), 1 when an operation failed; ``--debug`` adds the traceback.
@@ -180,7 +180,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: random inputs (weak scores)")
     layers.add_argument("--batch-size", type=_positive, default=8)
     _output_args(layers)
+
+    compress = commands.add_parser("compress", help="search widths and blocks for the most accurate model "
+                                   "within a budget (latency on this machine, MACs, parameters, file size)")
+    _model_args(compress)
+    for flag, what in (("--latency", "time relative to the dense model's, measured here at --input-shape"),
+                       ("--macs", "MACs: a fraction of the dense model's (<= 1) or a count"),
+                       ("--params", "parameters: a fraction of the dense model's (<= 1) or a count"),
+                       ("--file-size", "file size: a fraction of the dense model's (<= 1) or bytes")):
+        compress.add_argument(flag, type=_positive_number, help=what)
+    compress.add_argument("--data", help="calibration data (as for prune layers); the last quarter of its "
+                          "batches is held back to score the result; default: random inputs (weak choices)")
+    compress.add_argument("--batch-size", type=_positive, default=8)
+    compress.add_argument("--no-width", action="store_true", help="do not cut channels, heads or FFN neurons")
+    compress.add_argument("--no-depth", action="store_true", help="do not remove blocks")
+    compress.add_argument("--step", type=_fraction, default=0.125,
+                          help="fraction of a group's channels removed per search step (default 0.125)")
+    compress.add_argument("--no-reconstruct", action="store_true",
+                          help="do not re-fit the layers that read removed channels (least squares on --data)")
+    compress.add_argument("--replace", choices=("linear",), help="fitted linear maps in place of removed blocks")
+    compress.add_argument("--recover-steps", type=int, default=0,
+                          help="fine-tune each finalist this many batches of --data, distilling from the dense model")
+    _selection_args(compress, "lose channels or be removed")
+    _output_args(compress)
     return parser
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
 
 
 def _selection_args(parser: argparse.ArgumentParser, what: str) -> None:
@@ -253,7 +286,7 @@ def _check_output(args) -> bool:
     if not Path(args.model).is_dir():
         raise PangkasError(f"-o must name a .safetensors file (or a directory for a Hugging Face model), "
                            f"got {args.output!r}")
-    if args.kind == "weights":
+    if getattr(args, "kind", None) == "weights":
         raise PangkasError("weight pruning keeps every shape and saves compactly only with pangkas.save: "
                            "-o OUT.safetensors")
     check_directory_target(args.output, overwrite=args.overwrite, inputs=[args.model],
@@ -289,6 +322,45 @@ def _prune(args) -> None:
     if to_directory and (Path(args.output) / CODE_FILE).is_file():
         say(f"its config cannot say every pruned size: load it with "
             f"from_pretrained({args.output!r}, trust_remote_code=True) ({CODE_FILE} rebuilds them)")
+
+
+def _compress(args) -> None:
+    """Check the outputs, load, search, save the chosen model, its report (JSON) and plot."""
+    import dataclasses
+    import json
+
+    from .compress import compress
+    from .files import check_file_target, write_file
+    from .io import save
+    from .sources import calibration_batches, describe, save_pretrained
+
+    to_directory = _check_output(args)
+    stem = Path(args.output.rstrip("/\\")).with_suffix("") if not to_directory else Path(args.output.rstrip("/\\"))
+    plot, summary = Path(f"{stem}.pareto.png"), Path(f"{stem}.compress.json")
+    for path in (plot, summary):
+        check_file_target(path, overwrite=args.overwrite)
+    if args.recover_steps < 0:
+        raise PangkasError(f"--recover-steps must be >= 0, got {args.recover_steps}")
+    source = _resolve(args)
+    if args.data is None:
+        say("no --data: searching on random inputs, which says little about real data")
+    batches = calibration_batches(source, args.data, args.batch_size)
+    small, report = compress(source.model, batches, latency=args.latency, macs=args.macs, params=args.params,
+                             file_size=args.file_size, example_inputs=source.example_inputs,
+                             width=not args.no_width, depth=not args.no_depth, step=args.step,
+                             reconstruct=not args.no_reconstruct, replace=args.replace,
+                             recover_steps=args.recover_steps, include=args.include, exclude=args.exclude)
+    say(str(report))
+    source = dataclasses.replace(source, model=small)
+    with console.status("saving"):
+        if to_directory:
+            save_pretrained(source, args.output, overwrite=args.overwrite, overwrite_input=args.overwrite_input)
+        else:
+            save(small, args.output, metadata=describe(source), overwrite=args.overwrite,
+                 overwrite_input=args.overwrite_input)
+        write_file(summary, json.dumps(report.to_dict(), indent=1).encode(), overwrite=args.overwrite)
+        report.plot(plot, overwrite=args.overwrite)
+    say(f"wrote {args.output}, {summary} and {plot}")
 
 
 def _prune_weights(source, args):
@@ -354,7 +426,7 @@ def _prune_layers(source, args):
 
 
 PRUNERS = {"weights": _prune_weights, "channels": _prune_channels, "layers": _prune_layers}
-HANDLERS = {"demo": _demo, "measure": _measure, "prune": _prune}
+HANDLERS = {"demo": _demo, "measure": _measure, "prune": _prune, "compress": _compress}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -38,6 +38,7 @@ from .space import Space, State
 __all__ = ["CompressReport", "Finalist", "Point", "compress"]
 
 MAX_CORRECTIONS = 3
+SLACK = 0.9  # a finalist timed under this share of the latency limit was cut more than needed
 STRATEGIES = {"width+depth": ("width", "depth"), "width": ("width",), "depth": ("depth",)}
 
 
@@ -205,31 +206,53 @@ def _figures(figures: dict[str, float], budget: Budget) -> str:
 
 def _finalize(model, space, budget, score, kinds, steps, name, example, batches, eval_fn, reconstruct, replace,
               recover_steps, rounds, confidence, report):
-    """Build the search's end state, measure it, and where its measured latency misses the limit,
-    search on with the limit lowered by the miss (at most ``MAX_CORRECTIONS`` times)."""
-    internal = budget
-    corrections = 0
-    while True:
-        last = steps[-1] if steps else Step(None, space.start(), 0.0, space.figures(space.start()))
-        pruned = _built(model, space, last.state, example, batches, reconstruct, replace, recover_steps)
-        figures, absolute, ratio = _measure(model, pruned, example, rounds, confidence)
+    """Build the search's end state and time it against the dense model. Each timing calibrates
+    the latency estimate: where the interval's upper end misses the limit, the search goes on with
+    the limit lowered by the miss; where it is well within, the earliest state of the search
+    predicted (so calibrated) to meet is built and timed instead, and kept if it meets. At most
+    ``MAX_CORRECTIONS`` such re-timings."""
+    current = steps[-1]
+    tried = [(current, *_timed(model, space, current.state, example, batches, reconstruct, replace,
+                               recover_steps, rounds, confidence))]
+    for corrections in range(1, MAX_CORRECTIONS + 1):
+        step, pruned, figures, absolute, ratio = tried[-1]
         met = budget.met({**figures, "latency": ratio.high})  # the interval's upper end must be within
-        latency_only = not met and budget.met({**figures, "latency": 0.0})
-        if met or not latency_only or "latency" not in budget.limits or corrections == MAX_CORRECTIONS:
+        if "latency" not in budget.limits or not budget.met({**figures, "latency": 0.0}):
+            break  # nothing to calibrate, or a limit the estimate of latency cannot help with
+        limit = budget.limits["latency"]
+        factor = ratio.high / step.figures["latency"]  # estimate -> measured upper end
+        if not met:
+            if any(budget.met({**f, "latency": r.high}) for _, _, f, _, r in tried):
+                break  # an earlier (less cut) state met: keep that one
+            internal = Budget({**budget.limits, "latency": limit / factor * 0.98}, budget.asked)
+            more = _search(space, internal, score, kinds, step, f"{name}, correction {corrections}", eval_fn, 0,
+                           report)
+            if more is None:
+                report.notes.append(f"{name}: the measured latency missed and no further cut is possible")
+                break
+            steps = steps + more
+            step = steps[-1]
+        elif ratio.high < SLACK * limit:
+            step = next((s for s in steps if s.figures["latency"] * factor <= 0.97 * limit
+                         and budget.met({**s.figures, "latency": 0.0})), step)
+            if step is tried[-1][0]:
+                break
+        else:
             break
-        corrections += 1
-        limits = dict(internal.limits)
-        limits["latency"] = internal.limits["latency"] * budget.limits["latency"] / ratio.high * 0.98
-        internal = Budget(limits, budget.asked)
-        more = _search(space, internal, score, kinds, last, f"{name}, correction {corrections}", eval_fn, 0, report)
-        if more is None:
-            report.notes.append(f"{name}: the measured latency missed and no further cut is possible")
-            break
-        steps = steps + more
+        tried.append((step, *_timed(model, space, step.state, example, batches, reconstruct, replace,
+                                    recover_steps, rounds, confidence)))
+    meeting = [t for t in tried if budget.met({**t[2], "latency": t[4].high})]
+    step, pruned, figures, absolute, ratio = meeting[-1] if meeting else tried[-1]
     value = float(eval_fn(pruned))
     report.points.append(Point(name, figures, value, measured=True))
-    return Finalist(name, space.describe(last.state), figures, absolute, ratio, value, met,
-                    _split(space, last.state, budget), corrections), pruned
+    return Finalist(name, space.describe(step.state), figures, absolute, ratio, value, bool(meeting),
+                    _split(space, step.state, budget), len(tried) - 1), pruned
+
+
+def _timed(model, space, state, example, batches, reconstruct, replace, recover_steps, rounds, confidence):
+    """(pruned model, its figures, absolute figures, latency ratio) for ``state``."""
+    pruned = _built(model, space, state, example, batches, reconstruct, replace, recover_steps)
+    return (pruned, *_measure(model, pruned, example, rounds, confidence))
 
 
 def _built(model, space: Space, state: State, example, batches, reconstruct, replace, recover_steps) -> nn.Module:
