@@ -223,3 +223,38 @@ def test_prune_channels_with_wanda_needs_data(capsys, tmp_path):
     code, out, _ = run(capsys, "prune", "channels", *DIGITS, "--ratio", "0.5", "--importance", "wanda",
                        "--data", str(data), "-o", str(tmp_path / "x.safetensors"))
     assert code == 0 and "importance=wanda" in out
+
+
+def test_compress_writes_the_model_its_report_and_its_plot(capsys, tmp_path):
+    import json
+
+    data = tmp_path / "calib.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.rand(64, 1, 8, 8)}, str(data))
+    out_file = tmp_path / "small.safetensors"
+    code, out, err = run(capsys, "compress", *DIGITS, "--macs", "0.5", "--data", str(data), "--batch-size", "16",
+                         "--no-reconstruct", "-o", str(out_file))
+    assert code == 0, err
+    assert "chosen:" in out and "finalist" in out
+    model = pangkas.load(out_file, digits_cnn())  # reshaped and depth-cut as the file records
+    x = torch.rand(1, 1, 8, 8)
+    assert pangkas.measure(model, x, latency=False).macs <= 0.5 * pangkas.measure(digits_cnn(), x, latency=False).macs
+    report = json.loads((tmp_path / "small.compress.json").read_text())
+    assert report["met"] and report["chosen"]["figures"]["macs"] <= 0.5
+    assert (tmp_path / "small.pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_compress_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
+    out_file = tmp_path / "small.safetensors"
+    code, _, err = run(capsys, "compress", *DIGITS, "--macs", "0.00001", "-o", str(out_file))
+    assert code == 2 and err.count("\n") == 1 and "cannot be met" in err and "reaches macs=" in err
+    code, _, err = run(capsys, "compress", *DIGITS, "-o", str(out_file))
+    assert code == 2 and "give a budget" in err
+    code, _, err = run(capsys, "compress", *DIGITS, "--latency", "-1", "-o", str(out_file))
+    assert code == 2 and "positive number" in err
+    (tmp_path / "small.pareto.png").write_bytes(b"mine")  # not pangkas's: refused before any work
+    code, _, err = run(capsys, "compress", *DIGITS, "--macs", "0.5", "-o", str(out_file))
+    assert code == 2 and "small.pareto.png" in err and "--overwrite" in err
+    assert (tmp_path / "small.pareto.png").read_bytes() == b"mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small.pareto.png"]

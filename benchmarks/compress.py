@@ -1,0 +1,234 @@
+"""``pangkas.compress``: budgets met on this machine, and what the search buys over uniform recipes.
+
+Sections (each writes its own page under docs/compress/; run them one by one or together):
+
+- ``cnn``: ResNet-50, MobileNetV2 and ViT-B/16 (random weights: no pretrained weights install
+  offline, so no accuracy here), ``latency=0.5`` at batch 1 and 8 (224x224): the measured latency
+  ratio with its 95% interval, whether its upper end meets the limit, and the search time.
+  Calibration: 3 batches of 2 random images (one held back for the default score).
+- ``minilm``: pretrained all-MiniLM-L6-v2, ``latency=0.5`` at batch 8 x 128 tokens, mean cosine of
+  sentence embeddings to the full model on 600 sentences (``minilm.py``), against the best uniform
+  recipes of about that latency (docs/transformers.md, docs/layers.md), rebuilt and timed here.
+- ``llm``: SmolLM2-135M (``llm.py``), ``params=0.75``, perplexity on *Persuasion*, against uniform
+  FFN and heads + FFN cuts and layer removal of the same size (all with reconstruction; layers with
+  a linear map).
+- ``digits``: the demo's digits CNN (trained here), ``macs=0.25`` with ``recover_steps=300``: test
+  accuracy against the dense model's.
+
+Every model is compared with its dense original in the same process; threads: 1.
+
+    .venv/bin/python benchmarks/compress.py                   # every section
+    .venv/bin/python benchmarks/compress.py --sections digits  # one
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+
+import torch
+
+from common import DOCS, arguments, environment, publish
+import pangkas
+from pangkas.measure import latency_ratios
+from pangkas.tables import human_count, render_table
+
+PAGE = "compress/{}.md"
+LIMIT = 0.5
+
+
+def _row_figures(model, dense, x) -> tuple[str, str]:
+    params = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in dense.parameters())
+    macs = pangkas.measure(model, x, latency=False).macs / pangkas.measure(dense, x, latency=False).macs
+    return f"{params:.2f}", f"{macs:.2f}"
+
+
+def cnn(rounds: int) -> str:
+    import torchvision
+
+    rows = []
+    for name, build in (("ResNet-50", torchvision.models.resnet50), ("MobileNetV2", torchvision.models.mobilenet_v2),
+                        ("ViT-B/16", torchvision.models.vit_b_16)):
+        torch.manual_seed(0)
+        dense = build().eval()
+        data = [torch.randn(2, 3, 224, 224) for _ in range(3)]
+        for batch in (1, 8):
+            x = torch.randn(batch, 3, 224, 224)
+            start = time.perf_counter()
+            small, report = pangkas.compress(dense, data, latency=LIMIT, example_inputs=x, proxy_batches=1,
+                                             rounds=rounds)
+            seconds = time.perf_counter() - start
+            c = report.chosen
+            params, macs = _row_figures(small, dense, x)
+            rows.append((name, batch, c.latency.format(), "yes" if c.met else "no", params, macs, c.strategy,
+                         f"{c.split['width']:.0%} / {c.split['depth']:.0%}", c.corrections, f"{seconds:.0f}"))
+            print(rows[-1], flush=True)
+    table = render_table(f"latency={LIMIT} on this CPU (random weights)",
+                         ("model", "batch", "latency vs dense (95% interval)", "meets", "params", "MACs", "chosen",
+                          "saving from width / depth", "re-timings", "search s"), rows, markdown=True)
+    notes = (f"Measured with {environment()}. `latency vs dense`: the median of per-round ratios over interleaved "
+             "rounds, with its distribution-free 95% interval; `meets`: the interval's upper end is within the limit. "
+             "`chosen`: the finalist (width+depth, width only, depth only) with the best default score (fidelity "
+             "on a held-back batch; meaningless with random weights, so which one is chosen says nothing here). "
+             "`re-timings`: finalists timed again after the search went on (a miss) or stepped back (cut more than "
+             "needed). `search s`: the whole call, finalists built, re-fitted and timed included.")
+    return "\n\n".join([table, notes])
+
+
+def minilm_section(rounds: int) -> str:
+    import minilm
+
+    warnings.filterwarnings("ignore")
+    dense, calibration, evaluation, reference, timing = minilm.setup()
+    score = lambda m: minilm.fidelity(m, evaluation, reference)  # noqa: E731
+    rows = []
+    start = time.perf_counter()
+    small, report = pangkas.compress(dense, calibration, latency=LIMIT, example_inputs=timing, eval_fn=score,
+                                     replace="linear", rounds=rounds)
+    seconds = time.perf_counter() - start
+    print(report, flush=True)
+    uniform = {
+        "heads 50% + FFN 50%, obs + reconstruct": lambda m: pangkas.prune_transformer(
+            m, calibration[0], heads=0.5, ffn=0.5, data=calibration, reconstruct=True),
+        "heads 50% + FFN 50%, obs + reconstruct, by sensitivity": lambda m: pangkas.prune_transformer(
+            m, calibration[0], heads=0.5, ffn=0.5, data=calibration, reconstruct=True, allocation="sensitivity"),
+        "3 layers removed, linear_fit + linear map": lambda m: pangkas.prune_layers(m, calibration, n=3,
+                                                                                  replace="linear"),
+    }
+    models = {}
+    for label, prune in uniform.items():
+        m = copy.deepcopy(dense)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            prune(m)
+        models[label] = m
+    ratios = latency_ratios([dense, small, *models.values()], timing, rounds=rounds)
+    c = report.chosen
+    rows.append((f"compress latency={LIMIT} ({c.strategy})", ratios[1].format(), "yes" if ratios[1].meets(LIMIT) else "no",
+                 human_count(sum(p.numel() for p in small.parameters())), f"{score(small):.3f}"))
+    for (label, m), ratio in zip(models.items(), ratios[2:]):
+        rows.append((label, ratio.format(), "yes" if ratio.meets(LIMIT) else "no",
+                     human_count(sum(p.numel() for p in m.parameters())), f"{score(m):.3f}"))
+    table = render_table("MiniLM, batch 8 x 128 tokens: compress against uniform recipes",
+                         ("model", "latency vs full (95% interval)", f"meets {LIMIT}", "params", "mean cosine to full"),
+                         rows, markdown=True)
+    finalists = render_table("the search's finalists (timed when built)",
+                             ("finalist", "latency vs full", "mean cosine", "cuts"),
+                             [(f.strategy, f.latency.format(), f"{f.score:.3f}",
+                               f"blocks {', '.join(f.cuts['blocks']) or '-'}; widths "
+                               + (", ".join(f"{k} {v}" for k, v in f.cuts["widths"].items()) or "-"))
+                              for f in report.finalists], markdown=True)
+    notes = (f"Measured with {environment()}. compress: `latency={LIMIT}`, `replace=\"linear\"` (removed post-norm "
+             "layers get fitted linear stand-ins), defaults otherwise (obs importance, re-fit of the layers reading "
+             f"removed channels); `eval_fn` the mean cosine on the 600 evaluation sentences; search {seconds:.0f} s "
+             f"({report.measurements} distortion measurements). Uniform recipes as in docs/transformers.md and "
+             "docs/layers.md, rebuilt and timed in the same interleaved rounds as the compressed model.")
+    return "\n\n".join([table, finalists, notes])
+
+
+def llm_section(rounds: int) -> str:
+    import llm
+    from corpus import novels
+    from pangkas.evaluate import perplexity, token_ids, windows
+
+    warnings.filterwarnings("ignore")
+    dense, tokenizer = llm.load_model()
+    books = novels()
+    calib = [{"input_ids": w[None]} for w in
+             windows(token_ids(books["emma"], tokenizer), llm.WINDOW, 32, start=llm.SKIP)]
+    evaluation = windows(token_ids(books["persuasion"], tokenizer), llm.WINDOW, 24, start=llm.SKIP).flatten()
+    ppl = lambda m: perplexity(m, evaluation, window=llm.WINDOW, batch_size=8)  # noqa: E731
+    total = sum(p.numel() for p in dense.parameters())
+    start = time.perf_counter()
+    small, report = pangkas.compress(dense, calib, params=0.75, eval_fn=lambda m: -ppl(m), example_inputs=calib[0],
+                                     step=0.25, rounds=rounds)
+    seconds = time.perf_counter() - start
+    print(report, flush=True)
+    ffn_params = sum(p.numel() for n, p in dense.named_parameters() if ".mlp." in n)
+    attn_params = sum(p.numel() for n, p in dense.named_parameters() if ".self_attn." in n)
+    need = total * 0.25
+    per_layer = sum(p.numel() for p in dense.model.layers[0].parameters())
+    uniform = {
+        f"FFN {need / ffn_params:.0%} + reconstruct": dict(ffn=need / ffn_params),
+        f"FFN {need / ffn_params:.0%} + reconstruct, by sensitivity": dict(ffn=need / ffn_params,
+                                                                          allocation="sensitivity"),
+        f"1 of 3 KV groups + FFN {(need - attn_params / 3) / ffn_params:.0%} + reconstruct": dict(
+            heads=1 / 3, ffn=(need - attn_params / 3) / ffn_params),
+    }
+    rows = [(f"compress params=0.75 ({report.chosen.strategy})", human_count(sum(p.numel() for p in small.parameters())),
+             f"{-report.chosen.score:.2f}")]
+    for label, options in uniform.items():
+        m = copy.deepcopy(dense)
+        options = dict(options)
+        pangkas.prune_transformer(m, calib[0], data=calib, reconstruct=True, **options)
+        rows.append((label, human_count(sum(p.numel() for p in m.parameters())), f"{ppl(m):.2f}"))
+        print(rows[-1], flush=True)
+        del m
+    n = round(need / per_layer)
+    m = copy.deepcopy(dense)
+    pangkas.prune_layers(m, calib, n=n, replace="linear")
+    rows.append((f"{n} layers removed + linear map", human_count(sum(p.numel() for p in m.parameters())),
+                 f"{ppl(m):.2f}"))
+    del m
+    dense_ppl = ppl(dense)
+    table = render_table(f"SmolLM2-135M, params=0.75 ({human_count(total)} -> {human_count(0.75 * total)}); "
+                         f"dense perplexity {dense_ppl:.2f}", ("model", "params", "perplexity"), rows, markdown=True)
+    finalists = render_table("the search's finalists", ("finalist", "params", "perplexity", "blocks removed"),
+                             [(f.strategy, human_count(f.absolute["params"]), f"{-f.score:.2f}",
+                               ", ".join(f.cuts["blocks"]) or "-") for f in report.finalists], markdown=True)
+    notes = (f"Measured with {environment()}. compress: `params=0.75`, `step=0.25`, defaults otherwise (obs "
+             "importance, re-fit of the layers reading removed channels); `eval_fn` minus the perplexity on 24 x "
+             f"256 tokens of Persuasion; calibration 32 x 256 tokens of Emma; search {seconds:.0f} s "
+             f"({report.measurements} distortion measurements). Uniform rows: `prune_transformer(..., "
+             "reconstruct=True)` at the ratio that removes a quarter of the parameters; layers: `prune_layers(n=..., "
+             "replace=\"linear\")`. No fine-tuning anywhere.")
+    return "\n\n".join([table, finalists, notes])
+
+
+def digits_section(rounds: int) -> str:
+    from pangkas.demo import accuracy, digits_cnn, load_digits_split, train
+
+    torch.manual_seed(0)
+    data = load_digits_split()
+    dense = digits_cnn()
+    train(dense, data, 40)
+    score = lambda m: accuracy(m, data.x_test, data.y_test)  # noqa: E731
+    batches = list(data.x_train.split(64))
+    rows = [("dense", human_count(sum(p.numel() for p in dense.parameters())), "1.00", f"{score(dense):.2%}", "")]
+    for steps in (0, 300):
+        start = time.perf_counter()
+        small, report = pangkas.compress(dense, batches, macs=0.25, recover_steps=steps, eval_fn=score,
+                                         example_inputs=data.x_test[:1], rounds=rounds)
+        seconds = time.perf_counter() - start
+        params, macs = _row_figures(small, dense, data.x_test[:1])
+        rows.append((f"compress macs=0.25, recover_steps={steps} ({report.chosen.strategy})",
+                     human_count(sum(p.numel() for p in small.parameters())), macs, f"{report.chosen.score:.2%}",
+                     f"{seconds:.0f}"))
+        print(rows[-1], flush=True)
+    table = render_table("digits CNN (trained here, 40 epochs), test accuracy on 450 images",
+                         ("model", "params", "MACs vs dense", "accuracy", "search s"), rows, markdown=True)
+    notes = (f"Measured with {environment()}. compress defaults otherwise; `recover_steps`: each finalist "
+             "fine-tuned that many batches of 64 training images, distilling from the dense model.")
+    return "\n\n".join([table, notes])
+
+
+SECTIONS = {"cnn": cnn, "minilm": minilm_section, "llm": llm_section, "digits": digits_section}
+TITLES = {"cnn": "compress: latency budgets on CNNs and a ViT", "minilm": "compress: MiniLM at half the latency",
+          "llm": "compress: SmolLM2 at three quarters of the parameters",
+          "digits": "compress: the digits CNN at a quarter of the MACs, recovered"}
+
+
+def main() -> None:
+    parser = arguments(__doc__, "compress", rounds=10)
+    parser.add_argument("--sections", nargs="*", choices=list(SECTIONS), default=list(SECTIONS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    (DOCS / "compress").mkdir(exist_ok=True)
+    for name in args.sections:
+        text = SECTIONS[name](args.rounds)
+        publish(str(DOCS / PAGE.format(name)), TITLES[name], text, script=f"compress.py --sections {name}")
+
+
+if __name__ == "__main__":
+    main()
