@@ -26,9 +26,10 @@ from ..distortion import Distortion, Fidelity, _output
 from ..errors import PangkasError
 from ..layers import _batches, _granular, _selected, layer_candidates
 from ..measure import count_macs, file_sizes, latency_ratios, min_rounds
-from ..modules import Selector
+from ..modules import Selector, select_modules
 from ..progress import bar
 from ..recover import recover
+from ..weights.prune import PRUNABLE
 from .budget import KINDS, Budget, parse
 from .latency_model import LatencyModel
 from .report import CompressReport, Finalist, Point
@@ -39,13 +40,12 @@ __all__ = ["CompressReport", "Finalist", "Point", "compress"]
 
 MAX_CORRECTIONS = 3
 SLACK = 0.9  # a finalist timed under this share of the latency limit was cut more than needed
-STRATEGIES = {"width+depth": ("width", "depth"), "width": ("width",), "depth": ("depth",)}
 
 
 def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, latency: float | None = None,
              macs: float | None = None, params: float | None = None, file_size: float | None = None,
              eval_fn: Callable[[nn.Module], float] | None = None, example_inputs=None, width: bool = True,
-             depth: bool = True, step: float = 0.125, importance=None, reconstruct: bool = True,
+             depth: bool = True, sparsity: bool = False, step: float = 0.125, importance=None, reconstruct: bool = True,
              replace: str | None = None, recover_steps: int = 0, proxy_batches: int = 4,
              include: Selector = None, exclude: Selector = None, integrations: list | None = None,
              rounds: int = 10, confidence: float = 0.95, checkpoints: int = 4) -> tuple[nn.Module, CompressReport]:
@@ -68,7 +68,9 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     predictions for models with logits, else relative squared error).
 
     ``width`` / ``depth``: whether channel groups / whole blocks (layers of a layer list,
-    residual blocks) may be cut; ``step``: the fraction of a group removed per search step.
+    residual blocks) may be cut; ``sparsity=True`` adds weight sparsity (one eighth of a Linear or
+    conv layer's weights at a time, by magnitude, as masks: only the file ``pangkas.save`` writes
+    gets smaller); ``step``: the fraction of a group removed per search step.
     ``importance`` ranks channels within a group (``plan_channels``' names; default ``"obs"``
     with ``reconstruct``, else ``"wanda"``). ``reconstruct``: the layers reading removed channels
     are re-fitted by least squares on ``data``; ``replace="linear"``: removed blocks are replaced by
@@ -79,7 +81,7 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     (the report's points).
     """
     started = time.perf_counter()
-    _check(width, depth, step, recover_steps, proxy_batches, replace, eval_fn, rounds, confidence, checkpoints)
+    _check(width, depth, sparsity, step, recover_steps, proxy_batches, replace, eval_fn, rounds, confidence, checkpoints)
     batches = _batches(data)
     if eval_fn is None:
         if len(batches) < 2:
@@ -99,17 +101,16 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
         report.seconds = time.perf_counter() - started
         return model, report
 
-    space = _space(model, example, batches, budget, width, depth, step, importance, reconstruct, include,
+    space = _space(model, example, batches, budget, width, depth, sparsity, step, importance, reconstruct, include,
                    exclude, integrations)
-    allowed = tuple(k for k, on in (("width", width), ("depth", depth)) if on)
+    allowed = tuple(k for k, on in (("width", width), ("depth", depth), ("weights", sparsity)) if on)
     _check_reachable(space, budget, allowed)
     score = Scorer(space, Distortion(model, batches[:proxy_batches]))
     report = CompressReport(budget, dense, float(eval_fn(model)))
     start = Step(None, space.start(), 0.0, space.figures(space.start()))
     built: list[tuple[Finalist, nn.Module]] = []
-    for name, kinds in STRATEGIES.items():
-        if not set(kinds) <= set(allowed):
-            continue
+    for kinds in _strategies(width, depth, sparsity):
+        name = "+".join("sparsity" if k == "weights" else k for k in kinds)
         if not budget.met(space.figures(space.furthest(kinds))):
             report.notes.append(f"{name} alone cannot reach the budget")
             continue
@@ -133,11 +134,21 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     return chosen, report
 
 
-def _check(width, depth, step, recover_steps, proxy_batches, replace, eval_fn, rounds, confidence, checkpoints):
-    if width not in (True, False) or depth not in (True, False):
-        raise PangkasError("width= and depth= must be True or False")
-    if not (width or depth):
-        raise PangkasError("width=False and depth=False leave nothing to search: allow at least one")
+def _strategies(width: bool, depth: bool, sparsity: bool) -> list[tuple[str, ...]]:
+    """The kinds of move of each search: width and depth together and each alone (those allowed),
+    weight sparsity added to each (it only lowers the file size)."""
+    structural = [k for k, on in (("width", width), ("depth", depth)) if on]
+    runs = [tuple(structural)] + ([(k,) for k in structural] if len(structural) > 1 else [])
+    return [(*kinds, "weights") if sparsity else kinds for kinds in runs]
+
+
+def _check(width, depth, sparsity, step, recover_steps, proxy_batches, replace, eval_fn, rounds, confidence,
+           checkpoints):
+    if any(flag not in (True, False) for flag in (width, depth, sparsity)):
+        raise PangkasError("width=, depth= and sparsity= must be True or False")
+    if not (width or depth or sparsity):
+        raise PangkasError("width=False and depth=False (without sparsity=True) leave nothing to search: "
+                           "allow at least one")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
         raise PangkasError(f"step must be a fraction in (0, 1] (of a group's channels per search step), got {step!r}")
     for name, value, low in (("recover_steps", recover_steps, 0), ("proxy_batches", proxy_batches, 1),
@@ -154,13 +165,13 @@ def _check(width, depth, step, recover_steps, proxy_batches, replace, eval_fn, r
 
 
 def _measured(model: nn.Module, example) -> dict[str, int]:
-    """The dense model's absolute figures: parameters, MACs on ``example``, bytes of parameters."""
+    """The dense model's absolute figures: parameters, MACs on ``example``, bytes ``pangkas.save`` writes."""
     return {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model, example),
-            "file_size": sum(p.numel() * p.element_size() for p in model.parameters())}
+            "file_size": file_sizes(model)[1]}
 
 
-def _space(model, example, batches, budget: Budget, width, depth, step, importance, reconstruct, include,
-           exclude, integrations) -> Space:
+def _space(model, example, batches, budget: Budget, width, depth, sparsity, step, importance, reconstruct,
+           include, exclude, integrations) -> Space:
     if importance is None:
         importance = "obs" if reconstruct else "wanda"
     plan = plan_channels(model, example, ratio=0.0, importance=importance if width else "l1",
@@ -170,7 +181,8 @@ def _space(model, example, batches, budget: Budget, width, depth, step, importan
     if depth:
         blocks = _granular(_selected(model, layer_candidates(model, example), include, exclude, None), "layers")
     latency = LatencyModel(model, example) if "latency" in budget.limits else None
-    return Space(plan, blocks, step, latency)
+    layers = [name for name, _ in select_modules(model, PRUNABLE, include, exclude)] if sparsity else []
+    return Space(plan, blocks, step, latency, layers)
 
 
 def _check_reachable(space: Space, budget: Budget, allowed: tuple[str, ...]) -> None:
@@ -179,7 +191,8 @@ def _check_reachable(space: Space, budget: Budget, allowed: tuple[str, ...]) -> 
         best = ", ".join(f"{kind}={furthest[kind]:.3g}" for kind in budget.limits)
         estimated = " (latency estimated)" if "latency" in budget.limits else ""
         raise PangkasError(f"the budget {budget.describe()} cannot be met: removing everything removable "
-                           f"({' and '.join(allowed)}) reaches {best}{estimated} of the dense model")
+                           f"({' and '.join('sparsity' if k == 'weights' else k for k in allowed)}) reaches "
+                           f"{best}{estimated} of the dense model")
 
 
 def _search(space, budget, score, kinds, start, name, eval_fn, checkpoints, report, done=0.0):
@@ -280,10 +293,11 @@ def _measure(model, pruned, example, rounds, confidence):
 
 
 def _split(space: Space, state: State, budget: Budget) -> dict[str, float]:
-    """Shares of the estimated saving in the tightest budget kind due to width cuts and to blocks."""
+    """Shares of the estimated saving in the tightest budget kind due to width cuts, blocks and
+    (when searched) weight sparsity."""
     kind = min(budget.limits, key=budget.limits.get)
     state = space.effective(state)
-    width = max(0.0, 1 - space.figures(State(state.cuts))[kind])
-    depth = max(0.0, 1 - space.figures(State(space.start().cuts, state.blocks))[kind])
-    total = width + depth
-    return {"width": width / total if total > 0 else 0.0, "depth": depth / total if total > 0 else 0.0}
+    kinds = {"width": "width", "depth": "depth"} | ({"sparsity": "weights"} if space.layers else {})
+    saved = {label: max(0.0, 1 - space.figures(space.only(state, k))[kind]) for label, k in kinds.items()}
+    total = sum(saved.values())
+    return {label: v / total if total > 0 else 0.0 for label, v in saved.items()}

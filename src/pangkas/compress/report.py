@@ -29,13 +29,13 @@ class Finalist:
     """A search's end state, built for real: what it cuts, its measured figures, its score."""
 
     strategy: str                   # "width+depth", "width" or "depth"
-    cuts: dict                      # {"widths": {first module: "kept/size"}, "blocks": [names]}
+    cuts: dict                      # {"widths": {module: "kept/size"}, "blocks": [...], "sparsity": {layer: "k/8"}}
     figures: dict[str, float]       # measured, fractions of the dense model's
     absolute: dict[str, int]        # params, macs, file_size (bytes as pangkas.save writes them)
     latency: Ratio | None
     score: float
     met: bool
-    split: dict[str, float]         # share of the saving (in the budget's first kind) from width / depth
+    split: dict[str, float]         # share of the saving (in the tightest kind) from width / depth / sparsity
     corrections: int = 0            # times the search went on because the measured latency missed
 
 
@@ -115,8 +115,10 @@ class CompressReport(Report):
         more = len(c.cuts["widths"]) - 8
         text += (f"\nchosen: {c.strategy}; blocks removed: {blocks}; widths: {widths or 'unchanged'}"
                  + (f" +{more} more" if more > 0 else ""))
-        text += (f"\nsaving in {self.kind_shown} from width {c.split['width']:.0%}, from depth "
-                 f"{c.split['depth']:.0%} (estimated)")
+        if c.cuts.get("sparsity"):
+            text += f"\nweight sparsity (eighths): " + ", ".join(f"{m} {k}" for m, k in list(c.cuts["sparsity"].items())[:8])
+        text += (f"\nsaving in {self.kind_shown} from " + ", from ".join(f"{k} {v:.0%}" for k, v in c.split.items())
+                 + " (estimated)")
         text += f"\nsearch: {self.measurements} distortion measurements, {self.seconds:.0f} s"
         for note in self.notes:
             text += f"\nnote: {note}"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -25,38 +26,56 @@ from ..channels import Plan
 from ..graph.trace import count_flops
 from ..layer_importance import Candidate
 from ..layers import LayerPlan
+from ..measure import file_sizes
 from ..selection import module_of, planned_shape, ratio_key
 from ..silence import lowest_removed, restore, silence_removed
 from ..surgery.blocks import remove_blocks
+from ..weights import prune_weights
+from ..weights.masks import underlying_parameter
+from ..weights.sparsity import lowest_mask
 from .latency_model import LatencyModel
 
 
 @dataclass(frozen=True)
 class State:
-    """Channels removed per searchable group (in ``Space.groups`` order) and the removed blocks."""
+    """Channels removed per searchable group (in ``Space.groups`` order), the removed blocks, and
+    the weight sparsity of each sparse-able layer (in ``Space.layers`` order) in eighths."""
 
     cuts: tuple[int, ...]
     blocks: frozenset[str] = frozenset()
+    sparsity: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Move:
-    """One step of the search: ``"width"`` (one more step of group ``target``, an index) or
-    ``"depth"`` (remove block ``target``, a name)."""
+    """One step of the search: ``"width"`` (one more step of group ``target``, an index),
+    ``"depth"`` (remove block ``target``, a name) or ``"weights"`` (one more eighth of layer
+    ``target``'s weights zeroed, by magnitude)."""
 
     kind: str
     target: int | str
+
+
+SPARSITY_STEPS = 8  # weight sparsity moves in eighths, up to 7/8
 
 
 def _inside(name: str, block: str) -> bool:
     return name == block or name.startswith(block + ".")
 
 
+def _sparse_bytes(numel: int, zeroed: int, element_size: int) -> int:
+    """Bytes ``pangkas.save`` stores for a weight with ``zeroed`` of ``numel`` masked: bitmap +
+    kept values when that is smaller than the dense tensor (see ``io``)."""
+    return min(numel * element_size, numel // 8 + 1 + (numel - zeroed) * element_size)
+
+
 class Space:
     """The cuts a search may combine on ``plan.model``: ``step`` of each group's channels at a
-    time (at least one channel), and the removable ``blocks``."""
+    time (at least one channel), the removable ``blocks``, and the weight sparsity of ``layers``
+    (names of Linear/conv layers; only the file size gains from it)."""
 
-    def __init__(self, plan: Plan, blocks: list[Candidate], step: float, latency: LatencyModel | None):
+    def __init__(self, plan: Plan, blocks: list[Candidate], step: float, latency: LatencyModel | None,
+                 layers: list[str] = ()):
         self.plan, self.model = plan, plan.model
         self.latency = latency
         allowed = plan.options.allow_approximate
@@ -74,16 +93,22 @@ class Space:
         self.blocks = {c.name: c for c in blocks}
         self.home = [next((b for b in self.blocks if all(_inside(m, b) for m in g.modules)), None)
                      for g in self.groups]  # the block a group lies in, if any
+        self.layers = list(layers)
+        self.layer_home = [next((b for b in self.blocks if _inside(n, b)), None) for n in self.layers]
+        self._weight = {f"{n}.weight": i for i, n in enumerate(self.layers)}
         self._removed: dict[tuple[int, ...], torch.Tensor] = {}
         self._lowest: dict[tuple[int, int], torch.Tensor] = {}
+        self._per_tensor = 0.0
         params, size, self._dense_work = self._totals(self.start())
-        self.dense = {"params": params, "file_size": size,
+        self.dense = {"params": params, "file_size": file_sizes(self.model)[1],
                       "macs": sum(w[0] for w in self._dense_work.values()) / 2}
+        tensors = len(self.model.state_dict())
+        self._per_tensor = (self.dense["file_size"] - size) / tensors  # the header's share per stored tensor
 
     # -- states and moves ------------------------------------------------------------------
 
     def start(self) -> State:
-        return State((0,) * len(self.groups))
+        return State((0,) * len(self.groups), frozenset(), (0,) * len(self.layers))
 
     def limit(self, i: int) -> int:
         return len(self.groups[i].classes) - 1  # every group keeps a channel
@@ -95,31 +120,49 @@ class Space:
             found += [Move("width", i) for i in range(len(self.groups)) if self.allowed(state, Move("width", i))]
         if "depth" in kinds:
             found += [Move("depth", b) for b in self.blocks if b not in state.blocks]
+        if "weights" in kinds:
+            found += [Move("weights", i) for i in range(len(self.layers)) if self.allowed(state, Move("weights", i))]
         return found
 
     def allowed(self, state: State, move: Move) -> bool:
         if move.kind == "depth":
             return move.target not in state.blocks
         i = move.target
+        if move.kind == "weights":
+            return state.sparsity[i] < SPARSITY_STEPS - 1 and self.layer_home[i] not in state.blocks
         return state.cuts[i] < self.limit(i) and self.home[i] not in state.blocks
 
     def after(self, state: State, move: Move) -> State:
         if move.kind == "depth":
-            return State(state.cuts, state.blocks | {move.target})
+            return State(state.cuts, state.blocks | {move.target}, state.sparsity)
         i = move.target
+        if move.kind == "weights":
+            sparsity = list(state.sparsity)
+            sparsity[i] += 1
+            return State(state.cuts, state.blocks, tuple(sparsity))
         cuts = list(state.cuts)
         cuts[i] = min(self.limit(i), cuts[i] + self.steps[i])
-        return State(tuple(cuts), state.blocks)
+        return State(tuple(cuts), state.blocks, state.sparsity)
 
     def furthest(self, kinds: tuple[str, ...]) -> State:
         """Everything the kinds allow removed at once."""
-        cuts = tuple(self.limit(i) for i in range(len(self.groups))) if "width" in kinds else self.start().cuts
-        return State(cuts, frozenset(self.blocks) if "depth" in kinds else frozenset())
+        start = self.start()
+        return State(tuple(self.limit(i) for i in range(len(self.groups))) if "width" in kinds else start.cuts,
+                     frozenset(self.blocks) if "depth" in kinds else frozenset(),
+                     (SPARSITY_STEPS - 1,) * len(self.layers) if "weights" in kinds else start.sparsity)
+
+    def only(self, state: State, kind: str) -> State:
+        """The part of ``state`` one kind of move made (the rest as in the dense model)."""
+        start = self.start()
+        return State(state.cuts if kind == "width" else start.cuts, state.blocks if kind == "depth" else frozenset(),
+                     state.sparsity if kind == "weights" else start.sparsity)
 
     def effective(self, state: State) -> State:
-        """``state`` without the cuts of groups inside removed blocks (they go with the block)."""
+        """``state`` without the cuts and sparsity of what lies inside removed blocks (it goes with
+        the block)."""
         cuts = tuple(0 if self.home[i] in state.blocks else n for i, n in enumerate(state.cuts))
-        return State(cuts, state.blocks)
+        sparsity = tuple(0 if self.layer_home[i] in state.blocks else k for i, k in enumerate(state.sparsity))
+        return State(cuts, state.blocks, sparsity)
 
     # -- figures ---------------------------------------------------------------------------
 
@@ -138,26 +181,35 @@ class Space:
         return self._removed[state.cuts]
 
     def figures(self, state: State) -> dict[str, float]:
-        """``params``, ``file_size`` (bytes of the parameters), ``macs`` and ``latency`` (an
-        estimate) of ``state``, as fractions of the dense model's."""
+        """``params``, ``file_size`` (as ``pangkas.save`` writes it: the parameters' bytes, sparse
+        ones as bitmap + values, the buffers, the header as a share per stored tensor), ``macs`` and
+        ``latency`` (an estimate) of ``state``, as fractions of the dense model's."""
         params, size, work = self._totals(state)
         macs = sum(w[0] for w in work.values()) / 2
-        return {"params": params / self.dense["params"], "file_size": size / self.dense["file_size"],
+        return {"params": params / self.dense["params"],
+                "file_size": size / self.dense["file_size"],
                 "macs": macs / self.dense["macs"] if self.dense["macs"] else 1.0,
                 "latency": self._latency(state, work)}
 
     def _totals(self, state: State) -> tuple[int, int, dict[str, list[float]]]:
-        """Parameters, their bytes, and per module the [FLOPs, elements written] of its ops."""
+        """Parameters, the bytes of the file, and per module the [FLOPs, elements written] of its ops."""
         removed = self.removed(state)
         gone = lambda name: any(_inside(name, b) for b in state.blocks)  # noqa: E731
-        params = size = 0
-        for name, p in self.model.named_parameters():
+        params = size = stored = 0
+        buffers = set()
+        for name, p in itertools.chain(self.model.named_parameters(), self._buffers(buffers)):
             if gone(module_of(name)):
                 continue
             ids = self.plan.coupling.tensor_ids.get(name)
             n = p.numel() if ids is None else math.prod(int((~removed[d]).sum()) for d in ids)
+            stored += 1
+            if name in buffers:  # in the file, not among the parameters
+                size += n * p.element_size()
+                continue
             params += n
-            size += n * p.element_size()
+            eighths = state.sparsity[self._weight[name]] if name in self._weight and state.sparsity else 0
+            size += _sparse_bytes(n, round(n * eighths / SPARSITY_STEPS), p.element_size())
+            stored += eighths > 0  # stored as bitmap + values: two entries
         work: dict[str, list[float]] = {}
         shape_of = partial(planned_shape, removed=removed)
         for record in self.plan.coupling.records:
@@ -166,7 +218,13 @@ class Space:
             entry = work.setdefault(record.module, [0.0, 0.0])
             entry[0] += count_flops([record], shape_of)
             entry[1] += math.prod(shape_of(record.outputs[0])) if record.outputs else 0
-        return params, size, work
+        return params, size + stored * self._per_tensor, work
+
+    def _buffers(self, names: set) -> Iterator[tuple[str, torch.Tensor]]:
+        """The model's buffers, each name added to ``names`` as it is given."""
+        for name, b in self.model.named_buffers():
+            names.add(name)
+            yield name, b
 
     def _latency(self, state: State, work: dict[str, list[float]]) -> float:
         if self.latency is None:
@@ -188,6 +246,7 @@ class Space:
         state = self.effective(state)
         saved = silence_removed(self.plan, self.removed(state)) if any(state.cuts) else []
         try:
+            saved += self._sparsified(state)
             undo = remove_blocks(self.model, sorted(state.blocks), self._tuples()) if state.blocks else None
             try:
                 yield
@@ -196,6 +255,31 @@ class Space:
                     undo.restore()
         finally:
             restore(saved)
+
+    @torch.no_grad()
+    def _sparsified(self, state: State) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Zero, per sparse layer, the share of its kept weights (those its channel cuts leave)
+        with the smallest magnitudes that ``prune_weights`` would mask in the cut layer. Returns
+        (tensor, old data) for ``restore``."""
+        saved = []
+        removed = self.removed(state)
+        for i, eighths in enumerate(state.sparsity):
+            if not eighths:
+                continue
+            name = f"{self.layers[i]}.weight"
+            weight = underlying_parameter(self.model.get_submodule(self.layers[i]))
+            gone = torch.zeros(weight.shape, dtype=torch.bool)
+            for dim, ids in enumerate(self.plan.coupling.tensor_ids.get(name, ())):
+                if (name, dim) not in self.plan.selection.gathered:
+                    shape = [1] * weight.ndim
+                    shape[dim] = -1
+                    gone |= removed[ids].view(shape)
+            kept = int((~gone).sum())
+            zeroed = int(gone.sum()) + round(kept * eighths / SPARSITY_STEPS)
+            keep = lowest_mask(weight.detach().abs().masked_fill(gone, -1.0), zeroed)
+            saved.append((weight, weight.detach().clone()))
+            weight.mul_(keep)
+        return saved
 
     def _tuples(self) -> dict[str, int]:
         return {name: c.tuple_length for name, c in self.blocks.items()}
@@ -216,6 +300,9 @@ class Space:
             verify.rehearse(plan)  # on a weightless copy first, as plan_channels does
             plan.reconstruct_on = reconstruct_on
             plan._apply()
+        for name, eighths in zip(self.layers, state.sparsity):
+            if eighths:  # before blocks go: their removal renames the layers after them
+                prune_weights(model, sparsity=eighths / SPARSITY_STEPS, include=[name])
         if state.blocks:
             params = sum(p.numel() for p in model.parameters())
             chosen = sorted(state.blocks)
@@ -231,4 +318,5 @@ class Space:
         state = self.effective(state)
         widths = {self.groups[i].modules[0]: f"{len(self.groups[i].classes) - n}/{len(self.groups[i].classes)}"
                   for i, n in enumerate(state.cuts) if n}
-        return {"widths": widths, "blocks": sorted(state.blocks)}
+        sparsity = {name: f"{k}/{SPARSITY_STEPS}" for name, k in zip(self.layers, state.sparsity) if k}
+        return {"widths": widths, "blocks": sorted(state.blocks), "sparsity": sparsity}
