@@ -419,3 +419,35 @@ def test_weight_sparsity_is_searched_for_a_file_size_budget(net, batches, tmp_pa
     assert report.chosen.met and report.chosen.cuts["sparsity"] and report.chosen.split["sparsity"] == 1.0
     assert pangkas.measure(small, x, latency=False).file_bytes_compressed <= 0.5 * dense_file
     assert sum(p.numel() for p in small.parameters()) >= sum(p.numel() for p in net.parameters())  # masks only
+
+
+@pytest.fixture
+def tiny_bert():
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    config = transformers.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=4, num_attention_heads=4,
+                                     intermediate_size=32)
+    torch.manual_seed(0)
+    return transformers.BertModel(config).eval()
+
+
+def test_removed_post_norm_layers_are_judged_with_the_stand_ins_the_build_puts_there(tiny_bert):
+    batches = [{"input_ids": torch.randint(0, 50, (4, 10))} for _ in range(3)]
+    x = batches[0]
+    plan = pangkas.plan_channels(tiny_bert, x, ratio=0.0)
+    from pangkas.layers import _granular
+
+    space = Space(plan, _granular(layer_candidates(tiny_bert, x), "layers"), 0.25, None, stand_ins_on=batches)
+    state = State(space.start().cuts, frozenset(["encoder.layer.1", "encoder.layer.2"]), ())
+    with space.silenced(state), torch.no_grad():
+        silenced = tiny_bert(**x).last_hidden_state
+    assert len(tiny_bert.encoder.layer) == 4  # put back
+    built = space.build(state, x, replace_blocks="linear", data=batches)
+    with torch.no_grad():
+        torch.testing.assert_close(built(**x).last_hidden_state, silenced, atol=1e-5, rtol=1e-4)
+    dense = sum(p.numel() for p in tiny_bert.parameters())
+    assert space.figures(state)["params"] == pytest.approx(sum(p.numel() for p in built.parameters()) / dense)
+    assert space.figures(state)["macs"] == pytest.approx(count_macs(built, x) / count_macs(tiny_bert, x), rel=1e-3)
+    skip_only = Space(plan, space.blocks.values(), 0.25, None)  # without stand-ins: removal is plain
+    with skip_only.silenced(state), torch.no_grad():
+        assert not torch.allclose(tiny_bert(**x).last_hidden_state, silenced)

@@ -101,8 +101,8 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
         report.seconds = time.perf_counter() - started
         return model, report
 
-    space = _space(model, example, batches, budget, width, depth, sparsity, step, importance, reconstruct, include,
-                   exclude, integrations)
+    space = _space(model, example, batches, budget, width, depth, sparsity, step, importance, reconstruct, replace,
+                   include, exclude, integrations)
     allowed = tuple(k for k, on in (("width", width), ("depth", depth), ("weights", sparsity)) if on)
     _check_reachable(space, budget, allowed)
     score = Scorer(space, Distortion(model, batches[:proxy_batches]))
@@ -170,7 +170,7 @@ def _measured(model: nn.Module, example) -> dict[str, int]:
             "file_size": file_sizes(model)[1]}
 
 
-def _space(model, example, batches, budget: Budget, width, depth, sparsity, step, importance, reconstruct,
+def _space(model, example, batches, budget: Budget, width, depth, sparsity, step, importance, reconstruct, replace,
            include, exclude, integrations) -> Space:
     if importance is None:
         importance = "obs" if reconstruct else "wanda"
@@ -182,7 +182,7 @@ def _space(model, example, batches, budget: Budget, width, depth, sparsity, step
         blocks = _granular(_selected(model, layer_candidates(model, example), include, exclude, None), "layers")
     latency = LatencyModel(model, example) if "latency" in budget.limits else None
     layers = [name for name, _ in select_modules(model, PRUNABLE, include, exclude)] if sparsity else []
-    return Space(plan, blocks, step, latency, layers)
+    return Space(plan, blocks, step, latency, layers, stand_ins_on=batches if replace == "linear" else None)
 
 
 def _check_reachable(space: Space, budget: Budget, allowed: tuple[str, ...]) -> None:

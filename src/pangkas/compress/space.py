@@ -27,6 +27,7 @@ from ..graph.trace import count_flops
 from ..layer_importance import Candidate
 from ..layers import LayerPlan
 from ..measure import file_sizes
+from ..reconstruct import fit_stand_in
 from ..selection import module_of, planned_shape, ratio_key
 from ..silence import lowest_removed, restore, silence_removed
 from ..surgery.blocks import remove_blocks
@@ -72,10 +73,12 @@ def _sparse_bytes(numel: int, zeroed: int, element_size: int) -> int:
 class Space:
     """The cuts a search may combine on ``plan.model``: ``step`` of each group's channels at a
     time (at least one channel), the removable ``blocks``, and the weight sparsity of ``layers``
-    (names of Linear/conv layers; only the file size gains from it)."""
+    (names of Linear/conv layers; only the file size gains from it). With ``stand_ins_on``
+    (calibration batches; ``replace="linear"``), a run of removed blocks that pass hidden states
+    with features last is judged with a fitted ``LinearStandIn`` in its place, and costs one."""
 
     def __init__(self, plan: Plan, blocks: list[Candidate], step: float, latency: LatencyModel | None,
-                 layers: list[str] = ()):
+                 layers: list[str] = (), stand_ins_on: list | None = None):
         self.plan, self.model = plan, plan.model
         self.latency = latency
         allowed = plan.options.allow_approximate
@@ -96,6 +99,8 @@ class Space:
         self.layers = list(layers)
         self.layer_home = [next((b for b in self.blocks if _inside(n, b)), None) for n in self.layers]
         self._weight = {f"{n}.weight": i for i, n in enumerate(self.layers)}
+        self.stand_ins_on = stand_ins_on
+        self._stand_ins: dict[tuple[str, ...], nn.Module] = {}  # by run, fitted on the dense model
         self._removed: dict[tuple[int, ...], torch.Tensor] = {}
         self._lowest: dict[tuple[int, int], torch.Tensor] = {}
         self._per_tensor = 0.0
@@ -185,7 +190,7 @@ class Space:
         ones as bitmap + values, the buffers, the header as a share per stored tensor), ``macs`` and
         ``latency`` (an estimate) of ``state``, as fractions of the dense model's."""
         params, size, work = self._totals(state)
-        macs = sum(w[0] for w in work.values()) / 2
+        macs = sum(w[0] for w in work.values()) / 2 + sum(self._stand_in_macs(run) for run in self._stood_in(state.blocks))
         return {"params": params / self.dense["params"],
                 "file_size": size / self.dense["file_size"],
                 "macs": macs / self.dense["macs"] if self.dense["macs"] else 1.0,
@@ -210,6 +215,10 @@ class Space:
             eighths = state.sparsity[self._weight[name]] if name in self._weight and state.sparsity else 0
             size += _sparse_bytes(n, round(n * eighths / SPARSITY_STEPS), p.element_size())
             stored += eighths > 0  # stored as bitmap + values: two entries
+        for run in self._stood_in(state.blocks):
+            width = self.blocks[run[0]].shape[-1]
+            params += width * width + width
+            size += (width * width + width) * 4 + 2 * self._per_tensor
         work: dict[str, list[float]] = {}
         shape_of = partial(planned_shape, removed=removed)
         for record in self.plan.coupling.records:
@@ -236,7 +245,34 @@ class Space:
         for name in self.latency.shares:
             if any(_inside(name, b) for b in state.blocks):
                 scales[name] = 0.0
-        return self.latency.ratio(scales)
+        extra = 0.0
+        for run in self._stood_in(state.blocks):  # a stand-in costs its MACs' share of the run's time
+            modules = [n for n in self.latency.shares if any(_inside(n, b) for b in run)]
+            run_flops = sum(self._dense_work.get(n, (0.0, 0.0))[0] for n in modules)
+            if run_flops:
+                extra += (sum(self.latency.shares[n] for n in modules) * 2 * self._stand_in_macs(run) / run_flops)
+        return self.latency.ratio(scales) + extra
+
+    def _stood_in(self, blocks: frozenset[str]) -> list[list[str]]:
+        """The runs of ``blocks`` that get a fitted stand-in (``stand_ins_on`` given, features last)."""
+        if self.stand_ins_on is None or not blocks:
+            return []
+        runs = LayerPlan(self.model, None, list(self.blocks.values()), "", {}, sorted(blocks), 0, 0).runs()
+        return [run for run in runs if len(self.blocks[run[0]].shape) <= 3]
+
+    def _stand_in_macs(self, run: list[str]) -> int:
+        shape = self.blocks[run[0]].shape
+        return math.prod(shape[:-1]) * shape[-1] * shape[-1]
+
+    def _fitted(self, blocks: frozenset[str]) -> dict[str, nn.Module]:
+        """Stand-ins for the runs of ``blocks`` (by first block), fitted on the dense model once."""
+        found = {}
+        for run in self._stood_in(blocks):
+            if tuple(run) not in self._stand_ins:
+                self._stand_ins[tuple(run)] = fit_stand_in(self.model, run[0], run[-1], self.stand_ins_on,
+                                                           tuple_length=self.blocks[run[0]].tuple_length)
+            found[run[0]] = self._stand_ins[tuple(run)]
+        return found
 
     # -- trying and building ---------------------------------------------------------------
 
@@ -244,10 +280,11 @@ class Space:
     def silenced(self, state: State) -> Iterator[None]:
         """The model computes what ``state``'s pruned model would, inside the block."""
         state = self.effective(state)
+        stand_ins = self._fitted(state.blocks)  # before anything is silenced: on the dense model
         saved = silence_removed(self.plan, self.removed(state)) if any(state.cuts) else []
         try:
             saved += self._sparsified(state)
-            undo = remove_blocks(self.model, sorted(state.blocks), self._tuples()) if state.blocks else None
+            undo = remove_blocks(self.model, sorted(state.blocks), self._tuples(), stand_ins) if state.blocks else None
             try:
                 yield
             finally:
