@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import PangkasError
-from .files import check_directory_target, staged_directory, write_figure
+from .files import check_directory_target, pyplot, staged_directory, write_figure
 from .io import save
 from .measure import Ratio, latency_ratios, measure
 from .progress import track
@@ -249,21 +249,10 @@ def results_table(stages: list[Stage], seconds: float) -> str:
     )
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise PangkasError("the demo's plots need matplotlib: pip install 'pangkas[demo]'") from exc
-    return plt
-
-
 def plot_pipeline(stages: list[Stage], path: Path) -> None:
     """Each recovered model's accuracy, MACs, file size and latency (with its 95% interval)
     relative to the dense model."""
-    plt = _pyplot()
+    plt = pyplot()
     chosen = [s for s in stages if s.latency_ratio is not None]
     dense = chosen[0]
     labels = [s.name for s in chosen]
@@ -286,11 +275,10 @@ def plot_pipeline(stages: list[Stage], path: Path) -> None:
     ax.set_title("digits CNN after pruning and recovery by distillation")
     fig.tight_layout()
     write_figure(fig, path)
-    plt.close(fig)
 
 
 def plot(stages: list[Stage], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     tuned = [s for s in stages if "no finetune" not in s.name]
     raw = [s for s in stages if "no finetune" in s.name]
     fig, acc_ax = plt.subplots(figsize=(7, 4))
@@ -311,4 +299,3 @@ def plot(stages: list[Stage], path: Path) -> None:
     acc_ax.set_title("digits CNN: accuracy and file size vs weight sparsity")
     fig.tight_layout()
     write_figure(fig, path)
-    plt.close(fig)

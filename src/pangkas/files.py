@@ -98,12 +98,28 @@ def write_file(path: str | os.PathLike, data: bytes, *, overwrite: bool = False)
     return path
 
 
+def pyplot():
+    """matplotlib's pyplot, drawing off-screen (Agg); PangkasError if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise PangkasError("plots need matplotlib: pip install matplotlib (or 'pangkas[demo]')") from exc
+    return plt
+
+
 def write_figure(figure, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Save a matplotlib figure like ``write_file`` (format from the suffix, PNG by default)."""
-    check_file_target(path, overwrite=overwrite)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
-    return write_file(path, buffer.getvalue(), overwrite=overwrite)
+    """Save a matplotlib figure like ``write_file`` (format from the suffix, PNG by default), then
+    close it (written or not)."""
+    try:
+        check_file_target(path, overwrite=overwrite)
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", dpi=120)
+        return write_file(path, buffer.getvalue(), overwrite=overwrite)
+    finally:
+        pyplot().close(figure)
 
 
 @contextlib.contextmanager

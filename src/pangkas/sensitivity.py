@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import PangkasError
-from .files import write_figure
+from .files import pyplot, write_figure
 from .progress import track
 from .tables import render_table
 
@@ -48,10 +48,7 @@ class Sensitivity:
     def plot(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Draw the metric against the ratio per unit; an existing file is replaced only with
         ``overwrite=True``."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for unit, values in self.metrics.items():
@@ -62,10 +59,7 @@ class Sensitivity:
         if len(self.metrics) <= 12:
             ax.legend(fontsize="small")
         fig.tight_layout()
-        try:
-            return write_figure(fig, path, overwrite=overwrite)
-        finally:
-            plt.close(fig)
+        return write_figure(fig, path, overwrite=overwrite)
 
     def ratios_for(self, target: float) -> dict[str, float]:
         """Per-unit ratios whose size-weighted mean is about ``target``: every unit goes as far as

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..files import write_figure
+from ..files import pyplot, write_figure
 from ..measure import Ratio
 from ..reports import Report
 from ..tables import human_bytes, human_count, render_table
@@ -128,10 +128,7 @@ class CompressReport(Report):
         """Score against the tightest budget figure: every scored point (hollow: estimated
         figures), the Pareto front, the finalists (measured) and the chosen one; an existing file
         is replaced only with ``overwrite=True``."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot()
 
         kind = self.kind_shown
         fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -155,7 +152,4 @@ class CompressReport(Report):
         ax.set_ylabel("score (higher is better)")
         ax.legend(fontsize="small")
         fig.tight_layout()
-        try:
-            return write_figure(fig, path, overwrite=overwrite)
-        finally:
-            plt.close(fig)
+        return write_figure(fig, path, overwrite=overwrite)
