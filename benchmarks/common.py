@@ -13,6 +13,7 @@ import torch
 
 from pangkas import plan_channels
 from pangkas.latency_table import cpu_model
+from pangkas.measure import min_rounds
 from pangkas.oracle import oracle_error
 from pangkas.tables import human_count
 
@@ -24,13 +25,29 @@ def environment() -> str:
             f"Python {platform.python_version()}")
 
 
-def arguments(doc: str, page: str, rounds: int | None = 5) -> argparse.ArgumentParser:
-    """The options of a benchmark: ``--out`` (its docs page) and, if it times, ``--rounds``."""
+def arguments(doc: str, page: str, rounds: int | None = 10) -> argparse.ArgumentParser:
+    """The options of a benchmark: ``--out`` (its docs page) and, if it times, ``--rounds``
+    (interleaved timing rounds; at least ``min_rounds()``, or a 95% interval is impossible)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     if rounds is not None:
-        parser.add_argument("--rounds", type=int, default=rounds)
+        parser.add_argument("--rounds", type=_timing_rounds, default=rounds)
     parser.add_argument("--out", default=str(DOCS / page))
     return parser
+
+
+def _timing_rounds(text: str) -> int:
+    # Checked here, before any pruning, rather than by latency_ratios after minutes of work.
+    if not text.strip().isdigit() or int(text) < min_rounds():
+        raise argparse.ArgumentTypeError(f"{text!r}: a 95% interval for a latency ratio needs at least "
+                                         f"{min_rounds()} rounds")
+    return int(text)
+
+
+def latency_note(rounds: int) -> str:
+    """How the benchmarks' latency ratios are measured and printed, for their notes."""
+    return (f"the median of per-round ratios over {rounds} interleaved timing rounds (torch.utils.benchmark, "
+            "in one process), with its distribution-free 95% interval; \"no measurable difference\" where "
+            "that interval contains 1.0")
 
 
 def publish(out: str, title: str, *sections: str, script: str) -> None:

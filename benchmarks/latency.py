@@ -7,8 +7,9 @@ batch 1 and 8, in two modes:
 - deployed: BatchNorm folded into the convolutions, channels-last memory format, then
   ``torch.jit.trace`` + ``torch.jit.freeze`` + ``torch.jit.optimize_for_inference``.
 
-Dense and pruned are timed in alternation in one process (``torch.utils.benchmark`` medians);
-"efficiency" is the latency speedup divided by the MAC reduction (1.0: speed follows MACs).
+Dense and pruned are timed in interleaved rounds in one process (``torch.utils.benchmark``); the
+speedup (dense time / pruned time) is the median of per-round ratios with a 95% interval, and
+"efficiency" is the speedup divided by the MAC reduction (1.0: speed follows MACs).
 
     .venv/bin/python benchmarks/latency.py        # writes docs/latency.md
 """
@@ -16,15 +17,16 @@ Dense and pruned are timed in alternation in one process (``torch.utils.benchmar
 from __future__ import annotations
 
 import copy
+import statistics
 import warnings
 
 import torch
 import torch.fx.experimental.optimization
 import torchvision
 
-from common import arguments, environment, publish
+from common import arguments, environment, latency_note, publish
 from pangkas import prune_channels
-from pangkas.measure import count_macs, time_alternating
+from pangkas.measure import count_macs, ratios_from_samples, time_rounds
 from pangkas.tables import render_table
 
 MODELS = ("resnet50", "mobilenet_v2", "convnext_tiny", "vit_b_16")
@@ -60,19 +62,23 @@ def main() -> None:
             for mode in ("eager", "deployed"):
                 pair = [dense, pruned] if mode == "eager" else [deployed(dense, x), deployed(pruned, x)]
                 inputs = x if mode == "eager" else x.to(memory_format=torch.channels_last)
-                t_dense, t_pruned = time_alternating(pair, inputs, rounds=args.rounds)
-                speedup = t_dense / t_pruned
+                # time_rounds + ratios_from_samples (what latency_ratios does) to keep the times too
+                samples = time_rounds(pair, inputs, rounds=args.rounds)
+                t_dense, t_pruned = (statistics.median(times) for times in zip(*samples))
+                speedup = ratios_from_samples(samples, baseline=1)[0]  # dense / pruned, round by round
                 rows.append((name, batch, mode, f"{t_dense * 1e3:.1f}", f"{t_pruned * 1e3:.1f}",
-                             f"{speedup:.2f}x", f"{macs:.2f}x", f"{speedup / macs:.2f}"))
+                             speedup.format(), f"{macs:.2f}x",
+                             f"{speedup.value / macs:.2f} ({speedup.low / macs:.2f}-{speedup.high / macs:.2f})"))
                 print(rows[-1], flush=True)
     table = render_table("channel pruning ratio 0.5: CPU latency, dense vs pruned",
-                         ("model", "batch", "mode", "dense ms", "pruned ms", "speedup", "MACs reduction",
-                          "efficiency"), rows, markdown=True)
+                         ("model", "batch", "mode", "dense ms", "pruned ms", "speedup (95% interval)",
+                          "MACs reduction", "efficiency (95% interval)"), rows, markdown=True)
     publish(args.out, "Latency after channel pruning",
             table,
-            f"Measured with {environment()}. Efficiency = speedup / MACs reduction. ViT-B/16 loses "
-            "whole attention heads and MLP channels in exact mode (LayerNorm keeps the hidden size), "
-            "hence its smaller MACs reduction.",
+            f"Measured with {environment()}. dense ms, pruned ms: each model's median over the rounds. "
+            f"Speedup = dense time / pruned time, {latency_note(args.rounds)}. Efficiency = speedup / MACs "
+            "reduction, its interval scaled alike. ViT-B/16 loses whole attention heads and MLP channels in "
+            "exact mode (LayerNorm keeps the hidden size), hence its smaller MACs reduction.",
             script="latency.py")
 
 

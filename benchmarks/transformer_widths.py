@@ -5,14 +5,14 @@ after pruning. Cases: 25% and 50% of the heads and of the FFN neurons removed, a
 the hidden size cut from 384 to 320. Importance: magnitude (l1), Wanda (|w| x activation norm)
 and Taylor (|w x grad| of an unsupervised SimCSE-style loss: each sentence against a copy with
 15% of its tokens dropped), and structured OBS with reconstruction (``reconstruct=True``: the
-layers reading what was removed are re-fitted by least squares), all on 100 calibration sentences. Measured: parameters, CPU latency
-(batch 8 x 128 tokens, relative to the full model), and on 600 other sentences the mean cosine of
-mean-pooled embeddings to the full model's (for the hidden-size case, to the full model's
-embeddings restricted to the kept dims) and top-1 retrieval agreement (a sentence's nearest
-neighbour among the 600 is the same as with the full model). Each pruned model is then written
-with ``pangkas.save_pretrained`` and read back with ``transformers.AutoModel.from_pretrained``
-(the first 50 sentences' embeddings compared). Sentences: the documentation that ships with
-CPython (``pydoc_data.topics``, ``minilm.py``).
+layers reading what was removed are re-fitted by least squares), all on 100 calibration sentences.
+Measured: parameters, CPU latency (batch 8 x 128 tokens, relative to the full model, with a 95%
+interval), and on 600 other sentences the mean cosine of mean-pooled embeddings to the full model's
+(for the hidden-size case, to the full model's embeddings restricted to the kept dims) and top-1
+retrieval agreement (a sentence's nearest neighbour among the 600 is the same as with the full
+model). Each pruned model is then written with ``pangkas.save_pretrained`` and read back with
+``transformers.AutoModel.from_pretrained`` (the first 50 sentences' embeddings compared).
+Sentences: the documentation that ships with CPython (``pydoc_data.topics``, ``minilm.py``).
 
     .venv/bin/python benchmarks/transformer_widths.py    # writes docs/transformers.md
 """
@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 import minilm
-from common import arguments, environment, publish
+from common import arguments, environment, latency_note, publish
 from pangkas import prune_transformer, save_pretrained
-from pangkas.measure import time_alternating
+from pangkas.measure import latency_ratios
 from pangkas.tables import human_count, render_table
 
 CASES = (("heads 25% + FFN 25%", dict(heads=0.25, ffn=0.25)),
@@ -101,25 +101,25 @@ def main() -> None:
                 kept = report.plan.keep()["embeddings.word_embeddings.weight"][1]
                 want = torch.nn.functional.normalize(reference[:, kept], dim=-1)
             cosine = float((got * want).sum(1).mean())
-            t_full, t_pruned = time_alternating([model, pruned], timing, rounds=args.rounds)
+            latency = latency_ratios([model, pruned], timing, rounds=args.rounds)[1]
             rows.append((label, label_importance, human_count(sum(p.numel() for p in pruned.parameters())),
-                         f"{t_pruned / t_full:.2f}", f"{cosine:.3f}", f"{agreement(got, reference):.1%}",
+                         latency.format(), f"{cosine:.3f}", f"{agreement(got, reference):.1%}",
                          reloaded(pruned, evaluation, got)))
             print(rows[-1], flush=True)
     table = render_table(
         f"MiniLM ({human_count(params)} params), pruned without fine-tuning",
-        ("case", "importance", "params", "latency vs full", "mean cosine to full", "top-1 retrieval agreement",
-         "from_pretrained"),
+        ("case", "importance", "params", "latency vs full (95% interval)", "mean cosine to full",
+         "top-1 retrieval agreement", "from_pretrained"),
         rows, markdown=True)
     publish(args.out, "Pruning a pretrained transformer", table,
-            f"Measured with {environment()}. Heads are removed whole (12 -> 9 or 6 per layer), so "
-            "head_dim and the attention scale are unchanged; removing heads and FFN neurons is exact "
-            "with respect to the silenced model (the oracle), the loss of fidelity is the information "
-            "those channels carried. Hidden-size pruning also changes every LayerNorm's statistics "
-            "(approximate). from_pretrained: how the directory `pangkas.save_pretrained` wrote loads "
-            "(BERT derives head_dim from hidden_size / num_attention_heads, so with fewer heads or a "
-            "narrower hidden size the directory carries modeling_pangkas.py), and the largest "
-            "difference of the reloaded model's embeddings.",
+            f"Measured with {environment()}. Latency vs full: {latency_note(args.rounds)}. Heads are "
+            "removed whole (12 -> 9 or 6 per layer), so head_dim and the attention scale are unchanged; "
+            "removing heads and FFN neurons is exact with respect to the silenced model (the oracle), the "
+            "loss of fidelity is the information those channels carried. Hidden-size pruning also changes "
+            "every LayerNorm's statistics (approximate). from_pretrained: how the directory "
+            "`pangkas.save_pretrained` wrote loads (BERT derives head_dim from hidden_size / "
+            "num_attention_heads, so with fewer heads or a narrower hidden size the directory carries "
+            "modeling_pangkas.py), and the largest difference of the reloaded model's embeddings.",
             script="transformer_widths.py")
 
 
