@@ -227,7 +227,9 @@ def test_greedy_says_when_the_kinds_cannot_reach_the_budget():
     space = Space(pangkas.plan_channels(model, x[0], ratio=0.0), [], 0.5, None)
     budget = budget_module.parse(None, {"params": 0.01}, space.dense)
     start = Step(None, space.start(), 0.0, space.figures(space.start()))
-    assert greedy(space, budget, Scorer(space, Distortion(model, x)), ("width",), start) is None
+    steps = greedy(space, budget, Scorer(space, Distortion(model, x)), ("width",), start)
+    assert not budget.met(steps[-1].figures)  # as far as it goes, every group down to one channel
+    assert all(n == space.limit(i) for i, n in enumerate(steps[-1].state.cuts))
 
 
 # -- compress end to end ------------------------------------------------------------------------
@@ -241,7 +243,9 @@ def test_compress_meets_a_macs_budget_and_leaves_the_model(net, batches):
     x = batches[0]
     assert count_macs(small, x) <= 0.5 * count_macs(net, x)
     assert report.met and report.chosen.figures["macs"] <= 0.5
-    assert {f.strategy for f in report.finalists} == {"width+depth", "width", "depth"}
+    names = [f.strategy for f in report.finalists]
+    assert names[:2] == ["width+depth", "width"] and all(n == "depth" or n.startswith("depth ") for n in names[2:])
+    assert any(n.startswith("depth ") and n.endswith(" + width") for n in names)  # depth-first mixes
     assert report.chosen.score == max(f.score for f in report.finalists if f.met)
     with torch.no_grad():  # the returned model is the chosen finalist, scored as reported
         held = batches[-1]
@@ -259,6 +263,12 @@ def test_compress_with_one_kind_of_cut(net, batches):
     assert [f.strategy for f in report.finalists] == ["depth"]
     assert len(small.blocks) < 3 and report.chosen.split["width"] == 0
     assert sum(p.numel() for p in small.parameters()) <= 0.8 * sum(p.numel() for p in net.parameters())
+
+
+def test_depth_first_mixes_are_spread_over_the_depth_path():
+    assert compress_module._spread(10, 3) == [2, 5, 8]
+    assert compress_module._spread(2, 3) == [1, 2]
+    assert compress_module._spread(5, 0) == [] and compress_module._spread(0, 3) == []
 
 
 def test_a_budget_the_dense_model_meets_returns_it_unchanged(net, batches):
@@ -286,6 +296,8 @@ def test_an_unreachable_budget_is_refused_with_the_best_reachable(net, batches):
     (dict(macs=0.5, replace="cubic"), "replace"),
     (dict(macs=0.5, eval_fn="accuracy"), "eval_fn"),
     (dict(macs=0.5, rounds=3), "rounds"),
+    (dict(macs=0.5, depth_mixes=-1), "depth_mixes"),
+    (dict(macs=0.5, sparsity="yes"), "sparsity"),
 ])
 def test_bad_options_are_refused(net, batches, kwargs, match):
     with pytest.raises(PangkasError, match=match):
@@ -375,7 +387,8 @@ def test_recovery_brings_the_finalist_closer_to_the_dense_model(net, batches):
 
 def test_report_front_and_plot(net, batches, tmp_path):
     _, report = pangkas.compress(net, batches, macs=0.5, reconstruct=False, checkpoints=3)
-    assert any(not p.measured for p in report.points) and sum(p.measured for p in report.points) == 3
+    assert any(not p.measured for p in report.points)
+    assert sum(p.measured for p in report.points) == len(report.finalists) >= 3
     front = report.pareto()
     for p in report.points:  # nothing on the front is beaten on both axes
         for q in front:
@@ -416,6 +429,7 @@ def test_weight_sparsity_is_searched_for_a_file_size_budget(net, batches, tmp_pa
     small, report = pangkas.compress(net, batches, file_size=0.5, width=False, depth=False, sparsity=True,
                                      reconstruct=False)
     assert [f.strategy for f in report.finalists] == ["sparsity"]
+    assert report.chosen.cuts["sparsity"] and not report.chosen.cuts["widths"] and not report.chosen.cuts["blocks"]
     assert report.chosen.met and report.chosen.cuts["sparsity"] and report.chosen.split["sparsity"] == 1.0
     assert pangkas.measure(small, x, latency=False).file_bytes_compressed <= 0.5 * dense_file
     assert sum(p.numel() for p in small.parameters()) >= sum(p.numel() for p in net.parameters())  # masks only

@@ -46,9 +46,9 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
              macs: float | None = None, params: float | None = None, file_size: float | None = None,
              eval_fn: Callable[[nn.Module], float] | None = None, example_inputs=None, width: bool = True,
              depth: bool = True, sparsity: bool = False, step: float = 0.125, importance=None, reconstruct: bool = True,
-             replace: str | None = None, recover_steps: int = 0, proxy_batches: int = 4,
+             replace: str | None = None, recover_steps: int = 0, proxy_batches: int = 4, depth_mixes: int = 3,
              include: Selector = None, exclude: Selector = None, integrations: list | None = None,
-             rounds: int = 10, confidence: float = 0.95, checkpoints: int = 4) -> tuple[nn.Module, CompressReport]:
+             rounds: int = 10, confidence: float = 0.95, checkpoints: int = 2) -> tuple[nn.Module, CompressReport]:
     """Search per-layer widths (channels, heads, FFN neurons) and blocks to remove for the most
     accurate model that meets the budget; returns ``(compressed model, report)``. ``model`` is
     left as it was (the compressed model is a new one), or returned itself when it already meets
@@ -81,7 +81,8 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     (the report's points).
     """
     started = time.perf_counter()
-    _check(width, depth, sparsity, step, recover_steps, proxy_batches, replace, eval_fn, rounds, confidence, checkpoints)
+    _check(width, depth, sparsity, step, recover_steps, proxy_batches, depth_mixes, replace, eval_fn, rounds, confidence,
+           checkpoints)
     batches = _batches(data)
     if eval_fn is None:
         if len(batches) < 2:
@@ -109,18 +110,10 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     report = CompressReport(budget, dense, float(eval_fn(model)))
     start = Step(None, space.start(), 0.0, space.figures(space.start()))
     built: list[tuple[Finalist, nn.Module]] = []
-    for kinds in _strategies(width, depth, sparsity):
-        name = "+".join("sparsity" if k == "weights" else k for k in kinds)
-        if not budget.met(space.figures(space.furthest(kinds))):
-            report.notes.append(f"{name} alone cannot reach the budget")
-            continue
-        steps = _search(space, budget, score, kinds, start, name, eval_fn, checkpoints, report)
-        if steps is None:
-            report.notes.append(f"{name}: the search ran out of moves")
-            continue
-        finalist, pruned = _finalize(model, space, budget, score, kinds, steps, name, example, batches, eval_fn,
-                                     reconstruct, replace, recover_steps, rounds, confidence, report)
-        built.append((finalist, pruned))
+    for name, kinds, steps in _searches(space, budget, score, start, width, depth, sparsity, depth_mixes, eval_fn,
+                                        checkpoints, report):
+        built.append(_finalize(model, space, budget, score, kinds, steps, name, example, batches, eval_fn,
+                               reconstruct, replace, recover_steps, rounds, confidence, report))
     if not built:
         raise PangkasError(f"no search reached {budget.describe()}")
     report.finalists = [f for f, _ in built]
@@ -134,16 +127,50 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     return chosen, report
 
 
-def _strategies(width: bool, depth: bool, sparsity: bool) -> list[tuple[str, ...]]:
-    """The kinds of move of each search: width and depth together and each alone (those allowed),
-    weight sparsity added to each (it only lowers the file size)."""
-    structural = [k for k, on in (("width", width), ("depth", depth)) if on]
-    runs = [tuple(structural)] + ([(k,) for k in structural] if len(structural) > 1 else [])
-    return [(*kinds, "weights") if sparsity else kinds for kinds in runs]
+def _searches(space, budget, score, start, width, depth, sparsity, mixes, eval_fn, checkpoints, report):
+    """Run the searches; the (name, kinds of move, steps) of each that meets the budget. Width and
+    depth together (NetAdapt-style), each alone, and ``mixes`` depth-first mixes: k blocks removed
+    as the depth-only search removed them, then widths (k spread over that search's path), since
+    the proxy cannot see how much re-fitting saves each kind of cut. Weight sparsity, when asked,
+    goes with every search (it only lowers the file size)."""
+    extra = ("weights",) if sparsity else ()
+    found = []
+
+    def run(name: str, kinds: tuple[str, ...], begin: Step, marks: int) -> list[Step]:
+        name += "+sparsity" if sparsity and kinds else ""
+        kinds = (*kinds, *extra)
+        if kinds != ("depth", *extra) and not budget.met(space.figures(space.furthest(kinds))):
+            report.notes.append(f"{name} cannot reach the budget")
+            return []
+        steps = _search(space, budget, score, kinds, begin, name, eval_fn, marks, report)
+        if steps and budget.met(steps[-1].figures):
+            found.append((name, kinds, steps))
+        else:
+            report.notes.append(f"{name} cannot reach the budget")
+        return steps
+
+    if width and depth:
+        run("width+depth", ("width", "depth"), start, checkpoints)
+    if width:
+        run("width", ("width",), start, checkpoints)
+    if depth:
+        path = run("depth", ("depth",), start, checkpoints)
+        short = path[:-1] if path and budget.met(path[-1].figures) else path
+        if width:
+            for k in _spread(len(short), mixes):
+                run(f"depth {k} + width", ("width",), short[k - 1], 0)
+    if not (width or depth):
+        run("sparsity", (), start, checkpoints)
+    return found
 
 
-def _check(width, depth, sparsity, step, recover_steps, proxy_batches, replace, eval_fn, rounds, confidence,
-           checkpoints):
+def _spread(n: int, m: int) -> list[int]:
+    """Up to ``m`` of 1..``n``, evenly spread."""
+    return list(range(1, n + 1)) if n <= m else sorted({round(i * n / (m + 1)) or 1 for i in range(1, m + 1)})
+
+
+def _check(width, depth, sparsity, step, recover_steps, proxy_batches, depth_mixes, replace, eval_fn, rounds,
+           confidence, checkpoints):
     if any(flag not in (True, False) for flag in (width, depth, sparsity)):
         raise PangkasError("width=, depth= and sparsity= must be True or False")
     if not (width or depth or sparsity):
@@ -152,7 +179,7 @@ def _check(width, depth, sparsity, step, recover_steps, proxy_batches, replace, 
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
         raise PangkasError(f"step must be a fraction in (0, 1] (of a group's channels per search step), got {step!r}")
     for name, value, low in (("recover_steps", recover_steps, 0), ("proxy_batches", proxy_batches, 1),
-                             ("checkpoints", checkpoints, 0)):
+                             ("depth_mixes", depth_mixes, 0), ("checkpoints", checkpoints, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise PangkasError(f"{name} must be an integer >= {low}, got {value!r}")
     if replace not in (None, "linear"):
@@ -240,7 +267,7 @@ def _finalize(model, space, budget, score, kinds, steps, name, example, batches,
             internal = Budget({**budget.limits, "latency": limit / factor * 0.98}, budget.asked)
             more = _search(space, internal, score, kinds, step, f"{name}, correction {corrections}", eval_fn, 0,
                            report)
-            if more is None:
+            if not more or not internal.met(more[-1].figures):
                 report.notes.append(f"{name}: the measured latency missed and no further cut is possible")
                 break
             steps = steps + more
@@ -282,10 +309,7 @@ def _built(model, space: Space, state: State, example, batches, reconstruct, rep
 def _measure(model, pruned, example, rounds, confidence):
     """The pruned model's figures (fractions of the dense model's; latency: the median ratio),
     absolute figures, and latency ratio with its interval."""
-    absolute = {"params": sum(p.numel() for p in pruned.parameters()), "macs": count_macs(pruned, example),
-                "file_size": file_sizes(pruned)[1]}
-    dense = {"params": sum(p.numel() for p in model.parameters()), "macs": count_macs(model, example),
-             "file_size": file_sizes(model)[1]}
+    absolute, dense = _measured(pruned, example), _measured(model, example)
     figures = {kind: absolute[kind] / dense[kind] if dense[kind] else 1.0 for kind in absolute}
     ratio = latency_ratios([model, pruned], example, rounds=rounds, confidence=confidence)[1]
     figures["latency"] = ratio.value

@@ -49,9 +49,9 @@ class Scorer:
 
 
 def greedy(space: Space, budget: Budget, score: Scorer, kinds: tuple[str, ...], start: Step,
-           on_step: Callable[[Step], None] = lambda step: None) -> list[Step] | None:
-    """Moves of ``kinds`` from ``start`` until ``budget`` is met: the steps taken (the last meets
-    it), or None if it cannot be met with these kinds."""
+           on_step: Callable[[Step], None] = lambda step: None) -> list[Step]:
+    """Moves of ``kinds`` from ``start`` until ``budget`` is met or no move saves anything more:
+    the steps taken (the last meets the budget unless the kinds cannot reach it)."""
     steps, current = [], start
     counter = itertools.count()  # ties go by insertion order (deterministic)
     version = 0
@@ -73,7 +73,7 @@ def greedy(space: Space, budget: Budget, score: Scorer, kinds: tuple[str, ...], 
             heapq.heappush(queue, (judged[0], next(counter), version, move))
     while not budget.met(current.figures):
         if not queue:
-            return None
+            break
         _, _, measured_at, move = heapq.heappop(queue)
         if not space.allowed(current.state, move):
             continue
