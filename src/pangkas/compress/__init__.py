@@ -222,8 +222,9 @@ def _check_reachable(space: Space, budget: Budget, allowed: tuple[str, ...]) -> 
                            f"{best}{estimated} of the dense model")
 
 
-def _search(space, budget, score, kinds, start, name, eval_fn, checkpoints, report, done=0.0):
-    """Greedy from ``start`` with a progress bar; scores ``checkpoints`` states along the way."""
+def _search(space, budget, score, kinds, start, name, eval_fn, checkpoints, report):
+    """Greedy from ``start`` with a progress bar (budget figures, distortion, best score so far);
+    scores ``checkpoints`` states along the way."""
     total = budget.gap(start.figures) or 1.0
     marks = iter([(k + 1) / (checkpoints + 1) for k in range(checkpoints)])
     mark = next(marks, None)
@@ -231,11 +232,14 @@ def _search(space, budget, score, kinds, start, name, eval_fn, checkpoints, repo
         def on_step(s: Step) -> None:
             nonlocal mark
             progress = 1 - budget.gap(s.figures) / total
-            update(total * progress, f"compress ({name}): {_figures(s.figures, budget)}, distortion {s.distortion:.3g}")
             while mark is not None and progress >= mark:
                 with space.silenced(s.state):
                     report.points.append(Point(name, s.figures, float(eval_fn(space.model))))
                 mark = next(marks, None)
+            best = max((p.score for p in report.points if p.figures[report.kind_shown] <= budget.limits[
+                report.kind_shown]), default=None)
+            update(total * progress, f"compress ({name}): {_figures(s.figures, budget)}, distortion "
+                   f"{s.distortion:.3g}" + ("" if best is None else f", best score within budget {best:.4g}"))
 
         return greedy(space, budget, score, kinds, start, on_step)
 
