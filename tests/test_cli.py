@@ -258,3 +258,21 @@ def test_compress_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
     assert code == 2 and "small.pareto.png" in err and "--overwrite" in err
     assert (tmp_path / "small.pareto.png").read_bytes() == b"mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small.pareto.png"]
+
+
+def test_compress_a_hugging_face_directory(capsys, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    dense = transformers.LlamaForCausalLM(config)
+    dense.save_pretrained(tmp_path / "llama")
+    (tmp_path / "llama" / "tokenizer_config.json").write_text("{}")
+    out_dir = tmp_path / "small"
+    code, out, err = run(capsys, "compress", str(tmp_path / "llama"), "--params", "0.8", "--input-shape", "2,12",
+                         "--no-reconstruct", "-o", str(out_dir))
+    assert code == 0, err
+    assert (out_dir / "tokenizer_config.json").is_file() and (tmp_path / "small.pareto.png").is_file()
+    code_file = (out_dir / "modeling_pangkas.py").exists()
+    again = transformers.AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=code_file)
+    assert sum(p.numel() for p in again.parameters()) <= 0.8 * sum(p.numel() for p in dense.parameters())
