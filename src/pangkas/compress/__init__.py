@@ -3,8 +3,8 @@
 The pieces: ``budget`` (what is asked), ``space`` (what can be cut and what a combination costs),
 ``latency_model`` (this machine's per-module time profile, cached on disk), ``search`` (greedy with
 lazy re-scoring on a distortion proxy), ``report`` (finalists, points, Pareto front, plot). Here:
-the search is run for depth and width together and, when both are allowed, for each alone; each
-end state (a finalist) is built for real, optionally re-fitted and recovered, measured (latency
+the search is run for depth and width together and, when both are allowed, for each alone and for
+a few depth-first mixes; each end state (a finalist) is built for real, optionally re-fitted and recovered, measured (latency
 against the dense model, interleaved, with a confidence interval: met only if the interval's upper
 end is within the limit; if it misses, the search goes on from there) and scored; the best-scoring
 finalist that meets the budget is returned.
@@ -70,7 +70,9 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     ``width`` / ``depth``: whether channel groups / whole blocks (layers of a layer list,
     residual blocks) may be cut; ``sparsity=True`` adds weight sparsity (one eighth of a Linear or
     conv layer's weights at a time, by magnitude, as masks: only the file ``pangkas.save`` writes
-    gets smaller); ``step``: the fraction of a group removed per search step.
+    gets smaller); ``step``: the fraction of a group removed per search step; ``depth_mixes``: how
+    many depth-first mixes to search besides width+depth, width and depth alone (k blocks removed
+    as the depth-only search removed them, then widths; k spread over that search's path).
     ``importance`` ranks channels within a group (``plan_channels``' names; default ``"obs"``
     with ``reconstruct``, else ``"wanda"``). ``reconstruct``: the layers reading removed channels
     are re-fitted by least squares on ``data``; ``replace="linear"``: removed blocks are replaced by
