@@ -465,3 +465,22 @@ def test_removed_post_norm_layers_are_judged_with_the_stand_ins_the_build_puts_t
     skip_only = Space(plan, space.blocks.values(), 0.25, None)  # without stand-ins: removal is plain
     with skip_only.silenced(state), torch.no_grad():
         assert not torch.allclose(tiny_bert(**x).last_hidden_state, silenced)
+
+
+def test_a_plain_block_goes_only_while_its_input_is_as_wide_as_its_output():
+    """Removing a non-residual block (a conv in a plain Sequential) passes its input on: only while
+    the channel cuts leave the two equally wide (the search found this the hard way)."""
+    from pangkas.demo import digits_cnn
+
+    model = digits_cnn().eval()
+    x = torch.rand(4, 1, 8, 8)
+    space = _space(model, x)
+    assert "1.0" in space.blocks  # a 32 -> 32 conv
+    widen = next(i for i, g in enumerate(space.groups) if g.modules[0] == "0.0")  # the channels 1.0 reads
+    cut = space.after(space.start(), Move("width", widen))
+    assert not space.allowed(cut, Move("depth", "1.0"))
+    assert space.allowed(space.start(), Move("depth", "1.0"))
+    without = space.after(space.start(), Move("depth", "1.0"))
+    assert not space.allowed(without, Move("width", widen))
+    with pytest.raises(Exception):  # what the rule prevents: the build cannot remove it
+        space.build(State(cut.cuts, frozenset(["1.0"]), cut.sparsity), x)

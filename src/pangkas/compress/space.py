@@ -96,6 +96,7 @@ class Space:
         self.blocks = {c.name: c for c in blocks}
         self.home = [next((b for b in self.blocks if all(_inside(m, b) for m in g.modules)), None)
                      for g in self.groups]  # the block a group lies in, if any
+        self._ends = {name: self._block_ends(name) for name in self.blocks}
         self.layers = list(layers)
         self.layer_home = [next((b for b in self.blocks if _inside(n, b)), None) for n in self.layers]
         self._weight = {f"{n}.weight": i for i, n in enumerate(self.layers)}
@@ -131,11 +132,28 @@ class Space:
 
     def allowed(self, state: State, move: Move) -> bool:
         if move.kind == "depth":
-            return move.target not in state.blocks
+            return move.target not in state.blocks and self._fits(self.after(state, move))
         i = move.target
         if move.kind == "weights":
             return state.sparsity[i] < SPARSITY_STEPS - 1 and self.layer_home[i] not in state.blocks
-        return state.cuts[i] < self.limit(i) and self.home[i] not in state.blocks
+        return state.cuts[i] < self.limit(i) and self.home[i] not in state.blocks and self._fits(self.after(state, move))
+
+    def _block_ends(self, block: str):
+        """(what the block reads, what it returns) as traced (shape, axes), or None if not traced."""
+        inside = [r for r in self.plan.coupling.records if _inside(r.module, block) and r.inputs and r.outputs]
+        return (inside[0].inputs[0], inside[-1].outputs[0]) if inside else None
+
+    def _fits(self, state: State) -> bool:
+        """Whether every removed block would still pass on what it reads unchanged: a block that is not
+        a residual branch can go only while the channel cuts leave its input as wide as its output."""
+        if not state.blocks or not any(state.cuts):
+            return True
+        removed = self.removed(self.effective(state))
+        for block in state.blocks:
+            ends = self._ends[block]
+            if ends is not None and planned_shape(ends[0], removed) != planned_shape(ends[1], removed):
+                return False
+        return True
 
     def after(self, state: State, move: Move) -> State:
         if move.kind == "depth":
