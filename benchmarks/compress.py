@@ -123,7 +123,9 @@ def minilm_section(rounds: int) -> str:
              "layers get fitted linear stand-ins), defaults otherwise (obs importance, re-fit of the layers reading "
              f"removed channels); `eval_fn` the mean cosine on the 600 evaluation sentences; search {seconds:.0f} s "
              f"({report.measurements} distortion measurements). Uniform recipes as in docs/transformers.md and "
-             "docs/layers.md, rebuilt and timed in the same interleaved rounds as the compressed model.")
+             "docs/layers.md, rebuilt and timed in the same interleaved rounds as the compressed model. The finalist "
+             "is chosen by this same score, as a user's `eval_fn` would be, so the compress row had a choice the "
+             "uniform rows did not (every finalist is listed below; a held-out split for the choice is still to do).")
     return "\n\n".join([table, finalists, notes])
 
 
@@ -182,7 +184,9 @@ def llm_section(rounds: int) -> str:
              f"256 tokens of Persuasion; calibration 32 x 256 tokens of Emma; search {seconds:.0f} s "
              f"({report.measurements} distortion measurements). Uniform rows: `prune_transformer(..., "
              "reconstruct=True)` at the ratio that removes a quarter of the parameters; layers: `prune_layers(n=..., "
-             "replace=\"linear\")`. No fine-tuning anywhere.")
+             "replace=\"linear\")`. No fine-tuning anywhere. The finalist is chosen by this same perplexity, as a "
+             "user's `eval_fn` would be, so the compress row had a choice the uniform rows did not (every finalist "
+             "is listed; a held-out split for the choice is still to do).")
     return "\n\n".join([table, finalists, notes])
 
 
