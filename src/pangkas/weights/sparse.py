@@ -15,10 +15,11 @@ from ..errors import PangkasError
 from ..modules import Selector, replace_module, select_modules
 from ..tables import render_table
 
-# docs/sparse_kernels.md: on the dev CPU at 1 thread, CSR was measurably faster than dense on both
-# MiniLM shapes from 85% (an earlier run, 2 threads on another CPU, without intervals: from 98%).
-# Change it where that benchmark says your CPU crosses over elsewhere.
-DEFAULT_MIN_SPARSITY = 0.85
+# docs/sparse_kernels.md: on the dev CPU at its default 2 threads, CSR was measurably faster than
+# dense on both MiniLM shapes from 90% (at 1 thread already from 85%: fewer threads favour CSR; an
+# earlier run on another CPU, without intervals: from 98%). Change it where that benchmark says
+# your CPU crosses over elsewhere.
+DEFAULT_MIN_SPARSITY = 0.90
 
 
 class SparseLinear(nn.Module):
