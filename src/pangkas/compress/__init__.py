@@ -12,6 +12,7 @@ finalist that meets the budget is returned.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import time
@@ -111,11 +112,12 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     score = Scorer(space, Distortion(model, batches[:proxy_batches]))
     report = CompressReport(budget, dense, float(eval_fn(model)))
     start = Step(None, space.start(), 0.0, space.figures(space.start()))
+    timed = functools.partial(_timed, model, space, example, batches, reconstruct, replace, recover_steps, rounds,
+                              confidence, dense)
     built: list[tuple[Finalist, nn.Module]] = []
     for name, kinds, steps in _searches(space, budget, score, start, width, depth, sparsity, depth_mixes, eval_fn,
                                         checkpoints, report):
-        built.append(_finalize(model, space, budget, score, kinds, steps, name, example, batches, eval_fn,
-                               reconstruct, replace, recover_steps, rounds, confidence, report))
+        built.append(_finalize(space, budget, score, kinds, steps, name, eval_fn, timed, report))
     if not built:
         raise PangkasError(f"no search reached {budget.describe()}")
     report.finalists = [f for f, _ in built]
@@ -250,25 +252,22 @@ def _figures(figures: dict[str, float], budget: Budget) -> str:
     return ", ".join(f"{kind} {figures[kind]:.3f}" for kind in budget.limits)
 
 
-def _finalize(model, space, budget, score, kinds, steps, name, example, batches, eval_fn, reconstruct, replace,
-              recover_steps, rounds, confidence, report):
+def _finalize(space, budget, score, kinds, steps, name, eval_fn, timed, report):
     """Build the search's end state and time it against the dense model. Each timing calibrates
     the latency estimate: where the interval's upper end misses the limit, the search goes on with
     the limit lowered by the miss; where it is well within, the earliest state of the search
     predicted (so calibrated) to meet is built and timed instead, and kept if it meets. At most
-    ``MAX_CORRECTIONS`` such re-timings."""
-    current = steps[-1]
-    tried = [(current, *_timed(model, space, current.state, example, batches, reconstruct, replace,
-                               recover_steps, rounds, confidence))]
+    ``MAX_CORRECTIONS`` such re-timings. ``timed(state)`` builds and measures a state."""
+    tried = [(steps[-1], *timed(steps[-1].state))]
     for corrections in range(1, MAX_CORRECTIONS + 1):
         step, pruned, figures, absolute, ratio = tried[-1]
-        met = budget.met({**figures, "latency": ratio.high})  # the interval's upper end must be within
+        met = budget.met_measured(figures, ratio)
         if "latency" not in budget.limits or not budget.met({**figures, "latency": 0.0}):
             break  # nothing to calibrate, or a limit the estimate of latency cannot help with
         limit = budget.limits["latency"]
         factor = ratio.high / step.figures["latency"]  # estimate -> measured upper end
         if not met:
-            if any(budget.met({**f, "latency": r.high}) for _, _, f, _, r in tried):
+            if any(budget.met_measured(f, r) for _, _, f, _, r in tried):
                 break  # an earlier (less cut) state met: keep that one
             internal = Budget({**budget.limits, "latency": limit / factor * 0.98}, budget.asked)
             more = _search(space, internal, score, kinds, step, f"{name}, correction {corrections}", eval_fn, 0,
@@ -285,9 +284,8 @@ def _finalize(model, space, budget, score, kinds, steps, name, example, batches,
                 break
         else:
             break
-        tried.append((step, *_timed(model, space, step.state, example, batches, reconstruct, replace,
-                                    recover_steps, rounds, confidence)))
-    meeting = [t for t in tried if budget.met({**t[2], "latency": t[4].high})]
+        tried.append((step, *timed(step.state)))
+    meeting = [t for t in tried if budget.met_measured(t[2], t[4])]
     step, pruned, figures, absolute, ratio = meeting[-1] if meeting else tried[-1]
     value = float(eval_fn(pruned))
     report.points.append(Point(name, figures, value, measured=True))
@@ -295,10 +293,10 @@ def _finalize(model, space, budget, score, kinds, steps, name, example, batches,
                     _split(space, step.state, budget), len(tried) - 1), pruned
 
 
-def _timed(model, space, state, example, batches, reconstruct, replace, recover_steps, rounds, confidence):
+def _timed(model, space, example, batches, reconstruct, replace, recover_steps, rounds, confidence, dense, state):
     """(pruned model, its figures, absolute figures, latency ratio) for ``state``."""
     pruned = _built(model, space, state, example, batches, reconstruct, replace, recover_steps)
-    return (pruned, *_measure(model, pruned, example, rounds, confidence))
+    return (pruned, *_measure(model, pruned, example, rounds, confidence, dense))
 
 
 def _built(model, space: Space, state: State, example, batches, reconstruct, replace, recover_steps) -> nn.Module:
@@ -312,10 +310,10 @@ def _built(model, space: Space, state: State, example, batches, reconstruct, rep
     return pruned
 
 
-def _measure(model, pruned, example, rounds, confidence):
-    """The pruned model's figures (fractions of the dense model's; latency: the median ratio),
-    absolute figures, and latency ratio with its interval."""
-    absolute, dense = _measured(pruned, example), _measured(model, example)
+def _measure(model, pruned, example, rounds, confidence, dense):
+    """The pruned model's figures (fractions of ``dense``, the dense model's; latency: the median
+    ratio), absolute figures, and latency ratio with its interval."""
+    absolute = _measured(pruned, example)
     figures = {kind: absolute[kind] / dense[kind] if dense[kind] else 1.0 for kind in absolute}
     ratio = latency_ratios([model, pruned], example, rounds=rounds, confidence=confidence)[1]
     figures["latency"] = ratio.value
@@ -325,7 +323,7 @@ def _measure(model, pruned, example, rounds, confidence):
 def _split(space: Space, state: State, budget: Budget) -> dict[str, float]:
     """Shares of the estimated saving in the tightest budget kind due to width cuts, blocks and
     (when searched) weight sparsity."""
-    kind = min(budget.limits, key=budget.limits.get)
+    kind = budget.tightest
     state = space.effective(state)
     kinds = {"width": "width", "depth": "depth"} | ({"sparsity": "weights"} if space.layers else {})
     saved = {label: max(0.0, 1 - space.figures(space.only(state, k))[kind]) for label, k in kinds.items()}

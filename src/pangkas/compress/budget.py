@@ -33,6 +33,15 @@ class Budget:
         """The kind furthest over (or least under) its limit: the one a search should lower next."""
         return max(self.limits, key=lambda kind: figures[kind] / self.limits[kind])
 
+    @property
+    def tightest(self) -> str:
+        """The kind with the smallest limit: what reports and plots are drawn against."""
+        return min(self.limits, key=self.limits.get)
+
+    def met_measured(self, figures: dict[str, float], latency) -> bool:
+        """Whether measured ``figures`` meet every limit, latency (a ``Ratio``) at its interval's upper end."""
+        return self.met({**figures, "latency": latency.high})
+
     def gap(self, figures: dict[str, float]) -> float:
         """How far ``figures`` are from meeting every limit, in the binding kind's fraction (0: met)."""
         return max(0.0, max(figures[kind] - limit for kind, limit in self.limits.items()))

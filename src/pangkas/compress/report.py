@@ -68,7 +68,7 @@ class CompressReport(Report):
     @property
     def kind_shown(self) -> str:
         """The budget kind plots and the front are drawn against: the tightest limit asked."""
-        return min(self.budget.limits, key=self.budget.limits.get)
+        return self.budget.tightest
 
     def pareto(self) -> list[Point]:
         """The points no other point beats on both the shown budget figure (lower) and score

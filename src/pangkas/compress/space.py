@@ -219,8 +219,8 @@ class Space:
         removed = self.removed(state)
         gone = lambda name: any(_inside(name, b) for b in state.blocks)  # noqa: E731
         params = size = stored = 0
-        buffers = set()
-        for name, p in itertools.chain(self.model.named_parameters(), self._buffers(buffers)):
+        buffers = dict(self.model.named_buffers())
+        for name, p in itertools.chain(self.model.named_parameters(), buffers.items()):
             if gone(module_of(name)):
                 continue
             ids = self.plan.coupling.tensor_ids.get(name)
@@ -246,12 +246,6 @@ class Space:
             entry[0] += count_flops([record], shape_of)
             entry[1] += math.prod(shape_of(record.outputs[0])) if record.outputs else 0
         return params, size + stored * self._per_tensor, work
-
-    def _buffers(self, names: set) -> Iterator[tuple[str, torch.Tensor]]:
-        """The model's buffers, each name added to ``names`` as it is given."""
-        for name, b in self.model.named_buffers():
-            names.add(name)
-            yield name, b
 
     def _latency(self, state: State, work: dict[str, list[float]]) -> float:
         if self.latency is None:
