@@ -253,6 +253,8 @@ def test_compress_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
     assert code == 2 and "give a budget" in err
     code, _, err = run(capsys, "compress", *DIGITS, "--latency", "-1", "-o", str(out_file))
     assert code == 2 and "positive number" in err
+    code, _, err = run(capsys, "compress", *DIGITS, "--macs", "0.5", "--recover-rounds", "2", "-o", str(out_file))
+    assert code == 2 and err.count("\n") == 1 and "give --recover-steps" in err
     (tmp_path / "small.pareto.png").write_bytes(b"mine")  # not pangkas's: refused before any work
     code, _, err = run(capsys, "compress", *DIGITS, "--macs", "0.5", "-o", str(out_file))
     assert code == 2 and "small.pareto.png" in err and "--overwrite" in err

@@ -13,6 +13,7 @@ import pangkas
 from pangkas import PangkasError
 from pangkas.compress import budget as budget_module
 from pangkas.compress import latency_model
+from pangkas.compress import rounds as rounds_module
 from pangkas.compress.search import Scorer, Step, greedy
 from pangkas.compress.space import Move, Space, State
 from pangkas.distortion import Distortion
@@ -293,6 +294,8 @@ def test_an_unreachable_budget_is_refused_with_the_best_reachable(net, batches):
     (dict(macs=0.5, width=False, depth=False), "nothing to search"),
     (dict(macs=0.5, step=0), "step"),
     (dict(macs=0.5, recover_steps=-1), "recover_steps"),
+    (dict(macs=0.5, recover_rounds=2), "recover_steps"),
+    (dict(macs=0.5, recover_rounds=-1, recover_steps=5), "recover_rounds"),
     (dict(macs=0.5, replace="cubic"), "replace"),
     (dict(macs=0.5, eval_fn="accuracy"), "eval_fn"),
     (dict(macs=0.5, rounds=3), "rounds"),
@@ -383,6 +386,80 @@ def test_recovery_brings_the_finalist_closer_to_the_dense_model(net, batches):
     _, recovered = pangkas.compress(net, batches, macs=0.4, reconstruct=False, depth=False, recover_steps=30)
     assert recovered.chosen.cuts == plain.chosen.cuts
     assert recovered.chosen.score > plain.chosen.score
+
+
+def test_a_round_of_recovery_lowers_the_distortion_and_keeps_the_silenced_model_exact(net, batches):
+    """Fine-tuning between rounds trains the kept weights only: the silenced model still computes
+    what the built one does, and it is closer to the dense model than before."""
+    import copy
+
+    searched = copy.deepcopy(net)
+    x = batches[0]
+    space = _space(searched, x)
+    state = State(tuple(space.limit(i) // 2 for i in range(len(space.groups))), frozenset(["blocks.1"]))
+    distortion = Distortion(searched, batches)
+    forgotten = []
+    recovery = rounds_module.RoundRecovery(net, space, lambda: forgotten.append(1), batches, 40, 1)
+    with space.silenced(state):
+        before = distortion()
+    dense = {k: v.clone() for k, v in net.state_dict().items()}
+    recovery(state)
+    with space.silenced(state), torch.no_grad():
+        after = distortion()
+        silenced = searched(x)
+    with torch.no_grad():
+        torch.testing.assert_close(space.build(state, x)(x), silenced, atol=1e-5, rtol=1e-4)
+    assert after < 0.9 * before
+    assert forgotten == [1, 1]  # once at reset, once after the round
+    assert not searched.training
+    for k, v in net.state_dict().items():  # the teacher is untouched
+        assert torch.equal(v, dense[k]), k
+    recovery.reset()
+    for k, v in searched.state_dict().items():
+        assert torch.equal(v, dense[k]), k
+
+
+def test_recovery_between_rounds_stops_on_the_way_to_the_budget_on_a_copy(net, batches, monkeypatch):
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    seen = []
+    real_call, real_reset = rounds_module.RoundRecovery.__call__, rounds_module.RoundRecovery.reset
+
+    def recording_call(self, state):
+        assert self.space.model is not net
+        seen[-1].append(self.space.figures(state)["macs"])
+        real_call(self, state)
+
+    def recording_reset(self):
+        seen.append([])
+        real_reset(self)
+
+    monkeypatch.setattr(rounds_module.RoundRecovery, "__call__", recording_call)
+    monkeypatch.setattr(rounds_module.RoundRecovery, "reset", recording_reset)
+    small, report = pangkas.compress(net, batches, macs=0.4, recover_steps=5, recover_rounds=2, depth=False)
+    searches = seen[1:]  # the first reset is the one at construction
+    assert searches and len(searches) == len(report.finalists)
+    for macs in searches:  # the gap 1.0 -> 0.4 in thirds: stops at or just under 0.8 and 0.6
+        assert len(macs) == 2
+        assert 0.6 < macs[0] <= 0.8 and 0.4 < macs[1] <= 0.6
+    assert report.chosen.met and report.chosen.figures["macs"] <= 0.4
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_an_interrupted_round_of_recovery_leaves_the_model(net, batches, monkeypatch):
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def interrupted(model, data, **kwargs):
+        for p in model.parameters():
+            p.data.add_(1.0)  # halfway through a step
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rounds_module, "recover", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pangkas.compress(net, batches, macs=0.4, recover_steps=5, recover_rounds=1)
+    assert len(net.blocks) == 3 and not any(isinstance(m, Skip) for m in net.modules())
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
 
 
 def test_report_front_and_plot(net, batches, tmp_path):

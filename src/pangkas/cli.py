@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--replace", choices=("linear",), help="fitted linear maps in place of removed blocks")
     compress.add_argument("--recover-steps", type=int, default=0,
                           help="fine-tune each finalist this many batches of --data, distilling from the dense model")
+    compress.add_argument("--recover-rounds", type=int, default=0,
+                          help="also fine-tune --recover-steps batches this many times during each search, on the way "
+                               "to the budget (NetAdapt's short-term fine-tune)")
     _selection_args(compress, "lose channels or be removed")
     _output_args(compress)
     return parser
@@ -339,8 +342,11 @@ def _compress(args) -> None:
     plot, summary = Path(f"{stem}.pareto.png"), Path(f"{stem}.compress.json")
     for path in (plot, summary):
         check_file_target(path, overwrite=args.overwrite)
-    if args.recover_steps < 0:
-        raise PangkasError(f"--recover-steps must be >= 0, got {args.recover_steps}")
+    if args.recover_steps < 0 or args.recover_rounds < 0:
+        raise PangkasError(f"--recover-steps and --recover-rounds must be >= 0, got {args.recover_steps} and "
+                           f"{args.recover_rounds}")
+    if args.recover_rounds and not args.recover_steps:
+        raise PangkasError("--recover-rounds fine-tunes --recover-steps batches each round: give --recover-steps")
     source = _resolve(args)
     if args.data is None:
         say("no --data: searching on random inputs, which says little about real data")
@@ -349,7 +355,8 @@ def _compress(args) -> None:
                              file_size=args.file_size, example_inputs=source.example_inputs,
                              width=not args.no_width, depth=not args.no_depth, step=args.step,
                              reconstruct=not args.no_reconstruct, replace=args.replace,
-                             recover_steps=args.recover_steps, include=args.include, exclude=args.exclude)
+                             recover_steps=args.recover_steps, recover_rounds=args.recover_rounds,
+                             include=args.include, exclude=args.exclude)
     say(str(report))
     source = dataclasses.replace(source, model=small)
     with console.status("saving"):

@@ -12,6 +12,8 @@ finalist that meets the budget is returned.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
 import itertools
 import math
@@ -23,7 +25,7 @@ import torch
 from torch import nn
 
 from ..channels import plan_channels
-from ..distortion import Distortion, Fidelity, _output
+from ..distortion import Distortion, Fidelity
 from ..errors import PangkasError
 from ..layers import _batches, _granular, _selected, layer_candidates
 from ..measure import count_macs, file_sizes, latency_ratios, min_rounds
@@ -34,6 +36,7 @@ from ..weights.prune import PRUNABLE
 from .budget import KINDS, Budget, parse
 from .latency_model import LatencyModel
 from .report import CompressReport, Finalist, Point
+from .rounds import RoundRecovery, objective, stages
 from .search import Scorer, Step, greedy
 from .space import Space, State
 
@@ -47,7 +50,8 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
              macs: float | None = None, params: float | None = None, file_size: float | None = None,
              eval_fn: Callable[[nn.Module], float] | None = None, example_inputs=None, width: bool = True,
              depth: bool = True, sparsity: bool = False, step: float = 0.125, importance=None, reconstruct: bool = True,
-             replace: str | None = None, recover_steps: int = 0, proxy_batches: int = 4, depth_mixes: int = 3,
+             replace: str | None = None, recover_steps: int = 0, recover_rounds: int = 0, proxy_batches: int = 4,
+             depth_mixes: int = 3,
              include: Selector = None, exclude: Selector = None, integrations: list | None = None,
              rounds: int = 10, confidence: float = 0.95, checkpoints: int = 2) -> tuple[nn.Module, CompressReport]:
     """Search per-layer widths (channels, heads, FFN neurons) and blocks to remove for the most
@@ -78,14 +82,19 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     with ``reconstruct``, else ``"wanda"``). ``reconstruct``: the layers reading removed channels
     are re-fitted by least squares on ``data``; ``replace="linear"``: removed blocks are replaced by
     fitted linear maps (see ``plan_layers``). ``recover_steps``: fine-tune each finalist this many
-    batches of ``data``, distilling from ``model``. ``include`` / ``exclude``: which modules may
+    batches of ``data``, distilling from ``model``; with ``recover_rounds=R`` also R times during
+    each search (NetAdapt's short-term fine-tune: at evenly spread shares of the way to the budget,
+    the model as cut so far, the cut weights held at zero), so that later cuts are judged on
+    adapted weights. The search then runs on a copy of ``model`` (one more model in memory), and
+    the finalists are built from that search's fine-tuned weights without ``reconstruct`` (a
+    re-fit would pull them back to what the dense weights compute). ``include`` / ``exclude``: which modules may
     lose channels and which blocks may go. Latency ratios come from ``rounds`` interleaved rounds
     at ``confidence``; ``checkpoints`` states along each search are scored with ``eval_fn``
     (the report's points).
     """
     started = time.perf_counter()
-    _check(width, depth, sparsity, step, recover_steps, proxy_batches, depth_mixes, replace, eval_fn, rounds, confidence,
-           checkpoints)
+    _check(width, depth, sparsity, step, recover_steps, recover_rounds, proxy_batches, depth_mixes, replace, eval_fn,
+           rounds, confidence, checkpoints)
     batches = _batches(data)
     if eval_fn is None:
         if len(batches) < 2:
@@ -105,19 +114,26 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
         report.seconds = time.perf_counter() - started
         return model, report
 
-    space = _space(model, example, batches, budget, width, depth, sparsity, step, importance, reconstruct, replace,
+    searched = copy.deepcopy(model) if recover_rounds else model  # fine-tuned between rounds: a copy
+    space = _space(searched, example, batches, budget, width, depth, sparsity, step, importance, reconstruct, replace,
                    include, exclude, integrations)
     allowed = tuple(k for k, on in (("width", width), ("depth", depth), ("weights", sparsity)) if on)
     _check_reachable(space, budget, allowed)
-    score = Scorer(space, Distortion(model, batches[:proxy_batches]))
+    score = Scorer(space, Distortion(searched, batches[:proxy_batches]))
+    recovery = RoundRecovery(model, space, score.forget, batches, recover_steps, recover_rounds) \
+        if recover_rounds else None
     report = CompressReport(budget, dense, float(eval_fn(model)))
     start = Step(None, space.start(), 0.0, space.figures(space.start()))
-    timed = functools.partial(_timed, model, space, example, batches, reconstruct, replace, recover_steps, rounds,
-                              confidence, dense)
+    timed = functools.partial(_timed, model, space, example, batches, reconstruct and not recover_rounds, replace,
+                              recover_steps, rounds, confidence, dense)
     built: list[tuple[Finalist, nn.Module]] = []
-    for name, kinds, steps in _searches(space, budget, score, start, width, depth, sparsity, depth_mixes, eval_fn,
-                                        checkpoints, report):
+
+    def finish(name: str, kinds: tuple[str, ...], steps: list[Step]) -> None:
+        """Build and time a search's end state now: the next search may change the weights."""
         built.append(_finalize(space, budget, score, kinds, steps, name, eval_fn, timed, report))
+
+    _searches(space, budget, score, start, width, depth, sparsity, depth_mixes, eval_fn, checkpoints, report,
+              recovery, finish)
     if not built:
         raise PangkasError(f"no search reached {budget.describe()}")
     report.finalists = [f for f, _ in built]
@@ -131,14 +147,15 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     return chosen, report
 
 
-def _searches(space, budget, score, start, width, depth, sparsity, mixes, eval_fn, checkpoints, report):
-    """Run the searches; the (name, kinds of move, steps) of each that meets the budget. Width and
+def _searches(space, budget, score, start, width, depth, sparsity, mixes, eval_fn, checkpoints, report, recovery,
+              finish) -> None:
+    """Run the searches; ``finish(name, kinds of move, steps)`` each that meets the budget. Width and
     depth together (NetAdapt-style), each alone, and ``mixes`` depth-first mixes: k blocks removed
     as the depth-only search removed them, then widths (k spread over that search's path), since
     the proxy cannot see how much re-fitting saves each kind of cut. Weight sparsity, when asked,
-    goes with every search (it only lowers the file size)."""
+    goes with every search (it only lowers the file size). With ``recovery``, each search starts
+    from the dense weights."""
     extra = ("weights",) if sparsity else ()
-    found = []
 
     def run(name: str, kinds: tuple[str, ...], begin: Step, marks: int) -> list[Step]:
         name += "+sparsity" if sparsity and kinds else ""
@@ -146,9 +163,12 @@ def _searches(space, budget, score, start, width, depth, sparsity, mixes, eval_f
         if kinds != ("depth", *extra) and not budget.met(space.figures(space.furthest(kinds))):
             report.notes.append(f"{name} cannot reach the budget")
             return []
-        steps = _search(space, budget, score, kinds, begin, name, eval_fn, marks, report)
+        if recovery is not None:
+            recovery.reset()
+            begin = dataclasses.replace(begin, distortion=score(begin.state))
+        steps = _search(space, budget, score, kinds, begin, name, eval_fn, marks, report, recovery)
         if steps and budget.met(steps[-1].figures):
-            found.append((name, kinds, steps))
+            finish(name, kinds, steps)
         else:
             report.notes.append(f"{name} cannot reach the budget")
         return steps
@@ -165,7 +185,6 @@ def _searches(space, budget, score, start, width, depth, sparsity, mixes, eval_f
                 run(f"depth {k} + width", ("width",), short[k - 1], 0)
     if not (width or depth):
         run("sparsity", (), start, checkpoints)
-    return found
 
 
 def _spread(n: int, m: int) -> list[int]:
@@ -173,8 +192,8 @@ def _spread(n: int, m: int) -> list[int]:
     return list(range(1, n + 1)) if n <= m else sorted({round(i * n / (m + 1)) or 1 for i in range(1, m + 1)})
 
 
-def _check(width, depth, sparsity, step, recover_steps, proxy_batches, depth_mixes, replace, eval_fn, rounds,
-           confidence, checkpoints):
+def _check(width, depth, sparsity, step, recover_steps, recover_rounds, proxy_batches, depth_mixes, replace, eval_fn,
+           rounds, confidence, checkpoints):
     if any(flag not in (True, False) for flag in (width, depth, sparsity)):
         raise PangkasError("width=, depth= and sparsity= must be True or False")
     if not (width or depth or sparsity):
@@ -182,10 +201,14 @@ def _check(width, depth, sparsity, step, recover_steps, proxy_batches, depth_mix
                            "allow at least one")
     if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step <= 1:
         raise PangkasError(f"step must be a fraction in (0, 1] (of a group's channels per search step), got {step!r}")
-    for name, value, low in (("recover_steps", recover_steps, 0), ("proxy_batches", proxy_batches, 1),
+    for name, value, low in (("recover_steps", recover_steps, 0), ("recover_rounds", recover_rounds, 0),
+                             ("proxy_batches", proxy_batches, 1),
                              ("depth_mixes", depth_mixes, 0), ("checkpoints", checkpoints, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise PangkasError(f"{name} must be an integer >= {low}, got {value!r}")
+    if recover_rounds and not recover_steps:
+        raise PangkasError(f"recover_rounds={recover_rounds} fine-tunes recover_steps batches each round: give "
+                           "recover_steps= too")
     if replace not in (None, "linear"):
         raise PangkasError(f"replace must be None or 'linear', got {replace!r}")
     if eval_fn is not None and not callable(eval_fn):
@@ -226,9 +249,10 @@ def _check_reachable(space: Space, budget: Budget, allowed: tuple[str, ...]) -> 
                            f"{best}{estimated} of the dense model")
 
 
-def _search(space, budget, score, kinds, start, name, eval_fn, checkpoints, report):
+def _search(space, budget, score, kinds, start, name, eval_fn, checkpoints, report, recovery=None):
     """Greedy from ``start`` with a progress bar (budget figures, distortion, best score so far);
-    scores ``checkpoints`` states along the way."""
+    scores ``checkpoints`` states along the way. With ``recovery``, in rounds: the model is
+    fine-tuned as cut at the end of each but the last."""
     total = budget.gap(start.figures) or 1.0
     marks = iter([(k + 1) / (checkpoints + 1) for k in range(checkpoints)])
     mark = next(marks, None)
@@ -245,7 +269,19 @@ def _search(space, budget, score, kinds, start, name, eval_fn, checkpoints, repo
             update(total * progress, f"compress ({name}): {_figures(s.figures, budget)}, distortion "
                    f"{s.distortion:.3g}" + ("" if best is None else f", best score within budget {best:.4g}"))
 
-        return greedy(space, budget, score, kinds, start, on_step)
+        if recovery is None:
+            return greedy(space, budget, score, kinds, start, on_step)
+        steps, current = [], start
+        for stage in stages(budget, start.figures, recovery.rounds):
+            more = greedy(space, stage, score, kinds, current, on_step)
+            steps += more
+            current = more[-1] if more else current
+            if not stage.met(current.figures):
+                break
+            if stage is not budget and more:
+                recovery(current.state)
+                current = dataclasses.replace(current, distortion=score(current.state))
+        return steps
 
 
 def _figures(figures: dict[str, float], budget: Budget) -> str:
@@ -303,9 +339,8 @@ def _built(model, space: Space, state: State, example, batches, reconstruct, rep
     pruned = space.build(state, example, reconstruct_on=batches if reconstruct else None,
                          replace_blocks=replace, data=batches)
     if recover_steps:
-        y, logits = _output(model, batches[0])
         recover(pruned, list(itertools.islice(itertools.cycle(batches), recover_steps)), teacher=model,
-                objective="kd" if logits or y.ndim == 2 else "mse")
+                objective=objective(model, batches[0]))
         pruned.eval()
     return pruned
 

@@ -47,6 +47,10 @@ class Scorer:
             self.measured += 1
         return self.cache[state]
 
+    def forget(self) -> None:
+        """The model's weights changed: every state is measured afresh."""
+        self.cache.clear()
+
 
 def greedy(space: Space, budget: Budget, score: Scorer, kinds: tuple[str, ...], start: Step,
            on_step: Callable[[Step], None] = lambda step: None) -> list[Step]:

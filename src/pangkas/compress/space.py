@@ -286,11 +286,16 @@ class Space:
             found[run[0]] = self._stand_ins[tuple(run)]
         return found
 
+    def forget(self) -> None:
+        """The model's weights changed: what was fitted on them (the stand-ins) is refitted when next needed."""
+        self._stand_ins.clear()
+
     # -- trying and building ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def silenced(self, state: State) -> Iterator[None]:
-        """The model computes what ``state``'s pruned model would, inside the block."""
+    def silenced(self, state: State) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """The model computes what ``state``'s pruned model would, inside the block; yields the
+        (tensor, old data) of what was zeroed."""
         state = self.effective(state)
         stand_ins = self._fitted(state.blocks)  # before anything is silenced: on the dense model
         saved = silence_removed(self.plan, self.removed(state)) if any(state.cuts) else []
@@ -298,7 +303,7 @@ class Space:
             saved += self._sparsified(state)
             undo = remove_blocks(self.model, sorted(state.blocks), self._tuples(), stand_ins) if state.blocks else None
             try:
-                yield
+                yield saved
             finally:
                 if undo is not None:
                     undo.restore()
