@@ -8,6 +8,7 @@ from .integrations.hf_directory import save_pretrained
 from .io import load, save
 from .layers import LayerPlan, LayerReport, layer_candidates, plan_layers, prune_layers
 from .measure import Measurement, compare, measure
+from .quantize import QuantizeReport, quantize
 from .recover import RecoveryReport, recover
 from .reports import Report
 from .schedules import GradualPruning, iterative
@@ -26,5 +27,5 @@ __all__ = [
     "TransformerPlan", "plan_transformer", "prune_transformer", "WeightPlan", "plan_weights", "Report",
     "RecoveryReport", "recover", "Sensitivity", "sensitivity", "GradualPruning", "iterative",
     "Measurement", "OperationFailed", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
-    "CompressReport", "compare", "compress", "evaluate", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",
+    "CompressReport", "QuantizeReport", "quantize", "compare", "compress", "evaluate", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",
 ]

@@ -1,0 +1,248 @@
+"""``pangkas.quantize``: int8 on top of pruning, with torchao doing the quantization maths.
+
+pangkas chooses the layers, refuses what cannot work here before touching anything, checks the
+result against the unquantized model, and says layer by layer what stayed in floating point.
+
+Schemes:
+
+- ``int8-dynamic``: Linear layers get int8 weights (a scale per output channel) and int8
+  activations (scaled per token at run time): transformers and MLPs.
+- ``int8-weight-only``: Linear layers get int8 weights; activations stay float.
+- ``int8-static``: the model is exported (``torch.export``); convolutions and Linear layers get
+  int8 weights and int8 activations whose scales are calibrated on ``data`` (torchao's PT2E flow
+  with its x86 inductor quantizer): CNNs. The result is a ``torch.fx.GraphModule``.
+- ``int4-weight-only``: only where torchao has an int4 kernel for this machine; refused elsewhere.
+
+On CPU the int8 kernels are only used under ``torch.compile`` (in eager mode each layer
+dequantizes and computes in float, which is slower than the float model): measure both.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .distortion import Fidelity
+from .errors import PangkasError
+from .inputs import call_model
+from .layers import _batches
+from .modules import Selector, select_modules
+from .weights import finalize
+from .weights.masks import masked_modules
+
+__all__ = ["SCHEMES", "QuantizeReport", "quantize"]
+
+SCHEMES = ("int8-dynamic", "int8-weight-only", "int8-static", "int4-weight-only")
+LINEAR_ONLY = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
+CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class QuantizeReport:
+    """What ``quantize`` did: per layer (Linear and conv layers selected), its integer type or why
+    it stayed in floating point; ``fidelity``: the mean cosine of the quantized model's outputs to
+    the unquantized model's on (up to four of) the calibration batches (nan without ``data``)."""
+
+    scheme: str
+    layers: dict[str, str] = field(default_factory=dict)
+    fidelity: float = math.nan
+
+    @property
+    def quantized(self) -> list[str]:
+        return [name for name, how in self.layers.items() if how in ("int8", "int4")]
+
+    @property
+    def kept(self) -> dict[str, str]:
+        """Layers left in floating point, with the reason."""
+        return {name: how for name, how in self.layers.items() if how not in ("int8", "int4")}
+
+    def __str__(self) -> str:
+        lines = [f"{self.scheme}: {len(self.quantized)} of {len(self.layers)} layers quantized"
+                 + ("" if math.isnan(self.fidelity) else f"; mean cosine to the unquantized model {self.fidelity:.4f}")]
+        lines += [f"  left in floating point: {name} ({why})" for name, why in self.kept.items()]
+        return "\n".join(lines)
+
+
+def quantize(model: nn.Module, data: Iterable | None = None, scheme: str = "int8-dynamic", *,
+             example_inputs=None, include: Selector = None, exclude: Selector = None) -> tuple[nn.Module, QuantizeReport]:
+    """A quantized copy of ``model`` (pruned or not; weight masks are baked in first) and a report.
+    ``model`` itself is left as it was.
+
+    ``scheme``: one of ``SCHEMES`` (see the module docstring). ``data``: calibration batches (as
+    everywhere: tensors, tuples or dicts the model is called with); ``int8-static`` needs them for
+    its activation scales, the others use them only to check the result (``report.fidelity``).
+    ``example_inputs``: what ``int8-static`` exports the model with (default the first batch; its
+    dim 0 is left dynamic). ``include`` / ``exclude``: which layers may be quantized.
+    """
+    if scheme not in SCHEMES:
+        raise PangkasError(f"unknown scheme {scheme!r}: choose one of {', '.join(SCHEMES)}")
+    batches = _batches(data)
+    _torchao()
+    candidates = select_modules(model, (nn.Linear, *CONVS), include, exclude)
+    if scheme in LINEAR_ONLY:
+        quantized, layers = _linear_layers(model, scheme, candidates)
+    else:
+        quantized, layers = _static(model, batches, example_inputs, candidates)
+    report = QuantizeReport(scheme, layers)
+    if batches:
+        report.fidelity = Fidelity(model, batches[:4])(quantized)
+    return quantized, report
+
+
+def _torchao():
+    try:
+        import torchao
+    except ImportError as exc:
+        raise PangkasError("quantize needs torchao: pip install 'pangkas[quantize]'") from exc
+    return torchao
+
+
+def _unmasked_copy(model: nn.Module) -> nn.Module:
+    """A copy with pangkas's weight masks baked into the weights (zeros stay zeros in int8)."""
+    model = copy.deepcopy(model)
+    if any(True for _ in masked_modules(model)):
+        finalize(model)
+    return model.eval()
+
+
+def _config(scheme: str):
+    from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+
+    return {"int8-dynamic": Int8DynamicActivationInt8WeightConfig, "int8-weight-only": Int8WeightOnlyConfig,
+            "int4-weight-only": Int4WeightOnlyConfig}[scheme]()
+
+
+def _linear_layers(model: nn.Module, scheme: str, candidates) -> tuple[nn.Module, dict[str, str]]:
+    """torchao's ``quantize_`` on the selected Linear layers of a copy."""
+    from torchao.quantization import quantize_
+    from torchao.utils import TorchAOBaseTensor
+
+    linear = {name for name, m in candidates if isinstance(m, nn.Linear)}
+    if not linear:
+        raise PangkasError(f"{scheme} quantizes Linear layers and none is selected in {type(model).__name__}; "
+                           "for convolutions use scheme='int8-static'")
+    if scheme == "int4-weight-only":
+        _probe_int4()
+    quantized = _unmasked_copy(model)
+    try:
+        quantize_(quantized, _config(scheme), filter_fn=lambda module, name: name in linear)
+    except Exception as exc:  # noqa: BLE001 -- the library's own message says which layer and why
+        raise PangkasError(f"{scheme} failed in torchao: {exc}") from exc
+    bits = "int4" if scheme == "int4-weight-only" else "int8"
+    layers = {}
+    for name, module in candidates:
+        if isinstance(module, CONVS):
+            layers[name] = f"{scheme} has no convolution kernel; use int8-static"
+        else:
+            weight = quantized.get_submodule(name).weight
+            layers[name] = bits if isinstance(weight, TorchAOBaseTensor) else "left in floating point by torchao"
+    return quantized, layers
+
+
+def _probe_int4() -> None:
+    """Refuse int4 before touching the model where torchao has no int4 kernel for this machine."""
+    from torchao.quantization import quantize_
+
+    probe = nn.Sequential(nn.Linear(256, 256)).to(torch.bfloat16)
+    try:
+        quantize_(probe, _config("int4-weight-only"))
+        probe(torch.zeros(1, 256, dtype=torch.bfloat16))
+    except Exception as exc:  # noqa: BLE001 -- any failure means: no usable kernel here
+        raise PangkasError(f"int4-weight-only is unsupported on this machine by torchao "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no message'}); "
+                           "use int8-weight-only") from exc
+
+
+def _static(model: nn.Module, batches: list, example_inputs, candidates) -> tuple[nn.Module, dict[str, str]]:
+    """torchao's PT2E flow: export, annotate for the x86 inductor backend, calibrate, convert."""
+    from torchao.quantization.pt2e import allow_exported_model_train_eval
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
+
+    if not batches:
+        raise PangkasError("int8-static calibrates activation scales on data=: give calibration batches")
+    if not candidates:
+        raise PangkasError(f"int8-static quantizes convolutions and Linear layers; none is selected in "
+                           f"{type(model).__name__}")
+    source = _unmasked_copy(model)
+    example = batches[0] if example_inputs is None else example_inputs
+    graph = _exported(source, example)
+    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
+    chosen = {name for name, _ in candidates}
+    for name, module in source.named_modules():
+        if isinstance(module, (nn.Linear, *CONVS)) and name not in chosen:
+            quantizer.set_module_name_qconfig(name, None)
+    try:
+        prepared = prepare_pt2e(graph, quantizer)
+        with torch.no_grad():
+            for batch in batches:
+                call_model(prepared, batch)
+        quantized = convert_pt2e(prepared)
+        allow_exported_model_train_eval(quantized)  # .eval() and .train() work as on any model
+    except Exception as exc:  # noqa: BLE001 -- torchao's message names the op
+        raise PangkasError(f"int8-static failed in torchao: {exc}") from exc
+    return quantized, _static_layers(quantized, candidates)
+
+
+def _exported(model: nn.Module, example) -> torch.fx.GraphModule:
+    """``model`` exported at ``example`` with dim 0 of every tensor input dynamic (calibration
+    batches may differ in size), with one partition per call site of a module (see below)."""
+    args, kwargs = _arguments(example)
+    dynamic = lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) else None  # noqa: E731
+    shapes = {"args": tuple(dynamic(a) for a in args), "kwargs": {k: dynamic(v) for k, v in kwargs.items()}}
+    try:
+        exported = torch.export.export(model, args, kwargs, dynamic_shapes=_named_shapes(model, shapes))
+    except Exception as exc:  # noqa: BLE001 -- export's own message says what it cannot capture
+        raise PangkasError(f"int8-static needs torch.export to capture the model, and it failed: "
+                           f"{str(exc).splitlines()[0]}") from exc
+    graph = exported.module()
+    _one_partition_per_call(graph, model)
+    return graph
+
+
+def _arguments(example) -> tuple[tuple, dict]:
+    if isinstance(example, torch.Tensor):
+        return (example,), {}
+    if isinstance(example, (tuple, list)):
+        return tuple(example), {}
+    if isinstance(example, dict):
+        return (), dict(example)
+    raise PangkasError(f"example_inputs must be a tensor, a tuple of arguments or a dict, got {type(example).__name__}")
+
+
+def _named_shapes(model: nn.Module, shapes: dict) -> dict:
+    """``dynamic_shapes`` keyed by the names of ``model.forward``'s parameters, as export wants."""
+    import inspect
+
+    names = [p for p in inspect.signature(model.forward).parameters]
+    return {**dict(zip(names, shapes["args"])), **shapes["kwargs"]}
+
+
+def _one_partition_per_call(graph: torch.fx.GraphModule, model: nn.Module) -> None:
+    """Give the nodes of each later call of a module used twice (ResNet's shared ReLU) their own
+    source: the quantizer groups nodes into patterns by module name, and two calls of one module
+    would otherwise make one pattern with two outputs, which it refuses."""
+    for node in graph.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op != "call_function" or not stack or node.meta.get("source_fn_stack") is not None:
+            continue
+        key, (name, _) = list(stack.items())[-1]
+        if "@" in key:  # export marks the second and later calls of a module so
+            node.meta["source_fn_stack"] = [(key, type(model.get_submodule(name)))]
+
+
+def _static_layers(graph: torch.fx.GraphModule, candidates) -> dict[str, str]:
+    """Per selected layer: int8 where the weight its op reads is dequantized from int8."""
+    dequantized = set()
+    for node in graph.graph.nodes:
+        if node.op != "call_function" or len(node.args) < 2 or not isinstance(node.args[1], torch.fx.Node):
+            continue
+        if "dequantize_per_channel" in str(node.args[1].target) and node.meta.get("nn_module_stack"):
+            dequantized.add(list(node.meta["nn_module_stack"].values())[-1][0])
+    return {name: "int8" if name in dequantized else "left in floating point by the quantizer"
+            for name, _ in candidates}
