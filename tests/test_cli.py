@@ -278,3 +278,29 @@ def test_compress_a_hugging_face_directory(capsys, tmp_path):
     code_file = (out_dir / "modeling_pangkas.py").exists()
     again = transformers.AutoModelForCausalLM.from_pretrained(out_dir, trust_remote_code=code_file)
     assert sum(p.numel() for p in again.parameters()) <= 0.8 * sum(p.numel() for p in dense.parameters())
+
+
+def test_quantize_writes_an_int8_onnx_file_onnxruntime_runs(capsys, tmp_path):
+    pytest.importorskip("torchao")
+    onnxruntime = pytest.importorskip("onnxruntime")
+    from safetensors.torch import save_file
+
+    data = tmp_path / "calib.safetensors"
+    save_file({"x": torch.rand(32, 1, 8, 8)}, str(data))
+    out_file = tmp_path / "small.onnx"
+    code, out, err = run(capsys, "quantize", *DIGITS, "--scheme", "int8-static", "--data", str(data), "-o",
+                         str(out_file))
+    assert code == 0, err
+    assert "6 of 6 layers quantized" in out and "onnxruntime vs the model" in out
+    session = onnxruntime.InferenceSession(str(out_file), providers=["CPUExecutionProvider"])
+    assert session.run(None, {session.get_inputs()[0].name: torch.rand(3, 1, 8, 8).numpy()})[0].shape == (3, 10)
+
+
+def test_quantize_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
+    code, _, err = run(capsys, "quantize", *DIGITS, "--scheme", "int8-static", "-o", str(tmp_path / "q.safetensors"))
+    assert code == 2 and err.count("\n") == 1 and "OUT.onnx" in err
+    code, _, err = run(capsys, "quantize", *DIGITS, "--scheme", "int8-dynamic", "-o", str(tmp_path / "q.onnx"))
+    assert code == 2 and err.count("\n") == 1 and "OUT.safetensors" in err
+    code, _, err = run(capsys, "quantize", *DIGITS, "--scheme", "int4-weight-only", "-o", str(tmp_path / "q.bin"))
+    assert code == 2 and err.count("\n") == 1 and ".safetensors or .onnx" in err
+    assert not list(tmp_path.iterdir())

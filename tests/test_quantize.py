@@ -158,3 +158,9 @@ def test_without_torchao_the_error_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(PangkasError, match=r"pangkas\[quantize\]"):
         pangkas.quantize(_mlp(), None, "int8-dynamic")
+
+
+def test_an_example_of_batch_size_one_is_refused_when_calibration_batches_are_larger():
+    model = SmallResNet().eval()
+    with pytest.raises(PangkasError, match="batch of at least 2"):
+        pangkas.quantize(model, [torch.randn(4, 3, 8, 8)], "int8-static", example_inputs=torch.randn(1, 3, 8, 8))

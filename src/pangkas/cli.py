@@ -19,6 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from .errors import OperationFailed, PangkasError
+from .quantize import SCHEMES
 
 console = Console()
 
@@ -206,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
                                "to the budget (NetAdapt's short-term fine-tune)")
     _selection_args(compress, "lose channels or be removed")
     _output_args(compress)
+
+    quantize = commands.add_parser("quantize", help="int8 on top of a (pruned) model, with torchao; writes "
+                                   ".safetensors (int8-dynamic, int8-weight-only) or .onnx (onnxruntime)")
+    _model_args(quantize)
+    quantize.add_argument("--scheme", required=True, choices=SCHEMES,
+                          help="int8-dynamic / int8-weight-only: Linear layers; int8-static: convolutions and "
+                               "Linear layers, activations calibrated on --data (write .onnx)")
+    quantize.add_argument("--data", help="calibration data (as for prune layers); default: random inputs")
+    quantize.add_argument("--batch-size", type=_positive, default=8)
+    _selection_args(quantize, "be quantized")
+    _output_args(quantize)
     return parser
 
 
@@ -370,6 +382,42 @@ def _compress(args) -> None:
     say(f"wrote {args.output}, {summary} and {plot}")
 
 
+def _quantize(args) -> None:
+    """Check the output, load, quantize, write (.safetensors or .onnx), say what stayed in floating point."""
+    from .export import export_onnx
+    from .files import check_file_target
+    from .io import save
+    from .quantize import quantize
+    from .sources import calibration_batches, describe
+
+    onnx = args.output.endswith(".onnx")
+    if onnx and args.scheme != "int8-static":
+        raise PangkasError(f"{args.scheme} weights run in PyTorch (torchao), not in ONNX: -o OUT.safetensors, "
+                           "or --scheme int8-static for an ONNX file")
+    if onnx:
+        check_file_target(args.output, overwrite=args.overwrite)
+    elif not args.output.endswith(".safetensors"):
+        raise PangkasError(f"-o must name a .safetensors or .onnx file for a quantized model, got {args.output!r}")
+    elif args.scheme == "int8-static":
+        raise PangkasError("int8-static makes an exported graph, which runs in onnxruntime: -o OUT.onnx")
+    else:
+        _check_output(args)
+    source = _resolve(args)
+    if args.data is None:
+        say("no --data: calibrating on random inputs, which says little about real data")
+    batches = calibration_batches(source, args.data, args.batch_size)
+    with console.status(f"quantizing ({args.scheme})"):
+        small, report = quantize(source.model, batches, args.scheme, include=args.include, exclude=args.exclude)
+    say(str(report))
+    with console.status("writing"):
+        if onnx:  # traced at a calibration batch: an example of batch size 1 would fix the batch size at 1
+            say(str(export_onnx(small, args.output, batches[0], overwrite=args.overwrite)))
+            return
+        save(small, args.output, metadata=describe(source), overwrite=args.overwrite,
+             overwrite_input=args.overwrite_input)
+    say(f"wrote {args.output}")
+
+
 def _prune_weights(source, args):
     from .weights import prune_weights
 
@@ -433,7 +481,7 @@ def _prune_layers(source, args):
 
 
 PRUNERS = {"weights": _prune_weights, "channels": _prune_channels, "layers": _prune_layers}
-HANDLERS = {"demo": _demo, "measure": _measure, "prune": _prune, "compress": _compress}
+HANDLERS = {"demo": _demo, "measure": _measure, "prune": _prune, "compress": _compress, "quantize": _quantize}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ second call would read the keys the first one cached.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -54,3 +55,21 @@ def _call(model: nn.Module, batch: Any) -> Any:
         f"a batch must be a tensor, a tuple/list of model arguments or a dict of keyword arguments, "
         f"got {type(batch).__name__}"
     )
+
+
+def export_call(model: nn.Module, batch: Any) -> tuple[tuple, dict, tuple | dict]:
+    """``torch.export``'s view of calling ``model`` on ``batch``: (args, kwargs, dynamic_shapes),
+    with dim 0 of every tensor input dynamic (later batches may differ in size)."""
+    if isinstance(batch, torch.Tensor):
+        args, kwargs = (batch,), {}
+    elif isinstance(batch, (tuple, list)):
+        args, kwargs = tuple(batch), {}
+    elif isinstance(batch, dict):
+        args, kwargs = (), dict(batch)
+    else:
+        _call(model, batch)  # raises the one error for a batch of the wrong kind
+    dynamic = lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) else None  # noqa: E731
+    if not kwargs:
+        return args, kwargs, tuple(dynamic(a) for a in args)
+    names = list(inspect.signature(model.forward).parameters)  # export wants them by name then
+    return args, kwargs, {**{n: dynamic(a) for n, a in zip(names, args)}, **{k: dynamic(v) for k, v in kwargs.items()}}

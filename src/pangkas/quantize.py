@@ -29,7 +29,7 @@ from torch import nn
 
 from .distortion import Fidelity
 from .errors import PangkasError
-from .inputs import call_model
+from .inputs import call_model, export_call
 from .layers import _batches
 from .modules import Selector, select_modules
 from .weights import finalize
@@ -171,6 +171,9 @@ def _static(model: nn.Module, batches: list, example_inputs, candidates) -> tupl
                            f"{type(model).__name__}")
     source = _unmasked_copy(model)
     example = batches[0] if example_inputs is None else example_inputs
+    if _batch_size(example) == 1 and any(_batch_size(b) != 1 for b in batches):
+        raise PangkasError("example_inputs has batch size 1, which torch.export fixes at 1, and the calibration "
+                           "batches are larger: give example_inputs with a batch of at least 2, or none")
     graph = _exported(source, example)
     quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     chosen = {name for name, _ in candidates}
@@ -184,6 +187,9 @@ def _static(model: nn.Module, batches: list, example_inputs, candidates) -> tupl
                 call_model(prepared, batch)
         quantized = convert_pt2e(prepared)
         allow_exported_model_train_eval(quantized)  # .eval() and .train() work as on any model
+        quantized.eval()
+        for module in quantized.modules():  # the graph is in eval mode; its flags did not say so
+            module.training = False
     except Exception as exc:  # noqa: BLE001 -- torchao's message names the op
         raise PangkasError(f"int8-static failed in torchao: {exc}") from exc
     return quantized, _static_layers(quantized, candidates)
@@ -192,11 +198,9 @@ def _static(model: nn.Module, batches: list, example_inputs, candidates) -> tupl
 def _exported(model: nn.Module, example) -> torch.fx.GraphModule:
     """``model`` exported at ``example`` with dim 0 of every tensor input dynamic (calibration
     batches may differ in size), with one partition per call site of a module (see below)."""
-    args, kwargs = _arguments(example)
-    dynamic = lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) else None  # noqa: E731
-    shapes = {"args": tuple(dynamic(a) for a in args), "kwargs": {k: dynamic(v) for k, v in kwargs.items()}}
+    args, kwargs, shapes = export_call(model, example)
     try:
-        exported = torch.export.export(model, args, kwargs, dynamic_shapes=_named_shapes(model, shapes))
+        exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
     except Exception as exc:  # noqa: BLE001 -- export's own message says what it cannot capture
         raise PangkasError(f"int8-static needs torch.export to capture the model, and it failed: "
                            f"{str(exc).splitlines()[0]}") from exc
@@ -205,22 +209,10 @@ def _exported(model: nn.Module, example) -> torch.fx.GraphModule:
     return graph
 
 
-def _arguments(example) -> tuple[tuple, dict]:
-    if isinstance(example, torch.Tensor):
-        return (example,), {}
-    if isinstance(example, (tuple, list)):
-        return tuple(example), {}
-    if isinstance(example, dict):
-        return (), dict(example)
-    raise PangkasError(f"example_inputs must be a tensor, a tuple of arguments or a dict, got {type(example).__name__}")
-
-
-def _named_shapes(model: nn.Module, shapes: dict) -> dict:
-    """``dynamic_shapes`` keyed by the names of ``model.forward``'s parameters, as export wants."""
-    import inspect
-
-    names = [p for p in inspect.signature(model.forward).parameters]
-    return {**dict(zip(names, shapes["args"])), **shapes["kwargs"]}
+def _batch_size(batch) -> int | None:
+    """Dim 0 of the first tensor in ``batch``."""
+    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
+    return next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.ndim), None)
 
 
 def _one_partition_per_call(graph: torch.fx.GraphModule, model: nn.Module) -> None:
