@@ -22,6 +22,7 @@ from .errors import PangkasError
 from .files import check_file_target, write_file
 from .inputs import call_model, export_call
 from .outputs import primary_tensor
+from .quant_schemes import is_torchao
 
 __all__ = ["OnnxExport", "export_onnx"]
 
@@ -55,7 +56,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, *, ch
     if path.suffix != ".onnx":
         raise PangkasError(f"an ONNX file's name ends in .onnx, got {path}")
     check_file_target(path, overwrite=overwrite)
-    if any(_is_torchao(p) for p in model.parameters()):
+    if any(is_torchao(p) for p in model.parameters()):
         raise PangkasError("weights quantized by torchao (int8-dynamic, int8-weight-only) run in PyTorch and do "
                            "not export to ONNX: save them with pangkas.save, or quantize with int8-static")
     data = _serialized(model, example_inputs)
@@ -78,10 +79,6 @@ def _serialized(model: nn.Module, example) -> bytes:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
         first = text.splitlines()[0] if text else type(exc).__name__
         raise PangkasError(f"torch.onnx.export could not export {type(model).__name__}: {first}") from exc
-
-
-def _is_torchao(tensor: torch.Tensor) -> bool:
-    return any(cls.__module__.startswith("torchao") for cls in type(tensor).__mro__)
 
 
 def _compared(model: nn.Module, data: bytes, example) -> tuple[float, float]:

@@ -3,6 +3,10 @@
 A weight with a pangkas mask, or with enough exact zeros to pay for it, is stored as a bitmap
 (one bit per weight) plus its kept values. The file's metadata records every encoding, the masks to
 restore, tensors shared between keys, and a CRC32 of every stored tensor so corruption is caught.
+
+A Linear weight quantized by ``pangkas.quantize`` (int8-dynamic, int8-weight-only) is stored as its
+tensors (int8 data, scales, zero points), each encoded as any tensor is, plus the scheme's name;
+``load`` quantizes the fresh model's layer with that scheme and copies the stored tensors in.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import re
 import json
 import os
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,6 +28,7 @@ from .errors import PangkasError
 from .files import check_file_target, write_file
 from .markers import EDITS, RESHAPED
 from .markers import LOADED_FROM as _LOADED_FROM
+from .quant_schemes import PARTS, STORED, is_torchao, parts, quantized_weight, scheme_of
 from .integrations import active as active_integrations
 from .surgery import shrink
 from .surgery.blocks import LinearStandIn, remove_blocks
@@ -31,6 +37,21 @@ from .weights.masks import masked_modules, masks_by_key, plain_name, remove_mask
 FORMAT = "pangkas-1"
 _BITS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 _MASK_NAME = re.compile(r"^(.*)\.parametrizations\.([^.]+)\.0\.mask$")
+_FLOATS = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+@dataclass
+class Quantized:
+    """A quantized weight as read from a file, for ``load`` to rebuild with ``scheme``."""
+
+    scheme: str
+    block_size: list[int]
+    dtype: torch.dtype  # of the float weight it stands for
+    parts: dict[str, torch.Tensor]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.parts["qdata"].shape
 
 
 # -- bitmaps ---------------------------------------------------------------------------------
@@ -73,6 +94,11 @@ def encode(model: torch.nn.Module, *, compress: bool = True) -> tuple[dict[str, 
     masks = masks_by_key(model) if compress else {}
     tensors, entries, seen = {}, {}, {}
     for key, value in model.state_dict().items():
+        if is_torchao(value):
+            if key in masks:  # quantize bakes masks in first; a mask put on afterwards would be lost
+                raise PangkasError(f"{key} is quantized and has a pangkas mask; quantize after pruning, not before")
+            entries[key] = _store_quantized(model, key, value, tensors, compress)
+            continue
         if value.layout != torch.strided:
             raise PangkasError(
                 f"{key} is a {value.layout} tensor; save the model before to_sparse_inference "
@@ -85,19 +111,43 @@ def encode(model: torch.nn.Module, *, compress: bool = True) -> tuple[dict[str, 
             entries[key] = {"alias": seen[identity]}
             continue
         seen[identity] = key
-        mask = masks.get(key)
-        keep = _stored_bits(value) if mask is None else mask.cpu()
-        if compress and (mask is not None or _bitmap_pays(value, int(keep.sum()))):
-            tensors[f"{key}:bitmap"] = pack_bits(keep)
-            tensors[f"{key}:values"] = value[keep].contiguous()
-            entries[key] = {"bitmap": True, "mask": mask is not None, "shape": list(value.shape)}
-        else:
-            tensors[key] = value.contiguous()
-            entries[key] = {}
+        entries[key] = _store(key, value, masks.get(key), tensors, compress)
     crcs = {name: _crc(t) for name, t in tensors.items()}
     header = {"format": FORMAT, "entries": entries, "crc32": crcs,
               "reshaped": bool(getattr(model, RESHAPED, False)), "edits": getattr(model, EDITS, [])}
     return tensors, {"pangkas": json.dumps(header)}
+
+
+def _store(name: str, value: torch.Tensor, mask: torch.Tensor | None, tensors: dict, compress: bool) -> dict:
+    """Put ``value`` into ``tensors`` as bitmap + kept values (masked, or where that is smaller)
+    or dense; returns its entry."""
+    keep = _stored_bits(value) if mask is None else mask.cpu()
+    if compress and (mask is not None or _bitmap_pays(value, int(keep.sum()))):
+        tensors[f"{name}:bitmap"] = pack_bits(keep)
+        tensors[f"{name}:values"] = value[keep].contiguous()
+        return {"bitmap": True, "mask": mask is not None, "shape": list(value.shape)}
+    tensors[name] = value.contiguous()
+    return {}
+
+
+def _store_quantized(model: torch.nn.Module, key: str, weight: torch.Tensor, tensors: dict, compress: bool) -> dict:
+    """A torchao weight's entry: its scheme, and its tensors stored as ``key:qdata`` etc., each
+    encoded as any tensor is (a sparse int8 weight as bitmap + int8 values)."""
+    module_name, _, tensor_name = key.rpartition(".")
+    if not isinstance(model.get_submodule(module_name), torch.nn.Linear) or tensor_name != "weight":
+        raise PangkasError(f"{key} is a torchao tensor but not a Linear weight, which is all load can quantize; "
+                           "save the float model and quantize it after loading, or pangkas.export_onnx it")
+    try:
+        scheme = scheme_of(weight)
+    except PangkasError as exc:
+        raise PangkasError(f"{key}: {exc}") from exc
+    stored, attributes = parts(weight)
+    if str(weight.dtype).removeprefix("torch.") not in _FLOATS:
+        raise PangkasError(f"{key}: a quantized weight standing for {weight.dtype} cannot be saved")
+    return {"quantized": scheme, "dtype": str(weight.dtype).removeprefix("torch."),
+            "block_size": list(attributes["block_size"]),
+            "parts": {name: _store(f"{key}:{name}", t.detach().cpu(), None, tensors, compress)
+                      for name, t in stored.items()}}
 
 
 def decode(tensors: dict[str, torch.Tensor], header: dict) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -109,16 +159,24 @@ def decode(tensors: dict[str, torch.Tensor], header: dict) -> tuple[dict, dict[s
             raise PangkasError(f"tensor {name!r} fails its checksum: the file is corrupt")
     state, masks = {}, {}
     for key, entry in header["entries"].items():
-        if "bitmap" in entry:
-            state[key], keep = _unpack(key, entry["shape"], tensors[f"{key}:bitmap"], tensors[f"{key}:values"])
-            if entry["mask"]:
-                masks[key] = keep
+        if "quantized" in entry:
+            stored = {name: _value(f"{key}:{name}", part, tensors)[0] for name, part in entry["parts"].items()}
+            state[key] = Quantized(entry["quantized"], entry["block_size"], _FLOATS[entry["dtype"]], stored)
         elif "alias" not in entry:
-            state[key] = tensors[key]
+            state[key], keep = _value(key, entry, tensors)
+            if entry.get("mask"):
+                masks[key] = keep
     for key, entry in header["entries"].items():
         if "alias" in entry:
             state[key] = state[entry["alias"]]
     return state, masks
+
+
+def _value(name: str, entry: dict, tensors: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(tensor, keep mask or None) of a dense or bitmap entry."""
+    if "bitmap" in entry:
+        return _unpack(name, entry["shape"], tensors[f"{name}:bitmap"], tensors[f"{name}:values"])
+    return tensors[name], None
 
 
 def _corrupt(problem: str) -> PangkasError:
@@ -162,8 +220,9 @@ def _entry_tensors(key: str, entry, entries: dict) -> list[str]:
         return [key]
     if isinstance(entry, dict) and set(entry) == {"alias"}:
         target = entry["alias"]
-        if not (isinstance(target, str) and isinstance(entries.get(target), dict) and "alias" not in entries[target]):
-            raise _corrupt(f"{key} is an alias of {target!r}, which is not a stored entry")
+        if not (isinstance(target, str) and isinstance(entries.get(target), dict)
+                and not {"alias", "quantized"} & set(entries[target])):
+            raise _corrupt(f"{key} is an alias of {target!r}, which is not a stored entry (of an unquantized tensor)")
         return []
     if isinstance(entry, dict) and set(entry) == {"bitmap", "mask", "shape"}:
         shape = entry["shape"]
@@ -172,7 +231,31 @@ def _entry_tensors(key: str, entry, entries: dict) -> list[str]:
         if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
             raise _corrupt(f"{key}: shape {shape!r} is not a list of sizes >= 0")
         return [f"{key}:bitmap", f"{key}:values"]
-    raise _corrupt(f"entry {key} is {entry!r}, not {{}}, {{alias}} or {{bitmap, mask, shape}}")
+    if isinstance(entry, dict) and set(entry) == {"quantized", "dtype", "block_size", "parts"}:
+        return _quantized_tensors(key, entry)
+    raise _corrupt(f"entry {key} is {entry!r}, not {{}}, {{alias}}, {{bitmap, mask, shape}} "
+                   "or {quantized, dtype, block_size, parts}")
+
+
+def _quantized_tensors(key: str, entry: dict) -> list[str]:
+    """The stored tensors of a quantized entry: each part is a dense or unmasked bitmap entry."""
+    scheme, block, stored = entry["quantized"], entry["block_size"], entry["parts"]
+    if scheme not in STORED:  # the name picks one of pangkas's own configs, nothing else
+        raise PangkasError(f"{key} is quantized with {scheme!r}, which pangkas cannot load (it loads "
+                           f"{', '.join(STORED)}); written by another pangkas version?")
+    if entry["dtype"] not in _FLOATS:
+        raise _corrupt(f"{key}: dtype {entry['dtype']!r} is not one of {sorted(_FLOATS)}")
+    if not (isinstance(block, list) and block and all(_is_int(n) and n > 0 for n in block)):
+        raise _corrupt(f"{key}: block_size {block!r} is not a list of sizes > 0")
+    if not (isinstance(stored, dict) and {"qdata", "scale"} <= set(stored) <= set(PARTS)):
+        raise _corrupt(f"{key}: its parts must be qdata, scale and optionally zero_point, not {stored!r}")
+    names = []
+    for name, part in stored.items():
+        if not (part == {} or (isinstance(part, dict) and set(part) == {"bitmap", "mask", "shape"}
+                               and part["mask"] is False)):
+            raise _corrupt(f"{key}:{name} is {part!r}, not {{}} or an unmasked {{bitmap, mask, shape}}")
+        names += _entry_tensors(f"{key}:{name}", part, {})
+    return names
 
 
 def _edits_ok(edits) -> bool:
@@ -224,8 +307,18 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, metadata: dict[str,
     extra = dict(metadata or {})
     if "pangkas" in extra:
         raise PangkasError("metadata key 'pangkas' is reserved")
+    _refuse_static(model)
     tensors, own = encode(model)
     return write_file(path, serialize(tensors, {**extra, **own}), overwrite=overwrite or loaded_from)
+
+
+def _refuse_static(model: torch.nn.Module) -> None:
+    """An int8-static model is a graph whose int8 maths lives in its ops, which no state dict holds."""
+    if isinstance(model, torch.fx.GraphModule) and any(
+            node.op == "call_function" and "quantize" in str(node.target) for node in model.graph.nodes):
+        raise PangkasError("this is an int8-static model (a torch.fx.GraphModule with quantize ops), which a "
+                           "pangkas file cannot hold: write it with pangkas.export_onnx, or save the float "
+                           "model and quantize it again after loading")
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -266,6 +359,9 @@ def load(path: str | os.PathLike, model: torch.nn.Module, *, dtype: torch.dtype 
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise PangkasError(f"dtype must be None (the file's dtypes must be the model's) or a floating-point "
                            f"torch.dtype to cast the file's floating-point tensors to, got {dtype!r}")
+    if any(is_torchao(p) for p in model.parameters()):
+        raise PangkasError(f"{type(model).__name__} is already quantized; load into a fresh float instance "
+                           "(the file says which layers to quantize)")
     header, state, masks = _decoded(path, *_read(path))
     shrunk = _load_into(model, path, header, _cast(state, dtype), masks, integrations)
     if header.get("edits"):
@@ -294,6 +390,9 @@ def _decoded(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, s
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
     if dtype is None:
         return state
+    if any(isinstance(t, Quantized) for t in state.values()):
+        raise PangkasError("dtype= cannot cast a file with quantized weights (their scales were chosen for the "
+                           "saved dtype): load it without dtype= into a model of that dtype")
     cast: dict[int, torch.Tensor] = {}  # by identity: a tensor stored once for several keys is cast once
     for t in state.values():
         if t.is_floating_point() and id(t) not in cast:
@@ -315,7 +414,7 @@ def _load_into(model: torch.nn.Module, path: Path, header: dict, state: dict, ma
             undos.append(shrink(model, _keep_leading(model, shrunk), known.updater_for, known.fix))
         if reshaped:  # the cut's fixers may add buffers (a weight-standardised conv's removed moments)
             _check_fits(model, state, path, allow_smaller=False)
-        _restore(model, state, masks)
+        _restore(model, state, masks, _quantized_weights(model, state, path))
     except BaseException as exc:
         for undo in reversed(undos):
             undo.restore()
@@ -408,15 +507,65 @@ def _check_dtypes(model: torch.nn.Module, state: dict[str, torch.Tensor], path: 
                                f"{type(model).__name__}; {hint}convert the model (model.to(...)) first")
 
 
-def _restore(model: torch.nn.Module, state: dict, masks: dict[str, torch.Tensor]) -> None:
-    """Make ``model``'s masks and tensors those of the file. ``load_state_dict`` copies module by
-    module, so a failure or interrupt midway needs a copy of every old value to put back."""
+def _quantized_weights(model: torch.nn.Module, state: dict, path: Path) -> dict[str, torch.nn.Parameter]:
+    """By key, the torchao weights of the file's quantized entries: quantized by the file's scheme
+    at the layer's shape, checked against the file's tensors and filled with them. The model is
+    not touched (its weights are swapped in by ``_restore``)."""
+    built = {}
+    for key, stored in state.items():
+        if not isinstance(stored, Quantized):
+            continue
+        module_name, _, tensor_name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        if not isinstance(module, torch.nn.Linear) or tensor_name != "weight":
+            raise PangkasError(f"{path}: {key} is quantized with {stored.scheme}, which quantizes Linear weights, "
+                               f"but in {type(model).__name__} it is the {tensor_name} of a {type(module).__name__}")
+        weight = quantized_weight(stored.scheme, tuple(stored.shape), stored.dtype, module.weight.device)
+        tensors, attributes = parts(weight)
+        _check_quantized(key, stored, tensors, list(attributes.get("block_size", [])), path)
+        with torch.no_grad():
+            for name, t in tensors.items():
+                t.copy_(stored.parts[name])
+        built[key] = weight
+    return built
+
+
+def _check_quantized(key: str, stored: Quantized, tensors: dict, block_size: list[int], path: Path) -> None:
+    """The file's tensors must be those ``stored.scheme`` makes here: a checksum cannot tell that
+    the header is wrong, and torchao's format may change between versions."""
+    made = f"{stored.scheme} (torchao here)"
+    if set(stored.parts) != set(tensors):
+        raise PangkasError(f"{path}: {key} stores {sorted(stored.parts)} but {made} makes {sorted(tensors)}")
+    if stored.block_size != block_size:
+        raise PangkasError(f"{path}: {key} has block_size {stored.block_size} but {made} uses {block_size}")
+    for name, t in tensors.items():
+        got = stored.parts[name]
+        if got.shape != t.shape or got.dtype != t.dtype:
+            raise PangkasError(f"{path}: {key}:{name} is {got.dtype} {tuple(got.shape)} in the file but "
+                               f"{made} makes {t.dtype} {tuple(t.shape)}")
+
+
+def _restore(model: torch.nn.Module, state: dict, masks: dict[str, torch.Tensor],
+             quantized: dict[str, torch.nn.Parameter]) -> None:
+    """Make ``model``'s masks and tensors those of the file, swapping in the ``quantized`` weights.
+    ``load_state_dict`` copies module by module, so a failure or interrupt midway needs a copy of
+    every old value (and every weight swapped out) to put back."""
     before = {key: mask.clone() for key, mask in masks_by_key(model).items()}
     values = [(t, t.detach().clone()) for t in list(model.parameters()) + list(model.buffers())]
+    swapped = []  # (module, its float weight)
     try:
         _set_masks(model, masks)
-        model.load_state_dict(state, strict=True)
+        for key, weight in quantized.items():
+            module = model.get_submodule(key.rpartition(".")[0])
+            swapped.append((module, module.weight))
+            module.weight = weight
+        dense = {key: value for key, value in state.items() if key not in quantized}
+        missing, unexpected = model.load_state_dict(dense, strict=False)
+        if set(missing) != set(quantized) or unexpected:
+            raise PangkasError(f"keys missing {sorted(set(missing) - set(quantized))[:5]}, unexpected {unexpected[:5]}")
     except BaseException as exc:
+        for module, weight in reversed(swapped):
+            module.weight = weight
         _set_masks(model, before)
         with torch.no_grad():
             for t, old in values:

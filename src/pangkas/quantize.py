@@ -32,13 +32,14 @@ from .errors import PangkasError
 from .inputs import call_model, export_call
 from .layers import _batches
 from .modules import Selector, select_modules
+from .quant_schemes import LINEAR_ONLY, SCHEMES
+from .quant_schemes import config as _config
+from .quant_schemes import require_torchao as _torchao
 from .weights import finalize
 from .weights.masks import masked_modules
 
 __all__ = ["SCHEMES", "QuantizeReport", "quantize"]
 
-SCHEMES = ("int8-dynamic", "int8-weight-only", "int8-static", "int4-weight-only")
-LINEAR_ONLY = ("int8-dynamic", "int8-weight-only", "int4-weight-only")
 CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -94,27 +95,12 @@ def quantize(model: nn.Module, data: Iterable | None = None, scheme: str = "int8
     return quantized, report
 
 
-def _torchao():
-    try:
-        import torchao
-    except ImportError as exc:
-        raise PangkasError("quantize needs torchao: pip install 'pangkas[quantize]'") from exc
-    return torchao
-
-
 def _unmasked_copy(model: nn.Module) -> nn.Module:
     """A copy with pangkas's weight masks baked into the weights (zeros stay zeros in int8)."""
     model = copy.deepcopy(model)
     if any(True for _ in masked_modules(model)):
         finalize(model)
     return model.eval()
-
-
-def _config(scheme: str):
-    from torchao.quantization import Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
-
-    return {"int8-dynamic": Int8DynamicActivationInt8WeightConfig, "int8-weight-only": Int8WeightOnlyConfig,
-            "int4-weight-only": Int4WeightOnlyConfig}[scheme]()
 
 
 def _linear_layers(model: nn.Module, scheme: str, candidates) -> tuple[nn.Module, dict[str, str]]:
