@@ -6,6 +6,7 @@ import torch
 import pangkas
 from pangkas.cli import main
 from pangkas.demo import SPARSITIES, accuracy, digits_cnn, load_digits_split, run_demo
+from pangkas.export import OnnxRuntimeModule
 
 
 @pytest.fixture(scope="module")
@@ -33,9 +34,14 @@ def test_demo_stages(quick_demo):
     assert thin.latency_ratio > 0
     shallow = next(s for s in stages if s.name == "layers -1")
     assert shallow.params < stages[0].params and shallow.macs < stages[0].macs and shallow.latency_ratio > 0
-    everything = stages[-1]
+    raw, everything, runtime, int8 = stages[-4:]
     assert everything.kind == "pipeline" and everything.macs < thin.macs and everything.sparsity > 0.4
-    assert everything.accuracy > stages[-2].accuracy  # recovery by distillation helped
+    assert everything.accuracy > raw.accuracy  # recovery by distillation helped
+    assert int8.kind == "int8" and int8.macs == everything.macs and int8.latency_ratio > 0
+    assert abs(int8.accuracy - everything.accuracy) <= 0.02  # int8 costs little (quick demo: 3 epochs)
+    assert int8.file_bytes < 0.7 * everything.file_bytes  # the .onnx file's int8 weights vs sparse fp32
+    assert runtime.kind == "onnxruntime" and runtime.accuracy == pytest.approx(everything.accuracy, abs=0.003)
+    assert int8.file_bytes < 0.5 * runtime.file_bytes
     assert [s.name for s in tuned] == [f"weights {p:.0%}" for p in SPARSITIES]
     assert stages[0].accuracy > 0.5  # learnt something even in 3 quick epochs
     sparsities = [stages[0].sparsity] + [s.sparsity for s in tuned]
@@ -72,7 +78,10 @@ def test_demo_outputs_reload_with_the_reported_accuracy(quick_demo):
     for picture in ("weights.png", "pipeline.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     pipeline = pangkas.load(out / "digits_cnn_pipeline.safetensors", digits_cnn())
-    assert accuracy(pipeline, data.x_test, data.y_test) == pytest.approx(stages[-1].accuracy)
+    recovered = by_name["pipeline: layers, channels, weights"]
+    assert accuracy(pipeline, data.x_test, data.y_test) == pytest.approx(recovered.accuracy)
+    runtime = OnnxRuntimeModule((out / "digits_cnn_pipeline_int8.onnx").read_bytes())
+    assert accuracy(runtime, data.x_test, data.y_test) == pytest.approx(stages[-1].accuracy)
 
 
 def test_cli_demo_quick(capsys, tmp_path):

@@ -1,6 +1,8 @@
 """pangkas.export_onnx: pruned and int8 models as ONNX files onnxruntime runs with the same outputs,
 checked before anything is written."""
 
+import importlib
+
 import onnx
 from onnx import numpy_helper
 import onnxruntime
@@ -11,6 +13,8 @@ from torch import nn
 import pangkas
 from pangkas import PangkasError
 from pangkas.demo import digits_cnn
+
+export_module = importlib.import_module("pangkas.export")
 
 
 def _pruned():
@@ -75,7 +79,7 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
     assert (tmp_path / "taken.onnx").read_bytes() == b"mine"
     with pytest.raises(PangkasError, match="torch.onnx.export could not export Branchy"):
         pangkas.export_onnx(Branchy().eval(), tmp_path / "branchy.onnx", torch.randn(2, 4))
-    monkeypatch.setattr(pangkas.export, "_compared", lambda *a: (3.0, 0.5))
+    monkeypatch.setattr(export_module, "_compared", lambda *a: (3.0, 0.5))
     with pytest.raises(PangkasError, match="differ from the model's"):
         pangkas.export_onnx(model, tmp_path / "wrong.onnx", data[0])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.onnx"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .errors import PangkasError
+from .export import OnnxRuntimeModule, onnx_bytes
 from .files import check_directory_target, pyplot, staged_directory, write_figure
 from .io import save
 from .measure import Ratio, latency_ratios, measure
@@ -22,6 +24,7 @@ from .progress import track
 from .tables import human_count, render_table
 from .channels import prune_channels
 from .layers import prune_layers
+from .quantize import quantize
 from .recover import recover
 from .weights import finalize, prune_weights
 
@@ -97,7 +100,7 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class Stage:
-    kind: str  # dense, weights, channels, layers
+    kind: str  # dense, weights, channels, layers, pipeline, onnxruntime, int8
     name: str
     sparsity: float
     accuracy: float
@@ -186,15 +189,38 @@ def _pipeline_stages(run: _Run, model: nn.Module) -> None:
     run.record("pipeline", "pipeline: layers, channels, weights", model, deploy=True)
 
 
+def _onnxruntime_stages(run: _Run, model: nn.Module) -> bytes | None:
+    """The pipeline's recovered model as the ONNX files onnxruntime runs, scored and timed there:
+    in float (what the runtime alone changes), then with int8 weights and activations (scales
+    calibrated on training images). Returns the int8 file, or None (with a warning) where torchao,
+    onnx or onnxruntime is not installed."""
+    example = run.data.x_train[:64]
+    try:
+        float_file, _, _ = onnx_bytes(model, example)
+        int8_file, _, _ = onnx_bytes(quantize(model, _calibration(run), "int8-static")[0], example)
+    except PangkasError as exc:
+        warnings.warn(f"demo: no onnxruntime stages: {exc}", stacklevel=2)
+        return None
+    for kind, name, data in (("onnxruntime", "pipeline (onnxruntime)", float_file),
+                             ("int8", "pipeline + int8 (onnxruntime)", int8_file)):
+        runtime = OnnxRuntimeModule(data)
+        structure = _stage(kind, name, model, run.data)  # the same layers, in another runtime or in int8
+        run.stages.append(replace(structure, accuracy=accuracy(runtime, run.data.x_test, run.data.y_test),
+                                  file_bytes=len(data)))
+        run.deployable[len(run.stages) - 1] = runtime
+    return int8_file
+
+
 def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int = 0,
              overwrite: bool = False) -> list[Stage]:
     """Train a digits CNN, then, each from the trained model: (1) prune weights to each of
     ``SPARSITIES``, (2) remove half the channels, (3) remove a block, (4) all three; each is
-    recovered by distillation from the trained model.
+    recovered by distillation from the trained model; (5) the last one run by onnxruntime, in
+    float and in int8.
 
     Writes the pruned models (``digits_cnn_pruned.safetensors`` with its masks,
     ``digits_cnn_channels.safetensors``, ``digits_cnn_layers.safetensors``,
-    ``digits_cnn_pipeline.safetensors``), ``results.md``, ``weights.png`` and ``pipeline.png``
+    ``digits_cnn_pipeline.safetensors``, ``digits_cnn_pipeline_int8.onnx``), ``results.md``, ``weights.png`` and ``pipeline.png``
     to ``out``. A non-empty ``out`` is refused unless ``overwrite=True``, and then only these
     files are replaced.
     """
@@ -212,6 +238,7 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
     _channel_stages(run, variants["channels"])
     _layer_stages(run, variants["layers"])
     _pipeline_stages(run, variants["pipeline"])
+    int8 = _onnxruntime_stages(run, variants["pipeline"])
     ratios = latency_ratios(list(run.deployable.values()), data.x_test, rounds=6 if quick else 12,
                             min_run_time=0.05 if quick else 0.15)
     stages = run.stages
@@ -222,6 +249,8 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
     with staged_directory(out, overwrite=overwrite) as staging:
         for kind, variant in variants.items():
             save(variant, staging / f"digits_cnn_{names[kind]}.safetensors", metadata=MODEL_METADATA)
+        if int8 is not None:
+            (staging / "digits_cnn_pipeline_int8.onnx").write_bytes(int8)
         (staging / "results.md").write_text(f"{table}\n\nReproduce: `pangkas demo --out {out} --overwrite`\n")
         plot([s for s in stages if s.kind in ("dense", "weights")], staging / "weights.png")
         plot_pipeline(stages, staging / "pipeline.png")
@@ -241,10 +270,10 @@ def results_table(stages: list[Stage], seconds: float) -> str:
             for s in stages]
     return render_table(
         f"digits CNN: weight pruning (global magnitude), channel pruning (OBS + reconstruction), layer pruning "
-        f"(block influence) and all three, each recovered by distillation; {seconds:.0f} s, "
-        f"{torch.get_num_threads()} threads",
+        f"(block influence) and all three, each recovered by distillation; the last one also run by onnxruntime, "
+        f"in float and in int8 (static); {seconds:.0f} s, {torch.get_num_threads()} threads",
         ("stage", "model sparsity", "test accuracy", "params", "non-zero", "MACs (450 test images)",
-         "file (pangkas.save)", "latency vs dense (95% interval)"),
+         "file (pangkas.save; onnxruntime: .onnx)", "latency vs dense (95% interval)"),
         rows, markdown=True,
     )
 
@@ -272,7 +301,7 @@ def plot_pipeline(stages: list[Stage], path: Path) -> None:
     ax.set_ylim(0, 1.15)
     ax.set_ylabel("relative to dense (accuracy on top)")
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.set_title("digits CNN after pruning and recovery by distillation")
+    ax.set_title("digits CNN after pruning and recovery by distillation, and in int8")
     fig.tight_layout()
     write_figure(fig, path)
 
