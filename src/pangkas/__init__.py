@@ -5,6 +5,7 @@ from .channels import ChannelReport, Plan, plan_channels, prune_channels
 from .compress import CompressReport, compress
 from .errors import OperationFailed, PangkasError
 from .export import OnnxExport, export_onnx
+from .integrations.compressed_tensors import CompressedTensorsExport, export_compressed_tensors
 from .integrations.hf_directory import save_pretrained
 from .io import load, save
 from .layers import LayerPlan, LayerReport, layer_candidates, plan_layers, prune_layers
@@ -28,5 +29,5 @@ __all__ = [
     "TransformerPlan", "plan_transformer", "prune_transformer", "WeightPlan", "plan_weights", "Report",
     "RecoveryReport", "recover", "Sensitivity", "sensitivity", "GradualPruning", "iterative",
     "Measurement", "OperationFailed", "PangkasError", "SparseLinear", "SparseReport", "WeightReport",
-    "CompressReport", "OnnxExport", "QuantizeReport", "export_onnx", "quantize", "compare", "compress", "evaluate", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",
+    "CompressReport", "CompressedTensorsExport", "OnnxExport", "QuantizeReport", "export_compressed_tensors", "export_onnx", "quantize", "compare", "compress", "evaluate", "finalize", "load", "measure", "prune_weights", "save", "save_pretrained", "to_sparse_inference",
 ]

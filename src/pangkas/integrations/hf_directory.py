@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import PangkasError
 from ..files import check_directory_target, staged_directory
+from ..quant_schemes import is_torchao
 from ..surgery.blocks import LinearStandIn
 from ..weights.masks import masked_modules
 from . import remote_code
@@ -177,30 +178,54 @@ def save_pretrained(model: nn.Module, directory: str | Path, *, files_from: str 
     written over only with ``overwrite_input=True``, one that contains it never. A new directory
     appears whole or not at all.
     """
-    if not is_transformers(model):
-        raise PangkasError(f"{type(model).__name__} is not a Hugging Face transformers model; use pangkas.save")
+    check_savable(model)
     if any(True for _ in masked_modules(model)):
         raise PangkasError("the model has weight masks; pangkas.finalize(model) first, or pangkas.save it")
+    if any(is_torchao(p) for p in model.parameters()):
+        raise PangkasError("the model has torchao int8 weights, which from_pretrained cannot read back: write "
+                           "them with pangkas.export_compressed_tensors (vLLM and transformers load that), or "
+                           "pangkas.save them")
+    target = directory_target(model, files_from, overwrite, overwrite_input)
+    out = check_directory_target(directory, **target)
+    record = pruned_record(model)
+    with staged_directory(out, **target) as staging:
+        write_pretrained(model, staging, files_from, record)
+    return out
+
+
+def check_savable(model: nn.Module) -> None:
+    """PangkasError unless ``from_pretrained`` can rebuild ``model``'s modules."""
+    if not is_transformers(model):
+        raise PangkasError(f"{type(model).__name__} is not a Hugging Face transformers model; use pangkas.save")
     stand_ins = [n for n, m in model.named_modules() if isinstance(m, LinearStandIn)]
     if stand_ins:  # from_pretrained would build full layers there and leave them randomly initialised
         raise PangkasError(f"{stand_ins[:3]} are linear stand-ins for removed layers (replace='linear'), which "
                            "from_pretrained cannot rebuild; save with pangkas.save(model, path) and load with "
                            "pangkas.load(path, model=a fresh instance of the original model)")
-    target = dict(overwrite=overwrite, inputs=_input_directories(model, files_from),
-                  overwrite_input=overwrite_input, copied_from=files_from)
-    out = check_directory_target(directory, **target)
-    plain = config_describes(model) is None
-    record = None if plain else shape_record(model)
-    with staged_directory(out, **target) as staging:
-        for item in Path(files_from).iterdir() if files_from is not None else ():
-            if item.name == "config.json" or item.suffix in WEIGHT_FILES or item.name.endswith(".index.json"):
-                continue
-            (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
-        sizes = remote_code.built_sizes(model.config, record) if record else contextlib.nullcontext()
-        with sizes:  # a config must validate to be saved
-            base_class(model).save_pretrained(model, staging)  # not the loaded record's override
-        _write_config(staging, record, model)
-    return out
+
+
+def directory_target(model: nn.Module, files_from: str | Path | None, overwrite: bool,
+                     overwrite_input: bool) -> dict:
+    """The options of ``check_directory_target`` / ``staged_directory`` for a save of ``model``."""
+    return dict(overwrite=overwrite, inputs=_input_directories(model, files_from),
+                overwrite_input=overwrite_input, copied_from=files_from)
+
+
+def pruned_record(model: nn.Module) -> dict | None:
+    """None where ``model``'s config says every size, else what ``modeling_pangkas.py`` needs."""
+    return None if config_describes(model) is None else shape_record(model)
+
+
+def write_pretrained(model: nn.Module, staging: Path, files_from: str | Path | None, record: dict | None) -> None:
+    """Write ``model``'s directory into the (empty) ``staging`` directory."""
+    for item in Path(files_from).iterdir() if files_from is not None else ():
+        if item.name == "config.json" or item.suffix in WEIGHT_FILES or item.name.endswith(".index.json"):
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
+    sizes = remote_code.built_sizes(model.config, record) if record else contextlib.nullcontext()
+    with sizes:  # a config must validate to be saved
+        base_class(model).save_pretrained(model, staging)  # not the loaded record's override
+    _write_config(staging, record, model)
 
 
 def _write_config(staging: Path, record: dict | None, model: nn.Module) -> None:
