@@ -13,6 +13,7 @@ import pangkas
 from pangkas import PangkasError
 from pangkas.compress import budget as budget_module
 from pangkas.compress import latency_model
+from pangkas.compress import evolution as evolution_module
 from pangkas.compress import rounds as rounds_module
 from pangkas.compress.search import Scorer, Step, greedy
 from pangkas.compress.space import Move, Space, State
@@ -300,6 +301,7 @@ def test_an_unreachable_budget_is_refused_with_the_best_reachable(net, batches):
     (dict(macs=0.5, eval_fn="accuracy"), "eval_fn"),
     (dict(macs=0.5, rounds=3), "rounds"),
     (dict(macs=0.5, depth_mixes=-1), "depth_mixes"),
+    (dict(macs=0.5, evolve=-5), "evolve"),
     (dict(macs=0.5, sparsity="yes"), "sparsity"),
 ])
 def test_bad_options_are_refused(net, batches, kwargs, match):
@@ -460,6 +462,25 @@ def test_an_interrupted_round_of_recovery_leaves_the_model(net, batches, monkeyp
     assert len(net.blocks) == 3 and not any(isinstance(m, Skip) for m in net.modules())
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_evolve_adds_a_finalist_no_worse_on_the_proxy_than_the_greedy_end_states(net, batches, monkeypatch):
+    seen = {}
+    real = evolution_module.Evolution.run
+
+    def spied(self, initial, measurements):
+        best, distortion = real(self, initial, measurements)
+        seen.update(best=best, distortion=distortion, seeds=[self.score(s) for s in initial],
+                    budget_met=self.budget.met(self.space.figures(best)), measurements=self.score.measured)
+        return best, distortion
+
+    monkeypatch.setattr(evolution_module.Evolution, "run", spied)
+    _, report = pangkas.compress(net, batches, macs=0.4, evolve=40, reconstruct=False, depth_mixes=0)
+    assert [f.strategy for f in report.finalists][-1] == "evolution"
+    assert seen["budget_met"] and seen["distortion"] <= min(seen["seeds"])
+    assert report.finalists[-1].figures["macs"] <= 0.4 + 1e-9
+    with pytest.raises(PangkasError, match="width=True"):
+        pangkas.compress(net, batches, macs=0.4, evolve=10, width=False)
 
 
 def test_report_front_and_plot(net, batches, tmp_path):

@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import itertools
 import math
+import random
 import time
 import warnings
 from collections.abc import Callable, Iterable
@@ -34,6 +35,7 @@ from ..progress import bar
 from ..recover import recover
 from ..weights.prune import PRUNABLE
 from .budget import KINDS, Budget, parse
+from .evolution import Evolution
 from .latency_model import LatencyModel
 from .report import CompressReport, Finalist, Point
 from .rounds import RoundRecovery, objective, stages
@@ -51,7 +53,7 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
              eval_fn: Callable[[nn.Module], float] | None = None, example_inputs=None, width: bool = True,
              depth: bool = True, sparsity: bool = False, step: float = 0.125, importance=None, reconstruct: bool = True,
              replace: str | None = None, recover_steps: int = 0, recover_rounds: int = 0, proxy_batches: int = 4,
-             depth_mixes: int = 3,
+             depth_mixes: int = 3, evolve: int = 0,
              include: Selector = None, exclude: Selector = None, integrations: list | None = None,
              rounds: int = 10, confidence: float = 0.95, checkpoints: int = 2) -> tuple[nn.Module, CompressReport]:
     """Search per-layer widths (channels, heads, FFN neurons) and blocks to remove for the most
@@ -77,7 +79,11 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     conv layer's weights at a time, by magnitude, as masks: only the file ``pangkas.save`` writes
     gets smaller); ``step``: the fraction of a group removed per search step; ``depth_mixes``: how
     many depth-first mixes to search besides width+depth, width and depth alone (k blocks removed
-    as the depth-only search removed them, then widths; k spread over that search's path).
+    as the depth-only search removed them, then widths; k spread over that search's path);
+    ``evolve=N``: after them, an evolutionary search (``compress.evolution``) seeded with their
+    end states, for N more proxy measurements, whose best state is one more finalist (it spreads
+    cuts the greedy piles onto one layer; off by default, as it costs about as much again and won
+    on a small CNN, not on MiniLM: docs/compress/evolution.md).
     ``importance`` ranks channels within a group (``plan_channels``' names; default ``"obs"``
     with ``reconstruct``, else ``"wanda"``). ``reconstruct``: the layers reading removed channels
     are re-fitted by least squares on ``data``; ``replace="linear"``: removed blocks are replaced by
@@ -93,8 +99,8 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     (the report's points).
     """
     started = time.perf_counter()
-    _check(width, depth, sparsity, step, recover_steps, recover_rounds, proxy_batches, depth_mixes, replace, eval_fn,
-           rounds, confidence, checkpoints)
+    _check(width, depth, sparsity, step, recover_steps, recover_rounds, proxy_batches, depth_mixes, evolve, replace,
+           eval_fn, rounds, confidence, checkpoints)
     batches = _batches(data)
     if eval_fn is None:
         if len(batches) < 2:
@@ -127,13 +133,21 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     timed = functools.partial(_timed, model, space, example, batches, reconstruct and not recover_rounds, replace,
                               recover_steps, rounds, confidence, dense)
     built: list[tuple[Finalist, nn.Module]] = []
+    ends: list[State] = []
 
     def finish(name: str, kinds: tuple[str, ...], steps: list[Step]) -> None:
         """Build and time a search's end state now: the next search may change the weights."""
+        ends.append(steps[-1].state)
         built.append(_finalize(space, budget, score, kinds, steps, name, eval_fn, timed, report))
 
     _searches(space, budget, score, start, width, depth, sparsity, depth_mixes, eval_fn, checkpoints, report,
               recovery, finish)
+    if evolve and ends:
+        if recovery is not None:
+            recovery.reset()
+        best, distortion = Evolution(space, budget, score, random.Random(0)).run(ends, evolve)
+        finish("evolution", tuple(k for k, on in (("width", width), ("depth", depth)) if on),
+               [Step(None, best, distortion, space.figures(best))])
     if not built:
         raise PangkasError(f"no search reached {budget.describe()}")
     report.finalists = [f for f, _ in built]
@@ -192,8 +206,8 @@ def _spread(n: int, m: int) -> list[int]:
     return list(range(1, n + 1)) if n <= m else sorted({round(i * n / (m + 1)) or 1 for i in range(1, m + 1)})
 
 
-def _check(width, depth, sparsity, step, recover_steps, recover_rounds, proxy_batches, depth_mixes, replace, eval_fn,
-           rounds, confidence, checkpoints):
+def _check(width, depth, sparsity, step, recover_steps, recover_rounds, proxy_batches, depth_mixes, evolve, replace,
+           eval_fn, rounds, confidence, checkpoints):
     if any(flag not in (True, False) for flag in (width, depth, sparsity)):
         raise PangkasError("width=, depth= and sparsity= must be True or False")
     if not (width or depth or sparsity):
@@ -203,9 +217,11 @@ def _check(width, depth, sparsity, step, recover_steps, recover_rounds, proxy_ba
         raise PangkasError(f"step must be a fraction in (0, 1] (of a group's channels per search step), got {step!r}")
     for name, value, low in (("recover_steps", recover_steps, 0), ("recover_rounds", recover_rounds, 0),
                              ("proxy_batches", proxy_batches, 1),
-                             ("depth_mixes", depth_mixes, 0), ("checkpoints", checkpoints, 0)):
+                             ("depth_mixes", depth_mixes, 0), ("evolve", evolve, 0), ("checkpoints", checkpoints, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise PangkasError(f"{name} must be an integer >= {low}, got {value!r}")
+    if evolve and not width:
+        raise PangkasError("evolve= evolves per-layer widths: it needs width=True")
     if recover_rounds and not recover_steps:
         raise PangkasError(f"recover_rounds={recover_rounds} fine-tunes recover_steps batches each round: give "
                            "recover_steps= too")

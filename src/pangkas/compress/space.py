@@ -132,18 +132,18 @@ class Space:
 
     def allowed(self, state: State, move: Move) -> bool:
         if move.kind == "depth":
-            return move.target not in state.blocks and self._fits(self.after(state, move))
+            return move.target not in state.blocks and self.fits(self.after(state, move))
         i = move.target
         if move.kind == "weights":
             return state.sparsity[i] < SPARSITY_STEPS - 1 and self.layer_home[i] not in state.blocks
-        return state.cuts[i] < self.limit(i) and self.home[i] not in state.blocks and self._fits(self.after(state, move))
+        return state.cuts[i] < self.limit(i) and self.home[i] not in state.blocks and self.fits(self.after(state, move))
 
     def _block_ends(self, block: str):
         """(what the block reads, what it returns) as traced (shape, axes), or None if not traced."""
         inside = [r for r in self.plan.coupling.records if _inside(r.module, block) and r.inputs and r.outputs]
         return (inside[0].inputs[0], inside[-1].outputs[0]) if inside else None
 
-    def _fits(self, state: State) -> bool:
+    def fits(self, state: State) -> bool:
         """Whether every removed block would still pass on what it reads unchanged: a block that is not
         a residual branch can go only while the channel cuts leave its input as wide as its output."""
         if not state.blocks or not any(state.cuts):
