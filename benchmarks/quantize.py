@@ -1,0 +1,215 @@
+"""Quantization stacked on pruning: fidelity, latency on each deployment path, file sizes.
+
+Sections (each writes its own page under docs/quantize/):
+
+- ``minilm``: pretrained all-MiniLM-L6-v2: ``int8-dynamic`` and ``int8-weight-only`` alone and on
+  top of heads + FFN pruning (50% each, obs + reconstruct); mean cosine of sentence embeddings to
+  the full model on 600 sentences, latency at batch 8 x 128 tokens in eager mode and under
+  ``torch.compile`` (compile time excluded, reported), file as ``pangkas.save`` writes it.
+- ``resnet50``: ResNet-50 (random weights: no pretrained weights install offline), channels
+  pruned at 0.5, ``int8-static``: every model on eager, ``torch.compile`` and onnxruntime at batch
+  1 and 8, against the dense fp32 model in eager mode in the same interleaved rounds; files.
+- ``llm``: SmolLM2-135M (``llm.py``): 2:4 SparseGPT, int8 weight-only, both; perplexity; each
+  written as a compressed-tensors directory and reloaded through transformers + compressed-tensors.
+
+Every model is compared with its dense original in the same process; threads: 1.
+
+    .venv/bin/python benchmarks/quantize.py --sections minilm
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from common import DOCS, arguments, environment, latency_note, publish
+import pangkas
+from pangkas.export import OnnxRuntimeModule, onnx_bytes
+from pangkas.inputs import call_model
+from pangkas.measure import latency_ratios
+from pangkas.tables import render_table
+
+PAGE = "quantize/{}.md"
+
+
+def _compiled(model, example) -> tuple[torch.nn.Module, float]:
+    """``torch.compile(model)`` warmed up on ``example``, and the seconds the first calls took."""
+    compiled = torch.compile(model)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(2):
+            call_model(compiled, example)
+    return compiled, time.perf_counter() - start
+
+
+def _file_kib(model) -> float:
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.safetensors"
+        pangkas.save(model, path)
+        return path.stat().st_size / 1024
+
+
+def minilm_section(rounds: int) -> str:
+    import minilm
+
+    warnings.filterwarnings("ignore")
+    dense, calibration, evaluation, reference, timing = minilm.setup()
+    score = lambda m: minilm.fidelity(m, evaluation, reference)  # noqa: E731
+    pruned = copy.deepcopy(dense)
+    pangkas.prune_transformer(pruned, calibration[0], heads=0.5, ffn=0.5, data=calibration, reconstruct=True)
+    variants = {"full": dense, "heads 50% + FFN 50%": pruned}
+    for base in ("full", "heads 50% + FFN 50%"):
+        for scheme in ("int8-dynamic", "int8-weight-only"):
+            variants[f"{base} + {scheme}"] = pangkas.quantize(variants[base], calibration, scheme)[0]
+    rows, timed, compile_s = [], [], {}
+    for label, model in variants.items():
+        compiled, compile_s[label] = _compiled(model, timing)
+        timed += [model, compiled]
+        print(label, f"compiled in {compile_s[label]:.0f} s", flush=True)
+    ratios = latency_ratios(timed, timing, rounds=rounds)
+    for i, (label, model) in enumerate(variants.items()):
+        cosine, size = score(model), _file_kib(model)
+        for path, ratio in (("eager", ratios[2 * i]), ("torch.compile", ratios[2 * i + 1])):
+            rows.append((label, path, f"{cosine:.4f}", "1.00x (baseline)" if i == 0 and path == "eager"
+                         else ratio.format(), f"{size:.0f} KiB",
+                         f"{compile_s[label]:.0f}" if path == "torch.compile" else ""))
+    table = render_table("MiniLM, batch 8 x 128 tokens: int8 alone and on top of heads + FFN pruning",
+                         ("model", "path", "mean cosine to full", "latency vs full eager (95% interval)",
+                          "file (pangkas.save)", "compile s"), rows, markdown=True)
+    notes = (f"Measured with {environment()}. Pruning: `prune_transformer(heads=0.5, ffn=0.5, data=..., "
+             "reconstruct=True)` on 100 calibration sentences; quantization: `pangkas.quantize(model, calibration, "
+             "scheme)` (torchao); mean cosine of mean-pooled sentence embeddings to the full model's on 600 "
+             f"sentences. Latency: {latency_note(rounds)}, every model and path in the same rounds; `torch.compile` "
+             "with default options, `compile s` the first two calls (compilation), not timed. File: `pangkas.save` "
+             "(int8 weights as int8 data + a scale per row).")
+    return "\n\n".join([table, notes])
+
+
+def resnet50_section(rounds: int) -> str:
+    import torchvision
+
+    torch._inductor.config.freezing = True  # lets inductor fold int8 weights into its quantized conv kernels
+    rows = []
+    for batch in (1, 8):
+        torch.manual_seed(0)
+        dense = torchvision.models.resnet50().eval()
+        example = torch.randn(batch, 3, 224, 224)
+        calibration = [torch.randn(max(batch, 2), 3, 224, 224) for _ in range(4)]
+        pruned = copy.deepcopy(dense)
+        pangkas.prune_channels(pruned, calibration[0], ratio=0.5)
+        variants = {"dense fp32": dense, "pruned 0.5 fp32": pruned}
+        for base in ("dense", "pruned 0.5"):
+            variants[f"{base} int8"] = pangkas.quantize(variants[f"{base} fp32"], calibration, "int8-static",
+                                                        example_inputs=calibration[0])[0]
+        timed, labels, extra = [], [], {}
+        for label, model in variants.items():
+            paths = {} if label.endswith("int8") else {"eager": model}  # int8 in eager mode dequantizes: slower
+            paths["torch.compile"], seconds = _compiled(model, example)
+            data = onnx_bytes(model, calibration[0])[0]
+            paths["onnxruntime"] = OnnxRuntimeModule(data)
+            extra[label] = (seconds, len(data) / 2**20)
+            for path, runnable in paths.items():
+                timed.append(runnable)
+                labels.append((label, path))
+            print(batch, label, f"compiled in {seconds:.0f} s", flush=True)
+        ratios = latency_ratios(timed, example, rounds=rounds)
+        best = {}
+        for (label, path), ratio in zip(labels, ratios):
+            if label not in best or ratio.value < best[label][1].value:
+                best[label] = (path, ratio)
+        gain = {label: best["dense fp32"][1].value / r.value for label, (_, r) in best.items()}  # vs dense, best paths
+        for (label, path), ratio in zip(labels, ratios):
+            rows.append((batch, label, path, "1.00x (baseline)" if (label, path) == labels[0] else ratio.format(),
+                         "best" if best[label][0] == path else "", f"{extra[label][1]:.1f} MiB",
+                         f"{extra[label][0]:.0f}" if path == "torch.compile" else ""))
+        product = gain["pruned 0.5 fp32"] * gain["dense int8"]
+        rows.append((batch, "pruned 0.5 int8: speed-up vs dense (best paths)", "",
+                     f"{gain['pruned 0.5 int8']:.2f}x; pruning's x int8's: {gain['pruned 0.5 fp32']:.2f} x "
+                     f"{gain['dense int8']:.2f} = {product:.2f}x; share {gain['pruned 0.5 int8'] / product:.2f}",
+                     "", "", ""))
+    table = render_table("ResNet-50 (random weights): pruning at 0.5, int8-static, and both, on each deployment path",
+                         ("batch", "model", "path", "latency vs dense fp32 eager (95% interval)", "best path",
+                          "ONNX file", "compile s"), rows, markdown=True)
+    notes = (f"Measured with {environment()}. Pruning: `prune_channels(ratio=0.5)`; int8: "
+             "`pangkas.quantize(model, 4 random batches, \"int8-static\")` (torchao PT2E, x86 inductor quantizer). "
+             "Paths: eager PyTorch (float models only: an int8 graph in eager mode dequantizes every layer), "
+             "`torch.compile` with inductor freezing on, and onnxruntime (`pangkas.export_onnx`'s file, as many "
+             f"threads as torch). Latency: {latency_note(rounds)}, every model and path in the same rounds. Speed-ups "
+             "are of each model on its best path, against the dense model on its best path.")
+    return "\n\n".join([table, notes])
+
+
+def llm_section(rounds: int) -> str:
+    import llm
+    import transformers
+    from corpus import novels
+    from pangkas.evaluate import perplexity, token_ids, windows
+    from pangkas.quant_schemes import is_torchao
+
+    warnings.filterwarnings("ignore")
+    dense, tokenizer = llm.load_model()
+    books = novels()
+    calib = [{"input_ids": w[None]} for w in windows(token_ids(books["emma"], tokenizer), llm.WINDOW, 32,
+                                                      start=llm.SKIP)]
+    evaluation = windows(token_ids(books["persuasion"], tokenizer), llm.WINDOW, 24, start=llm.SKIP).flatten()
+    ppl = lambda m: perplexity(m, evaluation, window=llm.WINDOW, batch_size=8)  # noqa: E731
+    sparse = copy.deepcopy(dense)
+    start = time.perf_counter()
+    pangkas.prune_weights(sparse, importance="sparsegpt", pattern="2:4", include=llm.LAYERS, data=calib)
+    pangkas.finalize(sparse)
+    sparse_s = time.perf_counter() - start
+    int8 = lambda m: pangkas.quantize(m, calib[:4], "int8-weight-only", exclude=["lm_head"])[0]  # noqa: E731
+    variants = {"dense": dense, "2:4 SparseGPT": sparse, "int8 weight-only": int8(dense),
+                "2:4 SparseGPT + int8 weight-only": int8(sparse)}
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        for label, model in variants.items():
+            out = Path(folder) / label.replace(" ", "_").replace(":", "")
+            written = pangkas.export_compressed_tensors(model, out)
+            size = sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors") / 2**20
+            loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # compressed-tensors decompresses
+            with torch.no_grad():
+                loaded(**calib[0])
+            mine = {n: (p.dequantize() if is_torchao(p) else p.detach()) for n, p in model.named_parameters()}
+            same = all(torch.equal(loaded.get_submodule(n).weight, mine[f"{n}.weight"]) for n in written.linear)
+            rows.append((label, f"{ppl(model):.2f}", f"{ppl(loaded):.2f}", written.format, f"{size:.1f} MiB",
+                         "yes" if same else "no", len(written.two_four)))
+            print(rows[-1], flush=True)
+    table = render_table("SmolLM2-135M: 2:4 sparsity, int8 weights and both, written as compressed-tensors",
+                         ("model", "perplexity", "perplexity as reloaded", "format", "weights file",
+                          "reloaded weights identical", "2:4 layers"), rows, markdown=True)
+    notes = (f"Measured with {environment()}. 2:4: `prune_weights(importance=\"sparsegpt\", pattern=\"2:4\")` on "
+             f"the decoder layers' Linears, 32 x 256 tokens of Emma ({sparse_s:.0f} s); int8: `pangkas.quantize(..., "
+             "\"int8-weight-only\", exclude=[\"lm_head\"])` (the head shares the embeddings' weights). Perplexity on "
+             "24 x 256 tokens of Persuasion. Written with `pangkas.export_compressed_tensors`, reloaded with "
+             "`transformers.AutoModelForCausalLM.from_pretrained` (compressed-tensors decompresses the weights); "
+             "`identical`: every Linear weight equal, bit for bit, to pangkas's (int8: qdata x scale). The 2:4 "
+             "weights are stored with their zeros: compressed-tensors 0.20 and vLLM no longer read a 2:4 sparse "
+             "format.")
+    return "\n\n".join([table, notes])
+
+
+SECTIONS = {"minilm": minilm_section, "resnet50": resnet50_section, "llm": llm_section}
+TITLES = {"minilm": "quantize: MiniLM in int8, alone and after pruning",
+          "resnet50": "quantize: ResNet-50 pruned and in int8, on each deployment path",
+          "llm": "quantize: SmolLM2 with 2:4 sparsity and int8 weights, as compressed-tensors"}
+
+
+def main() -> None:
+    parser = arguments(__doc__, "quantize", rounds=10)
+    parser.add_argument("--sections", nargs="*", choices=list(SECTIONS), default=list(SECTIONS))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    (DOCS / "quantize").mkdir(exist_ok=True)
+    for name in args.sections:
+        text = SECTIONS[name](args.rounds)
+        publish(str(DOCS / PAGE.format(name)), TITLES[name], text, script=f"quantize.py --sections {name}")
+
+
+if __name__ == "__main__":
+    main()
