@@ -50,6 +50,30 @@ def latency_note(rounds: int) -> str:
             "that interval contains 1.0")
 
 
+def run_sections(doc: str, folder: str, sections: dict, titles: dict, script: str) -> None:
+    """The main of a benchmark with ``--sections``: each section (a function of the timing rounds)
+    writes its page ``docs/FOLDER/NAME.md``; threads: 1."""
+    parser = arguments(doc, folder, rounds=10)
+    parser.add_argument("--sections", nargs="*", choices=list(sections), default=list(sections))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    (DOCS / folder).mkdir(exist_ok=True)
+    for name in args.sections:
+        publish(str(DOCS / folder / f"{name}.md"), titles[name], sections[name](args.rounds),
+                script=f"{script} --sections {name}")
+
+
+def trained_digits():
+    """The demo's digits CNN trained for 40 epochs (seed 0), and the digits split."""
+    from pangkas.demo import digits_cnn, load_digits_split, train
+
+    torch.manual_seed(0)
+    data = load_digits_split()
+    dense = digits_cnn()
+    train(dense, data, 40)
+    return dense, data
+
+
 def publish(out: str, title: str, *sections: str, script: str) -> None:
     """Print a results document and write it to ``out``: title, sections, how to reproduce."""
     text = "\n\n".join([f"# {title}", *sections, f"Reproduce: `.venv/bin/python benchmarks/{script}`"])

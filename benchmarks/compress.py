@@ -30,12 +30,11 @@ import warnings
 
 import torch
 
-from common import DOCS, arguments, environment, publish
+from common import environment, run_sections, trained_digits
 import pangkas
 from pangkas.measure import latency_ratios
 from pangkas.tables import human_count, render_table
 
-PAGE = "compress/{}.md"
 LIMIT = 0.5
 SELECTION_IMAGES = 300
 EVOLVE = 200  # proxy measurements for compress's evolutionary search (about what its greedy searches make here)
@@ -194,12 +193,9 @@ def llm_section(rounds: int) -> str:
 
 
 def digits_section(rounds: int) -> str:
-    from pangkas.demo import accuracy, digits_cnn, load_digits_split, train
+    from pangkas.demo import accuracy
 
-    torch.manual_seed(0)
-    data = load_digits_split()
-    dense = digits_cnn()
-    train(dense, data, 40)
+    dense, data = trained_digits()
     score = lambda m: accuracy(m, data.x_test, data.y_test)  # noqa: E731
     held = SELECTION_IMAGES  # the finalist is chosen on these training images, reported on the test set
     choose = lambda m: accuracy(m, data.x_train[-held:], data.y_train[-held:])  # noqa: E731
@@ -239,14 +235,7 @@ TITLES = {"cnn": "compress: latency budgets on CNNs and a ViT", "minilm": "compr
 
 
 def main() -> None:
-    parser = arguments(__doc__, "compress", rounds=10)
-    parser.add_argument("--sections", nargs="*", choices=list(SECTIONS), default=list(SECTIONS))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    (DOCS / "compress").mkdir(exist_ok=True)
-    for name in args.sections:
-        text = SECTIONS[name](args.rounds)
-        publish(str(DOCS / PAGE.format(name)), TITLES[name], text, script=f"compress.py --sections {name}")
+    run_sections(__doc__, "compress", SECTIONS, TITLES, "compress.py")
 
 
 if __name__ == "__main__":

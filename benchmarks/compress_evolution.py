@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from common import arguments, environment, publish
+from common import arguments, environment, publish, trained_digits
 import pangkas
 from pangkas.compress import _built, _measured, _space
 from pangkas.compress.budget import Budget, parse
@@ -162,12 +162,9 @@ def minilm_section(rounds: int) -> str:
 
 
 def digits_section(rounds: int) -> str:
-    from pangkas.demo import accuracy, digits_cnn, load_digits_split, train
+    from pangkas.demo import accuracy
 
-    torch.manual_seed(0)
-    data = load_digits_split()
-    dense = digits_cnn()
-    train(dense, data, 40)
+    dense, data = trained_digits()
     score = lambda m: accuracy(m, data.x_test, data.y_test)  # noqa: E731
     result = compare(dense, list(data.x_train.split(64)), data.x_test[:1], score, {"macs": 0.25}, None, rounds, None,
                      seeds=3)

@@ -50,6 +50,15 @@ def load_model():
     return model, tokenizer
 
 
+def texts(tokenizer, calibration: int = 32, evaluation: int = 24):
+    """``calibration`` windows of Emma (batches of one, as the model is called) and ``evaluation``
+    windows of Persuasion (one flat token stream, as ``perplexity`` reads it)."""
+    books = novels()
+    calib = [{"input_ids": w[None]} for w in windows(token_ids(books["emma"], tokenizer), WINDOW, calibration,
+                                                      start=SKIP)]
+    return calib, windows(token_ids(books["persuasion"], tokenizer), WINDOW, evaluation, start=SKIP).flatten()
+
+
 def weights(importance, **rule):
     return lambda m, calib: pangkas.prune_weights(m, importance=importance, include=LAYERS, **rule,
                                                   **({} if importance == "magnitude" else {"data": calib}))
@@ -143,10 +152,7 @@ def main():
     warnings.filterwarnings("ignore")
     torch.manual_seed(0)
     dense, tokenizer = load_model()
-    books = novels()
-    calib = [{"input_ids": w[None]} for w in
-             windows(token_ids(books["emma"], tokenizer), WINDOW, args.calibration, start=SKIP)]
-    evaluation = windows(token_ids(books["persuasion"], tokenizer), WINDOW, args.evaluation, start=SKIP).flatten()
+    calib, evaluation = texts(tokenizer, args.calibration, args.evaluation)
     dense_ppl = perplexity(dense, evaluation, window=WINDOW, batch_size=8)
     rows = []
     for name in args.rows or ROWS:

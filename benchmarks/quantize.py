@@ -27,14 +27,13 @@ from pathlib import Path
 
 import torch
 
-from common import DOCS, arguments, environment, latency_note, publish
+from common import environment, latency_note, run_sections
 import pangkas
 from pangkas.export import OnnxRuntimeModule, onnx_bytes
 from pangkas.inputs import call_model
 from pangkas.measure import latency_ratios
 from pangkas.tables import render_table
 
-PAGE = "quantize/{}.md"
 
 
 def _compiled(model, example) -> tuple[torch.nn.Module, float]:
@@ -151,16 +150,12 @@ def resnet50_section(rounds: int) -> str:
 def llm_section(rounds: int) -> str:
     import llm
     import transformers
-    from corpus import novels
-    from pangkas.evaluate import perplexity, token_ids, windows
+    from pangkas.evaluate import perplexity
     from pangkas.quant_schemes import is_torchao
 
     warnings.filterwarnings("ignore")
     dense, tokenizer = llm.load_model()
-    books = novels()
-    calib = [{"input_ids": w[None]} for w in windows(token_ids(books["emma"], tokenizer), llm.WINDOW, 32,
-                                                      start=llm.SKIP)]
-    evaluation = windows(token_ids(books["persuasion"], tokenizer), llm.WINDOW, 24, start=llm.SKIP).flatten()
+    calib, evaluation = llm.texts(tokenizer)
     ppl = lambda m: perplexity(m, evaluation, window=llm.WINDOW, batch_size=8)  # noqa: E731
     sparse = copy.deepcopy(dense)
     start = time.perf_counter()
@@ -205,14 +200,7 @@ TITLES = {"minilm": "quantize: MiniLM in int8, alone and after pruning",
 
 
 def main() -> None:
-    parser = arguments(__doc__, "quantize", rounds=10)
-    parser.add_argument("--sections", nargs="*", choices=list(SECTIONS), default=list(SECTIONS))
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    (DOCS / "quantize").mkdir(exist_ok=True)
-    for name in args.sections:
-        text = SECTIONS[name](args.rounds)
-        publish(str(DOCS / PAGE.format(name)), TITLES[name], text, script=f"quantize.py --sections {name}")
+    run_sections(__doc__, "quantize", SECTIONS, TITLES, "quantize.py")
 
 
 if __name__ == "__main__":
