@@ -503,3 +503,23 @@ def test_data_driven_importance_needs_its_inputs(kwargs, message):
         pangkas.prune_transformer(model, x, heads=0.5, ffn=0.5, **kwargs)
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_a_model_loaded_from_gguf_saves_as_the_float_model_it_is(tmp_path):
+    """transformers de-quantizes a GGUF file on load but keeps the model marked as GGUF-quantized,
+    which it refuses to save; pangkas writes the float weights and leaves the marks as they were."""
+    from transformers.quantizers.quantizer_gguf import GgufHfQuantizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=32)
+    model = transformers.LlamaForCausalLM(config).eval()
+    gguf = GgufConfig()
+    model.config.quantization_config, model.hf_quantizer, model.is_quantized = gguf, GgufHfQuantizer(gguf), True
+    with pytest.raises(ValueError, match="gguf"):
+        model.save_pretrained(tmp_path / "plain")  # what pangkas works around
+    pangkas.save_pretrained(model, tmp_path / "out")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    assert not hasattr(reloaded.config, "quantization_config")
+    assert model.config.quantization_config is gguf and model.is_quantized

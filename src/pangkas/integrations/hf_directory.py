@@ -223,9 +223,30 @@ def write_pretrained(model: nn.Module, staging: Path, files_from: str | Path | N
             continue
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, staging / item.name)
     sizes = remote_code.built_sizes(model.config, record) if record else contextlib.nullcontext()
-    with sizes:  # a config must validate to be saved
+    with sizes, _gguf_forgotten(model):  # a config must validate to be saved
         base_class(model).save_pretrained(model, staging)  # not the loaded record's override
     _write_config(staging, record, model)
+
+
+@contextlib.contextmanager
+def _gguf_forgotten(model: nn.Module):
+    """A model loaded from a GGUF file holds de-quantized float weights, but transformers still
+    marks it quantized (with GGUF, which it cannot write) and refuses to save it: while inside,
+    it is marked a float model, as its weights are."""
+    config = getattr(model, "config", None)
+    quantization = getattr(config, "quantization_config", None)
+    if getattr(quantization, "quant_method", None) != "gguf":
+        yield
+        return
+    saved = {name: getattr(model, name, None) for name in ("hf_quantizer", "is_quantized")}
+    del config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    try:
+        yield
+    finally:
+        config.quantization_config = quantization
+        for name, value in saved.items():
+            setattr(model, name, value)
 
 
 def _write_config(staging: Path, record: dict | None, model: nn.Module) -> None:
