@@ -304,3 +304,13 @@ def test_quantize_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
     code, _, err = run(capsys, "quantize", *DIGITS, "--scheme", "int4-weight-only", "-o", str(tmp_path / "q.bin"))
     assert code == 2 and err.count("\n") == 1 and ".safetensors or .onnx" in err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_a_refused_quantization_is_one_line_even_when_torchao_is_imported_fresh(tmp_path):
+    """Importing torchao makes torch log deprecation lines; a fresh process shows whether they leak."""
+    pytest.importorskip("torchao")
+    result = subprocess.run([sys.executable, "-m", "pangkas.cli", "quantize", *DIGITS, "--scheme", "int4-weight-only",
+                             "-o", str(tmp_path / "q.safetensors")], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: int4-weight-only is unsupported") and not list(tmp_path.iterdir())

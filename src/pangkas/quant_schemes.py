@@ -9,6 +9,7 @@ names here is ever chosen by a file.
 from __future__ import annotations
 
 import functools
+import logging
 import sys
 
 import torch
@@ -23,10 +24,17 @@ PARTS = ("qdata", "scale", "zero_point")  # the tensors of those weights (torcha
 
 
 def require_torchao():
+    # torchao registers its enums with torch's pytree the old way, and torch logs a deprecation line
+    # for each on import: noise on every pangkas command that quantizes.
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
     try:
         import torchao
     except ImportError as exc:
         raise PangkasError("quantize needs torchao: pip install 'pangkas[quantize]'") from exc
+    finally:
+        pytree_log.setLevel(level)
     return torchao
 
 
