@@ -9,6 +9,7 @@ from torch import nn
 
 import pangkas
 from pangkas import PangkasError
+from pangkas.measure import count_macs
 
 pytest.importorskip("torchao")
 from torchao.utils import TorchAOBaseTensor  # noqa: E402
@@ -164,3 +165,14 @@ def test_an_example_of_batch_size_one_is_refused_when_calibration_batches_are_la
     model = SmallResNet().eval()
     with pytest.raises(PangkasError, match="batch of at least 2"):
         pangkas.quantize(model, [torch.randn(4, 3, 8, 8)], "int8-static", example_inputs=torch.randn(1, 3, 8, 8))
+
+
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-weight-only", "int8-static"])
+def test_measure_counts_the_macs_of_int8_layers_as_the_float_ones(scheme):
+    """int8 changes how each multiply-accumulate is done, not how many (torch has no formula for
+    the int8 matmul torchao's dynamic scheme runs: pangkas registers one)."""
+    model = SmallResNet().eval() if scheme == "int8-static" else _mlp()
+    x = torch.randn(4, 3, 8, 8) if scheme == "int8-static" else torch.randn(4, 64)
+    quantized, _ = pangkas.quantize(model, [x], scheme)
+    float_macs = count_macs(model, x)
+    assert float_macs > 0 and count_macs(quantized, x) == float_macs

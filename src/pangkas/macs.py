@@ -37,6 +37,16 @@ if torch.ops.aten.mkldnn_rnn_layer not in flop_registry:  # torch has none (2.14
     register_flop_formula(torch.ops.aten.mkldnn_rnn_layer)(_rnn_layer_flops)
 
 
+def _int_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """``torch._int_mm`` (int8 x int8 -> int32: how torchao's int8-dynamic Linear layers multiply):
+    the same multiply-accumulates as the float ``mm`` it replaces."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+if torch.ops.aten._int_mm not in flop_registry:  # torch has none (2.14)
+    register_flop_formula(torch.ops.aten._int_mm)(_int_mm_flops)
+
+
 class FlopCounter(TorchDispatchMode):
     """FLOPs of every op that runs inside the block, in ``.flops``."""
 
