@@ -314,3 +314,16 @@ def test_a_refused_quantization_is_one_line_even_when_torchao_is_imported_fresh(
                              "-o", str(tmp_path / "q.safetensors")], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert result.stderr.startswith("error: int4-weight-only is unsupported") and not list(tmp_path.iterdir())
+
+
+def test_compress_with_quantize_meets_a_file_budget_with_int8_weights(capsys, tmp_path):
+    pytest.importorskip("torchao")
+    from torchao.utils import TorchAOBaseTensor
+
+    out_file = tmp_path / "small.safetensors"
+    code, out, err = run(capsys, "compress", *DIGITS, "--file-size", "0.15", "--quantize", "int8-weight-only",
+                         "--no-reconstruct", "-o", str(out_file))
+    assert code == 0, err
+    model = pangkas.load(out_file, digits_cnn())
+    assert any(isinstance(m.weight, TorchAOBaseTensor) for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert out_file.stat().st_size <= 0.15 * len(pangkas.io.serialize(*pangkas.io.encode(digits_cnn())))

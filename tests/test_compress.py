@@ -483,6 +483,44 @@ def test_evolve_adds_a_finalist_no_worse_on_the_proxy_than_the_greedy_end_states
         pangkas.compress(net, batches, macs=0.4, evolve=10, width=False)
 
 
+class Tower(nn.Module):
+    """Linear layers to quantize and hidden units to cut."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(32, 96), nn.Linear(96, 96), nn.Linear(96, 10)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def test_quantize_meets_a_file_budget_by_cutting_and_int8_together():
+    pytest.importorskip("torchao")
+    from torchao.utils import TorchAOBaseTensor
+
+    torch.manual_seed(0)
+    model, data = Tower().eval(), [torch.randn(16, 32) for _ in range(4)]
+    x = data[0]
+    limit = budget_module.Budget({"file_size": 0.2}, {"file_size": 0.2})
+    space = compress_module._space(model, x, data, limit, True, False, False, 0.25, None, False, None, None, None,
+                                   None, "int8-weight-only")
+    for cuts in [(0, 0), (24, 48), (72, 72)]:  # the estimate is the file the quantized pruned model gets
+        state = State(cuts[:len(space.groups)], frozenset(), ())
+        built = pangkas.quantize(space.build(state, x), None, "int8-weight-only")[0]
+        measured = pangkas.measure(built, x, latency=False).file_bytes_compressed / space.dense["file_size"]
+        assert space.figures(state)["file_size"] == pytest.approx(measured, rel=0.05)
+    small, report = pangkas.compress(model, data, file_size=0.2, quantize="int8-weight-only", reconstruct=False)
+    plain, without = pangkas.compress(model, data, file_size=0.2, reconstruct=False)
+    assert report.chosen.met and report.chosen.figures["file_size"] <= 0.2
+    assert all(isinstance(m.weight, TorchAOBaseTensor) for m in small.modules() if isinstance(m, nn.Linear))
+    assert report.chosen.absolute["params"] > 2 * without.chosen.absolute["params"]  # int8 spared cuts
+    _, only = pangkas.compress(model, data, file_size=0.35, quantize="int8-weight-only", reconstruct=False)
+    assert only.chosen.strategy == "int8-weight-only only" and only.chosen.absolute["params"] == sum(
+        p.numel() for p in model.parameters())
+    with pytest.raises(PangkasError, match="int8-static"):
+        pangkas.compress(model, data, file_size=0.2, quantize="int8-static")
+
+
 def test_report_front_and_plot(net, batches, tmp_path):
     _, report = pangkas.compress(net, batches, macs=0.5, reconstruct=False, checkpoints=3)
     assert any(not p.measured for p in report.points)

@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     compress.add_argument("--replace", choices=("linear",), help="fitted linear maps in place of removed blocks")
     compress.add_argument("--recover-steps", type=int, default=0,
                           help="fine-tune each finalist this many batches of --data, distilling from the dense model")
+    compress.add_argument("--quantize", choices=("int8-dynamic", "int8-weight-only"),
+                          help="quantize every finalist's Linear layers, so that the budget is met by pruning and "
+                               "int8 together (-o OUT.safetensors)")
     compress.add_argument("--recover-rounds", type=int, default=0,
                           help="also fine-tune --recover-steps batches this many times during each search, on the way "
                                "to the budget (NetAdapt's short-term fine-tune)")
@@ -350,6 +353,9 @@ def _compress(args) -> None:
     from .sources import calibration_batches, describe, save_pretrained
 
     to_directory = _check_output(args)
+    if to_directory and args.quantize:
+        raise PangkasError("--quantize writes int8 weights that pangkas.save keeps: -o OUT.safetensors (for a Hugging "
+                           "Face directory, quantize after compressing and use pangkas.export_compressed_tensors)")
     stem = Path(args.output.rstrip("/\\")).with_suffix("") if not to_directory else Path(args.output.rstrip("/\\"))
     plot, summary = Path(f"{stem}.pareto.png"), Path(f"{stem}.compress.json")
     for path in (plot, summary):
@@ -367,7 +373,7 @@ def _compress(args) -> None:
                              file_size=args.file_size, example_inputs=source.example_inputs,
                              width=not args.no_width, depth=not args.no_depth, step=args.step,
                              reconstruct=not args.no_reconstruct, replace=args.replace,
-                             recover_steps=args.recover_steps, recover_rounds=args.recover_rounds,
+                             recover_steps=args.recover_steps, recover_rounds=args.recover_rounds, quantize=args.quantize,
                              include=args.include, exclude=args.exclude)
     say(str(report))
     source = dataclasses.replace(source, model=small)

@@ -32,6 +32,7 @@ from ..layers import _batches, _granular, _selected, layer_candidates
 from ..measure import count_macs, file_sizes, latency_ratios, min_rounds
 from ..modules import Selector, select_modules
 from ..progress import bar
+from ..quantize import quantize as quantized
 from ..recover import recover
 from ..weights.prune import PRUNABLE
 from .budget import KINDS, Budget, parse
@@ -53,7 +54,7 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
              eval_fn: Callable[[nn.Module], float] | None = None, example_inputs=None, width: bool = True,
              depth: bool = True, sparsity: bool = False, step: float = 0.125, importance=None, reconstruct: bool = True,
              replace: str | None = None, recover_steps: int = 0, recover_rounds: int = 0, proxy_batches: int = 4,
-             depth_mixes: int = 3, evolve: int = 0,
+             depth_mixes: int = 3, evolve: int = 0, quantize: str | None = None,
              include: Selector = None, exclude: Selector = None, integrations: list | None = None,
              rounds: int = 10, confidence: float = 0.95, checkpoints: int = 2) -> tuple[nn.Module, CompressReport]:
     """Search per-layer widths (channels, heads, FFN neurons) and blocks to remove for the most
@@ -87,7 +88,11 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     ``importance`` ranks channels within a group (``plan_channels``' names; default ``"obs"``
     with ``reconstruct``, else ``"wanda"``). ``reconstruct``: the layers reading removed channels
     are re-fitted by least squares on ``data``; ``replace="linear"``: removed blocks are replaced by
-    fitted linear maps (see ``plan_layers``). ``recover_steps``: fine-tune each finalist this many
+    fitted linear maps (see ``plan_layers``). ``quantize="int8-dynamic"`` or ``"int8-weight-only"``:
+    every finalist's Linear layers are quantized last (``pangkas.quantize``) and measured so, and
+    the search counts their weights at a byte each, so a file-size budget is met by pruning and
+    quantization together (a latency one through the finalists' timings: int8 may be slower than
+    float for small layers). ``recover_steps``: fine-tune each finalist this many
     batches of ``data``, distilling from ``model``; with ``recover_rounds=R`` also R times during
     each search (NetAdapt's short-term fine-tune: at evenly spread shares of the way to the budget,
     the model as cut so far, the cut weights held at zero), so that later cuts are judged on
@@ -100,7 +105,7 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     """
     started = time.perf_counter()
     _check(width, depth, sparsity, step, recover_steps, recover_rounds, proxy_batches, depth_mixes, evolve, replace,
-           eval_fn, rounds, confidence, checkpoints)
+           eval_fn, rounds, confidence, checkpoints, quantize)
     batches = _batches(data)
     if eval_fn is None:
         if len(batches) < 2:
@@ -122,7 +127,7 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
 
     searched = copy.deepcopy(model) if recover_rounds else model  # fine-tuned between rounds: a copy
     space = _space(searched, example, batches, budget, width, depth, sparsity, step, importance, reconstruct, replace,
-                   include, exclude, integrations)
+                   include, exclude, integrations, quantize)
     allowed = tuple(k for k, on in (("width", width), ("depth", depth), ("weights", sparsity)) if on)
     _check_reachable(space, budget, allowed)
     score = Scorer(space, Distortion(searched, batches[:proxy_batches]))
@@ -131,7 +136,7 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     report = CompressReport(budget, dense, float(eval_fn(model)))
     start = Step(None, space.start(), 0.0, space.figures(space.start()))
     timed = functools.partial(_timed, model, space, example, batches, reconstruct and not recover_rounds, replace,
-                              recover_steps, rounds, confidence, dense)
+                              recover_steps, quantize, rounds, confidence, dense)
     built: list[tuple[Finalist, nn.Module]] = []
     ends: list[State] = []
 
@@ -140,8 +145,11 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
         ends.append(steps[-1].state)
         built.append(_finalize(space, budget, score, kinds, steps, name, eval_fn, timed, report))
 
-    _searches(space, budget, score, start, width, depth, sparsity, depth_mixes, eval_fn, checkpoints, report,
-              recovery, finish)
+    if quantize and budget.met(start.figures):  # quantized, the dense model already fits
+        finish(f"{quantize} only", (), [start])
+    else:
+        _searches(space, budget, score, start, width, depth, sparsity, depth_mixes, eval_fn, checkpoints, report,
+                  recovery, finish)
     if evolve and ends:
         if recovery is not None:
             recovery.reset()
@@ -207,7 +215,7 @@ def _spread(n: int, m: int) -> list[int]:
 
 
 def _check(width, depth, sparsity, step, recover_steps, recover_rounds, proxy_batches, depth_mixes, evolve, replace,
-           eval_fn, rounds, confidence, checkpoints):
+           eval_fn, rounds, confidence, checkpoints, quantize):
     if any(flag not in (True, False) for flag in (width, depth, sparsity)):
         raise PangkasError("width=, depth= and sparsity= must be True or False")
     if not (width or depth or sparsity):
@@ -225,6 +233,11 @@ def _check(width, depth, sparsity, step, recover_steps, recover_rounds, proxy_ba
     if recover_rounds and not recover_steps:
         raise PangkasError(f"recover_rounds={recover_rounds} fine-tunes recover_steps batches each round: give "
                            "recover_steps= too")
+    if quantize == "int8-static":
+        raise PangkasError("compress times its finalists in PyTorch eager mode, where an int8-static graph is slower "
+                           "than float: compress, then pangkas.quantize(..., 'int8-static') and export_onnx")
+    if quantize not in (None, "int8-dynamic", "int8-weight-only"):
+        raise PangkasError(f"quantize must be None, 'int8-dynamic' or 'int8-weight-only', got {quantize!r}")
     if replace not in (None, "linear"):
         raise PangkasError(f"replace must be None or 'linear', got {replace!r}")
     if eval_fn is not None and not callable(eval_fn):
@@ -241,7 +254,7 @@ def _measured(model: nn.Module, example) -> dict[str, int]:
 
 
 def _space(model, example, batches, budget: Budget, width, depth, sparsity, step, importance, reconstruct, replace,
-           include, exclude, integrations) -> Space:
+           include, exclude, integrations, quantize=None) -> Space:
     if importance is None:
         importance = "obs" if reconstruct else "wanda"
     plan = plan_channels(model, example, ratio=0.0, importance=importance if width else "l1",
@@ -252,7 +265,12 @@ def _space(model, example, batches, budget: Budget, width, depth, sparsity, step
         blocks = _granular(_selected(model, layer_candidates(model, example), include, exclude, None), "layers")
     latency = LatencyModel(model, example) if "latency" in budget.limits else None
     layers = [name for name, _ in select_modules(model, PRUNABLE, include, exclude)] if sparsity else []
-    return Space(plan, blocks, step, latency, layers, stand_ins_on=batches if replace == "linear" else None)
+    int8, int8_file = frozenset(), None
+    if quantize:
+        int8 = frozenset(f"{name}.weight" for name, _ in select_modules(model, (nn.Linear,)))
+        int8_file = file_sizes(quantized(model, None, quantize)[0])[1]
+    return Space(plan, blocks, step, latency, layers, stand_ins_on=batches if replace == "linear" else None,
+                 int8=int8, int8_file=int8_file)
 
 
 def _check_reachable(space: Space, budget: Budget, allowed: tuple[str, ...]) -> None:
@@ -345,9 +363,12 @@ def _finalize(space, budget, score, kinds, steps, name, eval_fn, timed, report):
                     _split(space, step.state, budget), len(tried) - 1), pruned
 
 
-def _timed(model, space, example, batches, reconstruct, replace, recover_steps, rounds, confidence, dense, state):
+def _timed(model, space, example, batches, reconstruct, replace, recover_steps, quantize, rounds, confidence, dense,
+           state):
     """(pruned model, its figures, absolute figures, latency ratio) for ``state``."""
     pruned = _built(model, space, state, example, batches, reconstruct, replace, recover_steps)
+    if quantize:
+        pruned = quantized(pruned, batches[:4], quantize)[0]
     return (pruned, *_measure(model, pruned, example, rounds, confidence, dense))
 
 

@@ -75,10 +75,13 @@ class Space:
     time (at least one channel), the removable ``blocks``, and the weight sparsity of ``layers``
     (names of Linear/conv layers; only the file size gains from it). With ``stand_ins_on``
     (calibration batches; ``replace="linear"``), a run of removed blocks that pass hidden states
-    with features last is judged with a fitted ``LinearStandIn`` in its place, and costs one."""
+    with features last is judged with a fitted ``LinearStandIn`` in its place, and costs one.
+    ``int8``: names of the weights that will be stored as int8 (a byte each, a scale per row), and
+    ``int8_file`` the bytes of the dense model's file so quantized (it calibrates their header share)."""
 
     def __init__(self, plan: Plan, blocks: list[Candidate], step: float, latency: LatencyModel | None,
-                 layers: list[str] = (), stand_ins_on: list | None = None):
+                 layers: list[str] = (), stand_ins_on: list | None = None, int8: frozenset[str] = frozenset(),
+                 int8_file: int | None = None):
         self.plan, self.model = plan, plan.model
         self.latency = latency
         allowed = plan.options.allow_approximate
@@ -104,12 +107,16 @@ class Space:
         self._stand_ins: dict[tuple[str, ...], nn.Module] = {}  # by run, fitted on the dense model
         self._removed: dict[tuple[int, ...], torch.Tensor] = {}
         self._lowest: dict[tuple[int, int], torch.Tensor] = {}
-        self._per_tensor = 0.0
+        self._per_tensor = self._per_int8 = 0.0
+        self.int8 = frozenset()  # the dense model's file, as it is, first
         params, size, self._dense_work = self._totals(self.start())
         self.dense = {"params": params, "file_size": file_sizes(self.model)[1],
                       "macs": sum(w[0] for w in self._dense_work.values()) / 2}
         tensors = len(self.model.state_dict())
         self._per_tensor = (self.dense["file_size"] - size) / tensors  # the header's share per stored tensor
+        self.int8 = frozenset(int8)
+        if self.int8 and int8_file is not None:  # a quantized weight's header entry is longer than a plain one's
+            self._per_int8 = (int8_file - self._totals(self.start())[1]) / len(self.int8)
 
     # -- states and moves ------------------------------------------------------------------
 
@@ -231,7 +238,12 @@ class Space:
                 continue
             params += n
             eighths = state.sparsity[self._weight[name]] if name in self._weight and state.sparsity else 0
-            size += _sparse_bytes(n, round(n * eighths / SPARSITY_STEPS), p.element_size())
+            if name in self.int8:  # int8 data (bitmap + values if sparse), a float scale and a zero point per row
+                rows = p.shape[0] if ids is None else int((~removed[ids[0]]).sum())
+                size += _sparse_bytes(n, round(n * eighths / SPARSITY_STEPS), 1) + rows * 4 + rows // 8 + 1
+                size += self._per_int8
+            else:
+                size += _sparse_bytes(n, round(n * eighths / SPARSITY_STEPS), p.element_size())
             stored += eighths > 0  # stored as bitmap + values: two entries
         for run in self._stood_in(state.blocks):
             width = self.blocks[run[0]].shape[-1]

@@ -168,4 +168,10 @@ def effective_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(parameters, non-zero parameters) of the model as it computes."""
     tensors = effective_parameters(model).values()
-    return sum(t.numel() for t in tensors), sum(int(torch.count_nonzero(t)) for t in tensors)
+    return sum(t.numel() for t in tensors), sum(int(torch.count_nonzero(_values(t))) for t in tensors)
+
+
+def _values(t: torch.Tensor) -> torch.Tensor:
+    """The numbers a tensor stands for: a quantized tensor subclass (torchao's int8) de-quantized,
+    as it cannot count its own non-zeros."""
+    return t if type(t) in (torch.Tensor, nn.Parameter) else t.dequantize()
