@@ -87,7 +87,7 @@ def scheme_of(weight: torch.Tensor) -> str:
             return scheme
     raise PangkasError(f"a {type(weight).__name__} weight ({attributes}) was not made by a scheme pangkas can "
                        f"save ({', '.join(STORED)}); save the float model and quantize it after loading, "
-                       "or export the quantized model with ONNX (torch.onnx.export)")
+                       "or, for ONNX, quantize with int8-static and use pangkas.export_onnx")
 
 
 @functools.lru_cache(maxsize=64)

@@ -32,7 +32,7 @@ from .errors import PangkasError
 from .inputs import call_model, export_call
 from .layers import _batches
 from .modules import Selector, select_modules
-from .quant_schemes import LINEAR_ONLY, SCHEMES
+from .quant_schemes import LINEAR_ONLY, SCHEMES, is_torchao
 from .quant_schemes import config as _config
 from .quant_schemes import require_torchao as _torchao
 from .weights import finalize
@@ -106,7 +106,6 @@ def _unmasked_copy(model: nn.Module) -> nn.Module:
 def _linear_layers(model: nn.Module, scheme: str, candidates) -> tuple[nn.Module, dict[str, str]]:
     """torchao's ``quantize_`` on the selected Linear layers of a copy."""
     from torchao.quantization import quantize_
-    from torchao.utils import TorchAOBaseTensor
 
     linear = {name for name, m in candidates if isinstance(m, nn.Linear)}
     if not linear:
@@ -126,7 +125,7 @@ def _linear_layers(model: nn.Module, scheme: str, candidates) -> tuple[nn.Module
             layers[name] = f"{scheme} has no convolution kernel; use int8-static"
         else:
             weight = quantized.get_submodule(name).weight
-            layers[name] = bits if isinstance(weight, TorchAOBaseTensor) else "left in floating point by torchao"
+            layers[name] = bits if is_torchao(weight) else "left in floating point by torchao"
     return quantized, layers
 
 

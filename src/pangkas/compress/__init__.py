@@ -154,8 +154,8 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
         if recovery is not None:
             recovery.reset()
         best, distortion = Evolution(space, budget, score, random.Random(0)).run(ends, evolve)
-        finish("evolution", tuple(k for k, on in (("width", width), ("depth", depth)) if on),
-               [Step(None, best, distortion, space.figures(best))])
+        finish("evolution", tuple(k for k in allowed if k != "weights"), [Step(None, best, distortion,
+                                                                                 space.figures(best))])
     if not built:
         raise PangkasError(f"no search reached {budget.describe()}")
     report.finalists = [f for f, _ in built]
