@@ -97,14 +97,6 @@ def test_channel_pruned_then_quantized_round_trips(tmp_path):
     assert torch.equal(fresh(x), quantized(x))
 
 
-def test_int8_static_model_is_refused_pointing_to_onnx(tmp_path):
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
-    static, _ = pangkas.quantize(model, [torch.randn(4, 16)], "int8-static")
-    with pytest.raises(PangkasError, match="int8-static.*export_onnx"):
-        pangkas.save(static, tmp_path / "s.safetensors")
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_weight_of_a_scheme_pangkas_does_not_know_is_refused(tmp_path):
     model = mlp()
     quantize_(model, Int8WeightOnlyConfig(granularity=PerTensor()))  # an Int8Tensor, but one scale per layer
@@ -173,8 +165,8 @@ def _alias_of_quantized(tensors, head):
     (_missing_part, "parts must be qdata, scale"),
     (_stray_part, "parts must be qdata, scale"),
     (_wrong_scale_shape, r"0\.weight:scale is torch.float32 \(512,\) in the file but .* \(512, 1\)"),
-    (_nested_quantized_part, "not {} or an unmasked"),
-    (_masked_part, "not {} or an unmasked"),
+    (_nested_quantized_part, "or an unmasked"),
+    (_masked_part, "or an unmasked"),
     (_alias_of_quantized, r"4\.weight is an alias of '0\.weight', which is not a stored entry \(of an unquantized"),
 ])
 def test_bad_quantized_header_is_refused_and_model_unchanged(tmp_path, edit, message):

@@ -212,11 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(compress)
 
     quantize = commands.add_parser("quantize", help="int8 on top of a (pruned) model, with torchao; writes "
-                                   ".safetensors (int8-dynamic, int8-weight-only) or .onnx (onnxruntime)")
+                                   ".safetensors (pangkas.load) or, for int8-static, .onnx (onnxruntime)")
     _model_args(quantize)
     quantize.add_argument("--scheme", required=True, choices=SCHEMES,
                           help="int8-dynamic / int8-weight-only: Linear layers; int8-static: convolutions and "
-                               "Linear layers, activations calibrated on --data (write .onnx)")
+                               "Linear layers, activations calibrated on --data")
     quantize.add_argument("--data", help="calibration data (as for prune layers); default: random inputs")
     quantize.add_argument("--batch-size", type=_positive, default=8)
     _selection_args(quantize, "be quantized")
@@ -404,8 +404,6 @@ def _quantize(args) -> None:
         check_file_target(args.output, overwrite=args.overwrite)
     elif not args.output.endswith(".safetensors"):
         raise PangkasError(f"-o must name a .safetensors or .onnx file for a quantized model, got {args.output!r}")
-    elif args.scheme == "int8-static":
-        raise PangkasError("int8-static makes an exported graph, which runs in onnxruntime: -o OUT.onnx")
     else:
         _check_output(args)
     source = _resolve(args)

@@ -1,16 +1,21 @@
 """Saving and loading pruned models as safetensors (never pickle), with sparse weights compressed.
 
 A weight with a pangkas mask, or with enough exact zeros to pay for it, is stored as a bitmap
-(one bit per weight) plus its kept values. The file's metadata records every encoding, the masks to
+(one bit per weight) plus its kept values; a tensor of zeros only (a zero point) as its shape. The file's metadata records every encoding, the masks to
 restore, tensors shared between keys, and a CRC32 of every stored tensor so corruption is caught.
 
 A Linear weight quantized by ``pangkas.quantize`` (int8-dynamic, int8-weight-only) is stored as its
 tensors (int8 data, scales, zero points), each encoded as any tensor is, plus the scheme's name;
 ``load`` quantizes the fresh model's layer with that scheme and copies the stored tensors in.
+
+An int8-static model (a graph) is stored as the tensors its graph reads, the numbers its quantize
+steps use, and how to rebuild it (``quant_static``); ``load`` rebuilds it from a fresh float
+instance and returns the graph.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import math
 import re
@@ -29,6 +34,8 @@ from .files import check_file_target, write_file
 from .markers import EDITS, RESHAPED
 from .markers import LOADED_FROM as _LOADED_FROM
 from .quant_schemes import PARTS, STORED, is_torchao, parts, quantized_weight, scheme_of
+from . import quant_static
+from .quant_static import DTYPES
 from .integrations import active as active_integrations
 from .surgery import shrink
 from .surgery.blocks import LinearStandIn, remove_blocks
@@ -91,6 +98,8 @@ def encode(model: torch.nn.Module, *, compress: bool = True) -> tuple[dict[str, 
 
     With ``compress=False`` every tensor is stored dense: the size a plain safetensors file has.
     """
+    if quant_static.is_static(model):
+        return _encode_static(model, compress)
     masks = masks_by_key(model) if compress else {}
     tensors, entries, seen = {}, {}, {}
     for key, value in model.state_dict().items():
@@ -112,16 +121,28 @@ def encode(model: torch.nn.Module, *, compress: bool = True) -> tuple[dict[str, 
             continue
         seen[identity] = key
         entries[key] = _store(key, value, masks.get(key), tensors, compress)
+    return tensors, _header(entries, tensors, bool(getattr(model, RESHAPED, False)), getattr(model, EDITS, []))
+
+
+def _encode_static(graph: torch.fx.GraphModule, compress: bool) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    stored, record = quant_static.stored(graph)
+    tensors = {}
+    entries = {key: _store(key, value.detach().cpu(), None, tensors, compress) for key, value in stored.items()}
+    return tensors, _header(entries, tensors, record.pop("reshaped"), record.pop("edits"), static=record)
+
+
+def _header(entries: dict, tensors: dict, reshaped: bool, edits: list, **extra) -> dict[str, str]:
     crcs = {name: _crc(t) for name, t in tensors.items()}
-    header = {"format": FORMAT, "entries": entries, "crc32": crcs,
-              "reshaped": bool(getattr(model, RESHAPED, False)), "edits": getattr(model, EDITS, [])}
-    return tensors, {"pangkas": json.dumps(header)}
+    header = {"format": FORMAT, "entries": entries, "crc32": crcs, "reshaped": reshaped, "edits": edits, **extra}
+    return {"pangkas": json.dumps(header, separators=(",", ":"))}  # no spaces: it is escaped again in the file
 
 
 def _store(name: str, value: torch.Tensor, mask: torch.Tensor | None, tensors: dict, compress: bool) -> dict:
     """Put ``value`` into ``tensors`` as bitmap + kept values (masked, or where that is smaller)
     or dense; returns its entry."""
     keep = _stored_bits(value) if mask is None else mask.cpu()
+    if compress and mask is None and value.numel() and not keep.any():
+        return {"zeros": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}
     if compress and (mask is not None or _bitmap_pays(value, int(keep.sum()))):
         tensors[f"{name}:bitmap"] = pack_bits(keep)
         tensors[f"{name}:values"] = value[keep].contiguous()
@@ -173,7 +194,9 @@ def decode(tensors: dict[str, torch.Tensor], header: dict) -> tuple[dict, dict[s
 
 
 def _value(name: str, entry: dict, tensors: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(tensor, keep mask or None) of a dense or bitmap entry."""
+    """(tensor, keep mask or None) of a dense, zeros or bitmap entry."""
+    if "zeros" in entry:
+        return torch.zeros(entry["shape"], dtype=DTYPES[entry["zeros"]]), None
     if "bitmap" in entry:
         return _unpack(name, entry["shape"], tensors[f"{name}:bitmap"], tensors[f"{name}:values"])
     return tensors[name], None
@@ -195,7 +218,7 @@ def _check_header(header, stored: set[str]) -> None:
     if header.get("format") != FORMAT:
         raise PangkasError(f"unknown format {header.get('format')!r}; expected {FORMAT} "
                            "(written by another pangkas version?)")
-    unknown = sorted(set(header) - {"format", "entries", "crc32", "reshaped", "edits"})
+    unknown = sorted(set(header) - {"format", "entries", "crc32", "reshaped", "edits", "static"})
     if unknown:  # "reshaped"/"edits" may be absent (older files) but never misspelt
         raise _corrupt(f"unknown keys {unknown}")
     entries, crcs = header.get("entries"), header.get("crc32")
@@ -208,6 +231,8 @@ def _check_header(header, stored: set[str]) -> None:
     if not _edits_ok(header.get("edits", [])):
         raise _corrupt('"edits" is not a list of {"remove_blocks": [names], "tuple_lengths": {name: int}, '
                        '"stand_ins": {name: {"width": int}}}')
+    if "static" in header:
+        quant_static.check_record(header["static"], entries)
     named = [name for key, entry in entries.items() for name in _entry_tensors(key, entry, entries)]
     if sorted(named) != sorted(stored) or set(crcs) != stored:
         raise _corrupt(f"its entries and checksums do not account for exactly the stored tensors "
@@ -225,16 +250,24 @@ def _entry_tensors(key: str, entry, entries: dict) -> list[str]:
             raise _corrupt(f"{key} is an alias of {target!r}, which is not a stored entry (of an unquantized tensor)")
         return []
     if isinstance(entry, dict) and set(entry) == {"bitmap", "mask", "shape"}:
-        shape = entry["shape"]
         if entry["bitmap"] is not True or not isinstance(entry["mask"], bool):
             raise _corrupt(f"{key}: \"bitmap\" must be true and \"mask\" true or false")
-        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
-            raise _corrupt(f"{key}: shape {shape!r} is not a list of sizes >= 0")
+        _check_shape(key, entry["shape"])
         return [f"{key}:bitmap", f"{key}:values"]
+    if isinstance(entry, dict) and set(entry) == {"zeros", "shape"}:
+        if entry["zeros"] not in DTYPES:
+            raise _corrupt(f"{key}: dtype {entry['zeros']!r} is not one of {sorted(DTYPES)}")
+        _check_shape(key, entry["shape"])
+        return []
     if isinstance(entry, dict) and set(entry) == {"quantized", "dtype", "block_size", "parts"}:
         return _quantized_tensors(key, entry)
-    raise _corrupt(f"entry {key} is {entry!r}, not {{}}, {{alias}}, {{bitmap, mask, shape}} "
+    raise _corrupt(f"entry {key} is {entry!r}, not {{}}, {{alias}}, {{bitmap, mask, shape}}, {{zeros, shape}} "
                    "or {quantized, dtype, block_size, parts}")
+
+
+def _check_shape(key: str, shape) -> None:
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+        raise _corrupt(f"{key}: shape {shape!r} is not a list of sizes >= 0")
 
 
 def _quantized_tensors(key: str, entry: dict) -> list[str]:
@@ -252,8 +285,8 @@ def _quantized_tensors(key: str, entry: dict) -> list[str]:
     names = []
     for name, part in stored.items():
         if not (part == {} or (isinstance(part, dict) and set(part) == {"bitmap", "mask", "shape"}
-                               and part["mask"] is False)):
-            raise _corrupt(f"{key}:{name} is {part!r}, not {{}} or an unmasked {{bitmap, mask, shape}}")
+                               and part["mask"] is False) or (isinstance(part, dict) and set(part) == {"zeros", "shape"})):
+            raise _corrupt(f"{key}:{name} is {part!r}, not {{}}, {{zeros, shape}} or an unmasked {{bitmap, mask, shape}}")
         names += _entry_tensors(f"{key}:{name}", part, {})
     return names
 
@@ -307,18 +340,8 @@ def save(model: torch.nn.Module, path: str | os.PathLike, *, metadata: dict[str,
     extra = dict(metadata or {})
     if "pangkas" in extra:
         raise PangkasError("metadata key 'pangkas' is reserved")
-    _refuse_static(model)
     tensors, own = encode(model)
     return write_file(path, serialize(tensors, {**extra, **own}), overwrite=overwrite or loaded_from)
-
-
-def _refuse_static(model: torch.nn.Module) -> None:
-    """An int8-static model is a graph whose int8 maths lives in its ops, which no state dict holds."""
-    if isinstance(model, torch.fx.GraphModule) and any(
-            node.op == "call_function" and "quantize" in str(node.target) for node in model.graph.nodes):
-        raise PangkasError("this is an int8-static model (a torch.fx.GraphModule with quantize ops), which a "
-                           "pangkas file cannot hold: write it with pangkas.export_onnx, or save the float "
-                           "model and quantize it again after loading")
 
 
 def serialize(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
@@ -354,15 +377,23 @@ def load(path: str | os.PathLike, model: torch.nn.Module, *, dtype: torch.dtype 
     value is. On any error ``PangkasError`` is raised; on it or an interrupt (re-raised as it is)
     the model is left exactly as it was. ``integrations``: model families pruned with a per-call
     ``integrations=`` (the registered ones are always known).
+
+    Returns ``model``, except for a file of an int8-static model (``pangkas.quantize(...,
+    "int8-static")``): that graph is rebuilt from a copy of ``model`` (a fresh float instance of the
+    architecture) and returned, and ``model`` is left as it was.
     """
     path = Path(path)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise PangkasError(f"dtype must be None (the file's dtypes must be the model's) or a floating-point "
                            f"torch.dtype to cast the file's floating-point tensors to, got {dtype!r}")
-    if any(is_torchao(p) for p in model.parameters()):
+    if any(is_torchao(p) for p in model.parameters()) or quant_static.is_static(model):
         raise PangkasError(f"{type(model).__name__} is already quantized; load into a fresh float instance "
                            "(the file says which layers to quantize)")
     header, state, masks = _decoded(path, *_read(path))
+    if "static" in header:
+        if dtype is not None:
+            raise PangkasError("dtype= cannot cast an int8-static file (its scales were chosen for the saved dtype)")
+        return _load_static(path, model, header, state, integrations)
     shrunk = _load_into(model, path, header, _cast(state, dtype), masks, integrations)
     if header.get("edits"):
         setattr(model, EDITS, list(header["edits"]))
@@ -406,14 +437,7 @@ def _load_into(model: torch.nn.Module, path: Path, header: dict, state: dict, ma
     All of it is undone on failure or interrupt (which is re-raised as it is)."""
     undos = []
     try:
-        undos += _replay(model, header.get("edits", []), path)
-        reshaped = header.get("reshaped", False)
-        shrunk = _check_fits(model, state, path, allow_smaller=reshaped)
-        if shrunk:
-            known = active_integrations(integrations)  # a family's module is cut the way it was pruned
-            undos.append(shrink(model, _keep_leading(model, shrunk), known.updater_for, known.fix))
-        if reshaped:  # the cut's fixers may add buffers (a weight-standardised conv's removed moments)
-            _check_fits(model, state, path, allow_smaller=False)
+        shrunk = _fit(model, path, header, state, integrations, undos)
         _restore(model, state, masks, _quantized_weights(model, state, path))
     except BaseException as exc:
         for undo in reversed(undos):
@@ -423,6 +447,39 @@ def _load_into(model: torch.nn.Module, path: Path, header: dict, state: dict, ma
                                f"{type(exc).__name__}: {exc}") from exc
         raise
     return shrunk
+
+
+def _fit(model: torch.nn.Module, path: Path, header: dict, state: dict, integrations: list | None, undos: list,
+         check_dtypes: bool = True) -> dict:
+    """Replay the file's edits and cut the model to the shapes of ``state``; returns the cut shapes
+    and appends what undoes each step to ``undos``."""
+    undos += _replay(model, header.get("edits", []), path)
+    reshaped = header.get("reshaped", False)
+    shrunk = _check_fits(model, state, path, allow_smaller=reshaped, check_dtypes=check_dtypes)
+    if shrunk:
+        known = active_integrations(integrations)  # a family's module is cut the way it was pruned
+        undos.append(shrink(model, _keep_leading(model, shrunk), known.updater_for, known.fix))
+    if reshaped:  # the cut's fixers may add buffers (a weight-standardised conv's removed moments)
+        _check_fits(model, state, path, allow_smaller=False, check_dtypes=check_dtypes)
+    return shrunk
+
+
+def _load_static(path: Path, model: torch.nn.Module, header: dict, state: dict,
+                 integrations: list | None) -> torch.fx.GraphModule:
+    """The int8-static graph of the file, rebuilt from a copy of ``model`` (left as it was)."""
+    record = header["static"]
+    shapes = {key: torch.empty(shape, device="meta") for key, shape in record["shapes"].items()}
+    try:
+        work = copy.deepcopy(model)
+        _fit(work, path, header, shapes, integrations, [], check_dtypes=False)
+        graph = quant_static.rebuild(work, record, state)
+    except PangkasError as exc:
+        raise PangkasError(f"{path}: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 -- a copy was changed; the model was not
+        raise PangkasError(f"{path} could not be rebuilt from {type(model).__name__}: "
+                           f"{type(exc).__name__}: {exc}") from exc
+    setattr(graph, _LOADED_FROM, path.resolve())
+    return graph
 
 
 def _replay(model: torch.nn.Module, edits: list[dict], path: Path) -> list:
@@ -471,7 +528,7 @@ def _keep_leading(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) ->
 
 
 def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Path,
-                allow_smaller: bool) -> dict:
+                allow_smaller: bool, check_dtypes: bool = True) -> dict:
     """Raise unless ``state`` fits ``model``; for a file of a pruned model (``allow_smaller``)
     returns the keys whose tensors are smaller in the file, with their file shapes (its keys the
     model lacks are left to the check after the cut, which may add them)."""
@@ -492,7 +549,8 @@ def _check_fits(model: torch.nn.Module, state: dict[str, torch.Tensor], path: Pa
             f"{path} does not fit {type(model).__name__}: missing {missing[:5]}, "
             f"unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}"
         )
-    _check_dtypes(model, state, path)
+    if check_dtypes:
+        _check_dtypes(model, state, path)
     return shrunk
 
 

@@ -29,10 +29,10 @@ from torch import nn
 
 from .distortion import Fidelity
 from .errors import PangkasError
-from .inputs import call_model, export_call
 from .layers import _batches
 from .modules import Selector, select_modules
 from .quant_schemes import LINEAR_ONLY, SCHEMES, is_torchao
+from .quant_static import build
 from .quant_schemes import config as _config
 from .quant_schemes import require_torchao as _torchao
 from .weights import finalize
@@ -144,11 +144,7 @@ def _probe_int4() -> None:
 
 
 def _static(model: nn.Module, batches: list, example_inputs, candidates) -> tuple[nn.Module, dict[str, str]]:
-    """torchao's PT2E flow: export, annotate for the x86 inductor backend, calibrate, convert."""
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as x86
-
+    """torchao's PT2E flow (``quant_static.build``) on a copy with the masks baked in."""
     if not batches:
         raise PangkasError("int8-static calibrates activation scales on data=: give calibration batches")
     if not candidates:
@@ -159,58 +155,17 @@ def _static(model: nn.Module, batches: list, example_inputs, candidates) -> tupl
     if _batch_size(example) == 1 and any(_batch_size(b) != 1 for b in batches):
         raise PangkasError("example_inputs has batch size 1, which torch.export fixes at 1, and the calibration "
                            "batches are larger: give example_inputs with a batch of at least 2, or none")
-    graph = _exported(source, example)
-    quantizer = x86.X86InductorQuantizer().set_global(x86.get_default_x86_inductor_quantization_config())
     chosen = {name for name, _ in candidates}
-    for name, module in source.named_modules():
-        if isinstance(module, (nn.Linear, *CONVS)) and name not in chosen:
-            quantizer.set_module_name_qconfig(name, None)
-    try:
-        prepared = prepare_pt2e(graph, quantizer)
-        with torch.no_grad():
-            for batch in batches:
-                call_model(prepared, batch)
-        quantized = convert_pt2e(prepared)
-        allow_exported_model_train_eval(quantized)  # .eval() and .train() work as on any model
-        quantized.eval()
-        for module in quantized.modules():  # the graph is in eval mode; its flags did not say so
-            module.training = False
-    except Exception as exc:  # noqa: BLE001 -- torchao's message names the op
-        raise PangkasError(f"int8-static failed in torchao: {exc}") from exc
+    left_out = [name for name, module in source.named_modules()
+                if isinstance(module, (nn.Linear, *CONVS)) and name not in chosen]
+    quantized = build(source, batches, example, left_out)
     return quantized, _static_layers(quantized, candidates)
-
-
-def _exported(model: nn.Module, example) -> torch.fx.GraphModule:
-    """``model`` exported at ``example`` with dim 0 of every tensor input dynamic (calibration
-    batches may differ in size), with one partition per call site of a module (see below)."""
-    args, kwargs, shapes = export_call(model, example)
-    try:
-        exported = torch.export.export(model, args, kwargs, dynamic_shapes=shapes)
-    except Exception as exc:  # noqa: BLE001 -- export's own message says what it cannot capture
-        raise PangkasError(f"int8-static needs torch.export to capture the model, and it failed: "
-                           f"{str(exc).splitlines()[0]}") from exc
-    graph = exported.module()
-    _one_partition_per_call(graph, model)
-    return graph
 
 
 def _batch_size(batch) -> int | None:
     """Dim 0 of the first tensor in ``batch``."""
     values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
     return next((v.shape[0] for v in values if isinstance(v, torch.Tensor) and v.ndim), None)
-
-
-def _one_partition_per_call(graph: torch.fx.GraphModule, model: nn.Module) -> None:
-    """Give the nodes of each later call of a module used twice (ResNet's shared ReLU) their own
-    source: the quantizer groups nodes into patterns by module name, and two calls of one module
-    would otherwise make one pattern with two outputs, which it refuses."""
-    for node in graph.graph.nodes:
-        stack = node.meta.get("nn_module_stack")
-        if node.op != "call_function" or not stack or node.meta.get("source_fn_stack") is not None:
-            continue
-        key, (name, _) = list(stack.items())[-1]
-        if "@" in key:  # export marks the second and later calls of a module so
-            node.meta["source_fn_stack"] = [(key, type(model.get_submodule(name)))]
 
 
 def _static_layers(graph: torch.fx.GraphModule, candidates) -> dict[str, str]:

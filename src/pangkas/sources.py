@@ -113,7 +113,7 @@ def resolve(spec: str, *, weights: str | None = None, allow_pickle: bool = False
             raise PangkasError(f"{path} is a directory without config.json: not a Hugging Face model")
         model, config = _huggingface(path)
         inputs, shape = _hf_inputs(config, input_shape)
-        _load_weights(model, weights)
+        model = _load_weights(model, weights)
         return Source(model, inputs, str(path.resolve()), shape, path)
     elif path.suffix == ".safetensors":
         if weights is not None:
@@ -131,14 +131,14 @@ def resolve(spec: str, *, weights: str | None = None, allow_pickle: bool = False
             "package.module:factory, a .safetensors file written by pangkas, or a pickled "
             ".pt file with --allow-pickle"
         )
-    _load_weights(model, weights)
+    model = _load_weights(model, weights)
     shape = input_shape or default_shape
     return Source(model, torch.randn(shape), spec, shape)
 
 
-def _load_weights(model: nn.Module, weights: str | None) -> None:
-    if weights is not None:
-        load(weights, model)
+def _load_weights(model: nn.Module, weights: str | None) -> nn.Module:
+    """``model`` with the weights of a file (an int8-static file loads as a new graph)."""
+    return model if weights is None else load(weights, model)
 
 
 def _pickled(path: Path, allow_pickle: bool) -> nn.Module:
@@ -166,7 +166,7 @@ def _saved(path: Path, input_shape: tuple[int, ...] | None, trust_source: bool) 
     _check_recorded(path, spec, trust_source)
     shape = input_shape or _recorded_shape(path, metadata.get("input_shape"))
     source = resolve(spec, input_shape=shape)
-    load(path, source.model)
+    source.model = load(path, source.model)  # an int8-static file loads as a new graph
     return source
 
 
