@@ -19,7 +19,7 @@ from .errors import PangkasError
 from .export import OnnxRuntimeModule, onnx_bytes
 from .files import check_directory_target, pyplot, staged_directory, write_figure
 from .io import save
-from .measure import Ratio, latency_ratios, measure
+from .measure import Ratio, file_sizes, latency_ratios, measure
 from .progress import track
 from .tables import human_count, render_table
 from .channels import prune_channels
@@ -109,6 +109,7 @@ class Stage:
     macs: int
     file_bytes: int
     latency: Ratio | None = None  # vs the dense model; only for the models that get deployed
+    file_note: str = ""  # which file, where it is not pangkas.save's
 
     @property
     def latency_ratio(self) -> float | None:
@@ -189,26 +190,30 @@ def _pipeline_stages(run: _Run, model: nn.Module) -> None:
     run.record("pipeline", "pipeline: layers, channels, weights", model, deploy=True)
 
 
-def _onnxruntime_stages(run: _Run, model: nn.Module) -> bytes | None:
+def _onnxruntime_stages(run: _Run, model: nn.Module) -> tuple[nn.Module, bytes] | None:
     """The pipeline's recovered model as the ONNX files onnxruntime runs, scored and timed there:
     in float (what the runtime alone changes), then with int8 weights and activations (scales
-    calibrated on training images). Returns the int8 file, or None (with a warning) where torchao,
-    onnx or onnxruntime is not installed."""
+    calibrated on training images). Returns the int8 model and its .onnx file, or None (with a
+    warning) where torchao, onnx or onnxruntime is not installed."""
     example = run.data.x_train[:64]
     try:
         float_file, _, _ = onnx_bytes(model, example)
-        int8_file, _, _ = onnx_bytes(quantize(model, _calibration(run), "int8-static")[0], example)
+        int8_model = quantize(model, _calibration(run), "int8-static")[0]
+        int8_file, _, _ = onnx_bytes(int8_model, example)
     except PangkasError as exc:
         warnings.warn(f"demo: no onnxruntime stages: {exc}", stacklevel=2)
         return None
+    # the int8 row's file is pangkas.save's (sparse int8); the .onnx stores its int8 weights densely
+    files = {"onnxruntime": (len(float_file), ".onnx"),
+             "int8": (file_sizes(int8_model)[1], f".onnx {len(int8_file) / 1024:.1f} KiB")}
     for kind, name, data in (("onnxruntime", "pipeline (onnxruntime)", float_file),
                              ("int8", "pipeline + int8 (onnxruntime)", int8_file)):
         runtime = OnnxRuntimeModule(data)
         structure = _stage(kind, name, model, run.data)  # the same layers, in another runtime or in int8
         run.stages.append(replace(structure, accuracy=accuracy(runtime, run.data.x_test, run.data.y_test),
-                                  file_bytes=len(data)))
+                                  file_bytes=files[kind][0], file_note=files[kind][1]))
         run.deployable[len(run.stages) - 1] = runtime
-    return int8_file
+    return int8_model, int8_file
 
 
 def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int = 0,
@@ -220,7 +225,8 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
 
     Writes the pruned models (``digits_cnn_pruned.safetensors`` with its masks,
     ``digits_cnn_channels.safetensors``, ``digits_cnn_layers.safetensors``,
-    ``digits_cnn_pipeline.safetensors``, ``digits_cnn_pipeline_int8.onnx``), ``results.md``, ``weights.png`` and ``pipeline.png``
+    ``digits_cnn_pipeline.safetensors``, ``digits_cnn_pipeline_int8.safetensors`` and ``.onnx``),
+    ``results.md``, ``weights.png`` and ``pipeline.png``
     to ``out``. A non-empty ``out`` is refused unless ``overwrite=True``, and then only these
     files are replaced.
     """
@@ -250,7 +256,8 @@ def run_demo(out: str | Path = "demo-output", *, quick: bool = False, seed: int 
         for kind, variant in variants.items():
             save(variant, staging / f"digits_cnn_{names[kind]}.safetensors", metadata=MODEL_METADATA)
         if int8 is not None:
-            (staging / "digits_cnn_pipeline_int8.onnx").write_bytes(int8)
+            save(int8[0], staging / "digits_cnn_pipeline_int8.safetensors", metadata=MODEL_METADATA)
+            (staging / "digits_cnn_pipeline_int8.onnx").write_bytes(int8[1])
         (staging / "results.md").write_text(f"{table}\n\nReproduce: `pangkas demo --out {out} --overwrite`\n")
         plot([s for s in stages if s.kind in ("dense", "weights")], staging / "weights.png")
         plot_pipeline(stages, staging / "pipeline.png")
@@ -265,7 +272,7 @@ def _latency_cell(stage: Stage, dense: Stage) -> str:
 
 def results_table(stages: list[Stage], seconds: float) -> str:
     rows = [(s.name, f"{s.sparsity:.1%}", f"{s.accuracy:.2%}", f"{s.params:,}", f"{s.nonzero:,}",
-             human_count(s.macs), f"{s.file_bytes / 1024:.1f} KiB",
+             human_count(s.macs), f"{s.file_bytes / 1024:.1f} KiB" + (f" ({s.file_note})" if s.file_note else ""),
              _latency_cell(s, stages[0]))
             for s in stages]
     return render_table(
@@ -273,7 +280,7 @@ def results_table(stages: list[Stage], seconds: float) -> str:
         f"(block influence) and all three, each recovered by distillation; the last one also run by onnxruntime, "
         f"in float and in int8 (static); {seconds:.0f} s, {torch.get_num_threads()} threads",
         ("stage", "model sparsity", "test accuracy", "params", "non-zero", "MACs (450 test images)",
-         "file (pangkas.save; onnxruntime: .onnx)", "latency vs dense (95% interval)"),
+         "file (pangkas.save)", "latency vs dense (95% interval)"),
         rows, markdown=True,
     )
 
