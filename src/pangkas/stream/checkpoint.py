@@ -1,0 +1,155 @@
+"""A Hugging Face checkpoint directory read tensor by tensor, and its model built without weights.
+
+The model is built on ``meta`` (its buffers that are computed, not stored, such as rotary
+frequencies, are real); ``materialize`` loads one module's tensors from the shards (safetensors
+reads only the bytes asked for) and ``release`` puts it back on ``meta``. Only config.json and
+safetensors files are read: pickled ``.bin`` checkpoints are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import PangkasError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory by name, each read from its shard on request."""
+
+    def __init__(self, directory: str | Path, files: list[str] | None = None):
+        """The checkpoint in ``directory`` (its index or single file), or the tensors of ``files``
+        in it (shards being written, before there is an index)."""
+        self.directory = Path(directory)
+        self._open: dict[str, object] = {}
+        if files is not None:
+            self.files = {key: f for f in files for key in self._handle(f).keys()}
+            return
+        if not (self.directory / "config.json").is_file():
+            raise PangkasError(f"{self.directory} has no config.json: not a Hugging Face model directory")
+        self.files = self._weight_map()
+
+    def _weight_map(self) -> dict[str, str]:
+        index, single = self.directory / INDEX, self.directory / SINGLE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise PangkasError(f"{index} is not a safetensors index (a JSON weight_map): {exc}") from exc
+            if not (isinstance(weight_map, dict) and all(isinstance(v, str) and "/" not in v and v.endswith(
+                    ".safetensors") for v in weight_map.values())):
+                raise PangkasError(f"{index}: weight_map must name .safetensors files in the directory")
+            return weight_map
+        if single.is_file():
+            return dict.fromkeys(self._handle(SINGLE).keys(), SINGLE)
+        raise PangkasError(f"{self.directory} has no {SINGLE} or {INDEX}: streamed pruning reads safetensors "
+                           "checkpoints only (pickled .bin files are never loaded)")
+
+    def _handle(self, file: str):
+        from safetensors import SafetensorError, safe_open
+
+        if file not in self._open:
+            try:
+                self._open[file] = safe_open(str(self.directory / file), framework="pt")
+            except (SafetensorError, OSError) as exc:
+                raise PangkasError(f"cannot read {self.directory / file}: {exc}") from exc
+        return self._open[file]
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def tensor(self, key: str) -> torch.Tensor:
+        if key not in self.files:
+            raise PangkasError(f"{self.directory} has no tensor {key!r}")
+        try:
+            return self._handle(self.files[key]).get_tensor(key)
+        except Exception as exc:  # noqa: BLE001 -- safetensors' errors for a damaged shard vary
+            raise PangkasError(f"cannot read {key} from {self.directory / self.files[key]}: {exc}") from exc
+
+    def nbytes(self) -> int:
+        return sum((self.directory / f).stat().st_size for f in set(self.files.values()))
+
+    def header(self) -> list:
+        """(key, dtype, shape) of every tensor, from the shards' headers: what identifies the weights
+        without reading them."""
+        found = []
+        for file in sorted(set(self.files.values())):
+            handle = self._handle(file)
+            for key in sorted(handle.keys()):
+                piece = handle.get_slice(key)
+                found.append((key, piece.get_dtype(), list(piece.get_shape())))
+        return found
+
+
+def skeleton(directory: str | Path) -> tuple[nn.Module, object]:
+    """(the directory's model with its parameters on ``meta``, its config). The class is the one
+    config.json's ``architectures`` names among transformers' own (no code from the directory)."""
+    try:
+        import transformers
+        from accelerate import init_empty_weights
+    except ImportError as exc:
+        raise PangkasError("streamed pruning needs transformers and accelerate: pip install 'pangkas[hf]'") from exc
+    try:
+        config = transformers.AutoConfig.from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001 -- transformers says what is wrong with the config
+        raise PangkasError(f"{directory}/config.json does not load: {exc}") from exc
+    architectures = [a for a in getattr(config, "architectures", None) or [] if hasattr(transformers, a)]
+    if not architectures:
+        raise PangkasError(f"{directory}/config.json names no transformers architecture "
+                           f"({getattr(config, 'architectures', None)}); streamed pruning builds the model from it")
+    with init_empty_weights(include_buffers=False):
+        model = getattr(transformers, architectures[0])._from_config(config)
+    return model.eval(), config
+
+
+def materialize(module: nn.Module, prefix: str, checkpoint: Checkpoint, source: Checkpoint | None = None) -> None:
+    """Give ``module`` (named ``prefix`` in the model) its tensors from ``checkpoint`` (or
+    ``source`` for keys it lacks), replacing the ``meta`` ones; a buffer not in the checkpoint
+    (computed at construction) stays as it is."""
+    state = {}
+    for name, value in module.state_dict().items():
+        key = f"{prefix}.{name}" if prefix else name
+        if key in checkpoint.files:
+            state[name] = checkpoint.tensor(key)
+        elif source is not None and key in source.files:
+            state[name] = source.tensor(key)
+        elif value.is_meta:
+            raise PangkasError(f"{checkpoint.directory} has no tensor {key!r}, which the model built from its "
+                               "config has (checkpoints from older transformers may name tensors differently: "
+                               "load and save_pretrained it once with this version)")
+    module.load_state_dict(state, strict=False, assign=True)
+
+
+def release(module: nn.Module) -> None:
+    """Put ``module``'s parameters and buffers back on ``meta``, freeing their memory."""
+    module.to("meta")
+
+
+@contextlib.contextmanager
+def on_demand(model: nn.Module, names: list[str], checkpoint: Checkpoint):
+    """While inside, each module in ``names`` gets its tensors when first called (so a forward pass
+    loads only what it reaches: the embeddings before the first block, not the head); all are
+    released on exit."""
+    loaded: list[nn.Module] = []
+
+    def load(module, args, name):
+        if any(t.is_meta for t in module.parameters(recurse=False)):
+            materialize(module, name, checkpoint)
+            loaded.append(module)
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: load(m, a, n)) for n in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module in loaded:
+            release(module)

@@ -1,0 +1,223 @@
+"""Streamed weight pruning: a checkpoint directory in, a pruned checkpoint directory out, with one
+block of the model in memory at a time.
+
+The model is built on ``meta``. For one-shot criteria (Wanda, SparseGPT) the first block's inputs
+are captured from the data (only the modules that forward pass reaches, the embeddings, are loaded
+for it); then each block is loaded from the shards, pruned on the inputs it really receives exactly
+as ``pangkas.prune_weights`` does in memory (same code, same order: the same weights bit for bit),
+written as its own shard, run to give the next block its inputs, and released. The tensors outside
+the blocks (embeddings, final norm, head) are copied one module at a time. A crash loses at most
+the block in progress: the same call continues from the shards written (``stream.output``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..blockwise import blocks_of, first_block_inputs, next_inputs, read_by
+from ..errors import PangkasError
+from ..modules import Selector
+from ..progress import track
+from ..weights.criteria import CalibratedImportance
+from ..weights.masks import get_mask
+from ..weights.oneshot import _prune_layers
+from ..weights.prune import LayerSparsity, WeightReport, _new_masks, _targets, _validate, parse_pattern
+from .checkpoint import Checkpoint, materialize, on_demand, release, skeleton
+from .output import ResumableOutput
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.I)
+_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: int | str) -> int:
+    """``4GB``, ``512MiB``, ``1.5G`` or a number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    unit = match[2].upper() if match else ""
+    if not match or unit not in _UNITS or float(match[1]) <= 0:
+        raise PangkasError(f"max_memory must be a size such as 4GB, 512MiB or a number of bytes > 0, got {value!r}")
+    return int(float(match[1]) * _UNITS[unit])
+
+
+def prune_weights(directory: str | Path, output: str | Path, *, sparsity: float | None = None,
+                  threshold: float | None = None, pattern: str | None = None, importance="magnitude",
+                  data: Iterable | None = None, include: Selector = None, exclude: Selector = None,
+                  max_memory: int | str | None = None, overwrite: bool = False) -> WeightReport:
+    """Prune the weights of the Hugging Face checkpoint in ``directory`` (config.json + safetensors
+    shards) into a checkpoint directory ``output`` that ``from_pretrained`` loads, holding one block
+    in memory at a time. The rules and criteria are ``pangkas.prune_weights``' (per layer: the
+    global scope ranks every weight at once and is not available), and so is the result, bit for
+    bit. Only layers inside the repeated blocks are pruned: a selected layer outside them (the LM
+    head) is refused, exclude it. ``max_memory``: refuse up front when the estimated peak (a block,
+    its calibration statistics and activations) exceeds it. Run again after a crash or interrupt to
+    continue from the last block written."""
+    criterion = _validate(sparsity, threshold, pattern, "local", importance, data)
+    source = Checkpoint(directory)
+    model, config = skeleton(directory)
+    blocks = blocks_of(model)
+    if not blocks:
+        raise PangkasError(f"{type(model).__name__} has no repeated blocks to stream one at a time")
+    targets, skipped = _targets(model, include, exclude)
+    outside = [name for name, _ in targets if _block_of(name, blocks) is None]
+    if outside:
+        raise PangkasError(f"{outside[:3]} are outside the repeated blocks ({blocks[0]}, ...), which is all streamed "
+                           f"pruning prunes: exclude them (exclude={outside[0]!r})")
+    batches = list(data) if isinstance(criterion, CalibratedImportance) else []
+    if max_memory is not None:
+        _check_memory(model, blocks, source, criterion, batches, parse_bytes(max_memory))
+    rest = _outside_units(model, blocks, source)
+    out = ResumableOutput(output, [*blocks, *rest], _fingerprint(source, criterion, sparsity, threshold, pattern,
+                                                                  include, exclude, batches),
+                          source=Path(directory), overwrite=overwrite)
+    rule = (f"sparsity={sparsity} (local)" if sparsity is not None else f"threshold={threshold}"
+            if threshold is not None else f"pattern={pattern}") + f", importance={criterion.name}, streamed"
+    with torch.no_grad():
+        _stream_blocks(model, blocks, dict(targets), source, out, criterion, sparsity, threshold, pattern, batches)
+        for unit, keys in rest.items():
+            if out.done(unit) is None:
+                tensors = {key: source.tensor(key) for key in keys}
+                out.write(unit, tensors, _counts(model, tensors))
+    report = _report(rule, [out.done(u) for u in out.units], skipped)
+    out.finish(json.loads((Path(directory) / "config.json").read_text()))
+    return report
+
+
+def _block_of(name: str, blocks: list[str]) -> str | None:
+    return next((b for b in blocks if name.startswith(b + ".")), None)
+
+
+def _outside_units(model: nn.Module, blocks: list[str], source: Checkpoint) -> dict[str, list[str]]:
+    """The checkpoint's tensors outside the blocks, by the module holding them (one shard each)."""
+    modules = {name for name, _ in model.named_modules()}
+    units: dict[str, list[str]] = {}
+    for key in source.keys():
+        if _block_of(key, blocks) is None:
+            owner = key.rpartition(".")[0]
+            units.setdefault(owner if owner in modules else key, []).append(key)
+    return units
+
+
+def _stream_blocks(model, blocks, targets, source, out, criterion, sparsity, threshold, pattern, batches) -> None:
+    calibrated = isinstance(criterion, CalibratedImportance)
+    captured = None
+    if calibrated:
+        owners = [n for n, m in model.named_modules() if _block_of(n, blocks) is None and n not in blocks
+                  and any(True for _ in m.parameters(recurse=False))]
+        with on_demand(model, owners, source):
+            captured = first_block_inputs(model, blocks[0], batches)
+    for name in track(blocks, f"{criterion.name}: pruning block by block (streamed)"):
+        block = model.get_submodule(name)
+        if out.done(name) is None:
+            materialize(block, name, source)
+            layers = {n: m for n, m in targets.items() if _block_of(n, blocks) == name}
+            before = _nonzero(layers)
+            if calibrated:
+                _pruned_on_inputs(block, layers, captured, criterion, sparsity, pattern)
+            else:
+                _pruned_by_weights(layers, criterion, sparsity, threshold, pattern)
+            tensors = {f"{name}.{key}": t for key, t in block.state_dict().items()}
+            out.write(name, tensors, {**_counts(model, tensors, before), "layers": [
+                [n, list(m.weight.shape), before[n], int(torch.count_nonzero(m.weight))] for n, m in layers.items()]})
+        else:
+            materialize(block, name, out.written())  # pruned already: its outputs feed the next block
+        if calibrated and name != blocks[-1]:
+            captured = next_inputs(block, captured)
+        release(block)
+
+
+def _pruned_on_inputs(block, layers, captured, criterion, sparsity, pattern) -> None:
+    """What ``calibrated_masks`` does to one block, applied: where a mask removes, zero."""
+    n_m = parse_pattern(pattern) if pattern else None
+    results = _prune_layers(layers, lambda: read_by(block, list(layers.values()), captured),
+                            criterion, sparsity, n_m, get_mask)
+    for name, (weight, keep) in results.items():
+        param = layers[name].weight
+        param.data = torch.where(keep, weight if weight is not None else param.detach(), 0.0)
+
+
+def _pruned_by_weights(layers, criterion, sparsity, threshold, pattern) -> None:
+    items = list(layers.items())
+    weights = [m.weight for _, m in items]
+    masks = _new_masks(items, weights, [None] * len(items), criterion, sparsity, threshold, pattern, "local")
+    for (_, module), mask in zip(items, masks):
+        module.weight.data = torch.where(mask, module.weight.detach(), 0.0)
+
+
+def _nonzero(layers: dict[str, nn.Module]) -> dict[str, int]:
+    return {n: int(torch.count_nonzero(m.weight)) for n, m in layers.items()}
+
+
+def _counts(model: nn.Module, tensors: dict[str, torch.Tensor], before: dict[str, int] | None = None) -> dict:
+    """Parameters among ``tensors`` and their non-zeros now (and before, where layers changed)."""
+    parameters = {n for n, _ in model.named_parameters()}
+    counted = {k: t for k, t in tensors.items() if k in parameters}
+    nonzero = sum(int(torch.count_nonzero(t)) for t in counted.values())
+    changed = sum(before.values()) - sum(int(torch.count_nonzero(tensors[f"{n}.weight"])) for n in before) \
+        if before else 0
+    return {"params": sum(t.numel() for t in counted.values()), "nonzero_after": nonzero,
+            "nonzero_before": nonzero + changed, "layers": []}
+
+
+def _report(rule: str, records: list[dict], skipped: dict) -> WeightReport:
+    layers = tuple(LayerSparsity(n, tuple(shape), b, a) for r in records for n, shape, b, a in r["layers"])
+    return WeightReport(rule, layers, sum(r["params"] for r in records),
+                        sum(r["nonzero_before"] for r in records), sum(r["nonzero_after"] for r in records), skipped)
+
+
+def _fingerprint(source: Checkpoint, criterion, sparsity, threshold, pattern, include, exclude, batches) -> str:
+    """What a resumed run must share with the one it continues: the checkpoint's tensors (names,
+    dtypes, shapes, file sizes), the options and the calibration data."""
+    digest = hashlib.sha256()
+    sizes = {f: (source.directory / f).stat().st_size for f in sorted(set(source.files.values()))}
+    digest.update(repr((source.header(), sizes, criterion.name, sparsity, threshold, pattern,
+                        repr(include), repr(exclude))).encode())
+    for batch in batches:
+        values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                digest.update(repr((value.dtype, tuple(value.shape))).encode())
+                digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            else:
+                digest.update(repr(value).encode())
+    return digest.hexdigest()
+
+
+def _check_memory(model, blocks, source, criterion, batches, limit: int) -> None:
+    """Refuse before any work when the estimated peak exceeds ``limit``: the largest block twice
+    (loaded, and serialized for its shard), SparseGPT's input Gram matrices (Wanda's norms) of
+    its layers in float32, and the calibration activations three times (a block's inputs, its
+    outputs, one batch's intermediate)."""
+    header = {key: (dtype, shape) for key, dtype, shape in source.header()}
+    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
+
+    def nbytes(key):
+        dtype, shape = header[key]
+        return sizes.get(dtype, 4) * int(torch.Size(shape).numel())
+
+    block_bytes = max(sum(nbytes(k) for k in source.keys() if k.startswith(b + ".")) for b in blocks)
+    gram = isinstance(criterion, CalibratedImportance) and criterion.gram
+    widths = [m.in_features for m in model.get_submodule(blocks[0]).modules() if isinstance(m, nn.Linear)]
+    statistics = sum(w * w if gram else w for w in widths) * 4
+    hidden = getattr(getattr(model, "config", None), "hidden_size", max(widths, default=0))
+    tokens = sum(_tokens(b) for b in batches)
+    estimate = 2 * block_bytes + statistics + 3 * tokens * hidden * 4
+    if estimate > limit:
+        raise PangkasError(f"streaming {source.directory} needs about {estimate / 2**30:.2f} GiB at its largest "
+                           f"block (block {block_bytes / 2**30:.2f} GiB, statistics {statistics / 2**30:.2f} GiB, "
+                           f"activations of {tokens} tokens), over max_memory={limit / 2**30:.2f} GiB; "
+                           "calibrate on fewer tokens or allow more memory")
+
+
+def _tokens(batch) -> int:
+    value = batch.get("input_ids") if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) \
+        else batch
+    return int(value.numel()) if isinstance(value, torch.Tensor) else 0
