@@ -22,6 +22,7 @@ from .errors import OperationFailed, PangkasError
 from .quantize import SCHEMES
 
 console = Console()
+WEIGHT_CRITERIA = ("magnitude", "random", "wanda", "sparsegpt")
 
 
 def say(text: str) -> None:
@@ -125,8 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     rule.add_argument("--threshold", type=float, help="keep weights with |w| > THRESHOLD")
     rule.add_argument("--pattern", help="N:M, e.g. 2:4")
     weights.add_argument("--scope", choices=("local", "global"), default="local")
-    weights.add_argument("--importance", choices=("magnitude", "random"), default="magnitude")
-    _renamed_flag(weights, "--method", "--importance", choices=("magnitude", "random"))
+    weights.add_argument("--importance", choices=WEIGHT_CRITERIA, default="magnitude",
+                         help="wanda / sparsegpt: one-shot, block by block on --data")
+    _renamed_flag(weights, "--method", "--importance", choices=WEIGHT_CRITERIA)
+    weights.add_argument("--data", help="calibration data for wanda / sparsegpt: a .safetensors file of inputs, or "
+                         "for a Hugging Face MODEL a .txt file of texts")
+    weights.add_argument("--batch-size", type=_positive, default=8)
+    weights.add_argument("--max-memory", help="Hugging Face MODEL to an OUT_DIR (streamed, one block in memory at a "
+                         "time): refuse up front if the estimated peak exceeds this, e.g. 4GB")
     _selection_args(weights, "prune")
     _output_args(weights)
 
@@ -304,9 +311,6 @@ def _check_output(args) -> bool:
     if not Path(args.model).is_dir():
         raise PangkasError(f"-o must name a .safetensors file (or a directory for a Hugging Face model), "
                            f"got {args.output!r}")
-    if getattr(args, "kind", None) == "weights":
-        raise PangkasError("weight pruning keeps every shape and saves compactly only with pangkas.save: "
-                           "-o OUT.safetensors")
     check_directory_target(args.output, overwrite=args.overwrite, inputs=[args.model],
                            overwrite_input=args.overwrite_input, copied_from=args.model)
     return True
@@ -320,6 +324,11 @@ def _prune(args) -> None:
     from .sources import describe, save_pretrained
 
     to_directory = _check_output(args)
+    if args.kind == "weights" and to_directory:
+        _prune_weights_streamed(args)
+        return
+    if getattr(args, "max_memory", None) is not None:
+        raise PangkasError("--max-memory applies to a Hugging Face MODEL pruned into an OUT_DIR (streamed)")
     source = _resolve(args)
     prune = PRUNERS[args.kind](source, args)  # every option checked before the work starts
     with console.status("measuring"):
@@ -423,11 +432,33 @@ def _quantize(args) -> None:
 
 
 def _prune_weights(source, args):
+    from .sources import calibration_batches
     from .weights import prune_weights
 
+    data = None if args.data is None else calibration_batches(source, args.data, args.batch_size)
     return lambda: prune_weights(source.model, sparsity=args.sparsity, threshold=args.threshold,
                                  pattern=args.pattern, scope=args.scope, importance=args.importance,
-                                 include=args.include, exclude=args.exclude)
+                                 include=args.include, exclude=args.exclude, data=data)
+
+
+def _prune_weights_streamed(args) -> None:
+    """A Hugging Face directory into a directory, one block in memory at a time (``pangkas.stream``)."""
+    from .sources import Source, calibration_batches
+    from .stream import prune_weights
+
+    if args.weights is not None or args.overwrite_input:
+        raise PangkasError("a directory is pruned into a new directory: --weights and --overwrite-input do not apply")
+    if args.scope != "local":
+        raise PangkasError("--scope global ranks every weight of the model at once; a directory is pruned one block "
+                           "at a time: use --scope local, or -o OUT.safetensors (in memory)")
+    data = None
+    if args.data is not None:
+        data = calibration_batches(Source(None, None, args.model, (), Path(args.model)), args.data, args.batch_size)
+    report = prune_weights(args.model, args.output, sparsity=args.sparsity, threshold=args.threshold,
+                           pattern=args.pattern, importance=args.importance, data=data, include=args.include,
+                           exclude=args.exclude, max_memory=args.max_memory, overwrite=args.overwrite)
+    say(str(report))
+    say(f"wrote {args.output} (a checkpoint directory from_pretrained loads)")
 
 
 def _prune_channels(source, args):

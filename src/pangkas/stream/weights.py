@@ -56,8 +56,8 @@ def prune_weights(directory: str | Path, output: str | Path, *, sparsity: float 
     shards) into a checkpoint directory ``output`` that ``from_pretrained`` loads, holding one block
     in memory at a time. The rules and criteria are ``pangkas.prune_weights``' (per layer: the
     global scope ranks every weight at once and is not available), and so is the result, bit for
-    bit. Only layers inside the repeated blocks are pruned: a selected layer outside them (the LM
-    head) is refused, exclude it. ``max_memory``: refuse up front when the estimated peak (a block,
+    bit. Only layers inside the repeated blocks are pruned: the others (the LM head) are kept, as
+    the report says (naming one in ``include=`` is refused). ``max_memory``: refuse up front when the estimated peak (a block,
     its calibration statistics and activations) exceeds it. Run again after a crash or interrupt to
     continue from the last block written."""
     criterion = _validate(sparsity, threshold, pattern, "local", importance, data)
@@ -68,9 +68,13 @@ def prune_weights(directory: str | Path, output: str | Path, *, sparsity: float 
         raise PangkasError(f"{type(model).__name__} has no repeated blocks to stream one at a time")
     targets, skipped = _targets(model, include, exclude)
     outside = [name for name, _ in targets if _block_of(name, blocks) is None]
-    if outside:
+    if outside and include is not None:
         raise PangkasError(f"{outside[:3]} are outside the repeated blocks ({blocks[0]}, ...), which is all streamed "
-                           f"pruning prunes: exclude them (exclude={outside[0]!r})")
+                           "pruning prunes: leave them out of include=")
+    skipped.update(dict.fromkeys(outside, "outside the repeated blocks: streamed pruning prunes the blocks' layers"))
+    targets = [(name, module) for name, module in targets if name not in outside]
+    if not targets:
+        raise PangkasError(f"no selected layer is inside the repeated blocks ({blocks[0]}, ...); check include=/exclude=")
     batches = list(data) if isinstance(criterion, CalibratedImportance) else []
     if max_memory is not None:
         _check_memory(model, blocks, source, criterion, batches, parse_bytes(max_memory))
