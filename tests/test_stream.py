@@ -197,3 +197,77 @@ def test_cli_prunes_a_directory_into_a_directory(checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "max_memory" in err
     assert not (tmp_path / "b").exists()
+
+
+# -- heads, MLP neurons, hidden size --------------------------------------------------------------
+
+def in_memory_transformer(path, **options):
+    model = transformers.LlamaForCausalLM.from_pretrained(path).eval()
+    pangkas.prune_transformer(model, DATA[0], **options)
+    return model
+
+
+@pytest.mark.parametrize("options", [
+    dict(heads=0.5, ffn=0.5),
+    dict(heads=0.5, ffn=0.25, importance="wanda", data=DATA),
+    dict(hidden=0.25, ffn=0.5, importance="l2"),
+], ids=["l1-heads-ffn", "wanda-heads-ffn", "l2-hidden-ffn"])
+def test_streamed_structure_equals_in_memory(checkpoint, tmp_path, options):
+    want = in_memory_transformer(checkpoint, **options)
+    report = pangkas.stream.prune_transformer(checkpoint, tmp_path / "out", **options)
+    got = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert same(got.state_dict(), want.state_dict())
+    assert got.config.to_diff_dict() == want.config.to_diff_dict()
+    assert report.params_after == sum(p.numel() for p in want.parameters()) < report.params_before
+
+
+def test_per_layer_sizes_are_written_with_the_code_that_rebuilds_them(checkpoint, tmp_path):
+    from pangkas.integrations.hf_directory import CODE_FILE, from_pretrained
+
+    options = dict(ffn=0.5, include=["model.layers.0.*"])
+    want = in_memory_transformer(checkpoint, **options)
+    pangkas.stream.prune_transformer(checkpoint, tmp_path / "out", **options)
+    assert (tmp_path / "out" / CODE_FILE).is_file()
+    got = from_pretrained(transformers.LlamaForCausalLM, tmp_path / "out")
+    assert same(got.state_dict(), want.state_dict())
+    assert got.model.layers[0].mlp.up_proj.out_features == 64 and got.model.layers[1].mlp.up_proj.out_features == 128
+
+
+def test_streamed_structure_refuses_what_it_cannot_measure(checkpoint, tmp_path):
+    with pytest.raises(PangkasError, match="hidden= needs the LM head's inputs"):
+        pangkas.stream.prune_transformer(checkpoint, tmp_path / "a", hidden=0.25, importance="wanda", data=DATA)
+    with pytest.raises(PangkasError, match="loss_fn"):
+        pangkas.stream.prune_transformer(checkpoint, tmp_path / "a", heads=0.5, importance="taylor", data=DATA)
+    with pytest.raises(PangkasError, match="give at least one of heads=, ffn=, hidden="):
+        pangkas.stream.prune_transformer(checkpoint, tmp_path / "a")
+    assert not list(tmp_path.iterdir())
+
+
+def test_streamed_structure_resumes_its_writing(checkpoint, tmp_path, monkeypatch):
+    write = ResumableOutput.write
+
+    def crashing(self, unit, tensors, record):
+        if unit == "model.layers.2":
+            raise KeyboardInterrupt
+        write(self, unit, tensors, record)
+
+    monkeypatch.setattr(ResumableOutput, "write", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        pangkas.stream.prune_transformer(checkpoint, tmp_path / "out", heads=0.5, ffn=0.5)
+    monkeypatch.setattr(ResumableOutput, "write", write)
+    pangkas.stream.prune_transformer(checkpoint, tmp_path / "out", heads=0.5, ffn=0.5)
+    want = in_memory_transformer(checkpoint, heads=0.5, ffn=0.5)
+    assert same(loaded(tmp_path / "out"), want.state_dict())
+
+
+def test_cli_streams_channels_with_max_memory(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["prune", "channels", str(checkpoint), "--heads", "0.5", "--ffn", "0.5", "--max-memory", "1GB",
+                 "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert same(loaded(out), in_memory_transformer(checkpoint, heads=0.5, ffn=0.5).state_dict())
+    capsys.readouterr()
+    code = main(["prune", "channels", str(checkpoint), "--heads", "0.5", "--reconstruct", "--max-memory", "1GB",
+                 "-o", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--reconstruct cannot be streamed" in err

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -24,7 +24,7 @@ from .deprecation import renamed
 from .errors import OperationFailed, PangkasError
 from .graph.labels import components
 from .graph.trace import Coupling, TraceFailed, count_flops, run_traced, trace
-from .importance import Slice
+from .importance import Importance, Scores, Slice
 from .importance import resolve as resolve_importance
 from .integrations import Integrations
 from .integrations import active as active_integrations
@@ -254,6 +254,7 @@ def plan_channels(
     integrations: list | None = None,
     reconstruct: bool = False,
     allocation: str = "uniform",
+    scorer: Callable[[list[Slice], Importance], Scores] | None = None,
 ) -> Plan:
     """Plan the removal of ``ratio`` of the channels of every coupled group (``scope="local"``)
     or of all channels ranked together (``scope="global"``, scores normalised per group).
@@ -282,6 +283,9 @@ def plan_channels(
     ``allocation="sensitivity"`` (needs ``data``): instead of one ratio everywhere, groups that
     hurt the outputs less when cut lose more, for the same parameters removed per ratio entry
     (measured on ``data``, see ``pangkas.allocation``); ``"uniform"`` (default) cuts each group alike.
+    ``scorer(slices, criterion) -> scores``: where the scores come from when not from the model in
+    memory (``pangkas.stream`` loads the weights block by block to score them); it is given every
+    traced tensor dim and the resolved importance criterion.
     """
     if importance is None:
         importance = "l1" if data is None else "obs" if reconstruct else "wanda"
@@ -300,7 +304,7 @@ def plan_channels(
     blocks = blocks_outside(model, coupling, include, exclude)
     options = Options(ratio, importance, scope, dict(ratios or {}), round_to,
                       1.0 if max_ratio is None else max_ratio, allow_approximate)
-    scores = _scores(model, coupling, importance, data, loss_fn)
+    scores = _scores(model, coupling, importance, data, loss_fn, scorer)
     plan = Plan(model, example_inputs, coupling, options, scores, known, blocks)
     plan.reconstruct_on = data if reconstruct else None
     plan.data_aware = resolve_importance(importance, data, loss_fn).needs_data
@@ -334,17 +338,23 @@ def _validate(ratio, scope, ratios, round_to, max_ratio, importance, data, loss_
     resolve_importance(importance, data, loss_fn)
 
 
-def _scores(model, coupling: Coupling, importance, data, loss_fn) -> dict:
+def _scores(model, coupling: Coupling, importance, data, loss_fn, scorer=None) -> dict:
     """Scale-free scores per (tensor name, dim) of the traced tensors, by the importance criterion."""
+    if scorer is not None:
+        return scorer(slices_of(model, coupling), resolve_importance(importance, data, loss_fn))
     if any(p.device.type == "meta" for p in model.parameters()):
         return {}  # no weights to judge: channels go by position (the plan's structure still holds)
     criterion = resolve_importance(importance, data, loss_fn)
+    return criterion.scores(slices_of(model, coupling), criterion.measure(model, data, loss_fn))
+
+
+def slices_of(model: nn.Module, coupling: Coupling) -> list[Slice]:
+    """Every traced tensor dim of ``model``, as criteria see it."""
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
-    slices = [Slice(name, dim, len(ids), params[name].detach() if name in params else None,
-                    module_of(name), modules.get(module_of(name)), ids, coupling.produced)
-              for name, dims in coupling.tensor_ids.items() for dim, ids in enumerate(dims)]
-    return criterion.scores(slices, criterion.measure(model, data, loss_fn))
+    return [Slice(name, dim, len(ids), params[name].detach() if name in params else None,
+                  module_of(name), modules.get(module_of(name)), ids, coupling.produced)
+            for name, dims in coupling.tensor_ids.items() for dim, ids in enumerate(dims)]
 
 
 def _producer_timer(group: Group, model: nn.Module, coupling: Coupling):

@@ -132,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     weights.add_argument("--data", help="calibration data for wanda / sparsegpt: a .safetensors file of inputs, or "
                          "for a Hugging Face MODEL a .txt file of texts")
     weights.add_argument("--batch-size", type=_positive, default=8)
-    weights.add_argument("--max-memory", help="Hugging Face MODEL to an OUT_DIR (streamed, one block in memory at a "
-                         "time): refuse up front if the estimated peak exceeds this, e.g. 4GB")
+    _max_memory_arg(weights)
     _selection_args(weights, "prune")
     _output_args(weights)
 
@@ -162,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     _renamed_flag(channels, "--ignore", "--exclude", nargs="+")
     channels.add_argument("--allow-approximate", action="store_true",
                           help="also prune channels under LayerNorm/GroupNorm (not exact)")
+    _max_memory_arg(channels)
     _output_args(channels)
 
     layers = kinds.add_parser("layers", help="remove whole blocks (shallower and faster)")
@@ -241,6 +241,12 @@ def _positive_number(text: str) -> float:
     return value
 
 
+def _max_memory_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-memory", help="a Hugging Face MODEL into an OUT_DIR, one block in memory at a time "
+                        "(streamed; weights always stream into a directory): refuse up front if the estimated peak "
+                        "exceeds this, e.g. 4GB")
+
+
 def _selection_args(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--include", nargs="+", help=f"module-name globs that may {what} (default: all)")
     parser.add_argument("--exclude", nargs="+", help=f"module-name globs that may not {what}")
@@ -318,7 +324,6 @@ def _check_output(args) -> bool:
 
 def _prune(args) -> None:
     """Check the output, load, prepare the pruning, measure, prune, save, measure again, compare."""
-    from .integrations.hf_directory import CODE_FILE
     from .io import save
     from .measure import compare, measure
     from .sources import describe, save_pretrained
@@ -326,6 +331,9 @@ def _prune(args) -> None:
     to_directory = _check_output(args)
     if args.kind == "weights" and to_directory:
         _prune_weights_streamed(args)
+        return
+    if args.kind == "channels" and to_directory and args.max_memory is not None:
+        _prune_channels_streamed(args)
         return
     if getattr(args, "max_memory", None) is not None:
         raise PangkasError("--max-memory applies to a Hugging Face MODEL pruned into an OUT_DIR (streamed)")
@@ -346,9 +354,16 @@ def _prune(args) -> None:
         after = measure(source.model, source.example_inputs, latency=False)
     say(compare(before, after))
     say(f"wrote {args.output}")
-    if to_directory and (Path(args.output) / CODE_FILE).is_file():
+    if to_directory:
+        _say_if_remote_code(args.output)
+
+
+def _say_if_remote_code(output: str) -> None:
+    from .integrations.hf_directory import CODE_FILE
+
+    if (Path(output) / CODE_FILE).is_file():
         say(f"its config cannot say every pruned size: load it with "
-            f"from_pretrained({args.output!r}, trust_remote_code=True) ({CODE_FILE} rebuilds them)")
+            f"from_pretrained({output!r}, trust_remote_code=True) ({CODE_FILE} rebuilds them)")
 
 
 def _compress(args) -> None:
@@ -441,19 +456,46 @@ def _prune_weights(source, args):
                                  include=args.include, exclude=args.exclude, data=data)
 
 
-def _prune_weights_streamed(args) -> None:
-    """A Hugging Face directory into a directory, one block in memory at a time (``pangkas.stream``)."""
+def _streamed_data(args) -> list | None:
+    """--data for a streamed run: the MODEL directory is not loaded, only its tokenizer for a .txt."""
     from .sources import Source, calibration_batches
-    from .stream import prune_weights
 
     if args.weights is not None or args.overwrite_input:
         raise PangkasError("a directory is pruned into a new directory: --weights and --overwrite-input do not apply")
     if args.scope != "local":
-        raise PangkasError("--scope global ranks every weight of the model at once; a directory is pruned one block "
-                           "at a time: use --scope local, or -o OUT.safetensors (in memory)")
-    data = None
-    if args.data is not None:
-        data = calibration_batches(Source(None, None, args.model, (), Path(args.model)), args.data, args.batch_size)
+        raise PangkasError("--scope global ranks the whole model at once; a directory is pruned one block at a "
+                           "time: use --scope local, or prune in memory")
+    if args.data is None:
+        return None
+    return calibration_batches(Source(None, None, args.model, (), Path(args.model)), args.data, args.batch_size)
+
+
+def _prune_channels_streamed(args) -> None:
+    """Heads, MLP neurons, hidden size of a Hugging Face directory into a directory, streamed."""
+    from .stream import prune_transformer
+
+    unsupported = [flag for flag, on in (("--ratio", args.ratio is not None), ("--rotate", args.rotate),
+                                         ("--reconstruct", args.reconstruct),
+                                         ("--allocation sensitivity", args.allocation != "uniform"),
+                                         ("--allow-approximate", args.allow_approximate)) if on]
+    if unsupported:
+        raise PangkasError(f"{', '.join(unsupported)} cannot be streamed (--max-memory): streamed channel pruning "
+                           "takes --heads/--ffn/--hidden with a per-tensor --importance")
+    data = _streamed_data(args)
+    report = prune_transformer(args.model, args.output, heads=args.heads, ffn=args.ffn, hidden=args.hidden,
+                               importance=args.importance or ("wanda" if data else "l1"), data=data,
+                               include=args.include, exclude=args.exclude, round_to=args.round_to,
+                               max_memory=args.max_memory, overwrite=args.overwrite)
+    say(str(report))
+    say(f"wrote {args.output} (a checkpoint directory from_pretrained loads)")
+    _say_if_remote_code(args.output)
+
+
+def _prune_weights_streamed(args) -> None:
+    """A Hugging Face directory into a directory, one block in memory at a time (``pangkas.stream``)."""
+    from .stream import prune_weights
+
+    data = _streamed_data(args)
     report = prune_weights(args.model, args.output, sparsity=args.sparsity, threshold=args.threshold,
                            pattern=args.pattern, importance=args.importance, data=data, include=args.include,
                            exclude=args.exclude, max_memory=args.max_memory, overwrite=args.overwrite)

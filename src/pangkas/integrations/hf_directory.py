@@ -228,6 +228,15 @@ def write_pretrained(model: nn.Module, staging: Path, files_from: str | Path | N
     _write_config(staging, record, model)
 
 
+def write_config(directory: Path, model: nn.Module) -> None:
+    """``model``'s config.json in ``directory`` as ``save_pretrained`` writes it: plain where the
+    config says every pruned size, else with the record and ``modeling_pangkas.py`` that do."""
+    record = pruned_record(model)
+    with remote_code.built_sizes(model.config, record) if record else contextlib.nullcontext():
+        model.config.save_pretrained(directory)
+    _write_config(directory, record, model)
+
+
 @contextlib.contextmanager
 def _gguf_forgotten(model: nn.Module):
     """A model loaded from a GGUF file holds de-quantized float weights, but transformers still

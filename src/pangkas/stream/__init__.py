@@ -2,8 +2,11 @@
 model built on ``meta`` and materialised one block at a time from the shards.
 
 ``prune_weights(directory, output, ...)``: streamed weight pruning (``stream.weights``).
+``prune_transformer(directory, output, heads=, ffn=, hidden=, ...)``: streamed removal of heads,
+MLP neurons and hidden size (``stream.structure``).
 """
 
+from .structure import prune_transformer
 from .weights import prune_weights
 
-__all__ = ["prune_weights"]
+__all__ = ["prune_transformer", "prune_weights"]

@@ -29,6 +29,7 @@ class Checkpoint:
         in it (shards being written, before there is an index)."""
         self.directory = Path(directory)
         self._open: dict[str, object] = {}
+        self.aliases: dict[str, str] = {}  # a tied tensor the checkpoint stores once: its other names
         if files is not None:
             self.files = {key: f for f in files for key in self._handle(f).keys()}
             return
@@ -66,6 +67,7 @@ class Checkpoint:
         return list(self.files)
 
     def tensor(self, key: str) -> torch.Tensor:
+        key = key if key in self.files else self.aliases.get(key, key)
         if key not in self.files:
             raise PangkasError(f"{self.directory} has no tensor {key!r}")
         try:
@@ -109,6 +111,17 @@ def skeleton(directory: str | Path) -> tuple[nn.Module, object]:
     return model.eval(), config
 
 
+def tie(checkpoint: Checkpoint, model: nn.Module) -> None:
+    """Let ``checkpoint`` answer for every name of a tensor the model ties (an LM head sharing the
+    embeddings), by the name it is stored under."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for group in names.values():
+        stored = next((n for n in group if n in checkpoint.files), None)
+        checkpoint.aliases.update({n: stored for n in group if stored is not None and n not in checkpoint.files})
+
+
 def materialize(module: nn.Module, prefix: str, checkpoint: Checkpoint, source: Checkpoint | None = None) -> None:
     """Give ``module`` (named ``prefix`` in the model) its tensors from ``checkpoint`` (or
     ``source`` for keys it lacks), replacing the ``meta`` ones; a buffer not in the checkpoint
@@ -116,7 +129,7 @@ def materialize(module: nn.Module, prefix: str, checkpoint: Checkpoint, source: 
     state = {}
     for name, value in module.state_dict().items():
         key = f"{prefix}.{name}" if prefix else name
-        if key in checkpoint.files:
+        if key in checkpoint.files or key in checkpoint.aliases:
             state[name] = checkpoint.tensor(key)
         elif source is not None and key in source.files:
             state[name] = source.tensor(key)

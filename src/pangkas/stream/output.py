@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,8 +78,9 @@ class ResumableOutput:
         self.progress["done"][unit] = {**record, "keys": sorted(tensors)}
         write_file(self.partial / PROGRESS, json.dumps(self.progress).encode(), overwrite=True)
 
-    def finish(self, config: dict) -> Path:
-        """Add the index, ``config`` (as config.json) and the source's other files, then publish."""
+    def finish(self, write_config: Callable[[Path], object]) -> Path:
+        """Add the index, the config (``write_config(directory)`` writes it) and the source's other
+        files, then publish."""
         missing = [u for u in self.units if self.done(u) is None]
         if missing:
             raise PangkasError(f"cannot finish {self.path}: units {missing[:3]} were not written")
@@ -86,8 +88,7 @@ class ResumableOutput:
         total = sum((self.partial / self.file(u)).stat().st_size for u in self.units)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         write_file(self.partial / INDEX, json.dumps(index, indent=2).encode(), overwrite=True)
-        write_file(self.partial / "config.json", (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
-                   overwrite=True)
+        write_config(self.partial)
         for item in self.source.iterdir():
             if item.name == "config.json" or item.name.endswith(SKIPPED) or (self.partial / item.name).exists():
                 continue

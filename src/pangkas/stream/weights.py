@@ -12,16 +12,14 @@ the block in progress: the same call continues from the shards written (``stream
 
 from __future__ import annotations
 
-import hashlib
-import json
-import re
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..blockwise import blocks_of, first_block_inputs, next_inputs, read_by
+from ..blockwise import blocks_of, next_inputs, read_by
 from ..errors import PangkasError
 from ..modules import Selector
 from ..progress import track
@@ -29,24 +27,9 @@ from ..weights.criteria import CalibratedImportance
 from ..weights.masks import get_mask
 from ..weights.oneshot import _prune_layers
 from ..weights.prune import LayerSparsity, WeightReport, _new_masks, _targets, _validate, parse_pattern
-from .checkpoint import Checkpoint, materialize, on_demand, release, skeleton
+from .checkpoint import Checkpoint, materialize, release, skeleton
 from .output import ResumableOutput
-
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)\s*$", re.I)
-_UNITS = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_bytes(value: int | str) -> int:
-    """``4GB``, ``512MiB``, ``1.5G`` or a number of bytes."""
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    unit = match[2].upper() if match else ""
-    if not match or unit not in _UNITS or float(match[1]) <= 0:
-        raise PangkasError(f"max_memory must be a size such as 4GB, 512MiB or a number of bytes > 0, got {value!r}")
-    return int(float(match[1]) * _UNITS[unit])
-
+from .walk import block_of, check_memory, fingerprint, first_inputs, outside_units
 
 def prune_weights(directory: str | Path, output: str | Path, *, sparsity: float | None = None,
                   threshold: float | None = None, pattern: str | None = None, importance="magnitude",
@@ -67,7 +50,7 @@ def prune_weights(directory: str | Path, output: str | Path, *, sparsity: float 
     if not blocks:
         raise PangkasError(f"{type(model).__name__} has no repeated blocks to stream one at a time")
     targets, skipped = _targets(model, include, exclude)
-    outside = [name for name, _ in targets if _block_of(name, blocks) is None]
+    outside = [name for name, _ in targets if block_of(name, blocks) is None]
     if outside and include is not None:
         raise PangkasError(f"{outside[:3]} are outside the repeated blocks ({blocks[0]}, ...), which is all streamed "
                            "pruning prunes: leave them out of include=")
@@ -77,11 +60,11 @@ def prune_weights(directory: str | Path, output: str | Path, *, sparsity: float 
         raise PangkasError(f"no selected layer is inside the repeated blocks ({blocks[0]}, ...); check include=/exclude=")
     batches = list(data) if isinstance(criterion, CalibratedImportance) else []
     if max_memory is not None:
-        _check_memory(model, blocks, source, criterion, batches, parse_bytes(max_memory))
-    rest = _outside_units(model, blocks, source)
-    out = ResumableOutput(output, [*blocks, *rest], _fingerprint(source, criterion, sparsity, threshold, pattern,
-                                                                  include, exclude, batches),
-                          source=Path(directory), overwrite=overwrite)
+        check_memory(model, blocks, source, batches, getattr(criterion, "gram", False), max_memory)
+    rest = outside_units(model, blocks, source)
+    options = ("weights", criterion.name, sparsity, threshold, pattern, repr(include), repr(exclude))
+    out = ResumableOutput(output, [*blocks, *rest], fingerprint(source, options, batches), source=Path(directory),
+                          overwrite=overwrite)
     rule = (f"sparsity={sparsity} (local)" if sparsity is not None else f"threshold={threshold}"
             if threshold is not None else f"pattern={pattern}") + f", importance={criterion.name}, streamed"
     with torch.no_grad():
@@ -91,38 +74,18 @@ def prune_weights(directory: str | Path, output: str | Path, *, sparsity: float 
                 tensors = {key: source.tensor(key) for key in keys}
                 out.write(unit, tensors, _counts(model, tensors))
     report = _report(rule, [out.done(u) for u in out.units], skipped)
-    out.finish(json.loads((Path(directory) / "config.json").read_text()))
+    out.finish(lambda staging: shutil.copy2(Path(directory) / "config.json", staging / "config.json"))
     return report
-
-
-def _block_of(name: str, blocks: list[str]) -> str | None:
-    return next((b for b in blocks if name.startswith(b + ".")), None)
-
-
-def _outside_units(model: nn.Module, blocks: list[str], source: Checkpoint) -> dict[str, list[str]]:
-    """The checkpoint's tensors outside the blocks, by the module holding them (one shard each)."""
-    modules = {name for name, _ in model.named_modules()}
-    units: dict[str, list[str]] = {}
-    for key in source.keys():
-        if _block_of(key, blocks) is None:
-            owner = key.rpartition(".")[0]
-            units.setdefault(owner if owner in modules else key, []).append(key)
-    return units
 
 
 def _stream_blocks(model, blocks, targets, source, out, criterion, sparsity, threshold, pattern, batches) -> None:
     calibrated = isinstance(criterion, CalibratedImportance)
-    captured = None
-    if calibrated:
-        owners = [n for n, m in model.named_modules() if _block_of(n, blocks) is None and n not in blocks
-                  and any(True for _ in m.parameters(recurse=False))]
-        with on_demand(model, owners, source):
-            captured = first_block_inputs(model, blocks[0], batches)
+    captured = first_inputs(model, blocks, source, batches) if calibrated else None
     for name in track(blocks, f"{criterion.name}: pruning block by block (streamed)"):
         block = model.get_submodule(name)
         if out.done(name) is None:
             materialize(block, name, source)
-            layers = {n: m for n, m in targets.items() if _block_of(n, blocks) == name}
+            layers = {n: m for n, m in targets.items() if block_of(n, blocks) == name}
             before = _nonzero(layers)
             if calibrated:
                 _pruned_on_inputs(block, layers, captured, criterion, sparsity, pattern)
@@ -175,53 +138,3 @@ def _report(rule: str, records: list[dict], skipped: dict) -> WeightReport:
     layers = tuple(LayerSparsity(n, tuple(shape), b, a) for r in records for n, shape, b, a in r["layers"])
     return WeightReport(rule, layers, sum(r["params"] for r in records),
                         sum(r["nonzero_before"] for r in records), sum(r["nonzero_after"] for r in records), skipped)
-
-
-def _fingerprint(source: Checkpoint, criterion, sparsity, threshold, pattern, include, exclude, batches) -> str:
-    """What a resumed run must share with the one it continues: the checkpoint's tensors (names,
-    dtypes, shapes, file sizes), the options and the calibration data."""
-    digest = hashlib.sha256()
-    sizes = {f: (source.directory / f).stat().st_size for f in sorted(set(source.files.values()))}
-    digest.update(repr((source.header(), sizes, criterion.name, sparsity, threshold, pattern,
-                        repr(include), repr(exclude))).encode())
-    for batch in batches:
-        values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (tuple, list)) else [batch]
-        for value in values:
-            if isinstance(value, torch.Tensor):
-                digest.update(repr((value.dtype, tuple(value.shape))).encode())
-                digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-            else:
-                digest.update(repr(value).encode())
-    return digest.hexdigest()
-
-
-def _check_memory(model, blocks, source, criterion, batches, limit: int) -> None:
-    """Refuse before any work when the estimated peak exceeds ``limit``: the largest block twice
-    (loaded, and serialized for its shard), SparseGPT's input Gram matrices (Wanda's norms) of
-    its layers in float32, and the calibration activations three times (a block's inputs, its
-    outputs, one batch's intermediate)."""
-    header = {key: (dtype, shape) for key, dtype, shape in source.header()}
-    sizes = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1, "BOOL": 1}
-
-    def nbytes(key):
-        dtype, shape = header[key]
-        return sizes.get(dtype, 4) * int(torch.Size(shape).numel())
-
-    block_bytes = max(sum(nbytes(k) for k in source.keys() if k.startswith(b + ".")) for b in blocks)
-    gram = isinstance(criterion, CalibratedImportance) and criterion.gram
-    widths = [m.in_features for m in model.get_submodule(blocks[0]).modules() if isinstance(m, nn.Linear)]
-    statistics = sum(w * w if gram else w for w in widths) * 4
-    hidden = getattr(getattr(model, "config", None), "hidden_size", max(widths, default=0))
-    tokens = sum(_tokens(b) for b in batches)
-    estimate = 2 * block_bytes + statistics + 3 * tokens * hidden * 4
-    if estimate > limit:
-        raise PangkasError(f"streaming {source.directory} needs about {estimate / 2**30:.2f} GiB at its largest "
-                           f"block (block {block_bytes / 2**30:.2f} GiB, statistics {statistics / 2**30:.2f} GiB, "
-                           f"activations of {tokens} tokens), over max_memory={limit / 2**30:.2f} GiB; "
-                           "calibrate on fewer tokens or allow more memory")
-
-
-def _tokens(batch) -> int:
-    value = batch.get("input_ids") if isinstance(batch, dict) else batch[0] if isinstance(batch, (tuple, list)) \
-        else batch
-    return int(value.numel()) if isinstance(value, torch.Tensor) else 0
