@@ -271,3 +271,47 @@ def test_cli_streams_channels_with_max_memory(checkpoint, tmp_path, capsys):
                  "-o", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--reconstruct cannot be streamed" in err
+
+
+# -- whole layers -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("importance", ["block_influence", "magnitude"])
+def test_streamed_layers_equal_in_memory(tmp_path, importance):
+    llama(layers=5).save_pretrained(tmp_path / "in", max_shard_size="100KB")
+    want = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "in").eval()
+    expected = pangkas.prune_layers(want, DATA, n=2, importance=importance)
+    report = pangkas.stream.prune_layers(tmp_path / "in", tmp_path / "out", n=2, data=DATA, importance=importance)
+    assert sorted(report.removed) == sorted(expected.chosen)
+    assert report.scores == pytest.approx(expected.plan.scores, abs=0)
+    got = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert got.config.num_hidden_layers == 3 and same(got.state_dict(), want.state_dict())
+    assert report.params_after == sum(p.numel() for p in got.parameters())
+    x = DATA[0]
+    assert torch.equal(got(x).logits, want(x).logits)
+
+
+def test_streamed_layers_refusals(checkpoint, tmp_path):
+    with pytest.raises(PangkasError, match="needs data="):
+        pangkas.stream.prune_layers(checkpoint, tmp_path / "a", n=1)
+    with pytest.raises(PangkasError, match="importance must be one of"):
+        pangkas.stream.prune_layers(checkpoint, tmp_path / "a", n=1, data=DATA, importance="loss")
+    with pytest.raises(PangkasError, match="removable block"):
+        pangkas.stream.prune_layers(checkpoint, tmp_path / "a", n=1, data=DATA, include="nothing.*")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_streams_layers_with_max_memory(tmp_path, capsys):
+    llama(layers=4).save_pretrained(tmp_path / "in", max_shard_size="100KB")
+    data = tmp_path / "calib.safetensors"
+    safetensors.torch.save_file({"input_ids": torch.cat(DATA)}, str(data))
+    code = main(["prune", "layers", str(tmp_path / "in"), "--n", "1", "--data", str(data), "--batch-size", "4",
+                 "--max-memory", "1GB", "-o", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    want = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "in").eval()
+    pangkas.prune_layers(want, DATA, n=1)
+    assert same(loaded(tmp_path / "out"), want.state_dict())
+    capsys.readouterr()
+    code = main(["prune", "layers", str(tmp_path / "in"), "--target-macs", "0.5", "--max-memory", "1GB",
+                 "-o", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--target-macs cannot be streamed" in err

@@ -187,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "along dim 0), or for a Hugging Face model a .txt file, one text per line; "
                         "default: random inputs (weak scores)")
     layers.add_argument("--batch-size", type=_positive, default=8)
+    _max_memory_arg(layers)
     _output_args(layers)
 
     compress = commands.add_parser("compress", help="search widths and blocks for the most accurate model "
@@ -332,8 +333,8 @@ def _prune(args) -> None:
     if args.kind == "weights" and to_directory:
         _prune_weights_streamed(args)
         return
-    if args.kind == "channels" and to_directory and args.max_memory is not None:
-        _prune_channels_streamed(args)
+    if args.kind in ("channels", "layers") and to_directory and args.max_memory is not None:
+        (_prune_channels_streamed if args.kind == "channels" else _prune_layers_streamed)(args)
         return
     if getattr(args, "max_memory", None) is not None:
         raise PangkasError("--max-memory applies to a Hugging Face MODEL pruned into an OUT_DIR (streamed)")
@@ -489,6 +490,29 @@ def _prune_channels_streamed(args) -> None:
     say(str(report))
     say(f"wrote {args.output} (a checkpoint directory from_pretrained loads)")
     _say_if_remote_code(args.output)
+
+
+def _prune_layers_streamed(args) -> None:
+    """Whole blocks of a Hugging Face directory into a directory, streamed."""
+    from .stream import prune_layers
+
+    unsupported = [flag for flag, on in (("--target-macs", args.target_macs is not None),
+                                         ("--target-params", args.target_params is not None),
+                                         ("--replace", args.replace is not None),
+                                         ("--granularity any", args.granularity != "layers")) if on]
+    if unsupported:
+        raise PangkasError(f"{', '.join(unsupported)} cannot be streamed (--max-memory): streamed layer pruning "
+                           "removes --n or --ratio whole layers by block_influence or magnitude")
+    args.scope = "local"  # no --scope for layers
+    data = _streamed_data(args)
+    if data is None and args.importance != "magnitude":
+        raise PangkasError("streamed --importance block_influence needs --data (the model is not loaded to make "
+                           "random inputs)")
+    report = prune_layers(args.model, args.output, n=args.n, ratio=args.ratio, data=data,
+                          importance=args.importance or "block_influence", include=args.include,
+                          exclude=args.exclude, max_memory=args.max_memory, overwrite=args.overwrite)
+    say(str(report))
+    say(f"wrote {args.output} (a checkpoint directory from_pretrained loads)")
 
 
 def _prune_weights_streamed(args) -> None:
