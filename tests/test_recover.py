@@ -3,6 +3,8 @@
 import copy
 import importlib.util
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -443,3 +445,49 @@ def test_shard_needs_a_process_group_and_a_bool():
     with pytest.raises(pangkas.PangkasError, match="shard must be True or False"):
         pangkas.recover(student, batches(), teacher=teacher, shard="fsdp")
     assert_identical(raw(student), before)
+
+
+def _launch(command: list[str], cwd: Path) -> str:
+    """Run a launcher in ``cwd`` (the script writes there) with this pangkas importable; its output."""
+    paths = [str(Path(pangkas.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    errors = "\n".join(line for line in done.stderr.splitlines() if "rank" in line or "Error" in line)
+    assert done.returncode == 0, errors[-4000:]
+    return done.stdout
+
+
+def _readme_script(tmp_path) -> Path:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    script = tmp_path / "sharded_recover.py"
+    script.write_text(re.search(r"```python sharded_recover.py\n(.*?)```", readme, re.S).group(1))
+    return script
+
+
+def test_the_readme_sharded_example_runs_under_torchrun(tmp_path):
+    """The README's FSDP2 script (not run by test_readme: it needs two processes), as written."""
+    script = _readme_script(tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               str(script)]
+    assert _launch(command, tmp_path).count("recovered for 20 steps") == 1  # 2 epochs of 10 rounds, by rank 0
+    student = pangkas.load(tmp_path / "student.safetensors", _readme_student())
+    assert get_mask(student[0][0]) is not None and (student[0][0].weight == 0).float().mean() > 0.6
+
+
+def _readme_student():
+    torch.manual_seed(0)
+    student = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(4)], nn.Linear(64, 10))
+    pangkas.prune_weights(student, sparsity=0.7)
+    return student
+
+
+def test_accelerate_launch_starts_the_readme_sharded_example(tmp_path):
+    """accelerate launch as the README describes it: a launcher for the same script (its own FSDP
+    does not run on CPU, and recover does not need it)."""
+    pytest.importorskip("accelerate")
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\nnum_machines: 1\nnum_processes: 2\n"
+                      f"main_process_port: {_free_port()}\nmixed_precision: 'no'\n")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               str(_readme_script(tmp_path))]
+    assert _launch(command, tmp_path).count("recovered for 20 steps") == 1  # 2 ranks: 10 rounds an epoch

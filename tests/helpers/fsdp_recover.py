@@ -105,6 +105,7 @@ def main(out: str) -> None:
     outcome = {"train": train(out, rank), "refusals": refusals(out, rank)}
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump(outcome, f)
+    dist.barrier()  # gloo can abort a rank that tears down while another still works
     dist.destroy_process_group()
 
 
