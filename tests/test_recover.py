@@ -432,6 +432,8 @@ def test_sharded_recovery_on_two_ranks_ends_where_one_process_does(tmp_path):
         said = outcome["refusals"]
         assert "1 batches for 2 ranks" in said["short"]
         assert "checkpoint= is not supported with shard=True" in said["checkpoint"]
+        assert "tensors on one real device, they are on ['meta']" in said["meta"]
+        assert "already sharded (fully_shard)" in said["sharded"]
         where = "nan" if rank == 1 else "non-finite on another rank"
         assert f"loss became {where} at step 2" in said["nan"] and "back at its state before recover" in said["nan"]
         assert said["unchanged"]

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pangkas
@@ -82,7 +83,11 @@ def refusals(out: str, rank: int) -> dict:
     before = {k: v.clone() for k, v in student.state_dict().items()}
     said = {"short": refusal(lambda: pangkas.recover(student, batches[:1], teacher=teacher, shard=True)),
             "checkpoint": refusal(lambda: pangkas.recover(student, batches, teacher=teacher, shard=True,
-                                                          checkpoint=f"{out}/ckpt"))}
+                                                          checkpoint=f"{out}/ckpt")),
+            "meta": refusal(lambda: pangkas.recover(copy.deepcopy(student).to("meta"), batches, teacher=teacher,
+                                                    shard=True)),
+            "sharded": refusal(lambda: pangkas.recover(fully_shard(copy.deepcopy(student)), batches,
+                                                       teacher=teacher, shard=True))}
     calls = []
 
     def nan_on_rank1(output, batch):  # the second step's loss is nan on rank 1 only
