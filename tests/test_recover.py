@@ -3,6 +3,8 @@
 import copy
 import importlib.util
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -386,3 +388,108 @@ def test_two_ranks_average_gradients_like_one_process_on_both_ranks_batches(tmp_
     for outcome in outcomes:  # too few batches for the ranks: an error on every rank, not a hang
         assert "1 batches for 2 ranks" in outcome["refusals"][0]
         assert "epoch 1 got no batches from data (or fewer than 2, one per rank)" in outcome["refusals"][1]
+
+
+def _relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest elementwise difference over the largest magnitude: per tensor, so that entries
+    near zero do not turn rounding into a large ratio."""
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def test_sharded_recovery_on_two_ranks_ends_where_one_process_does(tmp_path):
+    """recover(shard=True) (FSDP2) on 2 CPU ranks: a tiny pruned LLaMA, 7 batches dealt out as DDP
+    deals them. Each rank holds about half of every parameter and optimizer moment while training;
+    every rank ends with the whole trained student, masks kept, within 1e-9 of one process trained
+    on each round's batches concatenated; bad calls and a nan on one rank are refused on both."""
+    pytest.importorskip("transformers")
+    helper = _helper("fsdp_recover")
+    code, output = _torchrun(helper.__file__, tmp_path, timeout=120)
+    assert code == 0, output[-3000:]
+    outcomes = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    local, whole = zip(*(outcome["train"]["params"] for outcome in outcomes))
+    assert local[0] != local[1] and whole[0] == whole[1]  # the vocabulary (61 rows) splits 31 / 30
+    for a, b, n in zip(local[0], local[1], whole[0]):
+        assert a + b == n and 0.45 * n < a < 0.55 * n  # every parameter split in two, nothing held twice
+    for outcome in outcomes:
+        held, total = outcome["train"]["moments"]
+        assert 0.45 * total < held < 0.55 * total  # optimizer state sharded too
+        train = outcome["train"]
+        assert train["steps"] == 3 * helper.EPOCHS and train["masks"] and train["pruned_zero"] and train["plain"]
+    for key in ranks[0]:
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+    teacher, student, data = helper.build()
+    untrained = copy.deepcopy(student.state_dict())
+    report = pangkas.recover(student, helper.rounds(data), teacher=teacher, **helper.OPTIONS)
+    worst = max(_relative_difference(ranks[0][key], value) for key, value in student.state_dict().items())
+    assert worst < 1e-9, worst  # float64: ~1e-14 measured (the issue asks for 1e-5)
+    moved = max(_relative_difference(ranks[0][key], value) for key, value in untrained.items())
+    assert moved > 1e-3  # trained, so the comparison above can fail
+    per_rank = [outcome["train"]["losses"] for outcome in outcomes]
+    assert per_rank[0] != per_rank[1]  # the ranks saw different batches ...
+    assert report.epoch_losses == pytest.approx([(a + b) / 2 for a, b in zip(*per_rank)], rel=1e-5)  # ... all six
+    for rank, outcome in enumerate(outcomes):
+        said = outcome["refusals"]
+        assert "1 batches for 2 ranks" in said["short"]
+        assert "checkpoint= is not supported with shard=True" in said["checkpoint"]
+        assert "tensors on one real device, they are on ['meta']" in said["meta"]
+        assert "already sharded (fully_shard)" in said["sharded"]
+        where = "nan" if rank == 1 else "non-finite on another rank"
+        assert f"loss became {where} at step 2" in said["nan"] and "back at its state before recover" in said["nan"]
+        assert said["unchanged"]
+
+
+def test_shard_needs_a_process_group_and_a_bool():
+    teacher, student = pruned_pair()
+    before = raw(student)
+    with pytest.raises(pangkas.PangkasError, match="shard=True splits the student.*init_process_group"):
+        pangkas.recover(student, batches(), teacher=teacher, shard=True)
+    with pytest.raises(pangkas.PangkasError, match="shard must be True or False"):
+        pangkas.recover(student, batches(), teacher=teacher, shard="fsdp")
+    assert_identical(raw(student), before)
+
+
+def _launch(command: list[str], cwd: Path) -> str:
+    """Run a launcher in ``cwd`` (the script writes there) with this pangkas importable; its output."""
+    paths = [str(Path(pangkas.__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, paths))}
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    errors = "\n".join(line for line in done.stderr.splitlines() if "rank" in line or "Error" in line)
+    assert done.returncode == 0, errors[-4000:]
+    return done.stdout
+
+
+def _readme_script(tmp_path) -> Path:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    script = tmp_path / "sharded_recover.py"
+    script.write_text(re.search(r"```python sharded_recover.py\n(.*?)```", readme, re.S).group(1))
+    return script
+
+
+def test_the_readme_sharded_example_runs_under_torchrun(tmp_path):
+    """The README's FSDP2 script (not run by test_readme: it needs two processes), as written."""
+    script = _readme_script(tmp_path)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               str(script)]
+    assert _launch(command, tmp_path).count("recovered for 20 steps") == 1  # 2 epochs of 10 rounds, by rank 0
+    student = pangkas.load(tmp_path / "student.safetensors", _readme_student())
+    assert get_mask(student[0][0]) is not None and (student[0][0].weight == 0).float().mean() > 0.6
+
+
+def _readme_student():
+    torch.manual_seed(0)
+    student = nn.Sequential(*[nn.Sequential(nn.Linear(64, 64), nn.GELU()) for _ in range(4)], nn.Linear(64, 10))
+    pangkas.prune_weights(student, sparsity=0.7)
+    return student
+
+
+def test_accelerate_launch_starts_the_readme_sharded_example(tmp_path):
+    """accelerate launch as the README describes it: a launcher for the same script (its own FSDP
+    does not run on CPU, and recover does not need it)."""
+    pytest.importorskip("accelerate")
+    config = tmp_path / "fsdp.yaml"
+    config.write_text("distributed_type: FSDP\nfsdp_config:\n  fsdp_version: 2\nnum_machines: 1\nnum_processes: 2\n"
+                      f"main_process_port: {_free_port()}\nmixed_precision: 'no'\n")
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
+               str(_readme_script(tmp_path))]
+    assert _launch(command, tmp_path).count("recovered for 20 steps") == 1  # 2 ranks: 10 rounds an epoch

@@ -10,6 +10,14 @@ the r-th batch of every complete round and an incomplete last round is dropped, 
 takes the same number of steps (a rank with one step more would wait forever in the gradient
 all-reduce).
 
+With ``shard=True`` (FSDP2, ``torch.distributed.fsdp.fully_shard``) recover trains a sharded copy
+instead: built on the meta device, each repeated block (``blocks_of``) and then the root made an
+FSDP unit, each rank's shard sliced from the student. Parameters, gradients and optimizer state
+are split across the ranks; the caller's student is left untouched until the end, when the trained
+weights are gathered into it on every rank. The teacher is used as passed: the caller holds it
+whole on every rank anyway and it has no gradients or optimizer state, so a sharded copy would add
+memory, not save it.
+
 Checkpoints (``checkpoint.py``: model with its masks, optimizer state, step) are written by rank 0
 after every epoch, crash-safely, and resumed from. On any failure (a non-finite loss, an error, an
 interrupt) the student goes back to the newest checkpoint or, without one, to its state when
@@ -34,6 +42,7 @@ from .errors import OperationFailed, PangkasError
 from .inputs import call_model
 from .outputs import primary_tensor
 from .progress import track
+from .sharded import check_shardable, sharded_copy, unshard_into
 from .weights.masks import masks_by_key, plain_name, remove_mask, set_mask
 
 OBJECTIVES = ("kd", "mse", "task")
@@ -123,6 +132,16 @@ class _Snapshot:
     def restore_modes(self) -> None:
         for module, training in self.modes:
             module.training = training
+
+
+class _Modes(_Snapshot):
+    """The train/eval modes only: for a student that training does not touch."""
+
+    def __init__(self, model: nn.Module):
+        self.modes = [(module, module.training) for module in model.modules()]
+
+    def restore(self, model: nn.Module) -> None:
+        self.restore_modes()
 
 
 def _tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -240,6 +259,7 @@ def recover(
     checkpoint: str | os.PathLike | None = None,
     inputs: Callable | None = None,
     seed: int = 0,
+    shard: bool = False,
 ) -> RecoveryReport:
     """Fine-tune ``student`` on ``data`` for ``epochs``.
 
@@ -262,24 +282,35 @@ def recover(
     complete round of world-size batches; a last incomplete round is dropped (deterministically,
     every epoch), so all ranks take the same steps. Rank 0 writes the checkpoints.
 
+    ``shard=True`` (under torchrun) trains with FSDP2 instead of DDP: a copy of the student whose
+    parameters, gradients and optimizer state are split across the ranks (each repeated block a
+    unit), for students whose training state does not fit one process. The trained weights are
+    gathered back into ``student`` on every rank at the end; until then it is untouched. Not with
+    ``checkpoint=``. ``optimizer`` then gets the copy's (DTensor) parameters.
+
     On failure the student is back at the newest checkpoint or, without one, at its state when
-    ``recover`` was called (a CPU copy is kept for this); the error says which.
+    ``recover`` was called (a CPU copy is kept for this, unless ``shard=True``); the error says which.
     """
     _check(data, objective, teacher, loss_fn, epochs, lr, temperature, alpha)
+    if shard not in (True, False):
+        raise PangkasError(f"shard must be True or False, got {shard!r}")
+    if shard:
+        check_shardable(student, checkpoint)
     rank, world = _distributed()
     size = _check_data(data, epochs, world)
     directory = Path(os.path.realpath(checkpoint)) if checkpoint is not None else None
     torch.manual_seed(seed)
-    params = [p for p in student.parameters() if p.requires_grad]
+    trained = sharded_copy(student) if shard else student
+    params = [p for p in trained.parameters() if p.requires_grad]
     opt = optimizer(params) if optimizer is not None else torch.optim.Adam(params, lr=lr)
     training_loss = _TrainingLoss(teacher, objective, loss_fn, alpha, temperature,
-                                  _feature_hooks(student, teacher, features), feature_weight, inputs)
+                                  _feature_hooks(trained, teacher, features), feature_weight, inputs)
     try:
-        start = _Snapshot(student)
+        start = _Modes(student) if shard else _Snapshot(student)  # sharded: the student is not trained
         step, first_epoch = _resume(directory, student, opt, start, world) if directory else (0, 0)
         report = RecoveryReport(step, resumed_from=step,
                                 checkpoint=Path(checkpoint) if checkpoint is not None else None)
-        model = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+        model = nn.parallel.DistributedDataParallel(student) if world > 1 and not shard else trained
         if teacher is not None:
             teacher.eval()
         try:
@@ -291,6 +322,8 @@ def recover(
                 if directory is not None:
                     write = functools.partial(save_checkpoint, directory, student, opt, step, epoch + 1)
                     _on_rank0(write, world)
+            if shard:
+                unshard_into(student, trained)
         except BaseException as exc:
             _fail(exc, student, opt, directory, start)
     finally:
