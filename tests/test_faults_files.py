@@ -417,3 +417,25 @@ def test_interrupted_load_of_a_layer_pruned_model_puts_the_blocks_back(tmp_path,
     monkeypatch.setattr(fresh, "load_state_dict", Interrupt(None))
     interrupted(fresh, lambda: pangkas.load(path, fresh))
     assert len(fresh.blocks) == 4
+
+
+# -- files.write_with: a writer of its own (safetensors' save_file for streamed shards) ---------------
+
+def test_write_with_a_failing_writer_leaves_nothing(tmp_path):
+    from pangkas.files import write_with
+
+    def half_then_fail(tmp):
+        tmp.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    (tmp_path / "old.bin").write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        write_with(tmp_path / "old.bin", half_then_fail, overwrite=True)
+    assert (tmp_path / "old.bin").read_bytes() == b"old"  # replaced whole or not at all
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.bin"]  # no temporary left behind
+    with pytest.raises(pangkas.PangkasError, match="already exists"):
+        write_with(tmp_path / "old.bin", lambda tmp: tmp.write_bytes(b"new"))
+    path = write_with(tmp_path / "new.safetensors", lambda tmp: safetensors.torch.save_file({"x": torch.ones(2)},
+                                                                                           str(tmp)))
+    assert torch.equal(safetensors.torch.load_file(path)["x"], torch.ones(2))
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # not left private like the temporary

@@ -13,7 +13,7 @@ import io
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from .errors import OperationFailed, PangkasError
@@ -80,17 +80,23 @@ def _check_parent(path: Path) -> None:
 
 def write_file(path: str | os.PathLike, data: bytes, *, overwrite: bool = False) -> Path:
     """Write ``data`` to ``path`` atomically; an existing file is replaced only with ``overwrite``."""
+    return write_with(path, lambda tmp: tmp.write_bytes(data), overwrite=overwrite)
+
+
+def write_with(path: str | os.PathLike, write: Callable[[Path], object], *, overwrite: bool = False) -> Path:
+    """``write_file`` for a writer of its own (``write(temporary_path)``, e.g. safetensors'
+    ``save_file``), so a large file need not be assembled in memory first."""
     path = check_file_target(path, overwrite=overwrite)
     with _failing_write(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=staging_prefix(path))
+        os.close(fd)
         try:
+            write(Path(tmp))
             umask = os.umask(0)
             os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the result private
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
+            os.chmod(tmp, 0o666 & ~umask)  # after the writer, which may create the file anew: not private
+            with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             _place(Path(tmp), path, overwrite)
         finally:

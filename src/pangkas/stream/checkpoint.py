@@ -3,12 +3,14 @@
 The model is built on ``meta`` (its buffers that are computed, not stored, such as rotary
 frequencies, are real); ``materialize`` loads one module's tensors from the shards (safetensors
 reads only the bytes asked for) and ``release`` puts it back on ``meta``. Only config.json and
-safetensors files are read: pickled ``.bin`` checkpoints are refused.
+safetensors files are read: pickled ``.bin`` checkpoints are refused. A shard is opened for each
+read and closed after: an open one stays memory-mapped, and the pages read would stay resident.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 from pathlib import Path
 
@@ -28,10 +30,12 @@ class Checkpoint:
         """The checkpoint in ``directory`` (its index or single file), or the tensors of ``files``
         in it (shards being written, before there is an index)."""
         self.directory = Path(directory)
-        self._open: dict[str, object] = {}
         self.aliases: dict[str, str] = {}  # a tied tensor the checkpoint stores once: its other names
         if files is not None:
-            self.files = {key: f for f in files for key in self._handle(f).keys()}
+            self.files = {}
+            for file in files:
+                with self._opened(file) as handle:
+                    self.files.update(dict.fromkeys(handle.keys(), file))
             return
         if not (self.directory / "config.json").is_file():
             raise PangkasError(f"{self.directory} has no config.json: not a Hugging Face model directory")
@@ -49,31 +53,46 @@ class Checkpoint:
                 raise PangkasError(f"{index}: weight_map must name .safetensors files in the directory")
             return weight_map
         if single.is_file():
-            return dict.fromkeys(self._handle(SINGLE).keys(), SINGLE)
+            with self._opened(SINGLE) as handle:
+                return dict.fromkeys(handle.keys(), SINGLE)
         raise PangkasError(f"{self.directory} has no {SINGLE} or {INDEX}: streamed pruning reads safetensors "
                            "checkpoints only (pickled .bin files are never loaded)")
 
-    def _handle(self, file: str):
+    @contextlib.contextmanager
+    def _opened(self, file: str):
         from safetensors import SafetensorError, safe_open
 
-        if file not in self._open:
-            try:
-                self._open[file] = safe_open(str(self.directory / file), framework="pt")
-            except (SafetensorError, OSError) as exc:
-                raise PangkasError(f"cannot read {self.directory / file}: {exc}") from exc
-        return self._open[file]
+        try:
+            handle = safe_open(str(self.directory / file), framework="pt")
+        except (SafetensorError, OSError) as exc:
+            raise PangkasError(f"cannot read {self.directory / file}: {exc}") from exc
+        try:
+            yield handle
+        finally:
+            del handle  # unmapped: the pages read are not kept resident
 
     def keys(self) -> list[str]:
         return list(self.files)
 
     def tensor(self, key: str) -> torch.Tensor:
-        key = key if key in self.files else self.aliases.get(key, key)
-        if key not in self.files:
-            raise PangkasError(f"{self.directory} has no tensor {key!r}")
-        try:
-            return self._handle(self.files[key]).get_tensor(key)
-        except Exception as exc:  # noqa: BLE001 -- safetensors' errors for a damaged shard vary
-            raise PangkasError(f"cannot read {key} from {self.directory / self.files[key]}: {exc}") from exc
+        return self.tensors([key])[key]
+
+    def tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``keys`` name, each shard opened once."""
+        stored = {key: key if key in self.files else self.aliases.get(key, key) for key in keys}
+        missing = [key for key in keys if stored[key] not in self.files]
+        if missing:
+            raise PangkasError(f"{self.directory} has no tensor {missing[0]!r}")
+        found = {}
+        for file in dict.fromkeys(self.files[k] for k in stored.values()):
+            with self._opened(file) as handle:
+                for key, name in stored.items():
+                    if self.files[name] == file:
+                        try:
+                            found[key] = handle.get_tensor(name)
+                        except Exception as exc:  # noqa: BLE001 -- safetensors' errors for a damaged shard vary
+                            raise PangkasError(f"cannot read {name} from {self.directory / file}: {exc}") from exc
+        return found
 
     def nbytes(self) -> int:
         return sum((self.directory / f).stat().st_size for f in set(self.files.values()))
@@ -83,10 +102,10 @@ class Checkpoint:
         without reading them."""
         found = []
         for file in sorted(set(self.files.values())):
-            handle = self._handle(file)
-            for key in sorted(handle.keys()):
-                piece = handle.get_slice(key)
-                found.append((key, piece.get_dtype(), list(piece.get_shape())))
+            with self._opened(file) as handle:
+                for key in sorted(handle.keys()):
+                    piece = handle.get_slice(key)
+                    found.append((key, piece.get_dtype(), list(piece.get_shape())))
         return found
 
 
@@ -122,27 +141,35 @@ def tie(checkpoint: Checkpoint, model: nn.Module) -> None:
         checkpoint.aliases.update({n: stored for n in group if stored is not None and n not in checkpoint.files})
 
 
-def materialize(module: nn.Module, prefix: str, checkpoint: Checkpoint, source: Checkpoint | None = None) -> None:
-    """Give ``module`` (named ``prefix`` in the model) its tensors from ``checkpoint`` (or
-    ``source`` for keys it lacks), replacing the ``meta`` ones; a buffer not in the checkpoint
-    (computed at construction) stays as it is."""
-    state = {}
+def materialize(module: nn.Module, prefix: str, checkpoint: Checkpoint) -> None:
+    """Give ``module`` (named ``prefix`` in the model) its tensors from ``checkpoint``, replacing
+    the ``meta`` ones; a buffer not in the checkpoint (computed at construction) stays as it is."""
+    wanted = {}
     for name, value in module.state_dict().items():
         key = f"{prefix}.{name}" if prefix else name
         if key in checkpoint.files or key in checkpoint.aliases:
-            state[name] = checkpoint.tensor(key)
-        elif source is not None and key in source.files:
-            state[name] = source.tensor(key)
+            wanted[name] = key
         elif value.is_meta:
             raise PangkasError(f"{checkpoint.directory} has no tensor {key!r}, which the model built from its "
                                "config has (checkpoints from older transformers may name tensors differently: "
                                "load and save_pretrained it once with this version)")
-    module.load_state_dict(state, strict=False, assign=True)
+    found = checkpoint.tensors(list(wanted.values()))
+    module.load_state_dict({name: found[key] for name, key in wanted.items()}, strict=False, assign=True)
 
 
 def release(module: nn.Module) -> None:
-    """Put ``module``'s parameters and buffers back on ``meta``, freeing their memory."""
+    """Put ``module``'s parameters and buffers back on ``meta``, freeing their memory, and hand the
+    freed memory back to the system (glibc keeps freed blocks for reuse, and a block's worth of
+    them at a time would add up to the peak)."""
     module.to("meta")
+    _trim()
+
+
+def _trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to hand back this way
+        pass
 
 
 @contextlib.contextmanager

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..errors import PangkasError
-from ..files import check_directory_target, publish, write_file
+from ..files import check_directory_target, publish, write_file, write_with
 from .checkpoint import INDEX, Checkpoint
 
 PARTIAL = ".pangkas-partial"
@@ -73,8 +73,9 @@ class ResumableOutput:
         import safetensors.torch
 
         self.partial.mkdir(exist_ok=True)
-        data = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()}, {"format": "pt"})
-        write_file(self.partial / self.file(unit), data, overwrite=True)  # a shard of an interrupted run: ours
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        write_with(self.partial / self.file(unit),  # a shard of an interrupted run is ours to replace
+                   lambda tmp: safetensors.torch.save_file(tensors, str(tmp), {"format": "pt"}), overwrite=True)
         self.progress["done"][unit] = {**record, "keys": sorted(tensors)}
         write_file(self.partial / PROGRESS, json.dumps(self.progress).encode(), overwrite=True)
 

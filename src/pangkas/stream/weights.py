@@ -86,19 +86,25 @@ def _stream_blocks(model, blocks, targets, source, out, criterion, sparsity, thr
         if out.done(name) is None:
             materialize(block, name, source)
             layers = {n: m for n, m in targets.items() if block_of(n, blocks) == name}
-            before = _nonzero(layers)
-            if calibrated:
-                _pruned_on_inputs(block, layers, captured, criterion, sparsity, pattern)
-            else:
-                _pruned_by_weights(layers, criterion, sparsity, threshold, pattern)
-            tensors = {f"{name}.{key}": t for key, t in block.state_dict().items()}
-            out.write(name, tensors, {**_counts(model, tensors, before), "layers": [
-                [n, list(m.weight.shape), before[n], int(torch.count_nonzero(m.weight))] for n, m in layers.items()]})
+            _write_pruned(model, block, name, layers, out, captured, criterion, sparsity, threshold, pattern)
         else:
             materialize(block, name, out.written())  # pruned already: its outputs feed the next block
         if calibrated and name != blocks[-1]:
             captured = next_inputs(block, captured)
         release(block)
+
+
+def _write_pruned(model, block, name, layers, out, captured, criterion, sparsity, threshold, pattern) -> None:
+    """Prune ``block`` (loaded) and write its shard; nothing of it is held after (a function of
+    its own, so no local keeps the block's tensors alive once it is released)."""
+    before = _nonzero(layers)
+    if captured is not None:
+        _pruned_on_inputs(block, layers, captured, criterion, sparsity, pattern)
+    else:
+        _pruned_by_weights(layers, criterion, sparsity, threshold, pattern)
+    tensors = {f"{name}.{key}": t for key, t in block.state_dict().items()}
+    out.write(name, tensors, {**_counts(model, tensors, before), "layers": [
+        [n, list(m.weight.shape), before[n], int(torch.count_nonzero(m.weight))] for n, m in layers.items()]})
 
 
 def _pruned_on_inputs(block, layers, captured, criterion, sparsity, pattern) -> None:

@@ -48,10 +48,11 @@ def _prune_layers(layers: dict[str, nn.Module], run, criterion: CalibratedImport
         run()
     results = {}
     for name, module in layers.items():
-        if stats[name].total is None:
+        stat = stats.pop(name)  # freed once used: SparseGPT's Gram matrices are the biggest thing held here
+        if stat.total is None:
             continue  # not reached by the calibration data: keep as is
         try:
-            results[name] = _layer_result(module, stats[name], criterion, sparsity, n_m, masks_of)
+            results[name] = _layer_result(module, stat, criterion, sparsity, n_m, masks_of)
         except (PangkasError, torch.linalg.LinAlgError) as exc:
             raise PangkasError(f"importance={criterion.name!r} cannot prune {name}: {exc}") from exc
     return results
