@@ -102,6 +102,14 @@ class Plan:
     def channels_removed(self) -> int:
         return sum(int(g.removed.sum()) for g in self.selection.groups)
 
+    def unit_cost(self, group: Group) -> tuple[int, int]:
+        """(parameters, MACs) that one class of ``group`` (a channel, a key/value group of heads)
+        accounts for: what removing its first class alone would save, at the traced input size."""
+        removed = self.selection.classes == group.classes[0]
+        costed = [r for r in self.coupling.records if r.flop_call is not None]  # the others cost nothing
+        macs = count_flops(costed, partial(planned_shape, removed=removed)) // 2
+        return self.params_before - count_params(self.model, self.coupling, removed), self.macs_before - macs
+
     def blocked(self) -> Counter:
         """Why channels are kept: reason -> how many channels (of conv/linear/embedding outputs)
         it froze; one channel may be frozen for several reasons."""
