@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import PangkasError
-from .graph.labels import Partition, components
+from .graph.labels import Partition
 from .graph.trace import Coupling
 from .modules import ModuleFilter, Selector, matches
 from .widths import fastest
@@ -272,25 +272,42 @@ def _class_scores(coupling: Coupling, classes: torch.Tensor, scores: dict,
 
 
 def _grouping(coupling: Coupling, classes: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
-    """Each class's group, and per parameter dim that produces classes: (its module, those classes,
-    sorted). Classes produced by the same parameter dim (one layer's outputs) are one group; a
-    residual stream merges its producers."""
+    """Each class's group (its smallest class), and per parameter dim that produces classes: (its
+    module, those classes, sorted). Classes produced by the same parameter dim (one layer's
+    outputs) are one group; a residual stream merges its producers."""
     is_produced = torch.zeros(coupling.num_ids, dtype=torch.bool)
     is_produced[coupling.produced] = True
     producing = []
-    left, right = [], []
     for name, dims in coupling.tensor_ids.items():
         module = module_of(name)
         for ids in dims:
             reps = classes[ids]
             reps = reps[is_produced[ids] & (reps != 0)].unique()
             if reps.numel():
-                left.append(reps[:-1])
-                right.append(reps[1:])
                 producing.append((module, reps))
-    empty = torch.zeros(0, dtype=torch.long)
-    return components(coupling.num_ids, torch.cat(left) if left else empty,
-                      torch.cat(right) if right else empty), producing
+    # Join the producing dims that share a class (few: one per parameter dim), not the classes
+    owner = torch.full((coupling.num_ids,), -1, dtype=torch.long)
+    joined = list(range(len(producing)))
+
+    def root(i: int) -> int:
+        while joined[i] != i:
+            i = joined[i]
+        return i
+
+    for index, (_, reps) in enumerate(producing):
+        seen = owner[reps]
+        for other in seen[seen >= 0].unique().tolist():
+            a, b = sorted((root(index), root(other)))
+            joined[b] = a
+        owner[reps] = index
+    by_root: dict[int, list[torch.Tensor]] = {}
+    for index, (_, reps) in enumerate(producing):
+        by_root.setdefault(root(index), []).append(reps)
+    group_of = torch.arange(coupling.num_ids)
+    for parts in by_root.values():
+        reps = torch.cat(parts)
+        group_of[reps] = reps.min()
+    return group_of, producing
 
 
 def _members(reps: torch.Tensor, group_of: torch.Tensor) -> list[torch.Tensor]:
@@ -319,9 +336,9 @@ def _group_modules(reps: torch.Tensor, group_of: torch.Tensor, producing) -> dic
 
 def ratio_source(group: Group, options: Options, model: nn.Module):
     """The ``options.ratios`` key that gives ``group`` its ratio, or None (``options.ratio``)."""
+    modules = [(name, model.get_submodule(name) if name else model) for name in group.modules]
     for pattern in options.ratios:
-        for name in group.modules:
-            module = model.get_submodule(name) if name else model
+        for name, module in modules:
             if matches(pattern, name, module):
                 return pattern
     return None
