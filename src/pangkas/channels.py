@@ -106,9 +106,11 @@ class Plan:
         """(parameters, MACs) that one class of ``group`` (a channel, a key/value group of heads)
         accounts for: what removing its first class alone would save, at the traced input size."""
         removed = self.selection.classes == group.classes[0]
-        costed = [r for r in self.coupling.records if r.flop_call is not None]  # the others cost nothing
-        macs = count_flops(costed, partial(planned_shape, removed=removed)) // 2
-        return self.params_before - count_params(self.model, self.coupling, removed), self.macs_before - macs
+        # only the ops with a cost that touch the class change it (a neuron: a few of thousands)
+        touched = [r for r in self.coupling.records if r.flop_call is not None
+                   and any(removed[ax.ids].any() for _, axes in (*r.inputs, *r.outputs) for ax in axes)]
+        macs = count_flops(touched) - count_flops(touched, partial(planned_shape, removed=removed))
+        return self.params_before - count_params(self.model, self.coupling, removed), macs // 2
 
     def blocked(self) -> Counter:
         """Why channels are kept: reason -> how many channels (of conv/linear/embedding outputs)

@@ -291,6 +291,7 @@ def _grouping(coupling: Coupling, classes: torch.Tensor) -> tuple[torch.Tensor, 
 
     def root(i: int) -> int:
         while joined[i] != i:
+            joined[i] = joined[joined[i]]  # path halving: chains stay short
             i = joined[i]
         return i
 
