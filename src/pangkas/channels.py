@@ -102,6 +102,16 @@ class Plan:
     def channels_removed(self) -> int:
         return sum(int(g.removed.sum()) for g in self.selection.groups)
 
+    def unit_cost(self, group: Group) -> tuple[int, int]:
+        """(parameters, MACs) that one class of ``group`` (a channel, a key/value group of heads)
+        accounts for: what removing its first class alone would save, at the traced input size."""
+        removed = self.selection.classes == group.classes[0]
+        # only the ops with a cost that touch the class change it (a neuron: a few of thousands)
+        touched = [r for r in self.coupling.records if r.flop_call is not None
+                   and any(removed[ax.ids].any() for _, axes in (*r.inputs, *r.outputs) for ax in axes)]
+        macs = count_flops(touched) - count_flops(touched, partial(planned_shape, removed=removed))
+        return self.params_before - count_params(self.model, self.coupling, removed), macs // 2
+
     def blocked(self) -> Counter:
         """Why channels are kept: reason -> how many channels (of conv/linear/embedding outputs)
         it froze; one channel may be frozen for several reasons."""

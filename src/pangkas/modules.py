@@ -34,6 +34,8 @@ def matches(pattern: str | type, name: str, module: nn.Module) -> bool:
     everything inside layer1); a type matches instances of it."""
     if isinstance(pattern, type):
         return isinstance(module, pattern)
+    if not any(c in pattern for c in "*?["):  # a plain name (the usual case, and many of them): no glob
+        return name == pattern or name.startswith(pattern + ".")
     parts = name.split(".")
     return any(fnmatch.fnmatchcase(".".join(parts[:i]), pattern) for i in range(1, len(parts) + 1))
 

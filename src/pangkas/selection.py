@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import PangkasError
-from .graph.labels import Partition, components
+from .graph.labels import Partition
 from .graph.trace import Coupling
 from .modules import ModuleFilter, Selector, matches
 from .widths import fastest
@@ -97,22 +97,19 @@ def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module,
     """Classes from the coupling and ``blocks``, grouped, scored, and the lowest of each group
     marked removed. ``round_to="auto"`` asks ``timer_for(group)`` for the widths' timings (none:
     the exact count)."""
-    classes, held = _settle(coupling, options.allow_approximate, blocks)
+    classes, held, grouping = _settle(coupling, options.allow_approximate, blocks)
     approximate = torch.zeros(coupling.num_ids, dtype=torch.bool)
     for ids, _ in coupling.approximations:
         approximate[classes[ids]] = True
     gathered = _gathered(coupling, classes, held)
     reps, score = _class_scores(coupling, classes, scores, gathered)
-    group_of, producers = _grouping(coupling, classes)
-    members: dict[int, list[int]] = {}
-    for rep, g in zip(reps.tolist(), group_of[reps].tolist()):
-        members.setdefault(g, []).append(rep)
+    group_of, producing = grouping or _grouping(coupling, classes)
+    modules = _group_modules(reps, group_of, producing)
     groups = []
-    for ids in members.values():
-        cls = torch.tensor(ids)
-        modules = tuple(dict.fromkeys(n for m in ids for n in producers.get(m, ())))
-        groups.append(Group(modules, cls, score[cls], torch.zeros(len(ids), dtype=torch.bool),
-                            bool(approximate[cls].any()), _rows_of(cls, held, classes)))
+    for cls in _members(reps, group_of):
+        groups.append(Group(modules.get(int(group_of[cls[0]]), ()), cls, score[cls],
+                            torch.zeros(len(cls), dtype=torch.bool), bool(approximate[cls].any()),
+                            _rows_of(cls, held, classes)))
     _choose(groups, options, model, timer_for)
     removed_class = torch.zeros(coupling.num_ids, dtype=torch.bool)
     for g in groups:
@@ -125,14 +122,17 @@ def select(coupling: Coupling, options: Options, scores: dict, model: nn.Module,
     return Selection(classes, removed, groups, {key: p.rows for key, p in gathered.items()})
 
 
-def _settle(coupling: Coupling, allow_approximate: bool, blocks: Sequence[Block]
-            ) -> tuple[torch.Tensor, list[Partition]]:
-    """Classes, and the partitions that hold as equal counts per row; each other partition
-    falls back to tying offsets (which can make more fall back: repeat until none does)."""
+def _settle(coupling: Coupling, allow_approximate: bool, blocks: Sequence[Block]):
+    """Classes, the partitions that hold as equal counts per row, and the classes' grouping
+    where it was needed (else None); each other partition falls back to tying offsets (which
+    can make more fall back: repeat until none does)."""
     ties, fallen = [], set()
     while True:
         classes = coupling.classes(allow_approximate, blocks, ties)
-        group_of, _ = _grouping(coupling, classes)
+        if not coupling.partitions:
+            return classes, [], None
+        grouping = _grouping(coupling, classes)
+        group_of = grouping[0]
         held, claimed, newly = [], {}, []
         for index, p in enumerate(coupling.partitions):
             if index in fallen:
@@ -147,7 +147,7 @@ def _settle(coupling: Coupling, allow_approximate: bool, blocks: Sequence[Block]
                 continue
             held.append(p)
         if not newly:
-            return classes, held
+            return classes, held, grouping
         fallen.update(newly)
         ties += [coupling.partitions[i].ties() for i in newly]
 
@@ -271,31 +271,75 @@ def _class_scores(coupling: Coupling, classes: torch.Tensor, scores: dict,
     return torch.nonzero(present).flatten(), score
 
 
-def _grouping(coupling: Coupling, classes: torch.Tensor) -> tuple[torch.Tensor, dict[int, dict[str, None]]]:
-    """Each class's group, and the modules producing each class. Classes produced by the same
-    parameter dim (one layer's outputs) are one group; a residual stream merges its producers."""
+def _grouping(coupling: Coupling, classes: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, torch.Tensor]]]:
+    """Each class's group (its smallest class), and per parameter dim that produces classes: (its
+    module, those classes, sorted). Classes produced by the same parameter dim (one layer's
+    outputs) are one group; a residual stream merges its producers."""
     is_produced = torch.zeros(coupling.num_ids, dtype=torch.bool)
     is_produced[coupling.produced] = True
-    producers: dict[int, dict[str, None]] = {}
-    left, right = [], []
+    producing = []
     for name, dims in coupling.tensor_ids.items():
+        module = module_of(name)
         for ids in dims:
-            reps = classes[ids][is_produced[ids] & (classes[ids] != 0)]
+            reps = classes[ids]
+            reps = reps[is_produced[ids] & (reps != 0)].unique()
             if reps.numel():
-                left.append(reps[:-1])
-                right.append(reps[1:])
-                for rep in reps.unique().tolist():
-                    producers.setdefault(rep, {})[module_of(name)] = None
-    empty = torch.zeros(0, dtype=torch.long)
-    return components(coupling.num_ids, torch.cat(left) if left else empty,
-                      torch.cat(right) if right else empty), producers
+                producing.append((module, reps))
+    # Join the producing dims that share a class (few: one per parameter dim), not the classes
+    owner = torch.full((coupling.num_ids,), -1, dtype=torch.long)
+    joined = list(range(len(producing)))
+
+    def root(i: int) -> int:
+        while joined[i] != i:
+            joined[i] = joined[joined[i]]  # path halving: chains stay short
+            i = joined[i]
+        return i
+
+    for index, (_, reps) in enumerate(producing):
+        seen = owner[reps]
+        for other in seen[seen >= 0].unique().tolist():
+            a, b = sorted((root(index), root(other)))
+            joined[b] = a
+        owner[reps] = index
+    by_root: dict[int, list[torch.Tensor]] = {}
+    for index, (_, reps) in enumerate(producing):
+        by_root.setdefault(root(index), []).append(reps)
+    group_of = torch.arange(coupling.num_ids)
+    for parts in by_root.values():
+        reps = torch.cat(parts)
+        group_of[reps] = reps.min()
+    return group_of, producing
+
+
+def _members(reps: torch.Tensor, group_of: torch.Tensor) -> list[torch.Tensor]:
+    """The classes ``reps`` (ascending) split by group, each ascending; groups in the order of
+    their smallest class."""
+    found = group_of[reps]
+    order = torch.argsort(found, stable=True)
+    counts = torch.unique_consecutive(found[order], return_counts=True)[1]
+    return sorted(torch.split(reps[order], counts.tolist()), key=lambda cls: int(cls[0]))
+
+
+def _group_modules(reps: torch.Tensor, group_of: torch.Tensor, producing) -> dict[int, tuple[str, ...]]:
+    """Per group: the modules producing its classes ``reps``, in the order of the smallest class
+    each produces (then of the parameters)."""
+    present = torch.zeros(len(group_of), dtype=torch.bool)
+    present[reps] = True
+    first: dict[int, dict[str, tuple[int, int]]] = {}
+    for index, (module, produced) in enumerate(producing):
+        produced = produced[present[produced]]
+        if produced.numel():
+            key = (int(produced[0]), index)
+            seen = first.setdefault(int(group_of[produced[0]]), {})
+            seen[module] = min(seen.get(module, key), key)
+    return {g: tuple(sorted(seen, key=seen.__getitem__)) for g, seen in first.items()}
 
 
 def ratio_source(group: Group, options: Options, model: nn.Module):
     """The ``options.ratios`` key that gives ``group`` its ratio, or None (``options.ratio``)."""
+    modules = [(name, model.get_submodule(name) if name else model) for name in group.modules]
     for pattern in options.ratios:
-        for name in group.modules:
-            module = model.get_submodule(name) if name else model
+        for name, module in modules:
             if matches(pattern, name, module):
                 return pattern
     return None
