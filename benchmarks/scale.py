@@ -9,7 +9,16 @@ Sections (each writes its own page under docs/scale/):
   peak RSS above that process's RSS once torch, transformers and pangkas are imported; then the
   units: which channels go together, how many, how many may go, what one costs.
 
-Threads: 1.
+- ``stream``: a synthetic LLaMA-architecture checkpoint of over 6 GB in fp32 (random weights,
+  written by ``streamed.py`` in 2 GB shards with an index, like hub checkpoints), pruned by
+  ``pangkas.stream``: SparseGPT 50% and heads/FFN (Wanda), each in a fresh process; seconds and
+  peak RSS above that process's post-import baseline, as a share of the checkpoint (target <= 25%).
+- ``fits``: a checkpoint of the same width that fits in memory, pruned both ways (in memory:
+  ``from_pretrained``, prune, ``save_pretrained``; streamed), each in a fresh process: the two
+  output directories compared tensor by tensor, and the time ratio (target: streamed within 1.3x).
+
+Calibration: 32 sequences x 256 random token ids (random weights: only memory, time and equality
+are measured here; quality is the LLM benchmark's). Threads: 1.
 
     .venv/bin/python benchmarks/scale.py --sections plans
 """
@@ -176,8 +185,95 @@ def plans_section(rounds: int) -> str:
     return "\n\n".join([timing, *units, notes])
 
 
-SECTIONS = {"plans": plans_section}
-TITLES = {"plans": "scale: structure-only plans of LLaMA-3-8B and -70B on meta"}
+# -- stream / fits: pruning checkpoints streamed, block by block ----------------------------------
+
+STREAM_LAYERS, FITS_LAYERS = 32, 4  # at hidden 2048, FFN 5504: 6.2 GB and 1.2 GB in fp32
+RUNS = {"weights": ("SparseGPT 50% (exclude lm_head)", "stream_weights", "memory_weights"),
+        "structure": ("heads 25% + FFN 25% (Wanda)", "stream_structure", "memory_structure")}
+MEMORY_SHARE = 0.25
+TIME_RATIO = 1.3
+
+
+def _checkpoint(layers: int, root: Path) -> tuple[Path, int, dict]:
+    import streamed
+
+    config = streamed.llama_config(layers)
+    path = root / "in"
+    size = streamed.write_checkpoint(path, config)
+    return path, size, {"vocab": config.vocab_size, "sequences": 32, "tokens": 256, "source": str(path)}
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def stream_section(rounds: int) -> str:
+    import tempfile
+
+    import streamed
+
+    del rounds
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as root:
+        source, size, job = _checkpoint(STREAM_LAYERS, Path(root))
+        rows = []
+        for what, kind, _ in RUNS.values():
+            r = streamed.measured({**job, "kind": kind, "output": str(Path(root) / kind)})
+            share = (r["peak_bytes"] - r["baseline_bytes"]) / size
+            rows.append((what, _gib(size), f"{r['seconds']:.0f}", _gib(r["peak_bytes"] - r["baseline_bytes"]),
+                         f"{share:.1%}", "yes" if share <= MEMORY_SHARE else "no"))
+    table = render_table(f"Streamed pruning of a {STREAM_LAYERS}-layer LLaMA checkpoint that is never in memory "
+                         "whole: time and peak memory, each run in a fresh process",
+                         ("pruning", "checkpoint (fp32)", "seconds", "peak RSS above baseline",
+                          "share of checkpoint", f"<= {MEMORY_SHARE:.0%}"), rows, markdown=True)
+    c = streamed.llama_config(STREAM_LAYERS)
+    block = 4 * (2 * c.hidden_size ** 2 + 2 * c.hidden_size * c.hidden_size // c.num_attention_heads
+                 * c.num_key_value_heads + 3 * c.hidden_size * c.intermediate_size)
+    notes = (f"Measured with {environment()}, on a machine shared with other jobs. The checkpoint: "
+             f"LlamaForCausalLM, {c.num_hidden_layers} layers, hidden {c.hidden_size}, FFN {c.intermediate_size}, "
+             f"{c.num_attention_heads} heads ({c.num_key_value_heads} key/value), vocabulary {c.vocab_size:,}, fp32 "
+             "random weights, 2 GB shards with an index. Peak RSS: `ru_maxrss` at the end minus the process's "
+             "resident memory once torch, transformers, pangkas and the model code are imported (and the "
+             f"calibration tokens made). What is resident at the peak: one block ({block / 2**20:.0f} MB) and "
+             "its layers' input statistics (SparseGPT: Gram matrices, "
+             f"{4 * c.intermediate_size ** 2 / 2**20:.0f} MB for the down projection, and the algorithm's working "
+             f"copies of it), and the calibration activations (32 x 256 x {c.hidden_size} floats in and out).")
+    return "\n\n".join([table, notes])
+
+
+def fits_section(rounds: int) -> str:
+    import tempfile
+
+    import streamed
+
+    del rounds
+    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as root:
+        source, size, job = _checkpoint(FITS_LAYERS, Path(root))
+        rows = []
+        for what, stream_kind, memory_kind in RUNS.values():
+            results = {kind: streamed.measured({**job, "kind": kind, "output": str(Path(root) / kind)})
+                       for kind in (memory_kind, stream_kind)}
+            same = streamed.same_tensors(Path(root) / memory_kind, Path(root) / stream_kind)
+            ratio = results[stream_kind]["seconds"] / results[memory_kind]["seconds"]
+            memory = {k: _gib(r["peak_bytes"] - r["baseline_bytes"]) for k, r in results.items()}
+            rows.append((what, f"{results[memory_kind]['seconds']:.0f}", f"{results[stream_kind]['seconds']:.0f}",
+                         f"{ratio:.2f}x", "yes" if ratio <= TIME_RATIO else "no", memory[memory_kind],
+                         memory[stream_kind], "identical" if same else "DIFFERENT"))
+    table = render_table(f"In memory vs streamed, on a {FITS_LAYERS}-layer checkpoint that fits ({_gib(size)} fp32)",
+                         ("pruning", "in memory s", "streamed s", "streamed / in memory", f"<= {TIME_RATIO}x",
+                          "in memory: peak RSS above baseline", "streamed: peak RSS above baseline",
+                          "output tensors"), rows, markdown=True)
+    notes = (f"Measured with {environment()}, on a machine shared with other jobs: the two runs of a row are "
+             "consecutive, not interleaved, so the ratio carries that noise. In memory: `from_pretrained`, "
+             "`prune_weights` / `prune_transformer`, `save_pretrained`; streamed: `pangkas.stream.prune_weights` / "
+             "`prune_transformer` into a directory; both include reading and writing. `output tensors`: every "
+             "tensor of the two output directories compared with `torch.equal`.")
+    return "\n\n".join([table, notes])
+
+
+SECTIONS = {"plans": plans_section, "stream": stream_section, "fits": fits_section}
+TITLES = {"plans": "scale: structure-only plans of LLaMA-3-8B and -70B on meta",
+          "stream": "scale: pruning a checkpoint larger than the memory it may use",
+          "fits": "scale: streamed vs in-memory pruning, where both fit"}
 
 
 def main() -> None:
