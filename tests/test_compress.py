@@ -643,6 +643,7 @@ def test_a_quantized_dense_model_that_misses_when_timed_is_cut_from_there(monkey
                                      reconstruct=False)
     assert len(timed) == 2 and small is timed[1] and report.chosen.met and report.chosen.corrections == 1
     assert report.chosen.strategy == "int8-dynamic + width" and report.chosen.cuts["widths"]
+    assert report.chosen.split == {"width": 1.0, "depth": 0.0}  # int8's own saving is nobody's share
     assert report.chosen.absolute["params"] < sum(p.numel() for p in model.parameters())
 
 
