@@ -521,6 +521,132 @@ def test_quantize_meets_a_file_budget_by_cutting_and_int8_together():
         pangkas.compress(model, data, file_size=0.2, quantize="int8-static")
 
 
+class Wide(nn.Module):
+    """Linear layers wide enough that int8-dynamic runs them faster than float on a CPU (about 0.4x
+    at batch 64, against 1.1x for a 256 -> 1024 -> 256 pair at batch 32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(512, 1024), nn.Linear(1024, 512)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _fixed_speed(monkeypatch, value):
+    """The quantized dense model's measured time over the float one's, without timing; the
+    measurements made are recorded."""
+    made = []
+
+    def ratios(models, x, **kw):
+        made.append(models)
+        return [Ratio(1.0, 1.0, 1.0, 6, 0.95), Ratio(value, value * 0.98, value * 1.02, 6, 0.95)]
+
+    monkeypatch.setattr(latency_model, "latency_ratios", ratios)
+    return made
+
+
+def test_quantized_latency_profile_is_kept_apart_from_the_float_one(tmp_path, monkeypatch):
+    """The quantized model's parameters have the float ones' shapes and dtypes: only the scheme in
+    the signature keeps a float profile from being taken for an int8 one, and the other way round."""
+    pytest.importorskip("torchao")
+    from pangkas import latency_table
+
+    monkeypatch.setenv("PANGKAS_CACHE_DIR", str(tmp_path))
+    latency_table.forget()
+    profiled = []
+    real = latency_model.profile
+    monkeypatch.setattr(latency_model, "profile", lambda m, *a, **k: profiled.append(m) or real(m, *a, **k))
+    speeds = _fixed_speed(monkeypatch, 0.5)
+    model, x = Tower().eval(), torch.randn(8, 32)
+    plain = latency_model.LatencyModel(model, x)
+    int8 = latency_model.LatencyModel(model, x, "int8-dynamic")
+    assert len(profiled) == 2 and profiled[0] is model and profiled[1] is not model  # int8 profiled on its own
+    assert isinstance(profiled[1].fc1.weight, torch.Tensor) and type(profiled[1].fc1.weight) is not nn.Parameter
+    assert len(speeds) == 1 and speeds[0][0] is model and speeds[0][1] is profiled[1]
+    assert (plain.scale, int8.scale) == (1.0, 0.5)
+    assert int8.ratio({}) == pytest.approx(0.5) and plain.ratio({}) == pytest.approx(1.0)
+    keys = json.loads((tmp_path / "latency" / "layers.json").read_text())["machines"]
+    signatures = {json.loads(k)[1] for entries in keys.values() for k in entries if "module time" in k}
+    assert len(signatures) == 2 and any(s.endswith(" int8-dynamic") for s in signatures)
+    latency_table.forget()  # a new process: only the file remains
+    again = latency_model.LatencyModel(model, x, "int8-dynamic")
+    assert len(profiled) == 2 and len(speeds) == 1 and again.shares == pytest.approx(int8.shares)
+    assert again.scale == 0.5
+    assert latency_model.LatencyModel(model, x).scale == 1.0 and len(profiled) == 2
+    latency_model.LatencyModel(model, x, "int8-weight-only")  # another scheme: measured again
+    assert len(profiled) == 3 and len(speeds) == 2
+    latency_table.forget()
+
+
+def _int8_space(model, x, data, limit, quantize):
+    budget = budget_module.Budget({"latency": limit}, {"latency": limit})
+    return compress_module._space(model, x, data, budget, True, False, False, 0.125, None, False, None, None, None,
+                                  None, quantize)
+
+
+def test_a_quantized_result_is_estimated_against_the_float_model_and_needs_fewer_cuts(monkeypatch):
+    """The estimate starts at the quantized dense model's measured speed and scales its profile by
+    the work left; the same latency budget then takes fewer cuts than for a float result."""
+    pytest.importorskip("torchao")
+    _fixed_speed(monkeypatch, 0.5)
+    model, data = Wide().eval(), [torch.randn(64, 512) for _ in range(3)]
+    x = data[0]
+    int8, plain = _int8_space(model, x, data, 0.35, "int8-dynamic"), _int8_space(model, x, data, 0.35, None)
+    assert int8.figures(int8.start())["latency"] == pytest.approx(0.5)
+    assert plain.figures(plain.start())["latency"] == pytest.approx(1.0)
+    half = State(tuple(int8.limit(i) // 2 for i in range(len(int8.groups))), frozenset(), ())
+    assert 0.5 * 0.3 < int8.figures(half)["latency"] < 0.5 * 0.8  # fc1 and fc2 do about half their work
+    budget = budget_module.Budget({"latency": 0.35}, {"latency": 0.35})
+    kept = []
+    for space in (int8, plain):
+        start = Step(None, space.start(), 0.0, space.figures(space.start()))
+        steps = greedy(space, budget, Scorer(space, Distortion(model, data[:1])), ("width",), start)
+        assert budget.met(steps[-1].figures)
+        kept.append(sum(space.limit(i) + 1 - n for i, n in enumerate(steps[-1].state.cuts)))
+    assert kept[0] > 1.5 * kept[1]  # the int8 result keeps far more hidden units
+
+
+def test_int8_dynamic_is_measured_faster_and_a_dense_model_so_quantized_can_meet_a_latency_budget():
+    """Real timings, with wide margins: int8-dynamic runs these layers in about 0.4x the float time,
+    so the quantized dense model meets 0.75 uncut, while a float result must be cut."""
+    pytest.importorskip("torchao")
+    model, data = Wide().eval(), [torch.randn(64, 512) for _ in range(4)]
+    assert latency_model.LatencyModel(model, data[0], "int8-dynamic").scale < 0.75
+    dense_params = sum(p.numel() for p in model.parameters())
+    small, report = pangkas.compress(model, data, latency=0.75, quantize="int8-dynamic", depth=False,
+                                     reconstruct=False, rounds=6)
+    assert report.chosen.strategy == "int8-dynamic only" and report.chosen.met
+    assert report.chosen.absolute["params"] == dense_params
+    assert type(small.fc1.weight) is not nn.Parameter  # quantized
+    assert any("estimated at" in note for note in report.notes)
+    _, plain = pangkas.compress(model, data, latency=0.75, depth=False, reconstruct=False, rounds=6)
+    assert plain.chosen.absolute["params"] < dense_params
+
+
+def test_a_quantized_dense_model_that_misses_when_timed_is_cut_from_there(monkeypatch, tmp_path):
+    """Estimated to meet uncut, timed over the limit: the search cuts from the dense model with the
+    limit lowered by the miss, and the finalist says it was cut."""
+    pytest.importorskip("torchao")
+    monkeypatch.setenv("PANGKAS_CACHE_DIR", str(tmp_path))
+    _fixed_speed(monkeypatch, 0.5)
+    timed = []
+
+    def pessimistic(models, x, **kw):  # the quantized dense model turns out slower than estimated
+        timed.append(models[1])
+        value = 0.7 if len(timed) == 1 else 0.55
+        return [Ratio(1.0, 1.0, 1.0, 10, 0.95), Ratio(value, value * 0.98, value * 1.02, 10, 0.95)]
+
+    monkeypatch.setattr(compress_module, "latency_ratios", pessimistic)
+    model, data = Tower().eval(), [torch.randn(16, 32) for _ in range(4)]
+    small, report = pangkas.compress(model, data, latency=0.6, quantize="int8-dynamic", depth=False,
+                                     reconstruct=False)
+    assert len(timed) == 2 and small is timed[1] and report.chosen.met and report.chosen.corrections == 1
+    assert report.chosen.strategy == "int8-dynamic + width" and report.chosen.cuts["widths"]
+    assert report.chosen.split == {"width": 1.0, "depth": 0.0}  # int8's own saving is nobody's share
+    assert report.chosen.absolute["params"] < sum(p.numel() for p in model.parameters())
+
+
 def test_report_front_and_plot(net, batches, tmp_path):
     _, report = pangkas.compress(net, batches, macs=0.5, reconstruct=False, checkpoints=3)
     assert any(not p.measured for p in report.points)

@@ -81,6 +81,16 @@ def test_int8_dynamic_reports_the_convolutions_it_leaves_in_floating_point():
     assert "left in floating point: stem" in str(report)
 
 
+@pytest.mark.parametrize("scheme", ["int8-dynamic", "int8-weight-only"])
+def test_a_linear_layer_pruned_to_one_input_stays_in_floating_point(scheme):
+    """torchao fails on a single input feature (an FFN cut to one neuron): that layer is kept."""
+    model = nn.Sequential(nn.Linear(16, 1), nn.ReLU(), nn.Linear(1, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    quantized, report = pangkas.quantize(model, [torch.randn(8, 16)], scheme)
+    assert report.quantized == ["0", "4"] and list(report.kept) == ["2"] and "one input" in report.kept["2"]
+    assert type(quantized[2].weight) is nn.Parameter and isinstance(quantized[4].weight, TorchAOBaseTensor)
+    assert report.fidelity > 0.99
+
+
 def test_a_model_without_linear_layers_is_refused_for_a_linear_scheme():
     convs = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
     with pytest.raises(PangkasError, match="int8-static"):

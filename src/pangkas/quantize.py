@@ -111,6 +111,9 @@ def _linear_layers(model: nn.Module, scheme: str, candidates) -> tuple[nn.Module
     if not linear:
         raise PangkasError(f"{scheme} quantizes Linear layers and none is selected in {type(model).__name__}; "
                            "for convolutions use scheme='int8-static'")
+    # torchao's per-row scales fail on a single input feature (a layer pruning cut down to one)
+    narrow = {name for name, m in candidates if isinstance(m, nn.Linear) and m.in_features < 2}
+    linear -= narrow
     if scheme == "int4-weight-only":
         _probe_int4()
     quantized = _unmasked_copy(model)
@@ -123,6 +126,8 @@ def _linear_layers(model: nn.Module, scheme: str, candidates) -> tuple[nn.Module
     for name, module in candidates:
         if isinstance(module, CONVS):
             layers[name] = f"{scheme} has no convolution kernel; use int8-static"
+        elif name in narrow:
+            layers[name] = "one input feature, which torchao cannot quantize"
         else:
             weight = quantized.get_submodule(name).weight
             layers[name] = bits if is_torchao(weight) else "left in floating point by torchao"

@@ -89,17 +89,20 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
     with ``reconstruct``, else ``"wanda"``). ``reconstruct``: the layers reading removed channels
     are re-fitted by least squares on ``data``; ``replace="linear"``: removed blocks are replaced by
     fitted linear maps (see ``plan_layers``). ``quantize="int8-dynamic"`` or ``"int8-weight-only"``:
-    every finalist's Linear layers are quantized last (``pangkas.quantize``) and measured so, and
-    the search counts their weights at a byte each, so a file-size budget is met by pruning and
-    quantization together (a latency one through the finalists' timings: int8 may be slower than
-    float for small layers). ``recover_steps``: fine-tune each finalist this many
-    batches of ``data``, distilling from ``model``; with ``recover_rounds=R`` also R times during
-    each search (NetAdapt's short-term fine-tune: at evenly spread shares of the way to the budget,
-    the model as cut so far, the cut weights held at zero), so that later cuts are judged on
-    adapted weights. The search then runs on a copy of ``model`` (one more model in memory), and
-    the finalists are built from that search's fine-tuned weights without ``reconstruct`` (a
-    re-fit would pull them back to what the dense weights compute). ``include`` / ``exclude``: which modules may
-    lose channels and which blocks may go. Latency ratios come from ``rounds`` interleaved rounds
+    every finalist's Linear layers are quantized last (``pangkas.quantize``) and measured so; the
+    search counts their weights at a byte each and estimates latency from the per-module profile of
+    the dense model so quantized, scaled by its measured time over the float model's (int8 may be
+    slower than float for small layers: the estimate says so too), so a file-size or latency budget
+    is met by pruning and quantization together, with fewer cuts. A quantized dense model estimated
+    to meet the budget is built and timed first, and cut only if its timing misses.
+    ``recover_steps``: fine-tune each finalist this many batches of ``data``, distilling from
+    ``model``; with ``recover_rounds=R`` also R times during each search (NetAdapt's short-term
+    fine-tune: at evenly spread shares of the way to the budget, the model as cut so far, the cut
+    weights held at zero), so that later cuts are judged on adapted weights. The search then runs
+    on a copy of ``model`` (one more model in memory), and the finalists are built from that
+    search's fine-tuned weights without ``reconstruct`` (a re-fit would pull them back to what the
+    dense weights compute). ``include`` / ``exclude``: which modules may lose channels and which
+    blocks may go. Latency ratios come from ``rounds`` interleaved rounds
     at ``confidence``; ``checkpoints`` states along each search are scored with ``eval_fn``
     (the report's points).
     """
@@ -135,6 +138,9 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
         if recover_rounds else None
     report = CompressReport(budget, dense, float(eval_fn(model)))
     start = Step(None, space.start(), 0.0, space.figures(space.start()))
+    if quantize and "latency" in budget.limits:
+        report.notes.append(f"{quantize}: the dense model so quantized is estimated at "
+                            f"{start.figures['latency']:.2f}x the float model's latency")
     timed = functools.partial(_timed, model, space, example, batches, reconstruct and not recover_rounds, replace,
                               recover_steps, quantize, rounds, confidence, dense)
     built: list[tuple[Finalist, nn.Module]] = []
@@ -145,8 +151,11 @@ def compress(model: nn.Module, data: Iterable, target: dict | None = None, *, la
         ends.append(steps[-1].state)
         built.append(_finalize(space, budget, score, kinds, steps, name, eval_fn, timed, report))
 
-    if quantize and budget.met(start.figures):  # quantized, the dense model already fits
-        finish(f"{quantize} only", (), [start])
+    if quantize and budget.met(start.figures):  # quantized, the dense model is estimated to fit
+        finish(f"{quantize} only", allowed, [start])  # if its timing misses, the cuts start from it
+        finalist = built[-1][0]
+        if any(finalist.cuts.values()):
+            finalist.strategy = f"{quantize} + {'+'.join(allowed)}"
     else:
         _searches(space, budget, score, start, width, depth, sparsity, depth_mixes, eval_fn, checkpoints, report,
                   recovery, finish)
@@ -263,7 +272,7 @@ def _space(model, example, batches, budget: Budget, width, depth, sparsity, step
     blocks = []
     if depth:
         blocks = _granular(_selected(model, layer_candidates(model, example), include, exclude, None), "layers")
-    latency = LatencyModel(model, example) if "latency" in budget.limits else None
+    latency = LatencyModel(model, example, quantize) if "latency" in budget.limits else None
     layers = [name for name, _ in select_modules(model, PRUNABLE, include, exclude)] if sparsity else []
     int8, int8_file = frozenset(), None
     if quantize:
@@ -394,10 +403,12 @@ def _measure(model, pruned, example, rounds, confidence, dense):
 
 def _split(space: Space, state: State, budget: Budget) -> dict[str, float]:
     """Shares of the estimated saving in the tightest budget kind due to width cuts, blocks and
-    (when searched) weight sparsity."""
+    (when searched) weight sparsity (counted from the start state: with ``quantize`` its figures
+    are already below 1)."""
     kind = budget.tightest
     state = space.effective(state)
     kinds = {"width": "width", "depth": "depth"} | ({"sparsity": "weights"} if space.layers else {})
-    saved = {label: max(0.0, 1 - space.figures(space.only(state, k))[kind]) for label, k in kinds.items()}
+    base = space.figures(space.start())[kind]
+    saved = {label: max(0.0, base - space.figures(space.only(state, k))[kind]) for label, k in kinds.items()}
     total = sum(saved.values())
     return {label: v / total if total > 0 else 0.0 for label, v in saved.items()}
