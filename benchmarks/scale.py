@@ -213,7 +213,7 @@ def stream_section(rounds: int) -> str:
     import streamed
 
     del rounds
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as root:
+    with tempfile.TemporaryDirectory() as root:
         source, size, job = _checkpoint(STREAM_LAYERS, Path(root))
         rows = []
         for what, kind, _ in RUNS.values():
@@ -246,7 +246,7 @@ def fits_section(rounds: int) -> str:
     import streamed
 
     del rounds
-    with tempfile.TemporaryDirectory(dir=Path(__file__).resolve().parent.parent) as root:
+    with tempfile.TemporaryDirectory() as root:
         source, size, job = _checkpoint(FITS_LAYERS, Path(root))
         rows = []
         for what, stream_kind, memory_kind in RUNS.values():

@@ -315,3 +315,14 @@ def test_cli_streams_layers_with_max_memory(tmp_path, capsys):
                  "-o", str(tmp_path / "b")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "--target-macs cannot be streamed" in err
+
+
+def test_cli_run_in_a_fresh_process_prints_no_library_noise(checkpoint, tmp_path):
+    """transformers imports torchao, which makes torch log deprecation lines on its own handler."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "pangkas.cli", "prune", "weights", str(checkpoint), "--sparsity",
+                             "0.5", "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and "lm_head" in result.stdout

@@ -614,10 +614,16 @@ def _collected_logs():
 
     handler, root = Collect(logging.WARNING), logging.getLogger()
     root.addHandler(handler)
+    # torchao (which transformers imports too) registers enums with torch's pytree the deprecated
+    # way, and torch logs a line for each, on its own handler: noise on every Hugging Face command.
+    pytree = logging.getLogger("torch.utils._pytree")
+    level = pytree.level
+    pytree.setLevel(logging.ERROR)
     try:
         yield messages
     finally:
         root.removeHandler(handler)
+        pytree.setLevel(level)
 
 
 def _fail(exc: BaseException, debug: bool) -> int:
