@@ -110,7 +110,9 @@ def cnn(rounds: int) -> str:
     return "\n\n".join([table, notes])
 
 
-def minilm_section(rounds: int) -> str:
+def _minilm():
+    """Pretrained MiniLM, its calibration and timing batches, the test score, and the held-out
+    finalist choice (see ``_held_out``)."""
     import minilm
 
     warnings.filterwarnings("ignore")
@@ -118,6 +120,11 @@ def minilm_section(rounds: int) -> str:
     selection, selection_reference = minilm.selection(dense, SELECTION_SENTENCES)
     score = lambda m: minilm.fidelity(m, evaluation, reference)  # noqa: E731
     choose, reported = _held_out(dense, lambda m: minilm.fidelity(m, selection, selection_reference), score)
+    return dense, calibration, timing, score, choose, reported
+
+
+def minilm_section(rounds: int) -> str:
+    dense, calibration, timing, score, choose, reported = _minilm()
     rows = []
     start = time.perf_counter()
     small, report = pangkas.compress(dense, calibration, latency=LIMIT, example_inputs=timing, eval_fn=choose,
@@ -175,14 +182,9 @@ def _finalists(report, on_evaluation) -> str:
 
 
 def minilm_int8_section(rounds: int) -> str:
-    import minilm
     from pangkas.measure import file_sizes
 
-    warnings.filterwarnings("ignore")
-    dense, calibration, evaluation, reference, timing = minilm.setup()
-    selection, selection_reference = minilm.selection(dense, SELECTION_SENTENCES)
-    score = lambda m: minilm.fidelity(m, evaluation, reference)  # noqa: E731
-    choose, reported = _held_out(dense, lambda m: minilm.fidelity(m, selection, selection_reference), score)
+    dense, calibration, timing, score, choose, reported = _minilm()
     start = time.perf_counter()
     small, report = pangkas.compress(dense, calibration, latency=LIMIT_INT8, quantize="int8-dynamic",
                                      example_inputs=timing, eval_fn=choose, replace="linear", rounds=rounds)
