@@ -150,7 +150,8 @@ def test_hugging_face_directory_outputs(workdir, capsys):
                            ([*heads, "-o", "folder"], "--overwrite"),
                            ([*heads, "-o", "existing.safetensors"], "already exists"),
                            ([*heads, "--allow-approximate", "-o", "new"], "--allow-approximate"),
-                           ([*W, "bert", "--sparsity", "0.5", "-o", "dir"], ".safetensors"),
+                           ([*W, "bert", "--sparsity", "0.5", "--scope", "global", "-o", "dir"], "--scope global"),
+                           ([*W, "bert", "--sparsity", "0.5", "--max-memory", "1KB", "-o", "dir"], "max_memory"),
                            ([*L, "bert", "--n", "1", "--data", "empty.txt", "-o", "b.safetensors"], "no lines"),
                            ([*L, "bert", "--n", "1", "--data", "binary.txt", "-o", "b.safetensors"], "UTF-8")]:
         code = main(argv)
