@@ -60,7 +60,7 @@ def test_a_crash_while_saving_leaves_the_old_file_and_no_temporary(tmp_path, mon
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    where = {"write": (files.os, "fdopen"), "fsync": (files.os, "fsync"), "link": (files.os, "replace")}[crash]
+    where = {"write": (files.Path, "write_bytes"), "fsync": (files.os, "fsync"), "link": (files.os, "replace")}[crash]
     monkeypatch.setattr(*where, boom)
     with pytest.raises(KeyboardInterrupt):
         pangkas.save(model(), target, overwrite=True)
