@@ -50,6 +50,15 @@ def latency_note(rounds: int) -> str:
             "that interval contains 1.0")
 
 
+def memory(field: str = "VmRSS") -> int:
+    """This process's resident memory in bytes now (``VmRSS``) or at its peak (``VmHWM``), from
+    /proc. Not ``ru_maxrss``: a child started by fork + exec keeps its parent's high-water mark
+    through the exec, so a parent holding a lot would show as the child's peak."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
 def run_sections(doc: str, folder: str, sections: dict, titles: dict, script: str) -> None:
     """The main of a benchmark with ``--sections``: each section (a function of the timing rounds)
     writes its page ``docs/FOLDER/NAME.md``; threads: 1."""

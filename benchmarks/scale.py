@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import environment, run_sections
+from common import environment, memory, run_sections
 from pangkas.tables import human_count, render_table
 
 # The published configs (config.json of meta-llama/Meta-Llama-3-8B and -70B)
@@ -61,7 +61,6 @@ def _in_child(function: str, *args) -> dict:
 
 def measure_plan(config: str) -> dict:
     """Build ``config`` on meta, plan it, cost its units, find its blocks: timings, RSS, units."""
-    import resource
     import time
 
     import torch
@@ -73,8 +72,7 @@ def measure_plan(config: str) -> dict:
     import pangkas
 
     torch.set_num_threads(1)
-    rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # noqa: E731  (bytes; Linux: KiB)
-    out = {"baseline": rss()}
+    out = {"baseline": memory()}
 
     def timed(key, fn):
         wall, cpu = time.perf_counter(), time.process_time()
@@ -93,7 +91,7 @@ def measure_plan(config: str) -> dict:
     costs = timed("costs", lambda: {kind: plan.channels.unit_cost(groups[0]) for kind, groups in kinds.items()})
     with FakeTensorMode(allow_non_fake_inputs=True):  # on meta alone, the mask code calls Tensor.item()
         blocks = timed("blocks", lambda: pangkas.layer_candidates(model, example))
-    out["peak"] = rss()
+    out["peak"] = memory("VmHWM")
     out["params"] = plan.channels.params_before
     out["units"] = _units(plan, kinds, costs, blocks)
     return out
@@ -174,7 +172,8 @@ def plans_section(rounds: int) -> str:
              "for one group of each kind; `blocks` is `pangkas.layer_candidates` (under `FakeTensorMode`: on "
              "meta tensors alone transformers' mask code calls `Tensor.item()`), its MACs counted on the plan's "
              "trace like the unit costs. Peak RSS is "
-             "`ru_maxrss` at the end minus its value once torch, transformers and pangkas are imported. "
+             "the process's peak resident memory (`VmHWM`) minus its resident memory once torch, transformers "
+             "and pangkas are imported. "
              f"Target: under {TARGET_SECONDS} s and {TARGET_GB} GB each. On meta every channel's importance "
              "is its position (no weights to rank): ranking comes when the weights do. A group is "
              "what goes together: a layer's heads (in whole key/value groups: grouped-query attention "
@@ -231,8 +230,8 @@ def stream_section(rounds: int) -> str:
     notes = (f"Measured with {environment()}, on a machine shared with other jobs. The checkpoint: "
              f"LlamaForCausalLM, {c.num_hidden_layers} layers, hidden {c.hidden_size}, FFN {c.intermediate_size}, "
              f"{c.num_attention_heads} heads ({c.num_key_value_heads} key/value), vocabulary {c.vocab_size:,}, fp32 "
-             "random weights, 2 GB shards with an index. Peak RSS: `ru_maxrss` at the end minus the process's "
-             "resident memory once torch, transformers, pangkas and the model code are imported (and the "
+             "random weights, 2 GB shards with an index. Peak RSS: the process's peak resident memory (`VmHWM`) "
+             "minus its resident memory once torch, transformers, pangkas and the model code are imported (and the "
              f"calibration tokens made). What is resident at the peak: one block ({block / 2**20:.0f} MB) and "
              "its layers' input statistics (SparseGPT: Gram matrices, "
              f"{4 * c.intermediate_size ** 2 / 2**20:.0f} MB for the down projection, and the algorithm's working "
@@ -265,8 +264,9 @@ def fits_section(rounds: int) -> str:
     notes = (f"Measured with {environment()}, on a machine shared with other jobs: the two runs of a row are "
              "consecutive, not interleaved, so the ratio carries that noise. In memory: `from_pretrained`, "
              "`prune_weights` / `prune_transformer`, `save_pretrained`; streamed: `pangkas.stream.prune_weights` / "
-             "`prune_transformer` into a directory; both include reading and writing. `output tensors`: every "
-             "tensor of the two output directories compared with `torch.equal`.")
+             "`prune_transformer` into a directory; both include reading and writing. Peak RSS as in the stream "
+             "section (`VmHWM` minus the post-import resident memory). `output tensors`: every tensor of the two "
+             "output directories compared with `torch.equal`.")
     return "\n\n".join([table, notes])
 
 

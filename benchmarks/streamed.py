@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from common import memory
 
 SHARD_BYTES = 2 * 2**30  # hub checkpoints come in shards of a few GB
 
@@ -83,11 +84,6 @@ def measured(job: dict, threads: int = 1) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _resident() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _child(job: dict) -> dict:
     import transformers
 
@@ -97,7 +93,7 @@ def _child(job: dict) -> dict:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     transformers.LlamaForCausalLM  # noqa: B018 -- transformers imports its model code on first use: an import too
     data = calibration(job["vocab"], job["sequences"], job["tokens"])
-    baseline = _resident()  # after the imports and the calibration tokens: what any run holds
+    baseline = memory()  # after the imports and the calibration tokens: what any run holds
     start = time.perf_counter()
     kind, source, out = job["kind"], job["source"], job["output"]
     if kind == "stream_weights":
@@ -115,7 +111,7 @@ def _child(job: dict) -> dict:
     else:
         raise ValueError(kind)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = memory("VmHWM")
     return {"seconds": seconds, "baseline_bytes": baseline, "peak_bytes": peak}
 
 
