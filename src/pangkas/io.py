@@ -1,8 +1,9 @@
 """Saving and loading pruned models as safetensors (never pickle), with sparse weights compressed.
 
 A weight with a pangkas mask, or with enough exact zeros to pay for it, is stored as a bitmap
-(one bit per weight) plus its kept values; a tensor of zeros only (a zero point) as its shape. The file's metadata records every encoding, the masks to
-restore, tensors shared between keys, and a CRC32 of every stored tensor so corruption is caught.
+(one bit per weight) plus its kept values; a tensor of zeros only (a zero point) as its shape.
+The file's metadata records every encoding, the masks to restore, tensors shared between keys,
+and a CRC32 of every stored tensor so corruption is caught.
 
 A Linear weight quantized by ``pangkas.quantize`` (int8-dynamic, int8-weight-only) is stored as its
 tensors (int8 data, scales, zero points), each encoded as any tensor is, plus the scheme's name;
@@ -284,9 +285,11 @@ def _quantized_tensors(key: str, entry: dict) -> list[str]:
         raise _corrupt(f"{key}: its parts must be qdata, scale and optionally zero_point, not {stored!r}")
     names = []
     for name, part in stored.items():
-        if not (part == {} or (isinstance(part, dict) and set(part) == {"bitmap", "mask", "shape"}
-                               and part["mask"] is False) or (isinstance(part, dict) and set(part) == {"zeros", "shape"})):
-            raise _corrupt(f"{key}:{name} is {part!r}, not {{}}, {{zeros, shape}} or an unmasked {{bitmap, mask, shape}}")
+        keys = set(part) if isinstance(part, dict) else None
+        if not (part == {} or keys == {"zeros", "shape"}
+                or (keys == {"bitmap", "mask", "shape"} and part["mask"] is False)):
+            raise _corrupt(f"{key}:{name} is {part!r}, not {{}}, {{zeros, shape}} or an unmasked "
+                           "{bitmap, mask, shape}")
         names += _entry_tensors(f"{key}:{name}", part, {})
     return names
 

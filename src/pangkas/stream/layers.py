@@ -54,7 +54,8 @@ class StreamedLayersReport(Report):
         return {"importance": self.importance, "removed": list(self.removed), "scores": dict(self.scores)}
 
     def __str__(self) -> str:
-        rows = [(name, f"{score:.4f}", "removed" if name in self.removed else "") for name, score in self.scores.items()]
+        rows = [(name, f"{score:.4f}", "removed" if name in self.removed else "")
+                for name, score in self.scores.items()]
         return render_table(f"layers removed (streamed, importance={self.importance}): {len(self.removed)}; "
                             f"parameters {self.params_before:,} -> {self.params_after:,}",
                             ("block", "score", ""), rows)

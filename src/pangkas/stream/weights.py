@@ -31,6 +31,7 @@ from .checkpoint import Checkpoint, materialize, release, skeleton
 from .output import ResumableOutput
 from .walk import block_of, check_memory, fingerprint, first_inputs, outside_units
 
+
 def prune_weights(directory: str | Path, output: str | Path, *, sparsity: float | None = None,
                   threshold: float | None = None, pattern: str | None = None, importance="magnitude",
                   data: Iterable | None = None, include: Selector = None, exclude: Selector = None,
@@ -40,24 +41,16 @@ def prune_weights(directory: str | Path, output: str | Path, *, sparsity: float 
     in memory at a time. The rules and criteria are ``pangkas.prune_weights``' (per layer: the
     global scope ranks every weight at once and is not available), and so is the result, bit for
     bit. Only layers inside the repeated blocks are pruned: the others (the LM head) are kept, as
-    the report says (naming one in ``include=`` is refused). ``max_memory``: refuse up front when the estimated peak (a block,
-    its calibration statistics and activations) exceeds it. Run again after a crash or interrupt to
-    continue from the last block written."""
+    the report says (naming one in ``include=`` is refused). ``max_memory``: refuse up front when
+    the estimated peak (a block, its calibration statistics and activations) exceeds it. Run again
+    after a crash or interrupt to continue from the last block written."""
     criterion = _validate(sparsity, threshold, pattern, "local", importance, data)
     source = Checkpoint(directory)
-    model, config = skeleton(directory)
+    model, _ = skeleton(directory)
     blocks = blocks_of(model)
     if not blocks:
         raise PangkasError(f"{type(model).__name__} has no repeated blocks to stream one at a time")
-    targets, skipped = _targets(model, include, exclude)
-    outside = [name for name, _ in targets if block_of(name, blocks) is None]
-    if outside and include is not None:
-        raise PangkasError(f"{outside[:3]} are outside the repeated blocks ({blocks[0]}, ...), which is all streamed "
-                           "pruning prunes: leave them out of include=")
-    skipped.update(dict.fromkeys(outside, "outside the repeated blocks: streamed pruning prunes the blocks' layers"))
-    targets = [(name, module) for name, module in targets if name not in outside]
-    if not targets:
-        raise PangkasError(f"no selected layer is inside the repeated blocks ({blocks[0]}, ...); check include=/exclude=")
+    targets, skipped = _in_blocks(model, blocks, include, exclude)
     batches = list(data) if isinstance(criterion, CalibratedImportance) else []
     if max_memory is not None:
         check_memory(model, blocks, source, batches, getattr(criterion, "gram", False), max_memory)
@@ -71,11 +64,26 @@ def prune_weights(directory: str | Path, output: str | Path, *, sparsity: float 
         _stream_blocks(model, blocks, dict(targets), source, out, criterion, sparsity, threshold, pattern, batches)
         for unit, keys in rest.items():
             if out.done(unit) is None:
-                tensors = {key: source.tensor(key) for key in keys}
+                tensors = source.tensors(keys)
                 out.write(unit, tensors, _counts(model, tensors))
     report = _report(rule, [out.done(u) for u in out.units], skipped)
     out.finish(lambda staging: shutil.copy2(Path(directory) / "config.json", staging / "config.json"))
     return report
+
+
+def _in_blocks(model, blocks, include, exclude) -> tuple[list, dict]:
+    """(the selected layers inside the blocks, the skipped ones with why): those outside are kept."""
+    targets, skipped = _targets(model, include, exclude)
+    outside = [name for name, _ in targets if block_of(name, blocks) is None]
+    if outside and include is not None:
+        raise PangkasError(f"{outside[:3]} are outside the repeated blocks ({blocks[0]}, ...), which is all streamed "
+                           "pruning prunes: leave them out of include=")
+    skipped.update(dict.fromkeys(outside, "outside the repeated blocks: streamed pruning prunes the blocks' layers"))
+    targets = [(name, module) for name, module in targets if name not in outside]
+    if not targets:
+        raise PangkasError(f"no selected layer is inside the repeated blocks ({blocks[0]}, ...); "
+                           "check include=/exclude=")
+    return targets, skipped
 
 
 def _stream_blocks(model, blocks, targets, source, out, criterion, sparsity, threshold, pattern, batches) -> None:
