@@ -607,12 +607,19 @@ def test_a_quantized_result_is_estimated_against_the_float_model_and_needs_fewer
     assert kept[0] > 1.5 * kept[1]  # the int8 result keeps far more hidden units
 
 
-def test_int8_dynamic_is_measured_faster_and_a_dense_model_so_quantized_can_meet_a_latency_budget():
-    """Real timings, with wide margins: int8-dynamic runs these layers in about 0.4x the float time,
-    so the quantized dense model meets 0.75 uncut, while a float result must be cut."""
+def test_a_dense_model_so_quantized_that_meets_a_latency_budget_is_chosen_uncut(monkeypatch, tmp_path):
+    """Timings fixed (tests never assert on real ones): int8 at 0.4x the float time meets 0.75 uncut,
+    while a float result must be cut."""
     pytest.importorskip("torchao")
+    monkeypatch.setenv("PANGKAS_CACHE_DIR", str(tmp_path))
+    _fixed_speed(monkeypatch, 0.4)
+
+    def measured(models, x, **kw):  # what the finalists are timed at: int8 dense 0.42x, cut float 0.7x
+        value = 0.42 if type(models[1].fc1.weight) is not nn.Parameter else 0.7
+        return [Ratio(1.0, 1.0, 1.0, 6, 0.95), Ratio(value, value * 0.98, value * 1.02, 6, 0.95)]
+
+    monkeypatch.setattr(compress_module, "latency_ratios", measured)
     model, data = Wide().eval(), [torch.randn(64, 512) for _ in range(4)]
-    assert latency_model.LatencyModel(model, data[0], "int8-dynamic").scale < 0.75
     dense_params = sum(p.numel() for p in model.parameters())
     small, report = pangkas.compress(model, data, latency=0.75, quantize="int8-dynamic", depth=False,
                                      reconstruct=False, rounds=6)
