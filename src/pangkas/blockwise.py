@@ -90,9 +90,13 @@ def read_by(block: nn.Module, layers: list[nn.Module], calls: list[Call]) -> Non
 
 def next_inputs(block: nn.Module, calls: list[Call]) -> list[Call]:
     """The next block's calls: ``block``'s hidden-state output in place of its input."""
+    return following(calls, [block(*args, **kwargs) for args, kwargs in calls])
+
+
+def following(calls: list[Call], outputs: list) -> list[Call]:
+    """The next block's calls, given what this block returned for each of ``calls``."""
     out = []
-    for args, kwargs in calls:
-        output = block(*args, **kwargs)
+    for (args, kwargs), output in zip(calls, outputs):
         hidden = output[0] if isinstance(output, (tuple, list)) else output
         out.append(((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden}))
     return out

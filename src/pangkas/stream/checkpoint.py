@@ -94,9 +94,6 @@ class Checkpoint:
                             raise PangkasError(f"cannot read {name} from {self.directory / file}: {exc}") from exc
         return found
 
-    def nbytes(self) -> int:
-        return sum((self.directory / f).stat().st_size for f in set(self.files.values()))
-
     def header(self) -> list:
         """(key, dtype, shape) of every tensor, from the shards' headers: what identifies the weights
         without reading them."""

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from ..blockwise import blocks_of
+from ..blockwise import blocks_of, following
 from ..errors import PangkasError
 from ..integrations.hf_directory import write_config
 from ..layer_importance.base import lowest
@@ -134,8 +134,7 @@ def _scores(model: nn.Module, blocks: list[str], candidates: list[str], source: 
                 for (args, kwargs), output, batch in zip(calls, outputs, batches):
                     total += 1 - float(cosine(input_tensor(args, kwargs), first_tensor(output), batch))
                 scores[name] = total / len(batches)
-            calls = [((first_tensor(o), *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states":
-                     first_tensor(o)}) for (args, kwargs), o in zip(calls, outputs)]
+            calls = following(calls, outputs)
         elif name in candidates:
             scores.update(magnitude(model, [SimpleNamespace(name=name)]))
         release(block)
