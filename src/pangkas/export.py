@@ -1,6 +1,8 @@
-"""ONNX files that onnxruntime runs: float models, pruned ones, and the int8 graphs of
+"""ONNX files that onnxruntime runs: float models, pruned ones, the int8 graphs of
 ``quantize(..., "int8-static")`` (their quantize/dequantize steps become ONNX QuantizeLinear /
-DequantizeLinear, which onnxruntime fuses into int8 kernels).
+DequantizeLinear, which onnxruntime fuses into int8 kernels), and float models quantized to int8
+by onnxruntime's own quantizer on the way out (``quantize="int8-static"``: the faster file in
+onnxruntime).
 
 The export is torch's own (``torch.onnx.export``, the ``torch.export``-based exporter); pangkas
 adds a dynamic batch dimension, a check that onnxruntime computes what the model computes before
@@ -18,68 +20,150 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .distortion import Fidelity
 from .errors import PangkasError
 from .files import check_file_target, write_file
 from .inputs import call_model, export_call
+from .layers import _batches
+from .modules import ModuleFilter, Selector, evaluating
+from .onnx_quant import quantize_static, without_metadata
 from .outputs import primary_tensor
 from .quant_schemes import is_torchao
+from .quant_static import is_static
+from .quantize import QuantizeReport
 
 __all__ = ["OnnxExport", "OnnxRuntimeModule", "export_onnx", "onnx_bytes"]
 
 MIN_COSINE = 0.99  # below this, onnxruntime computes something else than the model: nothing is written
+ONNX_SCHEMES = ("int8-static",)  # what onnxruntime's quantizer does on the way out
 
 
 @dataclass(frozen=True)
 class OnnxExport:
     """What ``export_onnx`` wrote, and how onnxruntime's outputs on the example compare with the
-    model's (nan when not checked): the largest absolute difference and the mean cosine per example."""
+    model's (nan when not checked): the largest absolute difference and the mean cosine per example;
+    with ``quantize=``, ``quantization`` says per layer what is int8 and what stayed float."""
 
     path: Path
     bytes: int
     max_difference: float = math.nan
     cosine: float = math.nan
+    quantization: QuantizeReport | None = None
 
     def __str__(self) -> str:
         checked = "" if math.isnan(self.cosine) else (
             f"; onnxruntime vs the model: max difference {self.max_difference:.3g}, mean cosine {self.cosine:.6f}")
-        return f"wrote {self.path} ({self.bytes / 2**20:.2f} MiB){checked}"
+        report = "" if self.quantization is None else f"\n{self.quantization}"
+        return f"wrote {self.path} ({self.bytes / 2**20:.2f} MiB){checked}{report}"
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, *, check: bool = True,
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, *, quantize: str | None = None,
+                data=None, include: Selector = None, exclude: Selector = None, check: bool = True,
                 overwrite: bool = False) -> OnnxExport:
     """Write ``model`` to ``path`` (``.onnx``) as traced at ``example_inputs`` (a tensor, tuple or
     dict, as for every pangkas call), dim 0 of every tensor input dynamic. With ``check`` (needs
     onnxruntime), the file is first run in onnxruntime on ``example_inputs`` and compared with the
     model; if the outputs disagree (mean cosine under 0.99) nothing is written. An existing file is
-    replaced only with ``overwrite=True``."""
+    replaced only with ``overwrite=True``.
+
+    ``quantize="int8-static"``: the float ``model`` is written as int8, quantized by onnxruntime's
+    own quantizer with activation scales calibrated on ``data`` (batches, as everywhere); ``include``
+    / ``exclude`` choose the layers it may quantize (module names or types). The file is always
+    checked, and the result's ``quantization`` reports every layer."""
     path = Path(path)
     if path.suffix != ".onnx":
         raise PangkasError(f"an ONNX file's name ends in .onnx, got {path}")
     check_file_target(path, overwrite=overwrite)
-    data, difference, cosine = onnx_bytes(model, example_inputs, check=check)
+    data, difference, cosine, report = _onnx(model, example_inputs, check, quantize, data, include, exclude)
     write_file(path, data, overwrite=overwrite)
-    return OnnxExport(path, len(data), difference, cosine)
+    return OnnxExport(path, len(data), difference, cosine, report)
 
 
-def onnx_bytes(model: nn.Module, example_inputs, *, check: bool = True) -> tuple[bytes, float, float]:
+def onnx_bytes(model: nn.Module, example_inputs, *, check: bool = True, quantize: str | None = None, data=None,
+               include: Selector = None, exclude: Selector = None) -> tuple[bytes, float, float]:
     """``export_onnx``'s file as bytes, with onnxruntime's largest difference and mean cosine to
     the model on ``example_inputs`` (nan without ``check``); PangkasError if they disagree."""
+    return _onnx(model, example_inputs, check, quantize, data, include, exclude)[:3]
+
+
+def _onnx(model, example, check, quantize, data, include, exclude) -> tuple[bytes, float, float, QuantizeReport | None]:
+    with evaluating(model):  # a deployment file computes in eval mode (dropout off, batch norm's running stats)
+        return _evaluated(model, example, check, quantize, data, include, exclude)
+
+
+def _evaluated(model, example, check, quantize, data, include, exclude):
     if any(is_torchao(p) for p in model.parameters()):
         raise PangkasError("weights quantized by torchao (int8-dynamic, int8-weight-only) run in PyTorch and do "
                            "not export to ONNX: save them with pangkas.save, or quantize with int8-static")
-    data = _serialized(model, example_inputs)
+    if quantize is None:
+        if data is not None or include is not None or exclude is not None:
+            raise PangkasError("data, include and exclude are for quantize='int8-static' (onnxruntime's quantizer)")
+        data = without_metadata(_exported(model, example)).SerializeToString()
+        report = None
+    else:
+        data, report = _quantized(model, example, quantize, _batches(data), include, exclude)
+        check = True  # nothing quantized is written unchecked
     if not check:
-        return data, math.nan, math.nan
-    difference, cosine = _compared(model, data, example_inputs)
+        return data, math.nan, math.nan, report
+    difference, cosine = _compared(model, data, example)
     if not cosine >= MIN_COSINE:
+        hint = "" if report is None else " (int8 moved them that far: exclude the sensitive layers)"
         raise PangkasError(f"onnxruntime's outputs differ from the model's (mean cosine {cosine:.4f}, max "
-                           f"difference {difference:.3g}); nothing was written")
-    return data, difference, cosine
+                           f"difference {difference:.3g}){hint}; nothing was written")
+    return data, difference, cosine, report
+
+
+def _quantized(model, example, scheme, batches, include, exclude) -> tuple[bytes, QuantizeReport]:
+    """The float model's export, quantized by onnxruntime on ``batches``, and its per-layer report."""
+    if scheme not in ONNX_SCHEMES:
+        raise PangkasError(f"export_onnx quantizes with {', '.join(ONNX_SCHEMES)} (onnxruntime's quantizer), got "
+                           f"{scheme!r}; for int8-dynamic or int8-weight-only use pangkas.quantize and pangkas.save")
+    if is_static(model):
+        raise PangkasError("this model is already int8 (quantize(..., 'int8-static')): export it without quantize=, "
+                           "or pass its float model to have onnxruntime quantize it")
+    if not batches:
+        raise PangkasError("quantize='int8-static' calibrates activation scales on data: pass calibration batches")
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise PangkasError("quantizing an ONNX file needs onnxruntime (pip install onnxruntime)") from exc
+    chosen = ModuleFilter(include, exclude, list(model.named_modules())[1:], "module")
+    allowed = lambda name: _allowed(model, chosen, name)  # noqa: E731
+    proto = _exported(model, example)
+    names = _input_names(proto)
+    feeds = [dict(zip(names, (t.detach().cpu().numpy() for t in _tensors(model, b)))) for b in batches]
+    data, layers = quantize_static(proto.SerializeToString(), feeds, allowed)
+    report = QuantizeReport(scheme, layers)
+    report.fidelity = Fidelity(model, batches[:4])(OnnxRuntimeModule(data))
+    if not report.quantized:
+        raise PangkasError(f"onnxruntime's quantizer left every layer of {type(model).__name__} in floating point; "
+                           "nothing was written")
+    return data, report
+
+
+def _allowed(model: nn.Module, chosen: ModuleFilter, name: str) -> bool:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:  # a node named after no module (an ONNX node id): only globs can choose it
+        module = nn.Module()
+    return chosen.included(name, module) and not chosen.excluded(name, module)
+
+
+def _input_names(proto) -> list[str]:
+    initializers = {i.name for i in proto.graph.initializer}
+    return [i.name for i in proto.graph.input if i.name not in initializers]
+
+
+def _tensors(model: nn.Module, batch) -> list[torch.Tensor]:
+    """A batch's tensors in the order of the exported graph's inputs."""
+    args, kwargs, _ = export_call(model, batch)
+    return [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
 
 
 class OnnxRuntimeModule(nn.Module):
-    """An ONNX file (its bytes) run by onnxruntime behind a module's call (tensor inputs in, the
-    first output out as a tensor): to score and time a deployment file next to PyTorch models."""
+    """An ONNX file (its bytes) run by onnxruntime behind a module's call (the model's inputs in,
+    positional then keyword, the first output out as a tensor): to score and time a deployment file
+    next to PyTorch models."""
 
     def __init__(self, data: bytes):
         super().__init__()
@@ -90,23 +174,24 @@ class OnnxRuntimeModule(nn.Module):
         self.session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
         self.names = [i.name for i in self.session.get_inputs()]
 
-    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+        if len(inputs) != len(self.names):
+            raise PangkasError(f"the ONNX graph takes {len(self.names)} inputs, got {len(inputs)} tensors")
         feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, inputs)}
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
-def _serialized(model: nn.Module, example) -> bytes:
+def _exported(model: nn.Module, example):
+    """``torch.onnx.export``'s ModelProto, each node still carrying the exporter's note of its origin."""
     args, kwargs, shapes = export_call(model, example)
     try:
-        program = torch.onnx.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, dynamo=True, verbose=False)
-        proto = program.model_proto
+        return torch.onnx.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, dynamo=True,
+                                 verbose=False).model_proto
     except Exception as exc:  # noqa: BLE001 -- the exporter's message names the op or the size
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
         first = text.splitlines()[0] if text else type(exc).__name__
         raise PangkasError(f"torch.onnx.export could not export {type(model).__name__}: {first}") from exc
-    for node in proto.graph.node:  # each node's Python origin: helps debug an export, not run it,
-        del node.metadata_props[:]  # and in a small model it outweighs the weights
-    return proto.SerializeToString()
 
 
 def _compared(model: nn.Module, data: bytes, example) -> tuple[float, float]:
@@ -116,12 +201,7 @@ def _compared(model: nn.Module, data: bytes, example) -> tuple[float, float]:
     except ImportError as exc:
         raise PangkasError("checking the ONNX file needs onnxruntime (pip install onnxruntime), or pass "
                            "check=False") from exc
-    runtime = OnnxRuntimeModule(data)
-    args, kwargs, _ = export_call(model, example)
-    tensors = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-    if len(runtime.names) != len(tensors):
-        raise PangkasError(f"the ONNX graph takes {len(runtime.names)} inputs, the example has {len(tensors)} tensors")
-    got = runtime(*tensors)
+    got = OnnxRuntimeModule(data)(*_tensors(model, example))
     with torch.no_grad():
         expected = primary_tensor(call_model(model, example)).float()
     if got.shape != expected.shape:

@@ -1,0 +1,171 @@
+"""export_onnx(quantize="int8-static"): float models written as int8 ONNX by onnxruntime's own
+quantizer, every layer reported by its module name, checked before anything is written."""
+
+import importlib
+
+import onnx
+from onnx import numpy_helper
+import pytest
+import torch
+from torch import nn
+
+import pangkas
+from pangkas import PangkasError
+from pangkas.demo import digits_cnn
+from pangkas.export import OnnxRuntimeModule
+
+onnxruntime = pytest.importorskip("onnxruntime")
+onnx_quant = importlib.import_module("pangkas.onnx_quant")
+export_module = importlib.import_module("pangkas.export")
+
+
+def _pruned():
+    torch.manual_seed(0)
+    model = digits_cnn().eval()
+    data = [torch.rand(16, 1, 8, 8) for _ in range(3)]
+    pangkas.prune_channels(model, data[0], ratio=0.5)
+    return model, data
+
+
+def _layers(model, kinds=(nn.Conv2d, nn.Linear)):
+    return {name for name, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def _dequantized_inputs(path):
+    """Per Conv/Gemm/MatMul node: whether its weight input arrives through DequantizeLinear."""
+    graph = onnx.load(str(path)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return {n.name: n.input[1] in dequantized for n in graph.node if n.op_type in onnx_quant.COMPUTE}
+
+
+def test_a_pruned_cnn_is_written_as_int8_with_every_layer_named_and_reported(tmp_path):
+    model, data = _pruned()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    pangkas.export_onnx(model, tmp_path / "float.onnx", data[0])
+    result = pangkas.export_onnx(model, tmp_path / "int8.onnx", data[0], quantize="int8-static", data=data)
+    report = result.quantization
+    assert set(report.layers) == _layers(model) and set(report.quantized) == _layers(model)
+    assert report.fidelity > 0.99 and result.cosine > 0.99 and "int8-static" in str(result)
+    assert all(_dequantized_inputs(tmp_path / "int8.onnx").values())
+    weights = {name: sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(tmp_path / name)).graph.initializer)
+               for name in ("float.onnx", "int8.onnx")}
+    assert weights["int8.onnx"] < 0.35 * weights["float.onnx"]  # int8 weights stored, not quantized at run time
+    x = torch.rand(7, 1, 8, 8)  # another batch size than the calibration's
+    with torch.no_grad():
+        got, exact = OnnxRuntimeModule((tmp_path / "int8.onnx").read_bytes())(x), model(x)
+    cosine = nn.functional.cosine_similarity(got, exact)
+    assert cosine.min() > 0.98 and not torch.equal(got, exact)  # within the quantization error, and quantized
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is untouched
+    assert not any(n.metadata_props for n in onnx.load(str(tmp_path / "int8.onnx")).graph.node)
+
+
+def test_include_and_exclude_choose_layers_by_module_name_or_type(tmp_path):
+    model, data = _pruned()
+    linear = _layers(model, nn.Linear)
+    first = sorted(_layers(model, nn.Conv2d))[0]
+    result = pangkas.export_onnx(model, tmp_path / "a.onnx", data[0], quantize="int8-static", data=data,
+                                 include=nn.Conv2d, exclude=first)
+    layers = result.quantization.layers
+    assert {n for n, how in layers.items() if how == "excluded"} == linear | {first}
+    assert set(result.quantization.quantized) == _layers(model, nn.Conv2d) - {first}
+    assert sum(not q for q in _dequantized_inputs(tmp_path / "a.onnx").values()) == len(linear) + 1
+    with pytest.raises(PangkasError, match="matches no module"):
+        pangkas.export_onnx(model, tmp_path / "b.onnx", data[0], quantize="int8-static", data=data, exclude="convv")
+    with pytest.raises(PangkasError, match="every layer"):
+        pangkas.export_onnx(model, tmp_path / "c.onnx", data[0], quantize="int8-static", data=data,
+                            exclude=[nn.Conv2d, nn.Linear])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.onnx"]
+
+
+class TwoInputs(nn.Module):
+    """Linear layers on 3-d inputs (the exporter writes MatMul on a transposed weight) and a
+    keyword input: layers named by the exporter's scope, calibration fed by input name."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32))
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, tokens, scale):
+        return self.head(self.encoder(tokens) * scale)
+
+
+def test_dict_batches_and_linear_layers_on_sequences(tmp_path):
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    data = [{"tokens": torch.randn(4, 5, 8), "scale": torch.rand(4, 5, 1) + 0.5} for _ in range(3)]
+    result = pangkas.export_onnx(model, tmp_path / "t.onnx", data[0], quantize="int8-static", data=data)
+    assert set(result.quantization.layers) == {"encoder.0", "encoder.2", "head"}
+    assert set(result.quantization.quantized) == {"encoder.0", "encoder.2", "head"}
+    batch = {"tokens": torch.randn(2, 5, 8), "scale": torch.rand(2, 5, 1) + 0.5}
+    with torch.no_grad():
+        got, exact = OnnxRuntimeModule((tmp_path / "t.onnx").read_bytes())(**batch), model(**batch)
+    assert nn.functional.cosine_similarity(got.flatten(1), exact.flatten(1)).min() > 0.98
+
+
+def test_bad_input_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
+    model, data = _pruned()
+    monkeypatch.chdir(tmp_path)  # onnxruntime's calibration files must not land here either
+    target = tmp_path / "out.onnx"
+    with pytest.raises(PangkasError, match="int8-static"):
+        pangkas.export_onnx(model, target, data[0], quantize="int8-dynamic", data=data)
+    with pytest.raises(PangkasError, match="calibration batches"):
+        pangkas.export_onnx(model, target, data[0], quantize="int8-static")
+    with pytest.raises(PangkasError, match="not a single batch"):
+        pangkas.export_onnx(model, target, data[0], quantize="int8-static", data=data[0])
+    with pytest.raises(PangkasError, match="are for quantize="):
+        pangkas.export_onnx(model, target, data[0], exclude="fc")
+    pytest.importorskip("torchao")
+    int8, _ = pangkas.quantize(model, data, "int8-static")
+    with pytest.raises(PangkasError, match="already int8"):
+        pangkas.export_onnx(int8, target, data[0], quantize="int8-static", data=data)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failing_or_interrupted_quantizer_or_a_bad_result_writes_nothing(tmp_path, monkeypatch):
+    model, data = _pruned()
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out.onnx").write_bytes(b"earlier")
+    import onnxruntime.quantization as ort_quantization
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("Unable to find data for node X\nmore detail")
+
+    monkeypatch.setattr(ort_quantization, "quantize_static", failing)
+    with pytest.raises(PangkasError, match="quantizer failed: Unable to find data for node X$"):
+        pangkas.export_onnx(model, tmp_path / "out.onnx", data[0], quantize="int8-static", data=data, overwrite=True)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ort_quantization, "quantize_static", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pangkas.export_onnx(model, tmp_path / "out.onnx", data[0], quantize="int8-static", data=data, overwrite=True)
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(export_module, "_compared", lambda *a: (3.0, 0.5))
+    with pytest.raises(PangkasError, match="int8 moved them that far"):
+        pangkas.export_onnx(model, tmp_path / "out.onnx", data[0], quantize="int8-static", data=data, overwrite=True)
+    assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("out.onnx", b"earlier")]
+
+
+def test_nodes_are_named_by_weight_then_by_scope_then_by_their_own_name():
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Conv", ["x", "stem.weight"], ["y"], name="n0"),
+         onnx.helper.make_node("MatMul", ["y", "val_3"], ["z"], name="n1"),
+         onnx.helper.make_node("MatMul", ["z", "z"], ["w"], name="n2"),
+         onnx.helper.make_node("Relu", ["w"], ["v"], name="n3")],
+        "g", [], [], initializer=[numpy_helper.from_array(torch.zeros(1).numpy(), n) for n in ("stem.weight", "val_3")])
+    scope = graph.node[1].metadata_props.add()
+    scope.key, scope.value = "pkg.torch.onnx.name_scopes", "['', 'blocks', 'blocks.0.fc', 'linear']"
+    broken = graph.node[2].metadata_props.add()
+    broken.key, broken.value = "pkg.torch.onnx.name_scopes", "['unterminated"
+    assert onnx_quant.node_modules(onnx.helper.make_model(graph)) == {"n0": "stem", "n1": "blocks.0.fc", "n2": "n2"}
+
+
+def test_a_model_in_training_mode_is_exported_as_evaluated_and_left_training(tmp_path):
+    model, data = _pruned()
+    model.train()
+    result = pangkas.export_onnx(model, tmp_path / "t.onnx", data[0], quantize="int8-static", data=data)
+    assert result.cosine > 0.99 and model.training and all(m.training for m in model.modules())
+    assert pangkas.export_onnx(model, tmp_path / "f.onnx", data[0]).cosine > 0.9999 and model.training
