@@ -68,6 +68,7 @@ def main(out: str) -> None:
     reports = [{"steps": r.steps, "resumed_from": r.resumed_from, "losses": r.epoch_losses} for r in (first, second)]
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"reports": reports, "refusals": refusals(*build())}, f)
+    dist.barrier()  # gloo can abort a rank that tears down while another still works
     dist.destroy_process_group()
 
 
