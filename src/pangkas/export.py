@@ -26,7 +26,7 @@ from .files import check_file_target, write_file
 from .inputs import call_model, export_call
 from .layers import _batches
 from .modules import ModuleFilter, Selector, evaluating
-from .onnx_quant import quantize_static, without_metadata
+from .onnx_quant import quantize_static, quiet_logs, without_metadata
 from .outputs import primary_tensor
 from .quant_schemes import is_torchao
 from .quant_static import is_static
@@ -36,6 +36,7 @@ __all__ = ["OnnxExport", "OnnxRuntimeModule", "export_onnx", "onnx_bytes"]
 
 MIN_COSINE = 0.99  # below this, onnxruntime computes something else than the model: nothing is written
 ONNX_SCHEMES = ("int8-static",)  # what onnxruntime's quantizer does on the way out
+WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
 @dataclass(frozen=True)
@@ -98,19 +99,19 @@ def _evaluated(model, example, check, quantize, data, include, exclude):
     if quantize is None:
         if data is not None or include is not None or exclude is not None:
             raise PangkasError("data, include and exclude are for quantize='int8-static' (onnxruntime's quantizer)")
-        data = without_metadata(_exported(model, example)).SerializeToString()
+        file = without_metadata(_exported(model, example)).SerializeToString()
         report = None
     else:
-        data, report = _quantized(model, example, quantize, _batches(data), include, exclude)
+        file, report = _quantized(model, example, quantize, _batches(data), include, exclude)
         check = True  # nothing quantized is written unchecked
     if not check:
-        return data, math.nan, math.nan, report
-    difference, cosine = _compared(model, data, example)
+        return file, math.nan, math.nan, report
+    difference, cosine = _compared(model, file, example)
     if not cosine >= MIN_COSINE:
         hint = "" if report is None else " (int8 moved them that far: exclude the sensitive layers)"
         raise PangkasError(f"onnxruntime's outputs differ from the model's (mean cosine {cosine:.4f}, max "
                            f"difference {difference:.3g}){hint}; nothing was written")
-    return data, difference, cosine, report
+    return file, difference, cosine, report
 
 
 def _quantized(model, example, scheme, batches, include, exclude) -> tuple[bytes, QuantizeReport]:
@@ -132,13 +133,39 @@ def _quantized(model, example, scheme, batches, include, exclude) -> tuple[bytes
     proto = _exported(model, example)
     names = _input_names(proto)
     feeds = [dict(zip(names, (t.detach().cpu().numpy() for t in _tensors(model, b)))) for b in batches]
-    data, layers = quantize_static(proto.SerializeToString(), feeds, allowed)
+    file, layers = quantize_static(proto.SerializeToString(), feeds, allowed)
+    _check_refusals_found(model, example, allowed, layers)
     report = QuantizeReport(scheme, layers)
-    report.fidelity = Fidelity(model, batches[:4])(OnnxRuntimeModule(data))
+    report.fidelity = Fidelity(model, batches[:4])(OnnxRuntimeModule(file))
     if not report.quantized:
         raise PangkasError(f"onnxruntime's quantizer left every layer of {type(model).__name__} in floating point; "
                            "nothing was written")
-    return data, report
+    return file, report
+
+
+def _check_refusals_found(model: nn.Module, example, allowed, layers: dict[str, str]) -> None:
+    """Every Linear / conv layer that ``include`` / ``exclude`` keep in float and that the model
+    runs must have been found in the graph: one the exporter did not name would otherwise be
+    quantized against the user's word."""
+    found = {name.split(" [")[0] for name in layers}
+    kept = [name for name, m in model.named_modules() if isinstance(m, WEIGHTED) and not allowed(name)]
+    unfound = [name for name in kept if name not in found]
+    if missing := sorted(_called(model, example, unfound)) if unfound else []:
+        raise PangkasError(f"could not find the ONNX node of {', '.join(missing[:4])} (kept in float by include/"
+                           "exclude) in the exported graph, so it cannot be kept in float; nothing was written")
+
+
+def _called(model: nn.Module, example, names: list[str]) -> set[str]:
+    """Which of the named modules run when ``model`` is called on ``example``."""
+    called = set()
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda *_, n=n: called.add(n)) for n in names]
+    try:
+        with torch.no_grad():
+            call_model(model, example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return called
 
 
 def _allowed(model: nn.Module, chosen: ModuleFilter, name: str) -> bool:
@@ -186,8 +213,9 @@ def _exported(model: nn.Module, example):
     """``torch.onnx.export``'s ModelProto, each node still carrying the exporter's note of its origin."""
     args, kwargs, shapes = export_call(model, example)
     try:
-        return torch.onnx.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, dynamo=True,
-                                 verbose=False).model_proto
+        with quiet_logs():
+            return torch.onnx.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, dynamo=True,
+                                     verbose=False).model_proto
     except Exception as exc:  # noqa: BLE001 -- the exporter's message names the op or the size
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
         first = text.splitlines()[0] if text else type(exc).__name__

@@ -11,6 +11,8 @@ so ``include`` / ``exclude`` and the report speak of layers, not of ONNX node id
 from __future__ import annotations
 
 import ast
+import contextlib
+import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -71,20 +73,40 @@ def quantize_static(data: bytes, feeds: list[dict], allowed: Callable[[str], boo
         source, prepared, output = (Path(folder) / n for n in ("float.onnx", "prepared.onnx", "int8.onnx"))
         source.write_bytes(data)
         try:  # shape inference + basic graph optimisation, which onnxruntime recommends before calibration
-            quant_pre_process(source, prepared)
+            with quiet_logs():
+                quant_pre_process(source, prepared)
         except Exception:  # noqa: BLE001 -- an optimisation: the unprocessed graph quantizes as well, just slower
             prepared = source
-        modules = node_modules(onnx.load(prepared, load_external_data=False))  # the nodes the quantizer sees
+        # the nodes the quantizer sees, named from the export (pre-processing keeps node names but may
+        # drop the exporter's notes); a node pre-processing made is named from its own weight or id
+        exported = node_modules(onnx.load_from_string(data))
+        modules = {node: exported.get(node, name)
+                   for node, name in node_modules(onnx.load(prepared, load_external_data=False)).items()}
         excluded = {node for node, module in modules.items() if not allowed(module)}
         try:
-            ort_quantize(prepared, output, Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
-                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                         nodes_to_exclude=sorted(excluded))
+            with quiet_logs():
+                ort_quantize(prepared, output, Feeds(), quant_format=QuantFormat.QDQ, per_channel=True,
+                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                             nodes_to_exclude=sorted(excluded))
         except Exception as exc:  # noqa: BLE001 -- the quantizer's message names the node or the input
             raise PangkasError(f"onnxruntime's quantizer failed: {str(exc).strip().splitlines()[0]}") from exc
         proto = onnx.load(output)
     layers = _layers(proto, modules, excluded)
     return without_metadata(proto).SerializeToString(), layers
+
+
+@contextlib.contextmanager
+def quiet_logs():
+    """Warnings logged on the way to a file kept quiet: onnxruntime's quantizer logs its notes on the
+    root logger (advice, a per-channel axis it skipped), the ONNX exporter's optimiser an op it could
+    not fold; lines on every run that tell the user nothing the check and report do not."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 def without_metadata(proto):
