@@ -20,19 +20,22 @@ Every model is compared with its dense original in the same process; threads: 1.
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
-import torch
+os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")  # `compile s`: a first compile, not a cache hit
+import torch  # noqa: E402
 
-from common import environment, latency_note, run_sections
-import pangkas
-from pangkas.export import OnnxRuntimeModule, onnx_bytes
-from pangkas.inputs import call_model
-from pangkas.measure import latency_ratios
-from pangkas.tables import render_table
+from common import environment, latency_note, run_sections  # noqa: E402
+import pangkas  # noqa: E402
+from pangkas.export import OnnxRuntimeModule, onnx_bytes  # noqa: E402
+from pangkas.inputs import call_model  # noqa: E402
+from pangkas.measure import latency_ratios  # noqa: E402
+from pangkas.tables import render_table  # noqa: E402
 
 
 
@@ -53,6 +56,17 @@ def _file_kib(model) -> float:
         return path.stat().st_size / 1024
 
 
+class _Hidden(torch.nn.Module):
+    """An onnxruntime file behind a Hugging Face encoder's output (``.last_hidden_state``)."""
+
+    def __init__(self, runtime: OnnxRuntimeModule):
+        super().__init__()
+        self.runtime = runtime
+
+    def forward(self, **batch):
+        return SimpleNamespace(last_hidden_state=self.runtime(**batch))
+
+
 def minilm_section(rounds: int) -> str:
     import minilm
 
@@ -65,27 +79,35 @@ def minilm_section(rounds: int) -> str:
     for base in ("full", "heads 50% + FFN 50%"):
         for scheme in ("int8-dynamic", "int8-weight-only"):
             variants[f"{base} + {scheme}"] = pangkas.quantize(variants[base], calibration, scheme)[0]
-    rows, timed, compile_s = [], [], {}
+    rows, timed, labels = [], [], []  # (label, path, cosine, file, compile s) per timed runnable
     for label, model in variants.items():
-        compiled, compile_s[label] = _compiled(model, timing)
+        compiled, seconds = _compiled(model, timing)
+        cosine, size = f"{score(model):.4f}", f"{_file_kib(model):.0f} KiB"
         timed += [model, compiled]
-        print(label, f"compiled in {compile_s[label]:.0f} s", flush=True)
+        labels += [(label, "eager", cosine, size, ""), (label, "torch.compile", cosine, size, f"{seconds:.0f}")]
+        if "int8" not in label:  # the float model's file, and onnxruntime's int8-dynamic of it
+            for name, kind in ((label, None), (f"{label} + int8-dynamic (onnxruntime's quantizer)", "int8-dynamic")):
+                data = onnx_bytes(model, calibration[0], quantize=kind, data=calibration if kind else None)[0]
+                runtime = OnnxRuntimeModule(data)
+                timed.append(runtime)
+                labels.append((name, "onnxruntime", f"{score(_Hidden(runtime)):.4f}", f"{len(data) / 2**10:.0f} KiB "
+                               "(.onnx)", ""))
+        print(label, f"compiled in {seconds:.0f} s", flush=True)
     ratios = latency_ratios(timed, timing, rounds=rounds)
-    for i, (label, model) in enumerate(variants.items()):
-        cosine, size = score(model), _file_kib(model)
-        for path, ratio in (("eager", ratios[2 * i]), ("torch.compile", ratios[2 * i + 1])):
-            rows.append((label, path, f"{cosine:.4f}", "1.00x (baseline)" if i == 0 and path == "eager"
-                         else ratio.format(), f"{size:.0f} KiB",
-                         f"{compile_s[label]:.0f}" if path == "torch.compile" else ""))
+    for i, ((label, path, cosine, size, seconds), ratio) in enumerate(zip(labels, ratios)):
+        rows.append((label, path, cosine, "1.00x (baseline)" if i == 0 else ratio.format(), size, seconds))
     table = render_table("MiniLM, batch 8 x 128 tokens: int8 alone and on top of heads + FFN pruning",
                          ("model", "path", "mean cosine to full", "latency vs full eager (95% interval)",
-                          "file (pangkas.save)", "compile s"), rows, markdown=True)
+                          "file", "compile s"), rows, markdown=True)
     notes = (f"Measured with {environment()}. Pruning: `prune_transformer(heads=0.5, ffn=0.5, data=..., "
              "reconstruct=True)` on 100 calibration sentences; quantization: `pangkas.quantize(model, calibration, "
-             "scheme)` (torchao); mean cosine of mean-pooled sentence embeddings to the full model's on 600 "
-             f"sentences. Latency: {latency_note(rounds)}, every model and path in the same rounds; `torch.compile` "
-             "with default options, `compile s` the first two calls (compilation), not timed. File: `pangkas.save` "
-             "(int8 weights as int8 data + a scale per row).")
+             "scheme)` (torchao), and `export_onnx(model, ..., quantize=\"int8-dynamic\")` (onnxruntime's quantizer: "
+             "MatMul/Gemm weights in int8 with a scale per output channel, activations quantized at run time); mean "
+             "cosine of mean-pooled sentence embeddings to the full model's on 600 sentences (the ONNX files take any "
+             f"batch size and sentence length). Latency: {latency_note(rounds)}, every model and path in the same "
+             "rounds; `torch.compile` with default options, `compile s` the first two calls (compilation), not timed; "
+             "onnxruntime with as many threads as torch. File: `pangkas.save` (int8 weights as int8 data + a scale "
+             "per row), or the ONNX file.")
     return "\n\n".join([table, notes])
 
 

@@ -295,6 +295,9 @@ def test_quantize_writes_an_int8_onnx_file_onnxruntime_runs(capsys, tmp_path):
     assert "5 of 6 layers quantized" in out and "10 (excluded)" in out and "onnxruntime vs the model" in out
     session = onnxruntime.InferenceSession(str(out_file), providers=["CPUExecutionProvider"])
     assert session.run(None, {session.get_inputs()[0].name: torch.rand(3, 1, 8, 8).numpy()})[0].shape == (3, 10)
+    code, out, err = run(capsys, "quantize", *DIGITS, "--scheme", "int8-dynamic", "-o", str(tmp_path / "d.onnx"))
+    assert code == 0, err
+    assert "2 of 6 layers quantized" in out and "use int8-static for convolutions" in out
 
 
 def test_quantize_int8_static_writes_a_file_the_cli_loads_again(capsys, tmp_path):
@@ -313,7 +316,7 @@ def test_quantize_int8_static_writes_a_file_the_cli_loads_again(capsys, tmp_path
 
 
 def test_quantize_bad_input_is_one_line_and_writes_nothing(capsys, tmp_path):
-    code, _, err = run(capsys, "quantize", *DIGITS, "--scheme", "int8-dynamic", "-o", str(tmp_path / "q.onnx"))
+    code, _, err = run(capsys, "quantize", *DIGITS, "--scheme", "int8-weight-only", "-o", str(tmp_path / "q.onnx"))
     assert code == 2 and err.count("\n") == 1 and "OUT.safetensors" in err
     code, _, err = run(capsys, "quantize", *DIGITS, "--scheme", "int4-weight-only", "-o", str(tmp_path / "q.bin"))
     assert code == 2 and err.count("\n") == 1 and ".safetensors or .onnx" in err

@@ -108,8 +108,8 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
     model, data = _pruned()
     monkeypatch.chdir(tmp_path)  # onnxruntime's calibration files must not land here either
     target = tmp_path / "out.onnx"
-    with pytest.raises(PangkasError, match="int8-static"):
-        pangkas.export_onnx(model, target, data[0], quantize="int8-dynamic", data=data)
+    with pytest.raises(PangkasError, match="int8-static or int8-dynamic"):
+        pangkas.export_onnx(model, target, data[0], quantize="int8-weight-only", data=data)
     with pytest.raises(PangkasError, match="calibration batches"):
         pangkas.export_onnx(model, target, data[0], quantize="int8-static")
     with pytest.raises(PangkasError, match="not a single batch"):
@@ -144,9 +144,20 @@ def test_a_failing_or_interrupted_quantizer_or_a_bad_result_writes_nothing(tmp_p
         pangkas.export_onnx(model, tmp_path / "out.onnx", data[0], quantize="int8-static", data=data, overwrite=True)
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
+    compared = export_module._compared
     monkeypatch.setattr(export_module, "_compared", lambda *a: (3.0, 0.5))
+    with pytest.raises(PangkasError, match=r"differ from the model's \(mean cosine 0.5000, max difference 3\); "):
+        pangkas.export_onnx(model, tmp_path / "out.onnx", data[0], quantize="int8-static", data=data, overwrite=True)
+    calls = []  # the float export passes, the int8 file computes something else than quantization explains
+
+    def second_wrong(*args):
+        calls.append(1)
+        return (3.0, 0.89) if len(calls) > 1 else compared(*args)
+
+    monkeypatch.setattr(export_module, "_compared", second_wrong)
     with pytest.raises(PangkasError, match="int8 moved them that far"):
         pangkas.export_onnx(model, tmp_path / "out.onnx", data[0], quantize="int8-static", data=data, overwrite=True)
+    assert len(calls) == 2
     assert [(p.name, p.read_bytes()) for p in tmp_path.iterdir()] == [("out.onnx", b"earlier")]
 
 
@@ -207,6 +218,11 @@ def test_a_hugging_face_model_with_dict_inputs_is_named_layer_by_layer(tmp_path,
             for _ in range(3)]
     float_file = pangkas.export_onnx(model, tmp_path / "f.onnx", data[0])
     assert float_file.cosine > 0.9999
+    longer = {"input_ids": torch.randint(0, 100, (3, 20), generator=g), "attention_mask": torch.ones(3, 20, dtype=torch.long)}
+    longer["attention_mask"][0, 14:] = 0  # padded: another batch size and sequence length than the export's
+    with torch.no_grad():
+        torch.testing.assert_close(OnnxRuntimeModule(float_file.path.read_bytes())(**longer),
+                                   model(**longer).last_hidden_state, atol=1e-4, rtol=1e-4)
     with caplog.at_level(logging.INFO):
         result = pangkas.export_onnx(model, tmp_path / "q.onnx", data[0], quantize="int8-static", data=data,
                                      exclude="encoder.layer.1.output")
@@ -220,3 +236,52 @@ def test_a_hugging_face_model_with_dict_inputs_is_named_layer_by_layer(tmp_path,
     assert layers["encoder.layer.1.output.dense"] == "excluded"
     assert {n for n in linear if layers[n] == "int8"} == linear - {"encoder.layer.1.output.dense"}
     assert result.cosine > 0.99
+
+
+def test_int8_dynamic_quantizes_linear_layers_without_calibration_and_reports_convolutions(tmp_path):
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    batch = {"tokens": torch.randn(4, 5, 8), "scale": torch.rand(4, 5, 1) + 0.5}
+    result = pangkas.export_onnx(model, tmp_path / "d.onnx", batch, quantize="int8-dynamic")
+    assert result.quantization.layers == dict.fromkeys(("encoder.0", "encoder.2", "head"), "int8")
+    assert result.quantization.fidelity != result.quantization.fidelity and result.cosine > 0.99  # nan: no data
+    graph = onnx.load(str(tmp_path / "d.onnx")).graph
+    assert "DynamicQuantizeLinear" in {n.op_type for n in graph.node}
+    assert not any(n.op_type in onnx_quant.COMPUTE for n in graph.node)  # every MatMul/Gemm replaced
+    longer = {"tokens": torch.randn(2, 5, 8), "scale": torch.rand(2, 5, 1) + 0.5}  # float inputs: dim 0 varies
+    with torch.no_grad():
+        got, exact = OnnxRuntimeModule((tmp_path / "d.onnx").read_bytes())(**longer), model(**longer)
+    assert nn.functional.cosine_similarity(got.flatten(1), exact.flatten(1)).min() > 0.98
+    cnn, data = _pruned()
+    result = pangkas.export_onnx(cnn, tmp_path / "c.onnx", data[0], quantize="int8-dynamic", data=data)
+    layers = result.quantization.layers
+    assert {n for n, how in layers.items() if how == "int8"} == _layers(cnn, nn.Linear)
+    assert all("use int8-static" in layers[n] for n in _layers(cnn, nn.Conv2d))
+    assert result.quantization.fidelity > 0.99
+
+
+def test_the_onnxruntime_module_takes_inputs_by_name_in_any_order_or_by_position(tmp_path):
+    torch.manual_seed(0)
+    model = TwoInputs().eval()
+    batch = {"tokens": torch.randn(3, 5, 8), "scale": torch.rand(3, 5, 1)}
+    runtime = OnnxRuntimeModule(onnx_quant.without_metadata(export_module._exported(model, batch)).SerializeToString())
+    with torch.no_grad():
+        expected = model(**batch)
+    for got in (runtime(scale=batch["scale"], tokens=batch["tokens"]), runtime(batch["tokens"], batch["scale"]),
+                runtime(batch["tokens"], scale=batch["scale"])):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(PangkasError, match="takes 2 inputs"):
+        runtime(batch["tokens"], batch["scale"], batch["scale"])
+
+
+def test_an_int8_file_within_quantization_error_is_written_with_its_cosine(tmp_path, monkeypatch):
+    model, data = _pruned()
+    compared, calls = export_module._compared, []
+
+    def int8_error(*args):  # the float export exact, the int8 file off by what int8 can cost a transformer
+        calls.append(1)
+        return (0.4, 0.95) if len(calls) > 1 else compared(*args)
+
+    monkeypatch.setattr(export_module, "_compared", int8_error)
+    result = pangkas.export_onnx(model, tmp_path / "q.onnx", data[0], quantize="int8-static", data=data)
+    assert result.cosine == 0.95 and "mean cosine 0.950000" in str(result) and (tmp_path / "q.onnx").exists()

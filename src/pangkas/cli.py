@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     _output_args(compress)
 
     quantize = commands.add_parser("quantize", help="int8 on top of a (pruned) model: .safetensors (torchao; "
-                                   "pangkas.load) or, for int8-static, .onnx (onnxruntime's quantizer)")
+                                   "pangkas.load) or, for int8-static / int8-dynamic, .onnx (onnxruntime's quantizer)")
     _model_args(quantize)
     quantize.add_argument("--scheme", required=True, choices=SCHEMES,
                           help="int8-dynamic / int8-weight-only: Linear layers; int8-static: convolutions and "
@@ -418,13 +418,14 @@ def _quantize(args) -> None:
     from .export import export_onnx
     from .files import check_file_target
     from .io import save
+    from .onnx_quant import SCHEMES as ONNX_SCHEMES
     from .quantize import quantize
     from .sources import calibration_batches, describe
 
     onnx = args.output.endswith(".onnx")
-    if onnx and args.scheme != "int8-static":
+    if onnx and args.scheme not in ONNX_SCHEMES:
         raise PangkasError(f"{args.scheme} weights run in PyTorch (torchao), not in ONNX: -o OUT.safetensors, "
-                           "or --scheme int8-static for an ONNX file")
+                           f"or --scheme {' or '.join(ONNX_SCHEMES)} for an ONNX file")
     if onnx:
         check_file_target(args.output, overwrite=args.overwrite)
     elif not args.output.endswith(".safetensors"):

@@ -1,12 +1,12 @@
 """ONNX files that onnxruntime runs: float models, pruned ones, the int8 graphs of
 ``quantize(..., "int8-static")`` (their quantize/dequantize steps become ONNX QuantizeLinear /
 DequantizeLinear, which onnxruntime fuses into int8 kernels), and float models quantized to int8
-by onnxruntime's own quantizer on the way out (``quantize="int8-static"``: the faster file in
-onnxruntime).
+by onnxruntime's own quantizer on the way out (``quantize="int8-static"`` or ``"int8-dynamic"``:
+the faster files in onnxruntime).
 
 The export is torch's own (``torch.onnx.export``, the ``torch.export``-based exporter); pangkas
-adds a dynamic batch dimension, a check that onnxruntime computes what the model computes before
-anything is written, and an atomic write.
+adds dynamic batch (and token-sequence) dimensions, a check that onnxruntime computes what the
+model computes before anything is written, and an atomic write.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from .files import check_file_target, write_file
 from .inputs import call_model, export_call
 from .layers import _batches
 from .modules import ModuleFilter, Selector, evaluating
-from .onnx_quant import quantize_static, quiet_logs, without_metadata
+from .onnx_quant import SCHEMES as ONNX_SCHEMES
+from .onnx_quant import quantize_onnx, quiet_logs, without_metadata
 from .outputs import primary_tensor
 from .quant_schemes import is_torchao
 from .quant_static import is_static
@@ -35,7 +36,9 @@ from .quantize import QuantizeReport
 __all__ = ["OnnxExport", "OnnxRuntimeModule", "export_onnx", "onnx_bytes"]
 
 MIN_COSINE = 0.99  # below this, onnxruntime computes something else than the model: nothing is written
-ONNX_SCHEMES = ("int8-static",)  # what onnxruntime's quantizer does on the way out
+# an int8 file made by onnxruntime differs by its quantization error too (MiniLM's hidden states, int8-dynamic:
+# 0.988); below this it computes something else than quantization explains
+MIN_INT8_COSINE = 0.9
 WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
@@ -68,9 +71,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, *, qu
     replaced only with ``overwrite=True``.
 
     ``quantize="int8-static"``: the float ``model`` is written as int8, quantized by onnxruntime's
-    own quantizer with activation scales calibrated on ``data`` (batches, as everywhere); ``include``
-    / ``exclude`` choose the layers it may quantize (module names or types). The file is always
-    checked, and the result's ``quantization`` reports every layer."""
+    own quantizer with activation scales calibrated on ``data`` (batches, as everywhere);
+    ``"int8-dynamic"``: its MatMul/Gemm weights in int8, activations quantized at run time (``data``
+    only checks the result). ``include`` / ``exclude`` choose the layers it may quantize (module
+    names or types). The file is always checked, and the result's ``quantization`` reports every
+    layer with the mean cosine to the model on (up to four of) the batches."""
     path = Path(path)
     if path.suffix != ".onnx":
         raise PangkasError(f"an ONNX file's name ends in .onnx, got {path}")
@@ -95,34 +100,39 @@ def _onnx(model, example, check, quantize, data, include, exclude) -> tuple[byte
 def _evaluated(model, example, check, quantize, data, include, exclude):
     if any(is_torchao(p) for p in model.parameters()):
         raise PangkasError("weights quantized by torchao (int8-dynamic, int8-weight-only) run in PyTorch and do "
-                           "not export to ONNX: save them with pangkas.save, or quantize with int8-static")
+                           "not export to ONNX: save them with pangkas.save, or export the float model with "
+                           "quantize='int8-dynamic' (onnxruntime's quantizer)")
     if quantize is None:
         if data is not None or include is not None or exclude is not None:
-            raise PangkasError("data, include and exclude are for quantize='int8-static' (onnxruntime's quantizer)")
+            raise PangkasError("data, include and exclude are for quantize= (onnxruntime's quantizer)")
         file = without_metadata(_exported(model, example)).SerializeToString()
-        report = None
-    else:
-        file, report = _quantized(model, example, quantize, _batches(data), include, exclude)
-        check = True  # nothing quantized is written unchecked
-    if not check:
-        return file, math.nan, math.nan, report
+        if not check:
+            return file, math.nan, math.nan, None
+        return (file, *_checked(model, file, example, MIN_COSINE), None)
+    file, report = _quantized(model, example, quantize, _batches(data), include, exclude)
+    # nothing quantized is written unchecked
+    return (file, *_checked(model, file, example, MIN_INT8_COSINE, " (int8 moved them that far: exclude the "
+                                                                   "sensitive layers)"), report)
+
+
+def _checked(model, file: bytes, example, least: float, hint: str = "") -> tuple[float, float]:
+    """onnxruntime's largest difference and mean cosine to the model; PangkasError under ``least``."""
     difference, cosine = _compared(model, file, example)
-    if not cosine >= MIN_COSINE:
-        hint = "" if report is None else " (int8 moved them that far: exclude the sensitive layers)"
+    if not cosine >= least:
         raise PangkasError(f"onnxruntime's outputs differ from the model's (mean cosine {cosine:.4f}, max "
                            f"difference {difference:.3g}){hint}; nothing was written")
-    return file, difference, cosine, report
+    return difference, cosine
 
 
 def _quantized(model, example, scheme, batches, include, exclude) -> tuple[bytes, QuantizeReport]:
     """The float model's export, quantized by onnxruntime on ``batches``, and its per-layer report."""
     if scheme not in ONNX_SCHEMES:
-        raise PangkasError(f"export_onnx quantizes with {', '.join(ONNX_SCHEMES)} (onnxruntime's quantizer), got "
-                           f"{scheme!r}; for int8-dynamic or int8-weight-only use pangkas.quantize and pangkas.save")
+        raise PangkasError(f"export_onnx quantizes with {' or '.join(ONNX_SCHEMES)} (onnxruntime's quantizer), got "
+                           f"{scheme!r}; for int8-weight-only use pangkas.quantize and pangkas.save")
     if is_static(model):
         raise PangkasError("this model is already int8 (quantize(..., 'int8-static')): export it without quantize=, "
                            "or pass its float model to have onnxruntime quantize it")
-    if not batches:
+    if scheme == "int8-static" and not batches:
         raise PangkasError("quantize='int8-static' calibrates activation scales on data: pass calibration batches")
     try:
         import onnxruntime  # noqa: F401
@@ -131,12 +141,14 @@ def _quantized(model, example, scheme, batches, include, exclude) -> tuple[bytes
     chosen = ModuleFilter(include, exclude, list(model.named_modules())[1:], "module")
     allowed = lambda name: _allowed(model, chosen, name)  # noqa: E731
     proto = _exported(model, example)
+    _checked(model, proto.SerializeToString(), example, MIN_COSINE)  # the export itself, before any int8 error
     names = _input_names(proto)
     feeds = [dict(zip(names, (t.detach().cpu().numpy() for t in _tensors(model, b)))) for b in batches]
-    file, layers = quantize_static(proto.SerializeToString(), feeds, allowed)
+    file, layers = quantize_onnx(proto.SerializeToString(), scheme, feeds, allowed)
     _check_refusals_found(model, example, allowed, layers)
     report = QuantizeReport(scheme, layers)
-    report.fidelity = Fidelity(model, batches[:4])(OnnxRuntimeModule(file))
+    if batches:
+        report.fidelity = Fidelity(model, batches[:4])(OnnxRuntimeModule(file))
     if not report.quantized:
         raise PangkasError(f"onnxruntime's quantizer left every layer of {type(model).__name__} in floating point; "
                            "nothing was written")
@@ -202,24 +214,34 @@ class OnnxRuntimeModule(nn.Module):
         self.names = [i.name for i in self.session.get_inputs()]
 
     def forward(self, *args, **kwargs) -> torch.Tensor:
-        inputs = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
-        if len(inputs) != len(self.names):
-            raise PangkasError(f"the ONNX graph takes {len(self.names)} inputs, got {len(inputs)} tensors")
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(self.names, inputs)}
+        named = {k: v for k, v in kwargs.items() if isinstance(v, torch.Tensor)}
+        if not set(named) <= set(self.names):  # keywords the graph does not know by name: in order, then
+            args, named = (*args, *named.values()), {}
+        given = [a for a in args if isinstance(a, torch.Tensor)]
+        if len(given) + len(named) != len(self.names):
+            raise PangkasError(f"the ONNX graph takes {len(self.names)} inputs ({', '.join(self.names)}), got "
+                               f"{len(given) + len(named)} tensors")
+        inputs = {**dict(zip([n for n in self.names if n not in named], given)), **named}
+        feed = {n: t.detach().cpu().numpy() for n, t in inputs.items()}
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
 def _exported(model: nn.Module, example):
-    """``torch.onnx.export``'s ModelProto, each node still carrying the exporter's note of its origin."""
-    args, kwargs, shapes = export_call(model, example)
-    try:
-        with quiet_logs():
-            return torch.onnx.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, dynamo=True,
-                                     verbose=False).model_proto
-    except Exception as exc:  # noqa: BLE001 -- the exporter's message names the op or the size
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()  # the exporter colours its messages
-        first = text.splitlines()[0] if text else type(exc).__name__
-        raise PangkasError(f"torch.onnx.export could not export {type(model).__name__}: {first}") from exc
+    """``torch.onnx.export``'s ModelProto, each node still carrying the exporter's note of its
+    origin; dim 0 of every input dynamic, and the length of token inputs where the model allows."""
+    calls = [export_call(model, example, sequences=True), export_call(model, example)]
+    if calls[0][2] == calls[1][2]:
+        calls = calls[1:]  # no token inputs
+    for args, kwargs, shapes in calls:  # a model that fixes its sequence length exports with dim 0 alone
+        try:
+            with quiet_logs():
+                return torch.onnx.export(model, args, kwargs=kwargs, dynamic_shapes=shapes, dynamo=True,
+                                         verbose=False).model_proto
+        except Exception as exc:  # noqa: BLE001 -- the exporter's message names the op or the size
+            error = exc
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()  # the exporter colours its messages
+    first = text.splitlines()[0] if text else type(error).__name__
+    raise PangkasError(f"torch.onnx.export could not export {type(model).__name__}: {first}") from error
 
 
 def _compared(model: nn.Module, data: bytes, example) -> tuple[float, float]:

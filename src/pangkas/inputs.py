@@ -57,9 +57,10 @@ def _call(model: nn.Module, batch: Any) -> Any:
     )
 
 
-def export_call(model: nn.Module, batch: Any) -> tuple[tuple, dict, tuple | dict]:
+def export_call(model: nn.Module, batch: Any, *, sequences: bool = False) -> tuple[tuple, dict, tuple | dict]:
     """``torch.export``'s view of calling ``model`` on ``batch``: (args, kwargs, dynamic_shapes),
-    with dim 0 of every tensor input dynamic (later batches may differ in size)."""
+    with dim 0 of every tensor input dynamic (later batches may differ in size); with
+    ``sequences``, every dim of integer and bool inputs too (token ids and masks vary in length)."""
     if isinstance(batch, torch.Tensor):
         args, kwargs = (batch,), {}
     elif isinstance(batch, (tuple, list)):
@@ -68,7 +69,12 @@ def export_call(model: nn.Module, batch: Any) -> tuple[tuple, dict, tuple | dict
         args, kwargs = (), dict(batch)
     else:
         _call(model, batch)  # raises the one error for a batch of the wrong kind
-    dynamic = lambda v: {0: torch.export.Dim.AUTO} if isinstance(v, torch.Tensor) else None  # noqa: E731
+    def dynamic(value):
+        if not isinstance(value, torch.Tensor):
+            return None
+        tokens = sequences and value.ndim > 1 and not (value.is_floating_point() or value.is_complex())
+        return dict.fromkeys(range(value.ndim) if tokens else (0,), torch.export.Dim.AUTO)
+
     if not kwargs:
         return args, kwargs, tuple(dynamic(a) for a in args)
     names = list(inspect.signature(model.forward).parameters)  # export wants them by name then
