@@ -64,6 +64,18 @@ def mlp():
     return nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
 
 
+def pruned_digits():
+    """The demo's digits CNN (eval mode, seeded) with half its channels pruned, and three batches."""
+    import pangkas
+    from pangkas.demo import digits_cnn
+
+    torch.manual_seed(0)
+    model = digits_cnn().eval()
+    data = [torch.rand(16, 1, 8, 8) for _ in range(3)]
+    pangkas.prune_channels(model, data[0], ratio=0.5)
+    return model, data
+
+
 @pytest.fixture
 def tiny_llama():
     """A random LLaMA causal LM (GQA: 4 heads in 2 KV groups) and 96 token ids for it."""

@@ -11,18 +11,10 @@ import torch
 from torch import nn
 
 import pangkas
+from conftest import pruned_digits
 from pangkas import PangkasError
-from pangkas.demo import digits_cnn
 
 export_module = importlib.import_module("pangkas.export")
-
-
-def _pruned():
-    torch.manual_seed(0)
-    model = digits_cnn().eval()
-    data = [torch.rand(16, 1, 8, 8) for _ in range(3)]
-    pangkas.prune_channels(model, data[0], ratio=0.5)
-    return model, data
 
 
 def _run(path, x):
@@ -31,7 +23,7 @@ def _run(path, x):
 
 
 def test_a_pruned_model_exports_and_runs_in_onnxruntime_at_any_batch_size(tmp_path):
-    model, data = _pruned()
+    model, data = pruned_digits()
     report = pangkas.export_onnx(model, tmp_path / "small.onnx", data[0])
     assert report.max_difference < 1e-4 and report.cosine > 0.9999
     assert report.bytes == (tmp_path / "small.onnx").stat().st_size
@@ -44,7 +36,7 @@ pytest.importorskip("torchao")
 
 
 def test_an_int8_static_model_exports_as_int8_onnx(tmp_path):
-    model, data = _pruned()
+    model, data = pruned_digits()
     quantized, _ = pangkas.quantize(model, data, "int8-static")
     pangkas.export_onnx(model, tmp_path / "float.onnx", data[0])
     report = pangkas.export_onnx(quantized, tmp_path / "int8.onnx", data[0])
@@ -70,7 +62,7 @@ class Branchy(nn.Module):
 
 
 def test_bad_input_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
-    model, data = _pruned()
+    model, data = pruned_digits()
     with pytest.raises(PangkasError, match=".onnx"):
         pangkas.export_onnx(model, tmp_path / "small.bin", data[0])
     (tmp_path / "taken.onnx").write_bytes(b"mine")

@@ -11,21 +11,13 @@ import torch
 from torch import nn
 
 import pangkas
+from conftest import pruned_digits
 from pangkas import PangkasError
-from pangkas.demo import digits_cnn
 from pangkas.export import OnnxRuntimeModule
 
 onnxruntime = pytest.importorskip("onnxruntime")
 onnx_quant = importlib.import_module("pangkas.onnx_quant")
 export_module = importlib.import_module("pangkas.export")
-
-
-def _pruned():
-    torch.manual_seed(0)
-    model = digits_cnn().eval()
-    data = [torch.rand(16, 1, 8, 8) for _ in range(3)]
-    pangkas.prune_channels(model, data[0], ratio=0.5)
-    return model, data
 
 
 def _layers(model, kinds=(nn.Conv2d, nn.Linear)):
@@ -40,7 +32,7 @@ def _dequantized_inputs(path):
 
 
 def test_a_pruned_cnn_is_written_as_int8_with_every_layer_named_and_reported(tmp_path):
-    model, data = _pruned()
+    model, data = pruned_digits()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     pangkas.export_onnx(model, tmp_path / "float.onnx", data[0])
     result = pangkas.export_onnx(model, tmp_path / "int8.onnx", data[0], quantize="int8-static", data=data)
@@ -61,7 +53,7 @@ def test_a_pruned_cnn_is_written_as_int8_with_every_layer_named_and_reported(tmp
 
 
 def test_include_and_exclude_choose_layers_by_module_name_or_type(tmp_path):
-    model, data = _pruned()
+    model, data = pruned_digits()
     linear = _layers(model, nn.Linear)
     first = sorted(_layers(model, nn.Conv2d))[0]
     result = pangkas.export_onnx(model, tmp_path / "a.onnx", data[0], quantize="int8-static", data=data,
@@ -105,7 +97,7 @@ def test_dict_batches_and_linear_layers_on_sequences(tmp_path):
 
 
 def test_bad_input_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
-    model, data = _pruned()
+    model, data = pruned_digits()
     monkeypatch.chdir(tmp_path)  # onnxruntime's calibration files must not land here either
     target = tmp_path / "out.onnx"
     with pytest.raises(PangkasError, match="int8-static or int8-dynamic"):
@@ -124,7 +116,7 @@ def test_bad_input_is_refused_and_nothing_is_written(tmp_path, monkeypatch):
 
 
 def test_a_failing_or_interrupted_quantizer_or_a_bad_result_writes_nothing(tmp_path, monkeypatch):
-    model, data = _pruned()
+    model, data = pruned_digits()
     monkeypatch.chdir(tmp_path)
     (tmp_path / "out.onnx").write_bytes(b"earlier")
     import onnxruntime.quantization as ort_quantization
@@ -176,7 +168,7 @@ def test_nodes_are_named_by_weight_then_by_scope_then_by_their_own_name():
 
 
 def test_a_model_in_training_mode_is_exported_as_evaluated_and_left_training(tmp_path):
-    model, data = _pruned()
+    model, data = pruned_digits()
     model.train()
     result = pangkas.export_onnx(model, tmp_path / "t.onnx", data[0], quantize="int8-static", data=data)
     assert result.cosine > 0.99 and model.training and all(m.training for m in model.modules())
@@ -252,7 +244,7 @@ def test_int8_dynamic_quantizes_linear_layers_without_calibration_and_reports_co
     with torch.no_grad():
         got, exact = OnnxRuntimeModule((tmp_path / "d.onnx").read_bytes())(**longer), model(**longer)
     assert nn.functional.cosine_similarity(got.flatten(1), exact.flatten(1)).min() > 0.98
-    cnn, data = _pruned()
+    cnn, data = pruned_digits()
     result = pangkas.export_onnx(cnn, tmp_path / "c.onnx", data[0], quantize="int8-dynamic", data=data)
     layers = result.quantization.layers
     assert {n for n, how in layers.items() if how == "int8"} == _layers(cnn, nn.Linear)
@@ -275,7 +267,7 @@ def test_the_onnxruntime_module_takes_inputs_by_name_in_any_order_or_by_position
 
 
 def test_an_int8_file_within_quantization_error_is_written_with_its_cosine(tmp_path, monkeypatch):
-    model, data = _pruned()
+    model, data = pruned_digits()
     compared, calls = export_module._compared, []
 
     def int8_error(*args):  # the float export exact, the int8 file off by what int8 can cost a transformer
