@@ -4,11 +4,13 @@ Sections (each writes its own page under docs/quantize/):
 
 - ``minilm``: pretrained all-MiniLM-L6-v2: ``int8-dynamic`` and ``int8-weight-only`` alone and on
   top of heads + FFN pruning (50% each, obs + reconstruct); mean cosine of sentence embeddings to
-  the full model on 600 sentences, latency at batch 8 x 128 tokens in eager mode and under
-  ``torch.compile`` (compile time excluded, reported), file as ``pangkas.save`` writes it.
+  the full model on 600 sentences, latency at batch 8 x 128 tokens in eager mode, under
+  ``torch.compile`` (compile time excluded, reported) and in onnxruntime (the float models, and
+  ``int8-dynamic`` by onnxruntime's quantizer); file as ``pangkas.save`` or the ONNX export writes it.
 - ``resnet50``: ResNet-50 (random weights: no pretrained weights install offline), channels
-  pruned at 0.5, ``int8-static``: every model on eager, ``torch.compile`` and onnxruntime at batch
-  1 and 8, against the dense fp32 model in eager mode in the same interleaved rounds; files.
+  pruned at 0.5, ``int8-static`` (torchao's, and onnxruntime's quantizer's): every model on eager,
+  ``torch.compile`` and onnxruntime at batch 1 and 8, against the dense fp32 model in eager mode in
+  the same interleaved rounds; files; onnxruntime's profile of where the time goes.
 - ``llm``: SmolLM2-135M (``llm.py``): 2:4 SparseGPT, int8 weight-only, both; perplexity; each
   written as a compressed-tensors directory and reloaded through transformers + compressed-tensors.
 

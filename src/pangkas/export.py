@@ -80,9 +80,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_inputs, *, qu
     if path.suffix != ".onnx":
         raise PangkasError(f"an ONNX file's name ends in .onnx, got {path}")
     check_file_target(path, overwrite=overwrite)
-    data, difference, cosine, report = _onnx(model, example_inputs, check, quantize, data, include, exclude)
-    write_file(path, data, overwrite=overwrite)
-    return OnnxExport(path, len(data), difference, cosine, report)
+    file, difference, cosine, report = _onnx(model, example_inputs, check, quantize, data, include, exclude)
+    write_file(path, file, overwrite=overwrite)
+    return OnnxExport(path, len(file), difference, cosine, report)
 
 
 def onnx_bytes(model: nn.Module, example_inputs, *, check: bool = True, quantize: str | None = None, data=None,
