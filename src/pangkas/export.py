@@ -31,15 +31,15 @@ from .onnx_quant import quantize_onnx, quiet_logs, without_metadata
 from .outputs import primary_tensor
 from .quant_schemes import is_torchao
 from .quant_static import is_static
-from .quantize import QuantizeReport
+from .quantize import CONVS, QuantizeReport
 
 __all__ = ["OnnxExport", "OnnxRuntimeModule", "export_onnx", "onnx_bytes"]
 
 MIN_COSINE = 0.99  # below this, onnxruntime computes something else than the model: nothing is written
-# an int8 file made by onnxruntime differs by its quantization error too (MiniLM's hidden states, int8-dynamic:
-# 0.988); below this it computes something else than quantization explains
+# an int8 file made by onnxruntime differs by its quantization error too, and raw outputs (a transformer's
+# hidden states) move further than pooled ones; below this it computes something else than quantization explains
 MIN_INT8_COSINE = 0.9
-WEIGHTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+WEIGHTED = (nn.Linear, *CONVS, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # ONNX's COMPUTE nodes
 
 
 @dataclass(frozen=True)
@@ -141,10 +141,11 @@ def _quantized(model, example, scheme, batches, include, exclude) -> tuple[bytes
     chosen = ModuleFilter(include, exclude, list(model.named_modules())[1:], "module")
     allowed = lambda name: _allowed(model, chosen, name)  # noqa: E731
     proto = _exported(model, example)
-    _checked(model, proto.SerializeToString(), example, MIN_COSINE)  # the export itself, before any int8 error
+    float_file = proto.SerializeToString()  # with the exporter's notes: they name the layers
+    _checked(model, float_file, example, MIN_COSINE)  # the export itself, before any int8 error
     names = _input_names(proto)
     feeds = [dict(zip(names, (t.detach().cpu().numpy() for t in _tensors(model, b)))) for b in batches]
-    file, layers = quantize_onnx(proto.SerializeToString(), scheme, feeds, allowed)
+    file, layers = quantize_onnx(float_file, scheme, feeds, allowed)
     _check_refusals_found(model, example, allowed, layers)
     report = QuantizeReport(scheme, layers)
     if batches:
