@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import logging
+import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -73,7 +74,7 @@ def quantize_onnx(data: bytes, scheme: str, feeds: list[dict], allowed: Callable
         source, prepared, output = (Path(folder) / n for n in ("float.onnx", "prepared.onnx", "int8.onnx"))
         source.write_bytes(data)
         try:  # shape inference + basic graph optimisation, which onnxruntime recommends before quantizing
-            with quiet_logs():
+            with quiet_logs(), _working_in(folder):  # where shape inference gives up it leaves files in the cwd
                 quant_pre_process(source, prepared)
         except Exception:  # noqa: BLE001 -- an optimisation: the unprocessed graph quantizes as well, just slower
             prepared = source
@@ -110,6 +111,17 @@ def _quantize(scheme: str, source: Path, output: Path, feeds: list[dict], exclud
     else:
         quantize_dynamic(source, output, per_channel=True, weight_type=QuantType.QInt8,
                          op_types_to_quantize=list(DYNAMIC_OPS), nodes_to_exclude=excluded)
+
+
+@contextlib.contextmanager
+def _working_in(folder: str):
+    """Run with ``folder`` as the working directory, and put the caller's back."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 @contextlib.contextmanager
